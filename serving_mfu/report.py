@@ -1,0 +1,201 @@
+"""The MFU report (DESIGN §6): pydantic models served at /metrics/mfu, built from `Counters`.
+
+MFU = useful FLOPs / (time × peak × devices); HFU the same with executed FLOPs; MBU =
+bytes / (time × bandwidth × devices).  A figure is null when its time or peak is unknown.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from serving_mfu.counters import Counters
+
+
+class PhaseReport(BaseModel):
+    """One phase (prefill or decode): utilization and the sums behind it."""
+
+    mfu: float | None = Field(description="useful FLOPs / (time_s × peak × devices)")
+    hfu: float | None = Field(description="executed FLOPs / (time_s × peak × devices)")
+    mbu: float | None = Field(description="bytes / (time_s × peak bandwidth × devices)")
+    useful_flops: float
+    executed_flops: float
+    bytes: float
+    tokens: int = Field(description="useful positions: first-time prompt positions (prefill), kept positions (decode)")
+    time_s: float = Field(description="busy seconds attributed to this phase")
+    useful_flops_per_s: float | None
+
+
+class OverallReport(PhaseReport):
+    """Both phases together, over busy time; `wall_mfu` over wall time (idle included)."""
+
+    busy_s: float
+    wall_s: float
+    wall_mfu: float | None
+    mixed_time_fraction: float | None = Field(
+        description="share of busy time from mixed prefill+decode iterations, whose split is modelled"
+    )
+    iterations: int
+
+
+class SpecDecodeReport(BaseModel):
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float | None
+    rejected_tokens: int
+    rejected_flops: float
+    drafter_flops: float
+
+
+class MoEReport(BaseModel):
+    active_experts_per_layer: list[float] = Field(description="mean distinct experts hit per iteration, per MoE layer")
+    mean_active_experts: float
+    source: Literal["measured", "expected", "mixed"] = Field(
+        description="measured from routing, or expected under uniform routing"
+    )
+    imbalance: float | None = Field(description="mean over iterations and layers of max/mean tokens per expert")
+
+
+class PrefixCacheReport(BaseModel):
+    hit_tokens: int
+    saved_flops: float = Field(description="FLOPs the cached prefixes would have cost")
+
+
+class RecomputeReport(BaseModel):
+    tokens: int
+    flops: float
+
+
+class PeakReport(BaseModel):
+    device: str | None
+    flops_per_s: float | None = Field(description="per device")
+    bandwidth_bytes_per_s: float | None = Field(description="per device")
+    dtype: str | None
+    source: str | None = Field(description="datasheet, measurement (calibrate) or override")
+    devices: int
+
+
+class AnomalyReport(BaseModel):
+    hfu_over_1_iterations: int = Field(description="iterations whose executed FLOPs exceed peak × time")
+    repaired_iterations: int = Field(description="mixed iterations whose split moved time to keep a phase at HFU ≤ 1")
+    time_repaired_s: float
+    unknown_architecture: bool
+    missing_peak: bool
+    counts: dict[str, int] = Field(default_factory=dict, description="other anomalies by kind (hook errors, bad records…)")
+
+
+class ModelReport(BaseModel):
+    name: str
+    model_type: str
+    approximate: bool
+
+
+class MFUReport(BaseModel):
+    """Everything /metrics/mfu serves, since start or over a window."""
+
+    window_s: float | None = Field(description="null: since start")
+    time_split: str
+    prefill: PhaseReport
+    decode: PhaseReport
+    overall: OverallReport
+    spec_decode: SpecDecodeReport | None
+    moe: MoEReport | None
+    prefix_cache: PrefixCacheReport
+    recompute: RecomputeReport
+    peak: PeakReport
+    model: ModelReport
+    anomalies: AnomalyReport
+
+
+def _ratio(num: float, den: float | None) -> float | None:
+    return num / den if den else None
+
+
+def _phase(useful: float, executed: float, bytes_: float, tokens: int, time_s: float,
+           peak_total: float | None, bw_total: float | None) -> dict:
+    return dict(
+        mfu=_ratio(useful, time_s * peak_total) if peak_total else None,
+        hfu=_ratio(executed, time_s * peak_total) if peak_total else None,
+        mbu=_ratio(bytes_, time_s * bw_total) if bw_total else None,
+        useful_flops=useful,
+        executed_flops=executed,
+        bytes=bytes_,
+        tokens=tokens,
+        time_s=time_s,
+        useful_flops_per_s=_ratio(useful, time_s),
+    )
+
+
+def build_report(
+    c: Counters,
+    peak: PeakReport,
+    model: ModelReport,
+    time_split: str,
+    window_s: float | None = None,
+    wall_s: float | None = None,
+) -> MFUReport:
+    """Turn counters into the report; `wall_s` overrides the summed wall time (live windows)."""
+    devices = max(peak.devices, 1)
+    peak_total = peak.flops_per_s * devices if peak.flops_per_s else None
+    bw_total = peak.bandwidth_bytes_per_s * devices if peak.bandwidth_bytes_per_s else None
+    wall = c.wall_s if wall_s is None else wall_s
+    useful = c.prefill_useful_flops + c.decode_useful_flops
+    overall = _phase(useful, c.prefill_executed_flops + c.decode_executed_flops,
+                     c.prefill_bytes + c.decode_bytes, c.prefill_tokens + c.decode_tokens, c.busy_s,
+                     peak_total, bw_total)
+    spec = None
+    if c.draft_tokens or c.drafter_flops:
+        spec = SpecDecodeReport(
+            draft_tokens=c.draft_tokens,
+            accepted_tokens=c.accepted_tokens,
+            acceptance_rate=_ratio(c.accepted_tokens, c.draft_tokens),
+            rejected_tokens=c.rejected_tokens,
+            rejected_flops=c.rejected_flops,
+            drafter_flops=c.drafter_flops,
+        )
+    moe = None
+    if c.moe_iterations:
+        per_layer = [s / c.moe_iterations for s in c.moe_active_experts_sum]
+        if c.moe_measured_iterations == c.moe_iterations:
+            source = "measured"
+        elif c.moe_measured_iterations == 0:
+            source = "expected"
+        else:
+            source = "mixed"
+        moe = MoEReport(
+            active_experts_per_layer=per_layer,
+            mean_active_experts=sum(per_layer) / len(per_layer) if per_layer else 0.0,
+            source=source,
+            imbalance=_ratio(c.moe_imbalance_sum, c.moe_measured_iterations),
+        )
+    return MFUReport(
+        window_s=window_s,
+        time_split=time_split,
+        prefill=PhaseReport(**_phase(c.prefill_useful_flops, c.prefill_executed_flops, c.prefill_bytes,
+                                     c.prefill_tokens, c.prefill_time_s, peak_total, bw_total)),
+        decode=PhaseReport(**_phase(c.decode_useful_flops, c.decode_executed_flops, c.decode_bytes,
+                                    c.decode_tokens, c.decode_time_s, peak_total, bw_total)),
+        overall=OverallReport(
+            **overall,
+            busy_s=c.busy_s,
+            wall_s=wall,
+            wall_mfu=_ratio(useful, wall * peak_total) if peak_total else None,
+            mixed_time_fraction=_ratio(c.mixed_busy_s, c.busy_s),
+            iterations=c.iterations,
+        ),
+        spec_decode=spec,
+        moe=moe,
+        prefix_cache=PrefixCacheReport(hit_tokens=c.hit_tokens, saved_flops=c.saved_flops),
+        recompute=RecomputeReport(tokens=c.recompute_tokens, flops=c.recompute_flops),
+        peak=peak,
+        model=model,
+        anomalies=AnomalyReport(
+            hfu_over_1_iterations=c.hfu_over_1_iterations,
+            repaired_iterations=c.repaired_iterations,
+            time_repaired_s=c.time_repaired_s,
+            unknown_architecture=model.approximate,
+            missing_peak=peak.flops_per_s is None,
+            counts=dict(c.anomalies),
+        ),
+    )
