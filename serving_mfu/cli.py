@@ -1,0 +1,298 @@
+"""`serving-mfu` command line: flops, spec, peak, calibrate, replay, bench-accounting, demo.
+
+Errors in the user's input (a config missing a field, an unknown device, an unreadable
+trace) print one line on stderr and exit with status 2; nothing prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from serving_mfu.model_spec import ConfigError, ModelSpec
+
+console = Console()
+err_console = Console(stderr=True)
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def _print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "—"
+    for div, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".strip()
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+# ------------------------------------------------------------------------- flops / spec
+@command("flops")
+def cmd_flops(args: argparse.Namespace) -> int:
+    from serving_mfu.flops import FlopModel
+    from serving_mfu.parallel import Parallelism, per_device_breakdown
+
+    spec = ModelSpec.from_hf_config(args.config)
+    breakdown = FlopModel(spec).slice_breakdown(args.new_tokens, args.context_len, args.logits_tokens)
+    out: dict[str, object] = {"total": sum(breakdown.values()), "breakdown": breakdown}
+    par = Parallelism(args.tp, args.pp, args.ep)
+    if par.devices > 1 or par.ep > 1:
+        per_dev = per_device_breakdown(breakdown, spec, par)
+        out["per_device"] = {"total": sum(per_dev.values()), "breakdown": per_dev,
+                             "tp": par.tp, "pp": par.pp, "ep": par.ep}
+    if spec.approximate:
+        out["approximate"] = True
+        out["warnings"] = list(spec.warnings)
+    if args.json:
+        _print_json(out)
+        return 0
+    table = Table(title=f"FLOPs of one forward: {args.new_tokens} new tokens, context {args.context_len}"
+                        f" ({spec.model_type}{', approximate' if spec.approximate else ''})")
+    table.add_column("component")
+    table.add_column("FLOPs", justify="right")
+    table.add_column("share", justify="right")
+    total = out["total"] or 1
+    for name, v in breakdown.items():
+        table.add_row(name, _si(v), f"{100 * v / total:.1f}%")
+    table.add_row("total", _si(out["total"]), "100%", style="bold")
+    console.print(table)
+    return 0
+
+
+@command("spec")
+def cmd_spec(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    spec = ModelSpec.from_hf_config(args.config)
+    _print_json(asdict(spec))
+    return 0
+
+
+# ------------------------------------------------------------------------- peaks
+@command("peak")
+def cmd_peak(args: argparse.Namespace) -> int:
+    from serving_mfu.hardware import known_devices, lookup_peak, peak_json
+
+    if args.list:
+        for name in known_devices():
+            console.print(name)
+        return 0
+    if not args.device or not args.dtype:
+        raise ValueError("peak needs --device and --dtype (or --list)")
+    if args.json:
+        _print_json(peak_json(args.device, args.dtype))
+        return 0
+    p = lookup_peak(args.device, args.dtype)
+    console.print(f"{p.device} {p.dtype}: {_si(p.flops_per_s, 'FLOP/s')}, "
+                  f"{_si(p.bandwidth_bytes_per_s, 'B/s')}\nsource: {p.source}")
+    return 0
+
+
+@command("calibrate")
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from serving_mfu.calibrate import calibrate, save_calibration
+
+    peak = calibrate(dtype=args.dtype, duration_s=args.duration, device=args.device, progress=not args.json)
+    if args.out:
+        save_calibration(peak, args.out)
+    if args.json:
+        _print_json(peak.model_dump())
+    else:
+        console.print(f"matmul: {_si(peak.flops_per_s, 'FLOP/s')} ({peak.dtype})   "
+                      f"copy: {_si(peak.bandwidth_bytes_per_s, 'B/s')}\nsource: {peak.source}")
+        if args.out:
+            console.print(f"saved to {args.out} (use --calibration {args.out} or SERVING_MFU_CALIBRATION)")
+    return 0
+
+
+def _peak_from_args(args: argparse.Namespace, spec: ModelSpec):
+    from serving_mfu.hardware import resolve_peak
+
+    return resolve_peak(args.dtype or spec.compute_dtype, device=args.device, flops_per_s=args.peak_flops,
+                        bandwidth_bytes_per_s=args.peak_bandwidth, calibration_file=args.calibration)
+
+
+# ------------------------------------------------------------------------- replay
+def print_report(report, title: str = "serving-mfu") -> None:
+    """The per-phase table people read (the JSON form is the report model itself)."""
+    table = Table(title=title)
+    for col in ("phase", "MFU", "HFU", "MBU", "useful FLOPs", "executed FLOPs", "tokens", "time"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for name in ("prefill", "decode", "overall"):
+        ph = getattr(report, name)
+        table.add_row(name, _pct(ph.mfu), _pct(ph.hfu), _pct(ph.mbu), _si(ph.useful_flops),
+                      _si(ph.executed_flops), str(ph.tokens), f"{ph.time_s:.3f} s")
+    console.print(table)
+    o = report.overall
+    lines = [f"busy {o.busy_s:.3f} s of wall {o.wall_s:.3f} s; wall MFU {_pct(o.wall_mfu)}; "
+             f"mixed iterations {_pct(o.mixed_time_fraction)} of busy time (split: {report.time_split})"]
+    if report.spec_decode:
+        s = report.spec_decode
+        lines.append(f"spec decode: {s.accepted_tokens}/{s.draft_tokens} drafts accepted "
+                     f"({_pct(s.acceptance_rate)}), rejected {_si(s.rejected_flops, 'FLOPs')}, "
+                     f"drafter {_si(s.drafter_flops, 'FLOPs')}")
+    if report.moe:
+        m = report.moe
+        lines.append(f"MoE: {m.mean_active_experts:.1f} experts active per layer ({m.source})"
+                     + (f", imbalance {m.imbalance:.2f}" if m.imbalance else ""))
+    lines.append(f"prefix cache: {report.prefix_cache.hit_tokens} hit tokens, saved "
+                 f"{_si(report.prefix_cache.saved_flops, 'FLOPs')}; recompute: {report.recompute.tokens} tokens")
+    pk = report.peak
+    lines.append(f"peak: {_si(pk.flops_per_s, 'FLOP/s')} × {pk.devices} ({pk.dtype}, {pk.device}) — "
+                 f"{pk.source or 'no peak: MFU unavailable'}")
+    an = report.anomalies
+    if an.hfu_over_1_iterations or an.counts or an.unknown_architecture or an.missing_peak:
+        lines.append(f"[yellow]anomalies: HFU>1 in {an.hfu_over_1_iterations} iterations; "
+                     f"{an.counts}; unknown architecture={an.unknown_architecture}; "
+                     f"missing peak={an.missing_peak}[/yellow]")
+    for line in lines:
+        console.print(line)
+
+
+@command("replay")
+def cmd_replay(args: argparse.Namespace) -> int:
+    from serving_mfu.trace import read_trace, replay
+
+    spec = ModelSpec.from_hf_config(args.config) if args.config else None
+    if spec is None:
+        header, _ = read_trace(args.trace)
+        if header is None or header.hf_config is None:
+            raise ValueError(f"{args.trace}: no header with the model config; pass --config")
+        spec = ModelSpec.from_hf_config(header.hf_config)
+    explicit = any(v is not None for v in (args.device, args.peak_flops, args.peak_bandwidth, args.calibration))
+    peak = _peak_from_args(args, spec) if explicit else None
+
+    def on_error(e) -> None:
+        err_console.print(f"[yellow]{args.trace}: line {e.line}: skipped malformed record: {e.error}[/yellow]")
+
+    report, errors = replay(args.trace, spec=spec, peak=peak, devices=args.devices,
+                            time_split=args.time_split, window_s=args.window, on_error=on_error)
+    if errors:
+        err_console.print(f"[yellow]{len(errors)} malformed line(s) skipped[/yellow]")
+    if args.json:
+        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+    else:
+        print_report(report, title=f"serving-mfu replay of {args.trace}")
+    return 0
+
+
+@command("bench-accounting")
+def cmd_bench_accounting(args: argparse.Namespace) -> int:
+    from serving_mfu.bench import bench_accounting
+
+    rows = bench_accounting(batches=args.batches, repeats=args.repeats, progress=not args.json)
+    if args.json:
+        _print_json([r.model_dump() for r in rows])
+        return 0
+    table = Table(title="accounting cost per iteration (mixed prefill / decode / spec-decode slices)")
+    for col in ("slices", "model", "µs / iteration", "µs / slice"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r.slices), r.model, f"{r.us_per_iteration:.1f}", f"{r.us_per_slice:.2f}")
+    console.print(table)
+    return 0
+
+
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    console.print("serving-mfu demo: not yet — the end-to-end demo (tiny model on the vLLM CPU engine) "
+                  "arrives with the load-generator issue. Meanwhile try `serving-mfu flops`, "
+                  "`serving-mfu calibrate` and `serving-mfu replay`.")
+    return 0
+
+
+# ------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serving-mfu", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("flops", help="FLOPs of one forward pass over one slice, by component")
+    f.add_argument("config", help="config.json or a folder holding one")
+    f.add_argument("--new-tokens", type=_positive_int, required=True, help="q: new positions in the slice")
+    f.add_argument("--context-len", type=_positive_int, required=True, help="c: KV context after the step (>= q)")
+    f.add_argument("--logits-tokens", type=_positive_int, default=1, help="positions producing logits (default 1)")
+    f.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (adds per_device)")
+    f.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    f.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
+    f.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("spec", help="print the parsed model spec as JSON")
+    s.add_argument("config")
+
+    k = sub.add_parser("peak", help="datasheet peak FLOP/s and bandwidth of a device")
+    k.add_argument("--device")
+    k.add_argument("--dtype")
+    k.add_argument("--list", action="store_true", help="list known devices")
+    k.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("calibrate", help="measure achievable matmul FLOP/s and copy bandwidth here")
+    c.add_argument("--dtype", default="bf16")
+    c.add_argument("--duration", type=float, default=3.0, help="seconds to spend (default 3)")
+    c.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    c.add_argument("--out", help="write the result as JSON, usable as --calibration")
+    c.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("replay", help="replay an iteration trace (JSONL) and print the MFU report")
+    r.add_argument("trace")
+    r.add_argument("--config", help="model config (default: the trace header's)")
+    r.add_argument("--device", help="peak-table device (e.g. h100-sxm)")
+    r.add_argument("--dtype", help="compute dtype (default: from the model config)")
+    r.add_argument("--peak-flops", type=float, help="override peak FLOP/s per device")
+    r.add_argument("--peak-bandwidth", type=float, help="override peak bytes/s per device")
+    r.add_argument("--calibration", help="JSON written by `serving-mfu calibrate --out`")
+    r.add_argument("--devices", type=int, help="devices per engine (default: header's, else 1)")
+    r.add_argument("--window", type=float, help="report only the last WINDOW seconds")
+    r.add_argument("--time-split", default="shapley", choices=["shapley", "flop_proportional"])
+    r.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench-accounting", help="cost of the accounting per iteration at several batch sizes")
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256, 1024])
+    b.add_argument("--repeats", type=int, default=200)
+    b.add_argument("--json", action="store_true")
+
+    sub.add_parser("demo", help="end-to-end demo on the embedded tiny model")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Shapes of public models, written from their published config.json files (no download).
+
+Used by the README's worked example, the benchmarks and the estimator comparison.
+Only the fields the FLOP and byte models read are kept.
+"""
+
+from __future__ import annotations
+
+PUBLIC_CONFIGS: dict[str, dict] = {
+    # meta-llama/Meta-Llama-3-8B config.json
+    "llama-3-8b": {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 128256, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    # meta-llama/Meta-Llama-3-70B config.json
+    "llama-3-70b": {
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "vocab_size": 128256, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    # Qwen/Qwen3-30B-A3B config.json
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    # mistralai/Mixtral-8x7B-v0.1 config.json
+    "mixtral-8x7b": {
+        "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    # deepseek-ai/DeepSeek-V3 config.json (MTP layer not part of the main forward)
+    "deepseek-v3": {
+        "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "vocab_size": 129280, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
+}
