@@ -124,11 +124,14 @@ class MFUTracker:
         return self._latest_t if self._latest_t is not None else 0.0
 
     def window_counters(self, window_s: float) -> tuple[Counters, float]:
-        """Counters of iterations that ended in the last `window_s` seconds, and the wall span covered."""
+        """Counters of iterations that ended in the last `window_s` seconds, and the wall span covered.
+
+        Resolution is one bucket: buckets that began before `now − window_s` are left out.
+        """
         if not (0 < window_s <= self.max_window_s):
             raise ValueError(f"window must be in (0, {self.max_window_s:g}] seconds, got {window_s:g}")
         now = self.now()
-        first = math.floor((now - window_s) / self.bucket_s)
+        first = math.ceil((now - window_s) / self.bucket_s)
         total = Counters()
         for bucket, counters in self._buckets:
             if bucket >= first:

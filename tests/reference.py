@@ -1,0 +1,87 @@
+"""A deliberately naive, position-by-position reading of DESIGN §2–§3, to check the closed forms.
+
+Each position is classified on its own by the table of DESIGN §2 and costed on its own:
+its weight matmuls (2 × active params, summed layer by layer from the spec), its attention
+scores (it attends to min(p + 1, W) keys in each layer), and its logits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from serving_mfu.model_spec import ModelSpec
+from serving_mfu.records import Slice
+
+
+def per_position_linear_flops(spec: ModelSpec) -> int:
+    """Σ over layers of 2·(every weight matrix a token multiplies), from the spec's raw shapes."""
+    h = spec.hidden_size
+    total = 0
+    for layer in spec.layers:
+        a = layer.attention
+        if a.mla:
+            q = (h * a.q_lora_rank + a.q_lora_rank * a.num_heads * a.head_dim) if a.q_lora_rank \
+                else h * a.num_heads * a.head_dim
+            kv = h * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * a.num_heads * (
+                a.qk_nope_head_dim + a.v_head_dim)
+            total += 2 * (q + kv)
+        else:
+            total += 2 * (h * a.num_heads * a.head_dim + h * a.num_kv_heads * (a.head_dim + a.v_head_dim))
+        total += 2 * a.num_heads * a.v_head_dim * h
+        if layer.mlp:
+            total += 2 * (3 if layer.mlp.gated else 2) * h * layer.mlp.intermediate_size
+        if layer.moe:
+            m = layer.moe
+            mats = 3 if m.gated else 2
+            total += 2 * h * m.num_experts  # router
+            total += 2 * m.top_k * mats * h * m.expert_intermediate_size
+            total += 2 * mats * h * m.shared_intermediate_size
+            if m.shared_expert_gate:
+                total += 2 * h
+    return total
+
+
+def position_attention_flops(spec: ModelSpec, p: int) -> int:
+    """Score FLOPs of position p (0-based): in each layer 2·heads·(d_qk + d_v)·min(p + 1, W)."""
+    total = 0
+    for layer in spec.layers:
+        a = layer.attention
+        keys = p + 1 if a.sliding_window is None else min(p + 1, a.sliding_window)
+        total += 2 * a.num_heads * (a.head_dim + a.v_head_dim) * keys
+    return total
+
+
+def classify(s: Slice) -> list[tuple[int, str, bool]]:
+    """(position, class, produces_logits) for every position of the slice, one at a time."""
+    c = s.computed_before + s.new_tokens
+    rejected = s.draft_tokens - s.accepted_tokens
+    samples = c >= s.prompt_len and c > s.hwm
+    out = []
+    for p in range(s.computed_before, c):
+        if p < s.hwm:
+            cls = "recompute"
+        elif p < s.prompt_len:
+            cls = "prefill"
+        elif p >= c - rejected:
+            cls = "rejected"
+        else:
+            cls = "kept"
+        logits = samples and p >= c - 1 - s.draft_tokens
+        out.append((p, cls, logits))
+    return out
+
+
+def reference_costs(spec: ModelSpec, slices: list[Slice]) -> tuple[Counter, Counter]:
+    """FLOPs and positions per class over the slices (plus 'saved' for prefix-cache hits)."""
+    lin = per_position_linear_flops(spec)
+    lm = 2 * spec.hidden_size * spec.vocab_size
+    flops: Counter = Counter()
+    tokens: Counter = Counter()
+    for s in slices:
+        for p in range(s.cached_tokens):
+            flops["saved"] += lin + position_attention_flops(spec, p)
+            tokens["saved"] += 1
+        for p, cls, logits in classify(s):
+            flops[cls] += lin + position_attention_flops(spec, p) + (lm if logits else 0)
+            tokens[cls] += 1
+    return flops, tokens
