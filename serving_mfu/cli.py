@@ -214,6 +214,14 @@ def cmd_bench_accounting(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("example")
+def cmd_example(args: argparse.Namespace) -> int:
+    from serving_mfu.worked_example import worked_example_markdown
+
+    sys.stdout.write(worked_example_markdown() + "\n")
+    return 0
+
+
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
     console.print("serving-mfu demo: not yet — the end-to-end demo (tiny model on the vLLM CPU engine) "
@@ -281,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=200)
     b.add_argument("--json", action="store_true")
 
+    sub.add_parser("example", help="the README's worked example (Llama-3-70B at 4k context) as markdown")
     sub.add_parser("demo", help="end-to-end demo on the embedded tiny model")
     return p
 
