@@ -179,7 +179,7 @@ def _qwen_sparse(cfg: Cfg, i: int) -> bool:
 @register("qwen2_moe")
 def qwen2_moe(cfg: Cfg) -> tuple[LayerSpec, ...]:
     """Qwen2-MoE: routed experts + one shared expert of its own size behind a sigmoid gate."""
-    shared = int(cfg.get("shared_expert_intermediate_size", 0))
+    shared = int(cfg.need("shared_expert_intermediate_size"))
     moe = MoESpec(
         num_experts=int(cfg.need("num_experts")),
         top_k=int(cfg.need("num_experts_per_tok")),
@@ -187,7 +187,9 @@ def qwen2_moe(cfg: Cfg) -> tuple[LayerSpec, ...]:
         shared_intermediate_size=shared,
         shared_expert_gate=shared > 0,
     )
-    return _moe_layers(cfg, lambda i: _qwen_sparse(cfg, i), moe, cfg.layer_windows())
+    # vLLM's qwen2_moe applies no window; transformers only with use_sliding_window.
+    windows = cfg.layer_windows() if cfg.get("use_sliding_window") else None
+    return _moe_layers(cfg, lambda i: _qwen_sparse(cfg, i), moe, windows)
 
 
 @register("qwen3_moe")

@@ -264,7 +264,8 @@ def resolve_peak(
 
     Arguments left as None fall back to SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS,
     SERVING_MFU_PEAK_BANDWIDTH and SERVING_MFU_CALIBRATION.  One override number alone is
-    completed from the table row of the device.
+    completed from the table row of the device.  Raises UnknownDeviceError for a GIVEN device
+    not in the table, UnsupportedDtypeError for a dtype the device has no peak for (fp32).
     """
     dt = normalize_dtype(compute_dtype)
     device = device if device is not None else (os.environ.get("SERVING_MFU_DEVICE") or None)

@@ -1,0 +1,501 @@
+"""Peak table, device-name matching, peak resolution precedence and CPU calibration."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from serving_mfu import hardware
+from serving_mfu.calibrate import (
+    CalibrationFileError,
+    calibrate,
+    load_calibration,
+    peak_json as calibrate_peak_json,
+    save_calibration,
+)
+from serving_mfu.hardware import (
+    PeakResolutionError,
+    PeakSpec,
+    UnknownDeviceError,
+    UnsupportedDtypeError,
+    canonical_device,
+    known_devices,
+    lookup_peak,
+    peak_json,
+    resolve_peak,
+)
+
+ENV_VARS = ("SERVING_MFU_DEVICE", "SERVING_MFU_PEAK_FLOPS", "SERVING_MFU_PEAK_BANDWIDTH", "SERVING_MFU_CALIBRATION")
+EXPECTED_DEVICES = {
+    "a100-40gb", "a100-80gb", "a100-80gb-pcie", "h100-sxm", "h100-pcie", "h100-nvl", "h200",
+    "b200", "gb200", "l40s", "l4", "a10g", "mi300x", "mi325x",
+}
+
+
+def _dtypes(device: str) -> set[str]:
+    out = set()
+    for dt in ("bf16", "fp16", "tf32", "fp8", "int8", "fp4"):
+        try:
+            lookup_peak(device, dt)
+            out.add(dt)
+        except UnsupportedDtypeError:
+            pass
+    return out
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No peak env vars and no local accelerator, whatever machine the tests run on."""
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hardware, "detect_device", lambda: None)
+    return monkeypatch
+
+
+# --- the table -------------------------------------------------------------------------
+
+
+def test_known_devices_are_the_required_set():
+    assert set(known_devices()) == EXPECTED_DEVICES
+
+
+@pytest.mark.parametrize("device", sorted(EXPECTED_DEVICES))
+def test_every_row_cites_a_datasheet_url_and_has_positive_numbers(device):
+    spec = lookup_peak(device, "bf16")
+    assert re.search(r"https://\S+\.\S+", spec.source), spec.source
+    assert len(spec.source.split("https://")[0].strip()) > 5  # a document title before the URL
+    assert spec.device == device and spec.dtype == "bf16"
+    assert spec.flops_per_s > 1e13 and spec.bandwidth_bytes_per_s > 1e11
+
+
+@pytest.mark.parametrize("device", sorted(EXPECTED_DEVICES))
+def test_tensor_core_rate_relations(device):
+    """Same-width formats run at the same rate; tf32 at half the 16-bit rate (within datasheet rounding)."""
+    bf16 = lookup_peak(device, "bf16").flops_per_s
+    assert lookup_peak(device, "fp16").flops_per_s == bf16
+    assert lookup_peak(device, "tf32").flops_per_s == pytest.approx(bf16 / 2, rel=0.03)
+    have = _dtypes(device)
+    assert {"bf16", "fp16", "tf32", "int8"} <= have
+    if "fp8" in have:
+        assert lookup_peak(device, "int8").flops_per_s == lookup_peak(device, "fp8").flops_per_s
+    # 8-bit runs at twice the 16-bit rate (datasheets round each figure separately; L40S is 1.2 % off).
+    assert lookup_peak(device, "int8").flops_per_s == pytest.approx(2 * bf16, rel=0.015)
+
+
+FP8_DEVICES = ["h100-sxm", "h100-pcie", "h100-nvl", "h200", "l40s", "l4", "mi300x", "mi325x", "b200", "gb200"]
+
+
+@pytest.mark.parametrize("device", FP8_DEVICES)
+def test_fp8_is_twice_bf16_where_supported(device):
+    bf16 = lookup_peak(device, "bf16").flops_per_s
+    assert lookup_peak(device, "fp8").flops_per_s == pytest.approx(2 * bf16, rel=0.015)
+
+
+@pytest.mark.parametrize("device", ["a100-40gb", "a100-80gb", "a100-80gb-pcie", "a10g"])
+def test_fp8_absent_on_ampere_with_a_helpful_message(device):
+    with pytest.raises(UnsupportedDtypeError) as err:
+        lookup_peak(device, "fp8")
+    msg = str(err.value)
+    assert device in msg and "fp8" in msg
+    for dt in ("bf16", "fp16", "tf32", "int8"):
+        assert dt in msg  # says which dtypes the device does have
+
+
+def test_fp4_only_on_blackwell():
+    for device in EXPECTED_DEVICES:
+        has_fp4 = "fp4" in _dtypes(device)
+        assert has_fp4 == (device in {"b200", "gb200"}), device
+    for device in ("b200", "gb200"):
+        assert lookup_peak(device, "fp4").flops_per_s == pytest.approx(2 * lookup_peak(device, "fp8").flops_per_s)
+
+
+def test_fp32_is_not_in_the_table_and_says_how_to_get_it():
+    with pytest.raises(UnsupportedDtypeError, match="calibrat"):
+        lookup_peak("h100-sxm", "fp32")
+
+
+def test_same_silicon_same_compute_more_bandwidth():
+    for dt in ("bf16", "fp16", "tf32", "fp8", "int8"):
+        assert lookup_peak("h200", dt).flops_per_s == lookup_peak("h100-sxm", dt).flops_per_s
+        assert lookup_peak("mi325x", dt).flops_per_s == lookup_peak("mi300x", dt).flops_per_s
+    assert lookup_peak("h200", "bf16").bandwidth_bytes_per_s > lookup_peak("h100-sxm", "bf16").bandwidth_bytes_per_s
+    assert lookup_peak("mi325x", "bf16").bandwidth_bytes_per_s > lookup_peak("mi300x", "bf16").bandwidth_bytes_per_s
+    for dt in ("bf16", "fp8", "fp4"):  # GB200 runs the Blackwell GPU at a higher power limit than HGX B200
+        assert lookup_peak("gb200", dt).flops_per_s > lookup_peak("b200", dt).flops_per_s
+    # The A100 variants share compute and differ only in memory.
+    a100 = {d: lookup_peak(d, "bf16") for d in ("a100-40gb", "a100-80gb", "a100-80gb-pcie")}
+    assert len({s.flops_per_s for s in a100.values()}) == 1
+    bw = {d: s.bandwidth_bytes_per_s for d, s in a100.items()}
+    assert bw["a100-40gb"] < bw["a100-80gb-pcie"] < bw["a100-80gb"]
+    # PCIe < NVL < SXM for H100 compute.
+    h = [lookup_peak(d, "bf16").flops_per_s for d in ("h100-pcie", "h100-nvl", "h100-sxm")]
+    assert h == sorted(h) and len(set(h)) == 3
+
+
+# Datasheet figures printed WITH 2:4 sparsity (the asterisked numbers): the table must hold half.
+SPARSE_DATASHEET = [
+    ("a100-80gb", "bf16", 624e12), ("a100-40gb", "int8", 1248e12), ("a100-80gb", "tf32", 312e12),
+    ("h100-sxm", "bf16", 1979e12), ("h100-sxm", "fp8", 3958e12), ("h100-sxm", "tf32", 989e12),
+    ("h100-pcie", "bf16", 1513e12), ("h100-pcie", "fp8", 3026e12),
+    ("h100-nvl", "bf16", 1671e12), ("h100-nvl", "fp8", 3341e12),
+    ("h200", "fp8", 3958e12),
+    ("l40s", "fp8", 1466e12),
+    ("l4", "bf16", 242e12), ("l4", "fp8", 485e12),
+    ("b200", "fp4", 18e15), ("b200", "fp8", 9e15), ("b200", "bf16", 4.5e15),
+    ("gb200", "fp4", 20e15), ("gb200", "fp8", 10e15), ("gb200", "bf16", 5e15),
+    ("mi300x", "fp8", 5229.8e12), ("mi300x", "bf16", 2614.9e12), ("mi325x", "fp8", 5229.8e12),
+]
+
+
+@pytest.mark.parametrize("device,dtype,sparse", SPARSE_DATASHEET)
+def test_table_holds_dense_half_of_the_sparse_datasheet_figure(device, dtype, sparse):
+    assert lookup_peak(device, dtype).flops_per_s == pytest.approx(sparse / 2, rel=0.005)
+
+
+@pytest.mark.parametrize("device,bandwidth", [
+    ("a100-40gb", 1.555e12), ("a100-80gb", 2.039e12), ("a100-80gb-pcie", 1.935e12),
+    ("h100-sxm", 3.35e12), ("h100-pcie", 2.0e12), ("h100-nvl", 3.9e12), ("h200", 4.8e12),
+    ("l40s", 864e9), ("l4", 300e9), ("a10g", 600e9), ("mi300x", 5.3e12), ("mi325x", 6.0e12),
+])
+def test_datasheet_bandwidths(device, bandwidth):
+    assert lookup_peak(device, "bf16").bandwidth_bytes_per_s == pytest.approx(bandwidth)
+
+
+def test_l40s_uses_the_dense_figure_its_datasheet_prints():
+    """The L40S sheet prints dense and sparse side by side (362.05 | 733*): the printed dense wins."""
+    assert lookup_peak("l40s", "bf16").flops_per_s == pytest.approx(362.05e12)
+    assert lookup_peak("l40s", "tf32").flops_per_s == pytest.approx(183e12)
+
+
+def test_exact_hopper_dense_figures():
+    """H100 SXM5 at 1830 MHz boost: 132 SMs x 4 tensor cores x 512 dense FP16 FMA x 2 FLOP."""
+    per_clock = 132 * 4 * 512 * 2
+    assert lookup_peak("h100-sxm", "bf16").flops_per_s == pytest.approx(per_clock * 1.83e9, rel=0.001)
+    assert lookup_peak("h100-sxm", "fp8").flops_per_s == pytest.approx(1978.9e12)
+    assert lookup_peak("mi300x", "bf16").flops_per_s == pytest.approx(1307.4e12)
+
+
+# --- device names ------------------------------------------------------------------------
+
+REAL_NAMES = [
+    ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+    ("NVIDIA H100 PCIe", "h100-pcie"),
+    ("NVIDIA H100 NVL", "h100-nvl"),
+    ("NVIDIA H200", "h200"),
+    ("NVIDIA H200 141GB HBM3e", "h200"),
+    ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+    ("NVIDIA A100 80GB PCIe", "a100-80gb-pcie"),
+    ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+    ("NVIDIA A100-PCIE-40GB", "a100-40gb"),
+    ("NVIDIA B200", "b200"),
+    ("NVIDIA GB200", "gb200"),
+    ("NVIDIA L40S", "l40s"),
+    ("NVIDIA L4", "l4"),
+    ("NVIDIA A10G", "a10g"),
+    ("AMD Instinct MI300X", "mi300x"),
+    ("AMD Instinct MI325X", "mi325x"),
+    ("H100", "h100-sxm"),
+    ("h100 80gb hbm3", "h100-sxm"),
+    ("nvidia l40s", "l40s"),
+]
+
+
+@pytest.mark.parametrize("name,key", REAL_NAMES)
+def test_canonical_device_on_real_names(name, key):
+    assert canonical_device(name) == key
+    assert lookup_peak(name, "bf16").device == key
+
+
+@pytest.mark.parametrize("name", [
+    "NVIDIA GH200 480GB",        # Grace Hopper: other bandwidth, not H200
+    "NVIDIA H200 NVL",           # lower power limit than H200 SXM
+    "NVIDIA L40",                # no fp8, lower clocks than L40S
+    "NVIDIA A10",                # not the AWS A10G
+    "NVIDIA GeForce RTX 4090",
+    "AMD Instinct MI300A",
+    "A100",                      # ambiguous: 40 GB or 80 GB bandwidth
+    "",
+    "cpu",
+])
+def test_canonical_device_rejects_other_parts(name):
+    assert canonical_device(name) is None
+
+
+def test_canonical_keys_map_to_themselves():
+    for key in known_devices():
+        assert canonical_device(key) == key
+        assert canonical_device(key.upper()) == key
+
+
+def test_unknown_device_lists_known_devices():
+    with pytest.raises(UnknownDeviceError) as err:
+        lookup_peak("NVIDIA GeForce RTX 4090", "bf16")
+    assert isinstance(err.value, ValueError)
+    for key in known_devices():
+        assert key in str(err.value)
+
+
+def test_dtype_spellings():
+    assert lookup_peak("h100", "torch.bfloat16").dtype == "bf16"
+    assert lookup_peak("h100", "float16").dtype == "fp16"
+    assert lookup_peak("h100", "float8_e4m3fn").dtype == "fp8"
+    with pytest.raises(ValueError, match="unknown compute dtype"):
+        lookup_peak("h100", "int3")
+
+
+def test_peak_json_matches_lookup():
+    d = peak_json("NVIDIA L4", "fp8")
+    spec = lookup_peak("l4", "fp8")
+    assert d == {"flops_per_s": spec.flops_per_s, "bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s, "source": spec.source}
+    assert json.loads(json.dumps(d)) == d
+    assert calibrate_peak_json is peak_json
+    with pytest.raises(UnknownDeviceError):
+        peak_json("tpu-v5e", "bf16")
+
+
+# --- resolution precedence ---------------------------------------------------------------
+
+
+def _calib(tmp_path, dtype="bf16", flops=1.23e12, bw=4.5e10):
+    spec = PeakSpec(device="cpu (test)", dtype=dtype, flops_per_s=flops, bandwidth_bytes_per_s=bw,
+                    source="measured by serving-mfu calibrate on test at 2025-01-01T00:00:00+00:00")
+    return save_calibration(spec, tmp_path / "sub" / "calib.json"), spec
+
+
+def test_resolve_nothing_known_is_none(clean_env):
+    assert resolve_peak("bf16") is None
+
+
+def test_resolve_table_for_given_device(clean_env):
+    spec = resolve_peak("bf16", device="NVIDIA H100 80GB HBM3")
+    assert spec == lookup_peak("h100-sxm", "bf16")
+
+
+def test_resolve_unknown_given_device_raises(clean_env):
+    with pytest.raises(UnknownDeviceError):
+        resolve_peak("bf16", device="tpu-v5e")
+
+
+def test_resolve_detected_device(clean_env):
+    clean_env.setattr(hardware, "detect_device", lambda: "NVIDIA H100 80GB HBM3")
+    assert resolve_peak("fp8") == lookup_peak("h100-sxm", "fp8")
+    clean_env.setattr(hardware, "detect_device", lambda: "NVIDIA GeForce RTX 4090")
+    assert resolve_peak("bf16") is None  # unknown local GPU: a missing peak, not a crash
+
+
+def test_calibration_beats_table(clean_env, tmp_path):
+    path, spec = _calib(tmp_path)
+    got = resolve_peak("bf16", device="h100-sxm", calibration_file=path)
+    assert got == spec
+    assert got.source.startswith("measured by serving-mfu calibrate")
+
+
+def test_override_beats_calibration_and_table(clean_env, tmp_path):
+    path, _ = _calib(tmp_path)
+    got = resolve_peak(
+        "bf16", device="h100-sxm", flops_per_s=5e14, bandwidth_bytes_per_s=1e12, calibration_file=path
+    )
+    assert (got.flops_per_s, got.bandwidth_bytes_per_s, got.source) == (5e14, 1e12, "override")
+    assert got.device == "h100-sxm"
+    no_device = resolve_peak("bf16", flops_per_s=5e14, bandwidth_bytes_per_s=1e12)
+    assert no_device.source == "override" and no_device.device == "unknown"
+
+
+def test_half_override_is_completed_from_table(clean_env):
+    table = lookup_peak("l40s", "bf16")
+    got = resolve_peak("bf16", device="l40s", flops_per_s=3e14)
+    assert (got.flops_per_s, got.bandwidth_bytes_per_s) == (3e14, table.bandwidth_bytes_per_s)
+    assert got.source.startswith("override") and "l40s" in got.source.lower()
+    got = resolve_peak("bf16", device="l40s", bandwidth_bytes_per_s=8e11)
+    assert (got.flops_per_s, got.bandwidth_bytes_per_s) == (table.flops_per_s, 8e11)
+    assert got.source.startswith("override")
+
+
+def test_half_override_without_known_device_raises(clean_env):
+    with pytest.raises(PeakResolutionError, match="both"):
+        resolve_peak("bf16", flops_per_s=3e14)
+
+
+def test_env_vars_are_honoured(clean_env, tmp_path):
+    clean_env.setenv("SERVING_MFU_DEVICE", "NVIDIA L4")
+    assert resolve_peak("fp8") == lookup_peak("l4", "fp8")
+    assert resolve_peak("fp8", device="h200") == lookup_peak("h200", "fp8")  # argument beats env
+    path, spec = _calib(tmp_path)
+    clean_env.setenv("SERVING_MFU_CALIBRATION", str(path))
+    assert resolve_peak("bf16") == spec
+    clean_env.setenv("SERVING_MFU_PEAK_FLOPS", "2e14")
+    clean_env.setenv("SERVING_MFU_PEAK_BANDWIDTH", "3e11")
+    got = resolve_peak("bf16")
+    assert (got.flops_per_s, got.bandwidth_bytes_per_s, got.source) == (2e14, 3e11, "override")
+    assert resolve_peak("bf16", flops_per_s=1e14).flops_per_s == 1e14  # argument beats env
+    clean_env.setenv("SERVING_MFU_PEAK_FLOPS", "fast")
+    with pytest.raises(ValueError, match="SERVING_MFU_PEAK_FLOPS"):
+        resolve_peak("bf16")
+
+
+def test_calibration_for_another_dtype_is_refused(clean_env, tmp_path):
+    path, _ = _calib(tmp_path, dtype="fp32")
+    with pytest.raises(PeakResolutionError, match="fp32"):
+        resolve_peak("bf16", calibration_file=path)
+    assert resolve_peak("fp32", calibration_file=path).dtype == "fp32"
+
+
+def test_fp32_on_a_gpu_needs_calibration_or_override(clean_env):
+    with pytest.raises(UnsupportedDtypeError, match="calibrat"):
+        resolve_peak("fp32", device="a100-80gb")
+    assert resolve_peak("fp32", device="a100-80gb", flops_per_s=19.5e12).flops_per_s == 19.5e12
+
+
+def test_override_must_be_positive(clean_env):
+    with pytest.raises(ValueError):
+        resolve_peak("bf16", flops_per_s=-1.0, bandwidth_bytes_per_s=1e12)
+
+
+# --- detection and import hygiene -------------------------------------------------------
+
+
+def test_detect_device_never_raises(monkeypatch):
+    import torch
+
+    def boom():
+        raise RuntimeError("driver exploded")
+
+    monkeypatch.setattr(torch.cuda, "is_available", boom)
+    assert hardware.detect_device() is None
+
+
+def test_detect_device_on_cpu_only_machine():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has an accelerator")
+    assert hardware.detect_device() is None
+
+
+def test_modules_import_and_detect_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import serving_mfu.hardware as h, serving_mfu.calibrate as c\n"
+        "assert h.detect_device() is None\n"
+        "assert h.lookup_peak('h100', 'bf16').flops_per_s > 0\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- calibration on this CPU -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_calibration():
+    return calibrate(dtype="fp32", duration_s=0.5, device="cpu", progress=False)
+
+
+def test_calibrate_cpu_gives_sane_numbers(cpu_calibration):
+    spec = cpu_calibration
+    assert spec.dtype == "fp32" and spec.device.startswith("cpu")
+    # A few CPU cores (possibly shared with other jobs): positive, far below any datacenter GPU.
+    assert 0 < spec.flops_per_s < 1e14
+    assert 1e8 < spec.bandwidth_bytes_per_s < 2e12  # no CPU socket copies at 2 TB/s
+    assert spec.source.startswith("measured by serving-mfu calibrate on cpu")
+    assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", spec.source)  # ISO time
+    assert re.search(r"(\d+)x\1x\1 fp32", spec.source)  # matrix size
+
+
+class _FakeClock:
+    """A perf_counter that only moves when a fake operation says how long it took."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_matmul_bookkeeping_with_a_fake_clock(monkeypatch):
+    """On a device doing exactly RATE FLOP/s (2*n^3 per matmul), the measurement must report RATE,
+    the best repetition must win over slow ones, and the budget must be respected."""
+    import torch
+
+    from serving_mfu import calibrate as cal
+
+    rate, clock, calls = 3.7e11, _FakeClock(), []
+
+    def fake_op(_torch, _dev, _dt, n):
+        def op():
+            calls.append(n)
+            slow = 1.0 if len(calls) % 4 else 5.0  # every 4th call is preempted
+            clock.now += slow * 2 * n**3 / rate
+        return op
+
+    monkeypatch.setattr(cal, "time", clock)
+    monkeypatch.setattr(cal, "_matmul_op", fake_op)
+    flops, n, inner, reps = cal._measure_matmul(torch, torch.device("cpu"), "fp32", 1.0, lambda f: None)
+    assert flops == pytest.approx(rate, rel=1e-9)
+    assert n >= 256 and n & (n - 1) == 0 and reps >= 3 and inner >= 1
+    assert clock.now < 1.0 + 4 * 5 * inner * 2 * n**3 / rate  # stops after the budget, within one rep
+
+
+def test_copy_bookkeeping_with_a_fake_clock(monkeypatch):
+    """A copy of S bytes on memory moving R bytes/s (read + write) takes 2S/R: the result must be R."""
+    from types import SimpleNamespace
+
+    from serving_mfu import calibrate as cal
+
+    rate, clock = 4.2e10, _FakeClock()
+
+    class FakeTensor:
+        def __init__(self, numel):
+            self.nbytes = 4 * numel
+
+        def copy_(self, src):
+            clock.now += 2 * src.nbytes / rate
+
+    fake_torch = SimpleNamespace(
+        float32="f32",
+        ones=lambda numel, device, dtype: FakeTensor(numel),
+        empty_like=lambda t: FakeTensor(t.nbytes // 4),
+    )
+    monkeypatch.setattr(cal, "time", clock)
+    bandwidth, nbytes, reps = cal._measure_copy(fake_torch, SimpleNamespace(type="cpu"), 0.5, lambda f: None)
+    assert bandwidth == pytest.approx(rate, rel=1e-9)
+    assert nbytes >= 64 << 20 and reps >= 3
+
+
+def test_calibration_round_trips(cpu_calibration, tmp_path):
+    path = save_calibration(cpu_calibration, tmp_path / "c.json")
+    assert load_calibration(path) == cpu_calibration
+    assert json.loads(path.read_text())["flops_per_s"] == cpu_calibration.flops_per_s
+
+
+def test_calibrate_bf16_default_on_cpu():
+    spec = calibrate(duration_s=0.3, progress=False)
+    assert spec.dtype == "bf16" and 0 < spec.flops_per_s < 1e14
+
+
+@pytest.mark.parametrize("dtype", ["fp4", "tf32"])
+def test_calibrate_rejects_dtypes_this_cpu_cannot_run(dtype):
+    with pytest.raises(ValueError):
+        calibrate(dtype=dtype, duration_s=0.1, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",
+    json.dumps({"device": "cpu", "dtype": "bf16"}),
+    json.dumps({"device": "cpu", "dtype": "bf16", "flops_per_s": -5, "bandwidth_bytes_per_s": 1, "source": "x"}),
+    "",
+])
+def test_malformed_calibration_file_names_the_file(tmp_path, content):
+    path = tmp_path / "broken-calibration.json"
+    path.write_text(content)
+    with pytest.raises(CalibrationFileError, match="broken-calibration.json"):
+        load_calibration(path)
+
+
+def test_missing_calibration_file_names_the_file(tmp_path):
+    with pytest.raises(CalibrationFileError, match="nowhere.json"):
+        load_calibration(tmp_path / "nowhere.json")
