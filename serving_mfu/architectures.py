@@ -120,7 +120,7 @@ def _dense(cfg: Cfg, windows: list[int | None]) -> tuple[LayerSpec, ...]:
 def dense_decoder(cfg: Cfg) -> tuple[LayerSpec, ...]:
     """Llama-family dense decoders: GQA attention (own head_dim), SwiGLU/GeGLU MLP."""
     windows = cfg.layer_windows()
-    if cfg.model_type == "qwen2" and not cfg.get("layer_types"):
+    if cfg.model_type in ("qwen2", "qwen3") and not cfg.get("layer_types"):
         # Qwen2 applies its window only with use_sliding_window, from max_window_layers on.
         use = cfg.get("use_sliding_window", False)
         start = int(cfg.get("max_window_layers", cfg.num_layers))
@@ -133,9 +133,6 @@ def dense_decoder(cfg: Cfg) -> tuple[LayerSpec, ...]:
         w = int(cfg.get("sliding_window", 4096))
         pattern = int(cfg.get("sliding_window_pattern", 6))
         windows = [w if (i + 1) % pattern else None for i in range(cfg.num_layers)]
-    if cfg.model_type == "qwen3" and not cfg.get("layer_types"):
-        use = cfg.get("use_sliding_window", False)
-        windows = windows if use else [None] * cfg.num_layers
     return _dense(cfg, windows)
 
 
@@ -173,7 +170,7 @@ def _qwen_sparse(cfg: Cfg, i: int) -> bool:
     """Qwen2/3-MoE layer selection: not in mlp_only_layers and (i+1) % decoder_sparse_step == 0."""
     step = int(cfg.get("decoder_sparse_step", 1))
     only = set(cfg.get("mlp_only_layers", []) or [])
-    return i not in only and int(cfg.need("num_experts")) > 0 and (i + 1) % step == 0
+    return i not in only and int(cfg.first("num_experts", "num_local_experts")) > 0 and (i + 1) % step == 0
 
 
 @register("qwen2_moe")
@@ -181,22 +178,21 @@ def qwen2_moe(cfg: Cfg) -> tuple[LayerSpec, ...]:
     """Qwen2-MoE: routed experts + one shared expert of its own size behind a sigmoid gate."""
     shared = int(cfg.need("shared_expert_intermediate_size"))
     moe = MoESpec(
-        num_experts=int(cfg.need("num_experts")),
+        num_experts=int(cfg.first("num_experts", "num_local_experts")),
         top_k=int(cfg.need("num_experts_per_tok")),
         expert_intermediate_size=int(cfg.need("moe_intermediate_size")),
         shared_intermediate_size=shared,
         shared_expert_gate=shared > 0,
     )
-    # vLLM's qwen2_moe applies no window; transformers only with use_sliding_window.
-    windows = cfg.layer_windows() if cfg.get("use_sliding_window") else None
-    return _moe_layers(cfg, lambda i: _qwen_sparse(cfg, i), moe, windows)
+    # vLLM's qwen2_moe builds every layer with full attention, whatever the window fields say.
+    return _moe_layers(cfg, lambda i: _qwen_sparse(cfg, i), moe, None)
 
 
 @register("qwen3_moe")
 def qwen3_moe(cfg: Cfg) -> tuple[LayerSpec, ...]:
     """Qwen3-MoE: routed experts only; dense layers from mlp_only_layers / decoder_sparse_step."""
     moe = MoESpec(
-        num_experts=int(cfg.need("num_experts")),
+        num_experts=int(cfg.first("num_experts", "num_local_experts")),
         top_k=int(cfg.need("num_experts_per_tok")),
         expert_intermediate_size=int(cfg.need("moe_intermediate_size")),
     )
@@ -281,7 +277,7 @@ def _unwrap(cfg: dict[str, Any]) -> dict[str, Any]:
     if isinstance(text, Mapping) and (text.get("hidden_size") or "hidden_size" not in cfg):
         inner = dict(text)
         for key in ("quantization_config", "torch_dtype", "dtype", "tie_word_embeddings"):
-            if key in cfg and key not in inner:
+            if key in cfg and inner.get(key) is None:
                 inner[key] = cfg[key]
         inner.setdefault("model_type", f"{cfg.get('model_type', '')}_text")
         return _unwrap(inner)
@@ -292,14 +288,31 @@ def _unwrap(cfg: dict[str, Any]) -> dict[str, Any]:
 
 # Types that use a different name for an architecture registered above.
 ALIASES = {"gemma3": "gemma3_text", "llava_text": "llama", "mistral3_text": "mistral",
-           "qwen3_text": "qwen3", "qwen2_text": "qwen2", "llama_text": "llama"}
+           "qwen3_text": "qwen3", "qwen2_text": "qwen2", "llama_text": "llama",
+           "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3",
+           "qwen3_vl_moe_text": "qwen3_moe"}
+
+# Defaults transformers' config classes use for shape fields a config.json may leave out
+# (filled only where the key is absent: an explicit null, e.g. Mistral's window, stays null).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma": {"head_dim": 256},
+    "gemma2": {"head_dim": 256, "sliding_window": 4096},
+    "gemma3_text": {"head_dim": 256, "sliding_window": 4096},
+    "qwen3": {"head_dim": 128},
+    "gpt_oss": {"head_dim": 64, "sliding_window": 128, "num_experts_per_tok": 4},
+    "mistral": {"sliding_window": 4096},
+    "deepseek_v3": {"first_k_dense_replace": 3, "n_shared_experts": 1, "n_routed_experts": 256,
+                    "num_experts_per_tok": 8, "moe_intermediate_size": 2048},
+    "deepseek_v2": {"n_shared_experts": 2},
+}
 
 
 def spec_from_config(raw: Mapping[str, Any]) -> ModelSpec:
     """Pick the architecture's parser and build the whole spec (dtypes, quantization, flags)."""
     data = _unwrap(dict(raw))
+    model_type = ALIASES.get(str(data.get("model_type", "<none>")), str(data.get("model_type", "<none>")))
+    data = {**DEFAULTS.get(model_type, {}), **data}
     cfg = Cfg(data)
-    model_type = ALIASES.get(cfg.model_type, cfg.model_type)
     parser = PARSERS.get(model_type)
     warnings: list[str] = []
     approximate = False
