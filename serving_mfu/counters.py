@@ -12,8 +12,6 @@ from typing import Any
 
 from serving_mfu.accounting import IterationCost
 
-_PHASE_FIELDS = ("useful_flops", "executed_flops", "bytes", "tokens", "time_s")
-
 
 @dataclass(slots=True)
 class Counters:
@@ -47,13 +45,26 @@ class Counters:
     moe_measured_iterations: int = 0
     moe_imbalance_sum: float = 0.0
     moe_active_experts_sum: list[float] = field(default_factory=list)
+    # Peak capacity over the same seconds (time × peak FLOP/s or bytes/s × devices of the engine
+    # that spent them): additive across data-parallel engines, the denominators of MFU and MBU.
+    prefill_capacity_flops: float = 0.0
+    decode_capacity_flops: float = 0.0
+    busy_capacity_flops: float = 0.0
+    wall_capacity_flops: float = 0.0
+    prefill_capacity_bytes: float = 0.0
+    decode_capacity_bytes: float = 0.0
+    busy_capacity_bytes: float = 0.0
     hfu_over_1_iterations: int = 0
     repaired_iterations: int = 0
     time_repaired_s: float = 0.0
     anomalies: dict[str, int] = field(default_factory=dict)
 
-    def add_cost(self, cost: IterationCost) -> None:
-        """Accumulate one iteration (hot path: plain attribute arithmetic)."""
+    def add_cost(self, cost: IterationCost, peak_flops_per_s: float | None = None,
+                 bandwidth_bytes_per_s: float | None = None) -> None:
+        """Accumulate one iteration (hot path: plain attribute arithmetic).
+
+        The peaks are the engine's totals over its devices; without them no capacity accrues.
+        """
         self.iterations += 1
         self.busy_s += cost.busy_s
         self.wall_s += cost.wall_s
@@ -71,6 +82,15 @@ class Counters:
         self.decode_bytes += d.bytes
         self.decode_tokens += d.tokens
         self.decode_time_s += d.time_s
+        if peak_flops_per_s:
+            self.prefill_capacity_flops += p.time_s * peak_flops_per_s
+            self.decode_capacity_flops += d.time_s * peak_flops_per_s
+            self.busy_capacity_flops += cost.busy_s * peak_flops_per_s
+            self.wall_capacity_flops += cost.wall_s * peak_flops_per_s
+        if bandwidth_bytes_per_s:
+            self.prefill_capacity_bytes += p.time_s * bandwidth_bytes_per_s
+            self.decode_capacity_bytes += d.time_s * bandwidth_bytes_per_s
+            self.busy_capacity_bytes += cost.busy_s * bandwidth_bytes_per_s
         self.recompute_tokens += cost.recompute_tokens
         self.recompute_flops += cost.recompute_flops
         self.rejected_tokens += cost.rejected_tokens
@@ -138,8 +158,3 @@ class Counters:
         for k, v in data.items():
             setattr(out, k, list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
         return out
-
-
-def phase_fields() -> tuple[str, ...]:
-    """Names of the per-phase counter suffixes (for exporters)."""
-    return _PHASE_FIELDS

@@ -16,9 +16,9 @@ from serving_mfu.counters import Counters
 class PhaseReport(BaseModel):
     """One phase (prefill or decode): utilization and the sums behind it."""
 
-    mfu: float | None = Field(description="useful FLOPs / (time_s × peak × devices)")
-    hfu: float | None = Field(description="executed FLOPs / (time_s × peak × devices)")
-    mbu: float | None = Field(description="bytes / (time_s × peak bandwidth × devices)")
+    mfu: float | None = Field(description="useful FLOPs / (time_s × peak × devices); null without a peak")
+    hfu: float | None = Field(description="executed FLOPs / (time_s × peak × devices); null without a peak")
+    mbu: float | None = Field(description="bytes / (time_s × peak bandwidth × devices); null without a peak")
     useful_flops: float
     executed_flops: float
     bytes: float
@@ -113,11 +113,11 @@ def _ratio(num: float, den: float | None) -> float | None:
 
 
 def _phase(useful: float, executed: float, bytes_: float, tokens: int, time_s: float,
-           peak_total: float | None, bw_total: float | None) -> dict:
+           capacity_flops: float, capacity_bytes: float) -> dict:
     return dict(
-        mfu=_ratio(useful, time_s * peak_total) if peak_total else None,
-        hfu=_ratio(executed, time_s * peak_total) if peak_total else None,
-        mbu=_ratio(bytes_, time_s * bw_total) if bw_total else None,
+        mfu=_ratio(useful, capacity_flops),
+        hfu=_ratio(executed, capacity_flops),
+        mbu=_ratio(bytes_, capacity_bytes),
         useful_flops=useful,
         executed_flops=executed,
         bytes=bytes_,
@@ -133,17 +133,21 @@ def build_report(
     model: ModelReport,
     time_split: str,
     window_s: float | None = None,
+    wall_capacity_flops: float | None = None,
     wall_s: float | None = None,
 ) -> MFUReport:
-    """Turn counters into the report; `wall_s` overrides the summed wall time (live windows)."""
-    devices = max(peak.devices, 1)
-    peak_total = peak.flops_per_s * devices if peak.flops_per_s else None
-    bw_total = peak.bandwidth_bytes_per_s * devices if peak.bandwidth_bytes_per_s else None
+    """Turn counters into the report.
+
+    Denominators are the counters' capacities (seconds × peak × devices, summed over the
+    engines that spent them), so data-parallel engines aggregate correctly.  A live window
+    passes its own `wall_s` and `wall_capacity_flops` (idle time at the end included).
+    """
     wall = c.wall_s if wall_s is None else wall_s
+    wall_cap = c.wall_capacity_flops if wall_capacity_flops is None else wall_capacity_flops
     useful = c.prefill_useful_flops + c.decode_useful_flops
     overall = _phase(useful, c.prefill_executed_flops + c.decode_executed_flops,
                      c.prefill_bytes + c.decode_bytes, c.prefill_tokens + c.decode_tokens, c.busy_s,
-                     peak_total, bw_total)
+                     c.busy_capacity_flops, c.busy_capacity_bytes)
     spec = None
     if c.draft_tokens or c.drafter_flops:
         spec = SpecDecodeReport(
@@ -173,14 +177,16 @@ def build_report(
         window_s=window_s,
         time_split=time_split,
         prefill=PhaseReport(**_phase(c.prefill_useful_flops, c.prefill_executed_flops, c.prefill_bytes,
-                                     c.prefill_tokens, c.prefill_time_s, peak_total, bw_total)),
+                                     c.prefill_tokens, c.prefill_time_s, c.prefill_capacity_flops,
+                                     c.prefill_capacity_bytes)),
         decode=PhaseReport(**_phase(c.decode_useful_flops, c.decode_executed_flops, c.decode_bytes,
-                                    c.decode_tokens, c.decode_time_s, peak_total, bw_total)),
+                                    c.decode_tokens, c.decode_time_s, c.decode_capacity_flops,
+                                    c.decode_capacity_bytes)),
         overall=OverallReport(
             **overall,
             busy_s=c.busy_s,
             wall_s=wall,
-            wall_mfu=_ratio(useful, wall * peak_total) if peak_total else None,
+            wall_mfu=_ratio(useful, wall_cap),
             mixed_time_fraction=_ratio(c.mixed_busy_s, c.busy_s),
             iterations=c.iterations,
         ),

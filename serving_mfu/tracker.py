@@ -89,13 +89,13 @@ class MFUTracker:
         if self._first_t is None:
             self._first_t = rec.t_sched_s
         self._latest_t = rec.t_end_s if self._latest_t is None else max(self._latest_t, rec.t_end_s)
-        self.counters.add_cost(cost)
+        self.counters.add_cost(cost, self._peak_total, self._bw_total)
         bucket = math.floor(rec.t_end_s / self.bucket_s)
         if self._buckets and self._buckets[-1][0] >= bucket:
-            self._buckets[-1][1].add_cost(cost)
+            self._buckets[-1][1].add_cost(cost, self._peak_total, self._bw_total)
         else:
             fresh = Counters()
-            fresh.add_cost(cost)
+            fresh.add_cost(cost, self._peak_total, self._bw_total)
             self._buckets.append((bucket, fresh))
             oldest = bucket - math.ceil(self.max_window_s / self.bucket_s)
             while self._buckets and self._buckets[0][0] < oldest:
@@ -159,7 +159,8 @@ class MFUTracker:
             return build_report(self.counters, self.peak_report(), self.model_report(), self.time_split)
         counters, wall = self.window_counters(window_s)
         return build_report(counters, self.peak_report(), self.model_report(), self.time_split,
-                            window_s=window_s, wall_s=wall)
+                            window_s=window_s, wall_s=wall,
+                            wall_capacity_flops=wall * self._peak_total if self._peak_total else 0.0)
 
     def recent(self, limit: int = 100) -> list[dict]:
         """The last `limit` iterations' costs, newest last, as plain dicts."""

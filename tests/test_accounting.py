@@ -190,3 +190,21 @@ def test_tracker_windows_and_never_raising() -> None:
     assert t.record(broken) is None
     assert t.report().anomalies.counts.get("accounting_error") == 1
     assert t.report().decode.tokens == 20
+
+
+def test_data_parallel_engines_aggregate_by_capacity() -> None:
+    """Two engines' counters add up; MFU divides by each engine's own seconds × peak × devices."""
+    from serving_mfu.hardware import PeakSpec
+    from serving_mfu.report import build_report
+
+    spec = ModelSpec.from_hf_config(LLAMA)
+    peak = PeakSpec(device="t", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")
+    engines = [MFUTracker(spec, peak, devices=d, clock=None) for d in (1, 4)]
+    for tracker, busy in zip(engines, (0.5, 0.1)):
+        tracker.record(IterationRecord(step=0, t_sched_s=0.0, t_end_s=busy, slices=[
+            Slice(req_id="a", new_tokens=1, computed_before=100, prompt_len=100, hwm=100)]))
+    total = engines[0].counters + engines[1].counters
+    report = build_report(total, engines[0].peak_report(), engines[0].model_report(), "shapley")
+    useful = sum(t.counters.decode_useful_flops for t in engines)
+    assert report.decode.mfu == pytest.approx(useful / (0.5 * 1e12 * 1 + 0.1 * 1e12 * 4))
+    assert report.decode.time_s == pytest.approx(0.6)
