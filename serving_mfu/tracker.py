@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import deque
 from typing import Callable
@@ -72,18 +73,23 @@ class MFUTracker:
         self._first_t: float | None = None
         self._latest_t: float | None = None
         self._logged: set[str] = set()
+        self._lock = threading.Lock()  # record() on the engine thread, snapshot() on the publisher
         self._peak_total = peak.flops_per_s * devices if peak else None
         self._bw_total = peak.bandwidth_bytes_per_s * devices if peak else None
 
     # ---------------------------------------------------------------- recording
     def record(self, rec: IterationRecord) -> IterationCost | None:
         """Account one iteration; returns its cost, or None if it could not be accounted."""
+        with self._lock:
+            return self._record(rec)
+
+    def _record(self, rec: IterationRecord) -> IterationCost | None:
         try:
             busy, wall = busy_and_wall_s(rec.t_sched_s, rec.t_end_s, self._last_end.get(rec.engine))
             cost = cost_iteration(rec, self.cost_model, busy, wall, self._peak_total, self._bw_total,
                                   self.time_split)
         except Exception as exc:  # never let one bad record stop the accounting
-            self.note_anomaly("accounting_error", exc)
+            self._count_anomaly("accounting_error", exc)
             return None
         self._last_end[rec.engine] = max(rec.t_end_s, self._last_end.get(rec.engine, rec.t_end_s))
         if self._first_t is None:
@@ -109,8 +115,17 @@ class MFUTracker:
 
     def note_anomaly(self, kind: str, exc: BaseException | str | None = None) -> None:
         """Count an anomaly of `kind` (e.g. a hook error) and log the first of each kind."""
+        with self._lock:
+            self._count_anomaly(kind, exc)
+
+    def _count_anomaly(self, kind: str, exc: BaseException | str | None) -> None:
         self.counters.count_anomaly(kind)
-        self._log_once(kind, f"{kind}: {exc}")
+        self._log_once(kind, f"{kind}: {exc!r}")
+
+    def snapshot(self, recent: int = 200) -> tuple[Counters, list[dict]]:
+        """A consistent copy of the cumulative counters and the last `recent` iterations."""
+        with self._lock:
+            return self.counters.copy(), self.recent(recent)
 
     def _log_once(self, kind: str, message: str) -> None:
         if kind not in self._logged:

@@ -1,0 +1,82 @@
+"""What the accounting needs from a vLLM engine's configuration: model spec, devices, dtype, peak.
+
+Devices per engine are TP × PP (one engine per data-parallel rank); the compute dtype follows
+the model's dtype and quantization (serving_mfu.quantization); the KV-cache dtype comes from
+`--kv-cache-dtype`; the peak from serving_mfu.hardware.resolve_peak (override, calibration
+file, table row of the detected device).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from serving_mfu.hardware import PeakSpec, resolve_peak
+from serving_mfu.model_spec import ModelSpec
+from serving_mfu.quantization import weight_bits_and_compute_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineInfo:
+    spec: ModelSpec
+    devices: int
+    dp_rank: int
+    kv_cache_dtype: str | None
+    peak: PeakSpec | None
+    peak_error: str | None
+    spec_method: str | None
+    num_spec_tokens: int
+    draft_spec: ModelSpec | None
+
+
+def _config_dict(hf_config: Any) -> dict[str, Any]:
+    data = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    return data
+
+
+def _torch_dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def engine_info(vllm_config: Any) -> EngineInfo:
+    """Read the engine's configuration once, at scheduler construction."""
+    mc = vllm_config.model_config
+    cfg = _config_dict(mc.hf_config)
+    act = _torch_dtype_name(mc.dtype)
+    cfg["torch_dtype"] = act
+    cfg.setdefault("_name_or_path", str(mc.model))
+    spec = ModelSpec.from_hf_config(cfg)
+    qcfg = cfg.get("quantization_config")
+    if mc.quantization and not qcfg:
+        qcfg = {"quant_method": mc.quantization}
+    bits, compute = weight_bits_and_compute_dtype(qcfg, act)
+    spec = replace(spec, act_dtype=act, weight_bits=bits, compute_dtype=compute, name=str(mc.model))
+    pc = vllm_config.parallel_config
+    devices = int(pc.tensor_parallel_size) * int(pc.pipeline_parallel_size)
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    kv = None if cache_dtype in ("auto", "None") else cache_dtype.split("_")[0]
+    peak, err = None, None
+    try:
+        peak = resolve_peak(compute)
+    except Exception as exc:  # an unusable peak leaves MFU null, it never stops the engine
+        err = str(exc)
+        log.warning("serving-mfu: no peak (%s); MFU will be reported as null", exc)
+    sc = vllm_config.speculative_config
+    method, k, draft = None, 0, None
+    if sc is not None:
+        method = str(sc.method)
+        k = int(sc.num_speculative_tokens or 0)
+        dmc = getattr(sc, "draft_model_config", None)
+        if dmc is not None and method not in ("ngram", "suffix", "ngram_gpu"):
+            try:
+                dcfg = _config_dict(dmc.hf_config)
+                dcfg["torch_dtype"] = act
+                draft = ModelSpec.from_hf_config(dcfg)
+            except Exception as exc:
+                log.warning("serving-mfu: cannot read the draft model config (%s); drafter FLOPs are 0", exc)
+    return EngineInfo(spec=spec, devices=devices, dp_rank=int(getattr(pc, "data_parallel_rank", 0) or 0),
+                      kv_cache_dtype=kv, peak=peak, peak_error=err, spec_method=method, num_spec_tokens=k,
+                      draft_spec=draft)

@@ -1,0 +1,185 @@
+"""The engine-side recorder: turns vLLM's SchedulerOutput / ModelRunnerOutput into IterationRecords.
+
+It only reads scheduler state, never changes it.  `on_schedule` notes, per scheduled request,
+the positions before the step, the prompt length, the high-water mark and the drafts;
+`on_output` adds the accepted counts and the MoE routing, times the step (DESIGN §5) and
+hands the record to the tracker, whose snapshots a background thread publishes.
+
+Settings (environment, read at engine start):
+  SERVING_MFU_DIR         folder the snapshots are published to (serving_mfu.transport)
+  SERVING_MFU_TIME_SPLIT  shapley (default) or flop_proportional
+  SERVING_MFU_TRACE       path: also write every iteration record to this JSONL trace
+  SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS, SERVING_MFU_PEAK_BANDWIDTH, SERVING_MFU_CALIBRATION
+                          the peak (serving_mfu.hardware.resolve_peak)
+  SERVING_MFU_FAIL_AT_STEP  testing aid: make the hook raise at that step (proves the engine survives)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from serving_mfu.accounting import CostModel
+from serving_mfu.drafter import FREE_METHODS, drafter_cost
+from serving_mfu.records import DrafterRecord, IterationRecord, Slice
+from serving_mfu.report import ModelReport
+from serving_mfu.trace import TraceHeader, TraceWriter
+from serving_mfu.tracker import MFUTracker
+from serving_mfu.transport import SnapshotWriter
+
+from scheduler_hooks.engine_info import engine_info
+
+log = logging.getLogger("serving_mfu.hook")
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose (SERVING_MFU_FAIL_AT_STEP) to prove a failing hook leaves the engine serving."""
+
+
+class MFUHook:
+    """Per-engine recorder state: pending steps, per-request high-water marks, the tracker."""
+
+    def __init__(self, vllm_config: Any):
+        self.info = engine_info(vllm_config)
+        info = self.info
+        self.engine_id = f"{os.getpid()}-{info.dp_rank}"
+        self.tracker = MFUTracker(info.spec, info.peak, info.devices, kv_cache_dtype=info.kv_cache_dtype,
+                                  time_split=os.environ.get("SERVING_MFU_TIME_SPLIT", "shapley"))
+        if info.peak is None:
+            self.tracker.note_anomaly("missing_peak", info.peak_error or "no peak for this device; set "
+                                      "SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS or SERVING_MFU_CALIBRATION")
+        self.draft_model = CostModel(info.draft_spec) if info.draft_spec is not None else None
+        self.spec_method = info.spec_method
+        self.num_spec_tokens = info.num_spec_tokens
+        self.pending: dict[int, tuple[float, list[tuple]]] = {}
+        self.hwm: dict[str, int] = {}
+        self.seen: set[str] = set()
+        self.step = 0
+        self.errors = 0
+        fail = os.environ.get("SERVING_MFU_FAIL_AT_STEP")
+        self.fail_at = int(fail) if fail else None
+        model = ModelReport(name=info.spec.name, model_type=info.spec.model_type, approximate=info.spec.approximate)
+        self.writer = SnapshotWriter(self.tracker.snapshot, self.engine_id, model, self.tracker.peak_report(),
+                                     self.tracker.time_split)
+        self.trace: TraceWriter | None = None
+        trace_path = os.environ.get("SERVING_MFU_TRACE")
+        if trace_path:
+            header = TraceHeader(hf_config=vllm_config.model_config.hf_config.to_dict(), peak=info.peak,
+                                 devices=info.devices, kv_cache_dtype=info.kv_cache_dtype)
+            self.trace = TraceWriter(trace_path, header)
+        log.info("serving-mfu: tracking %s on %d device(s), peak %s, publishing to %s",
+                 info.spec.name, info.devices, info.peak.source if info.peak else "missing", self.writer.path)
+
+    # ------------------------------------------------------------------ engine callbacks
+    def on_schedule(self, sched: Any, out: Any) -> None:
+        """After `schedule()`: note each scheduled request's slice (n0 = computed before this step)."""
+        t_sched = time.monotonic()
+        for rid in out.finished_req_ids:
+            self.hwm.pop(rid, None)
+            self.seen.discard(rid)
+        if not out.total_num_scheduled_tokens:
+            return
+        requests = sched.requests
+        spec_tokens = out.scheduled_spec_decode_tokens
+        seen, hwm = self.seen, self.hwm
+        entries = []
+        for rid, q in out.num_scheduled_tokens.items():
+            req = requests[rid]
+            n0 = req.num_computed_tokens - q  # the scheduler has already advanced it by q
+            cached = 0
+            if rid not in seen:  # first schedule: what it starts from was served by the prefix cache
+                seen.add(rid)
+                cached = n0
+            drafts = spec_tokens.get(rid)
+            entries.append((rid, q, n0, req.num_prompt_tokens, hwm.get(rid, 0), cached,
+                            len(drafts) if drafts else 0))
+        self.pending[id(out)] = (t_sched, entries)
+        if len(self.pending) > 64:  # outputs that never came (aborted steps): forget the oldest
+            self.pending.pop(next(iter(self.pending)))
+
+    def on_output(self, out: Any, runner_out: Any) -> None:
+        """Before `update_from_output()`: accepted drafts, routing, timing → one IterationRecord."""
+        t_end = time.monotonic()
+        pending = self.pending.pop(id(out), None)
+        if pending is None:
+            return
+        t_sched, entries = pending
+        self.step += 1
+        if self.fail_at is not None and self.step == self.fail_at:
+            raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at}")
+        index = runner_out.req_id_to_index
+        sampled = runner_out.sampled_token_ids
+        slices = []
+        runs = []
+        hwm = self.hwm
+        for rid, q, n0, prompt, mark, cached, k in entries:
+            accepted = 0
+            if k:
+                i = index.get(rid)
+                generated = sampled[i] if (sampled and i is not None) else ()
+                accepted = min(max(len(generated) - 1, 0), k)
+            end = n0 + q
+            kept_end = end - (k - accepted)
+            if kept_end > hwm.get(rid, 0):
+                hwm[rid] = kept_end
+            slices.append(Slice.model_construct(req_id=rid, new_tokens=q, computed_before=n0, prompt_len=prompt,
+                                                hwm=mark, cached_tokens=cached, draft_tokens=k,
+                                                accepted_tokens=accepted))
+            if end >= prompt and end > mark:
+                runs.append((max(n0, mark), kept_end))
+        drafter = None
+        if self.spec_method:
+            flops, bytes_ = (0.0, 0.0) if self.spec_method in FREE_METHODS else drafter_cost(
+                self.draft_model, self.num_spec_tokens, runs)
+            drafter = DrafterRecord.model_construct(method=self.spec_method, flops=flops, bytes=bytes_,
+                                                    proposed_tokens=self.num_spec_tokens * len(runs))
+        routing = moe_routing(runner_out, entries, self.tracker.spec) if self.tracker.spec.is_moe else None
+        rec = IterationRecord.model_construct(step=self.step, t_sched_s=t_sched, t_end_s=t_end, slices=slices,
+                                              drafter=drafter, moe_routing=routing, engine=self.engine_id)
+        self.tracker.record(rec)
+        self.writer.mark_dirty()
+        if self.trace is not None:
+            self.trace.write(rec)
+
+    def error(self, where: str, exc: BaseException) -> None:
+        """Count a hook failure (logged once per kind); the engine goes on."""
+        self.errors += 1
+        self.tracker.note_anomaly("hook_errors", f"{where}: {exc!r}")
+        self.writer.mark_dirty()
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.trace is not None:
+            self.trace.close()
+
+
+def moe_routing(runner_out: Any, entries: list[tuple], spec: Any) -> list[list[int]] | None:
+    """Tokens routed to each expert per MoE layer in this step, from vLLM's routed-experts capture.
+
+    Needs `enable_return_routed_experts`; the rows cover a request's tokens from `token_start`,
+    shaped [tokens, layers, top_k].  Returns None when the engine did not capture routing.
+    """
+    aux = getattr(runner_out, "aux_output_connector_output", None)
+    if not aux:
+        return None
+    import numpy as np
+
+    moe_layers = spec.moe_layer_indices
+    experts = spec.layers[moe_layers[0]].moe.num_experts
+    counts = None
+    for rid, q, n0, *_ in entries:
+        item = aux.get(rid)
+        if item is None:
+            continue
+        rows = np.asarray(item.rows)
+        lo, hi = max(n0 - item.token_start, 0), max(n0 + q - item.token_start, 0)
+        chosen = rows[lo:hi]
+        if chosen.size == 0:
+            continue
+        if counts is None:
+            counts = np.zeros((chosen.shape[1], experts), dtype=np.int64)
+        for layer in range(min(chosen.shape[1], counts.shape[0])):
+            counts[layer] += np.bincount(chosen[:, layer, :].ravel(), minlength=experts)[:experts]
+    return counts.tolist() if counts is not None else None

@@ -1,0 +1,56 @@
+"""`MFUScheduler`: vLLM's v1 Scheduler with the serving-mfu recorder attached.
+
+Use it with `--scheduler-cls scheduler_hooks.MFUScheduler` or `LLM(..., scheduler_cls=...)`.
+Every call goes to vLLM's own scheduler unchanged; the recorder only reads, and any
+exception inside it is caught, counted (`anomalies.counts.hook_errors`) and logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from scheduler_hooks.hook import MFUHook
+
+log = logging.getLogger("serving_mfu.hook")
+
+
+class MFUScheduler(Scheduler):
+    """A vLLM Scheduler that records every iteration for MFU accounting."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._mfu: MFUHook | None = None
+        try:
+            self._mfu = MFUHook(self.vllm_config)
+        except Exception:  # a tracker that cannot start must not stop the engine
+            log.exception("serving-mfu: MFU tracking disabled for this engine")
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        out = super().schedule(*args, **kwargs)
+        hook = self._mfu
+        if hook is not None:
+            try:
+                hook.on_schedule(self, out)
+            except Exception as exc:
+                hook.error("schedule", exc)
+        return out
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any):
+        hook = self._mfu
+        if hook is not None:
+            try:
+                hook.on_output(scheduler_output, model_runner_output)
+            except Exception as exc:
+                hook.error("update_from_output", exc)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def shutdown(self) -> None:
+        if self._mfu is not None:
+            try:
+                self._mfu.close()
+            except Exception:
+                log.exception("serving-mfu: error while closing")
+        super().shutdown()

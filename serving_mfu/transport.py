@@ -1,0 +1,247 @@
+"""Engine → reader transport: each engine publishes cumulative snapshots; readers add them up.
+
+An engine process (one per data-parallel rank) writes `engine-<pid>-<rank>.json` into a
+shared folder, atomically (temp file + rename), from a background thread at most every
+`interval_s`: its cumulative counters, one cumulative point per second for the last
+`history_s` seconds, and its recent iterations.  Because every snapshot is cumulative, a
+dropped or late write loses no totals, and a reader that starts late or restarts reads the
+same totals.  The engine thread only marks the tracker dirty; it never waits on I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, Field
+
+from serving_mfu.counters import Counters
+from serving_mfu.report import MFUReport, ModelReport, PeakReport, build_report
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = "serving-mfu-snapshot/1"
+
+
+def default_dir() -> Path:
+    """Where engines publish: $SERVING_MFU_DIR, else a per-user folder under the temp dir."""
+    env = os.environ.get("SERVING_MFU_DIR")
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"serving-mfu-{os.getuid()}"
+
+
+class EngineSnapshot(BaseModel):
+    """One engine's published state (the file's content)."""
+
+    format: str = SNAPSHOT_FORMAT
+    engine_id: str
+    pid: int
+    ppid: int
+    started_at: float = Field(description="wall-clock seconds")
+    updated_at: float = Field(description="wall-clock seconds")
+    model: ModelReport
+    peak: PeakReport
+    time_split: str
+    counters: dict[str, Any]
+    history: list[tuple[float, dict[str, Any]]] = Field(default_factory=list,
+                                                         description="(wall time, cumulative counters)")
+    recent: list[dict[str, Any]] = Field(default_factory=list)
+
+    def peak_total_flops(self) -> float:
+        return (self.peak.flops_per_s or 0.0) * self.peak.devices
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SnapshotWriter:
+    """Publishes a tracker's state from a daemon thread (engine side)."""
+
+    def __init__(self, source: Callable[[], tuple[Counters, list[dict[str, Any]]]], engine_id: str,
+                 model: ModelReport, peak: PeakReport, time_split: str, directory: str | Path | None = None,
+                 interval_s: float = 0.5, history_s: int = 60):
+        self.source = source
+        self.dir = Path(directory) if directory else default_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.engine_id = engine_id
+        self.path = self.dir / f"engine-{engine_id}.json"
+        self.interval_s = interval_s
+        self._static = dict(engine_id=engine_id, pid=os.getpid(), ppid=os.getppid(), started_at=time.time(),
+                            model=model, peak=peak, time_split=time_split)
+        self._history: deque[tuple[float, dict[str, Any]]] = deque(maxlen=history_s)
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self.write_errors = 0
+        self._thread = threading.Thread(target=self._run, name="serving-mfu-writer", daemon=True)
+        self._thread.start()
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def _run(self) -> None:
+        self.write_now()  # readers see the engine (and its model and peak) before any request
+        while not self._stop.is_set():
+            self._stop.wait(self.interval_s)
+            if self._dirty.is_set() or (not self._history or time.time() - self._history[-1][0] >= 1.0):
+                self._dirty.clear()
+                self.write_now()
+
+    def write_now(self) -> None:
+        """Write the snapshot file atomically; failures are counted and logged once."""
+        try:
+            counters, recent = self.source()
+            now = time.time()
+            data = counters.to_dict()
+            if not self._history or now - self._history[-1][0] >= 1.0:
+                self._history.append((now, data))
+            snap = EngineSnapshot(**self._static, updated_at=now, counters=data,
+                                  history=list(self._history), recent=recent)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(snap.model_dump_json())
+            os.replace(tmp, self.path)
+        except Exception as exc:  # never let publishing hurt the engine
+            self.write_errors += 1
+            if self.write_errors == 1:
+                log.warning("serving-mfu: cannot write %s: %s (further errors are counted)", self.path, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.write_now()
+
+
+class SnapshotReader:
+    """Reads and aggregates the engines' snapshots (API server, `serving-mfu serve`, in-process monitor).
+
+    `parent_pid` keeps only engines whose parent is that process (the API server or the
+    `vllm.LLM` user); without it every live engine in the folder is read.  The reader keeps
+    its own ring of aggregated cumulative points so windows longer than the engines'
+    history become exact once it has run that long.
+    """
+
+    def __init__(self, directory: str | Path | None = None, parent_pid: int | None = None,
+                 max_window_s: float = 3600.0):
+        self.dir = Path(directory) if directory else default_dir()
+        self.parent_pid = parent_pid
+        self.max_window_s = max_window_s
+        self._ring: deque[tuple[float, Counters]] = deque()
+        self.read_errors = 0
+
+    def snapshots(self) -> list[EngineSnapshot]:
+        """Current snapshots of the live engines this reader follows."""
+        out = []
+        if not self.dir.is_dir():
+            return out
+        for path in sorted(self.dir.glob("engine-*.json")):
+            try:
+                snap = EngineSnapshot.model_validate_json(path.read_text())
+            except (OSError, ValueError) as exc:
+                self.read_errors += 1
+                log.debug("serving-mfu: skipping unreadable %s: %s", path, exc)
+                continue
+            if self.parent_pid is not None and snap.ppid != self.parent_pid:
+                continue
+            if not _pid_alive(snap.pid):
+                continue
+            out.append(snap)
+        return out
+
+    @staticmethod
+    def _at(snap: EngineSnapshot, t: float) -> Counters | None:
+        """An engine's cumulative counters at wall time t from its history (None if unknown)."""
+        if t >= snap.updated_at:
+            return Counters.from_dict(snap.counters)
+        if t < snap.started_at:
+            return Counters()
+        best = None
+        for ts, data in snap.history:
+            if ts <= t:
+                best = data
+            else:
+                break
+        return Counters.from_dict(best) if best is not None else None
+
+    def _poll(self, snaps: list[EngineSnapshot], now: float) -> Counters:
+        total = Counters()
+        for s in snaps:
+            total = total + Counters.from_dict(s.counters)
+        if not self._ring or now - self._ring[-1][0] >= 1.0:
+            self._ring.append((now, total))
+        while self._ring and now - self._ring[0][0] > self.max_window_s + 5:
+            self._ring.popleft()
+        return total
+
+    def _baseline(self, snaps: list[EngineSnapshot], t: float) -> tuple[Counters, float] | None:
+        """Aggregated counters at time t: from the engines' histories, else from the reader's ring."""
+        parts = [self._at(s, t) for s in snaps]
+        if all(p is not None for p in parts):
+            total = Counters()
+            for p in parts:
+                total = total + p
+            return total, t
+        best = None
+        for ts, counters in self._ring:
+            if ts <= t:
+                best = (counters, ts)
+        return best
+
+    def report(self, window_s: float | None = None) -> MFUReport | None:
+        """Aggregated report since start or over the last `window_s` seconds; None if no engine."""
+        if window_s is not None and not (0 < window_s <= self.max_window_s):
+            raise ValueError(f"window must be in (0, {self.max_window_s:g}] seconds, got {window_s:g}")
+        snaps = self.snapshots()
+        if not snaps:
+            return None
+        now = time.time()
+        total = self._poll(snaps, now)
+        peak = aggregate_peak(snaps)
+        model = snaps[0].model
+        split = snaps[0].time_split
+        if window_s is None:
+            return build_report(total, peak, model, split)
+        base = self._baseline(snaps, now - window_s)
+        if base is None:  # neither history nor ring reaches back: use the oldest point known
+            oldest = min((s.history[0][0] for s in snaps if s.history), default=now)
+            base = self._baseline(snaps, oldest) or (Counters(), min(s.started_at for s in snaps))
+        counters, t0 = base
+        covered = max(now - t0, 0.0)
+        capacity = sum(s.peak_total_flops() for s in snaps) * covered
+        return build_report(total - counters, peak, model, split, window_s=covered,
+                            wall_s=covered, wall_capacity_flops=capacity)
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The most recent iterations over all engines, newest last."""
+        items: list[dict[str, Any]] = []
+        for s in self.snapshots():
+            items.extend(s.recent)
+        items.sort(key=lambda it: it.get("t_end_s", 0.0))
+        return items[-limit:] if limit > 0 else []
+
+
+def aggregate_peak(snaps: list[EngineSnapshot]) -> PeakReport:
+    """One peak line for several engines: devices add up; per-device peak is the device-weighted mean."""
+    if len(snaps) == 1:
+        return snaps[0].peak
+    devices = sum(s.peak.devices for s in snaps)
+    with_peak = [s for s in snaps if s.peak.flops_per_s]
+    first = snaps[0].peak
+    if not with_peak:
+        return PeakReport(**{**first.model_dump(), "devices": devices})
+    flops = sum(s.peak_total_flops() for s in with_peak) / devices
+    bw = sum((s.peak.bandwidth_bytes_per_s or 0.0) * s.peak.devices for s in with_peak) / devices
+    sources = sorted({s.peak.source or "" for s in with_peak})
+    return PeakReport(device=first.device, flops_per_s=flops, bandwidth_bytes_per_s=bw, dtype=first.dtype,
+                      source="; ".join(sources), devices=devices)
