@@ -2,8 +2,9 @@
 
 It only reads scheduler state, never changes it.  `on_schedule` notes, per scheduled request,
 the positions before the step, the prompt length, the high-water mark and the drafts;
-`on_output` adds the accepted counts and the MoE routing, times the step (DESIGN §5) and
-hands the record to the tracker, whose snapshots a background thread publishes.
+`before_output` stops the clock (DESIGN §5) and notes output lengths; `after_output` (once vLLM
+has applied the step) adds accepted and delivered tokens and the MoE routing, and hands the
+record to the tracker, whose snapshots a background thread publishes.
 
 Settings (environment, read at engine start):
   SERVING_MFU_DIR         folder the snapshots are published to (serving_mfu.transport)
@@ -99,34 +100,50 @@ class MFUHook:
         if len(self.pending) > 64:  # outputs that never came (aborted steps): forget the oldest
             self.pending.pop(next(iter(self.pending)))
 
-    def on_output(self, out: Any, runner_out: Any) -> None:
-        """Before `update_from_output()`: accepted drafts, routing, timing → one IterationRecord."""
+    def before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
+        """Before `update_from_output()`: stop the clock, note each request's output length."""
         t_end = time.monotonic()
         pending = self.pending.pop(id(out), None)
         if pending is None:
-            return
-        t_sched, entries = pending
-        self.step += 1
-        if self.fail_at is not None and self.step == self.fail_at:
-            raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at}")
+            return None
+        requests = sched.requests
         index = runner_out.req_id_to_index
         sampled = runner_out.sampled_token_ids
-        slices = []
-        runs = []
-        hwm = self.hwm
-        for rid, q, n0, prompt, mark, cached, k in entries:
+        lengths = []
+        for rid, *_, k in pending[1]:
+            req = requests.get(rid)
             accepted = 0
-            if k:
+            if k:  # read before vLLM applies the step (it truncates at max_tokens / stop tokens)
                 i = index.get(rid)
                 generated = sampled[i] if (sampled and i is not None) else ()
                 accepted = min(max(len(generated) - 1, 0), k)
+            lengths.append((req, req.num_output_tokens if req is not None else 0, accepted))
+        return t_end, pending, runner_out, lengths
+
+    def after_output(self, token: tuple) -> None:
+        """After `update_from_output()`: accepted and delivered tokens, routing → one IterationRecord."""
+        t_end, (t_sched, entries), runner_out, lengths = token
+        self.step += 1
+        if self.fail_at is not None and self.step == self.fail_at:
+            raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at}")
+        slices = []
+        runs = []
+        hwm = self.hwm
+        for (rid, q, n0, prompt, mark, cached, k), (req, n_before, accepted) in zip(entries, lengths):
             end = n0 + q
             kept_end = end - (k - accepted)
             if kept_end > hwm.get(rid, 0):
                 hwm[rid] = kept_end
+            delivered = None
+            if req is not None and end > prompt and end > mark:  # a decode step: what reached the user
+                delivered = req.num_output_tokens - n_before
+                if delivered >= kept_end - max(n0, mark, prompt):
+                    delivered = None  # everything kept was delivered
+                else:
+                    delivered = max(delivered, 0)
             slices.append(Slice.model_construct(req_id=rid, new_tokens=q, computed_before=n0, prompt_len=prompt,
                                                 hwm=mark, cached_tokens=cached, draft_tokens=k,
-                                                accepted_tokens=accepted))
+                                                accepted_tokens=accepted, delivered_tokens=delivered))
             if end >= prompt and end > mark:
                 runs.append((max(n0, mark), kept_end))
         drafter = None

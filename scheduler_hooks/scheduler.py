@@ -40,12 +40,19 @@ class MFUScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any):
         hook = self._mfu
+        token = None
         if hook is not None:
             try:
-                hook.on_output(scheduler_output, model_runner_output)
+                token = hook.before_output(self, scheduler_output, model_runner_output)
             except Exception as exc:
                 hook.error("update_from_output", exc)
-        return super().update_from_output(scheduler_output, model_runner_output)
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        if token is not None:
+            try:
+                hook.after_output(token)
+            except Exception as exc:
+                hook.error("update_from_output", exc)
+        return result
 
     def shutdown(self) -> None:
         if self._mfu is not None:

@@ -2,7 +2,9 @@
 
 Every position of a slice falls in exactly one class: recompute (below the request's
 high-water mark), prefill (first-time prompt position), decode kept (the last sampled token
-plus the accepted drafts) or decode rejected (the rejected drafts).  Prefill and recompute
+plus the accepted drafts) or decode rejected (the rejected drafts); a kept position whose token
+was never delivered (a stop token or max_tokens ended the request inside a verify step) is
+decode discarded.  Prefill and recompute
 run in the prefill phase, decode and the drafter in the decode phase; only prefill and
 decode-kept work is useful.  Prefix-cache hits are neither: they are reported as saved.
 """
@@ -46,6 +48,8 @@ class IterationCost:
     recompute_flops: float = 0.0
     rejected_tokens: int = 0
     rejected_flops: float = 0.0
+    discarded_tokens: int = 0
+    discarded_flops: float = 0.0
     draft_tokens: int = 0
     accepted_tokens: int = 0
     drafter_flops: float = 0.0
@@ -110,8 +114,8 @@ def cost_iteration(
     pairs = model._pairs
     bm = model.bytes
     out = IterationCost(step=record.step, engine=record.engine, t_end_s=record.t_end_s, busy_s=busy_s, wall_s=wall_s)
-    pre_f = rec_f = kept_f = rej_f = 0
-    pre_t = rec_t = kept_t = rej_t = 0
+    pre_f = rec_f = kept_f = rej_f = disc_f = 0
+    pre_t = rec_t = kept_t = rej_t = disc_t = 0
     pre_logits = kept_logits = 0
     kv_read_p = kv_read_d = 0.0
     for s in record.slices:
@@ -146,15 +150,25 @@ def cost_iteration(
         d_start = p_start if p_start > prompt else prompt
         if c > d_start:
             kept_end = c - rej
-            kept_t += kept_end - d_start
-            kept_f += lin * (kept_end - d_start) + pairs(d_start, kept_end)
+            # kept positions whose tokens were not delivered (a stop token or max_tokens ended the
+            # request inside this verify step) are executed waste
+            useful_end = kept_end
+            delivered = s.delivered_tokens
+            if delivered is not None and d_start + delivered < kept_end:
+                useful_end = d_start + delivered
+                disc = kept_end - useful_end
+                disc_logits = kept_end - max(useful_end, c - 1 - k)
+                disc_t += disc
+                disc_f += lin * disc + pairs(useful_end, kept_end) + lm * max(disc_logits, 0)
+            kept_t += useful_end - d_start
+            kept_f += lin * (useful_end - d_start) + pairs(d_start, useful_end)
             if rej:
                 rej_t += rej
                 rej_f += lin * rej + pairs(kept_end, c) + lm * rej
         # logits: the last 1 + k positions of a slice that reaches the end of its prompt
         if c >= prompt and c > hwm:
             if c > d_start:
-                kept_logits += 1 + k - rej
+                kept_logits += (useful_end - max(d_start, c - 1 - k)) if useful_end > c - 1 - k else 0
             else:
                 pre_logits += 1
         kv = bm.kv_read_bytes(c, q)
@@ -170,14 +184,15 @@ def cost_iteration(
 
     p, d = out.prefill, out.decode
     p.useful_flops, p.executed_flops, p.tokens = pre_f, pre_f + rec_f, pre_t
-    d.useful_flops, d.executed_flops, d.tokens = kept_f, kept_f + rej_f + drafter_f, kept_t
+    d.useful_flops, d.executed_flops, d.tokens = kept_f, kept_f + rej_f + disc_f + drafter_f, kept_t
     out.recompute_tokens, out.recompute_flops = rec_t, rec_f
     out.rejected_tokens, out.rejected_flops = rej_t, rej_f
+    out.discarded_tokens, out.discarded_flops = disc_t, disc_f
     out.drafter_flops = drafter_f
 
     # Bytes: weights (with the experts each subset of positions routes to), KV reads, KV writes.
-    tokens_p, tokens_d = pre_t + rec_t, kept_t + rej_t
-    logits_p, logits_d = pre_logits > 0, (kept_logits + rej_t) > 0
+    tokens_p, tokens_d = pre_t + rec_t, kept_t + rej_t + disc_t
+    logits_p, logits_d = pre_logits > 0, (kept_logits + rej_t + disc_t) > 0
     if bm.moe_shape:
         expected_all = bm.expected_experts(tokens_p + tokens_d)
         if record.moe_routing is not None and len(record.moe_routing) == len(bm.moe_shape):

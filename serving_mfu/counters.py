@@ -36,6 +36,8 @@ class Counters:
     recompute_flops: float = 0.0
     rejected_tokens: int = 0
     rejected_flops: float = 0.0
+    discarded_tokens: int = 0
+    discarded_flops: float = 0.0
     draft_tokens: int = 0
     accepted_tokens: int = 0
     drafter_flops: float = 0.0
@@ -95,6 +97,8 @@ class Counters:
         self.recompute_flops += cost.recompute_flops
         self.rejected_tokens += cost.rejected_tokens
         self.rejected_flops += cost.rejected_flops
+        self.discarded_tokens += cost.discarded_tokens
+        self.discarded_flops += cost.discarded_flops
         self.draft_tokens += cost.draft_tokens
         self.accepted_tokens += cost.accepted_tokens
         self.drafter_flops += cost.drafter_flops

@@ -25,7 +25,7 @@ _COMMON: dict[str, Any] = {
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
+    "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
     "bos_token_id": 1,
     "eos_token_id": 2,
@@ -98,10 +98,12 @@ def _build(name: str, out: Path) -> None:
     hf_config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-    with torch.no_grad():  # larger weights than the default init: livelier, more repetitive outputs
-        for p in model.parameters():
+    # Unit-scale tied embeddings over small layer weights: greedy decoding tends to repeat the last
+    # token, so n-gram speculation gets both rejected drafts (early) and accepted ones (later).
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, 1.0 if "embed" in pname else 0.05)
     model.save_pretrained(out, safe_serialization=True)
     _train_tokenizer(out, cfg["vocab_size"])
     (out / "serving_mfu_model.json").write_text(json.dumps({"name": name, "config": ENGINE_CONFIGS[name]}))

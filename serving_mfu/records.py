@@ -12,6 +12,7 @@ class Slice(BaseModel):
     positions below it are recomputation (after preemption).  `cached_tokens` are the
     prefix-cache hits credited on this slice (its first schedule).  `draft_tokens` are the
     speculative positions verified in this slice and `accepted_tokens` how many were kept.
+    `delivered_tokens`, when known, is how many tokens the slice actually delivered.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -24,6 +25,10 @@ class Slice(BaseModel):
     cached_tokens: int = Field(default=0, ge=0)
     draft_tokens: int = Field(default=0, ge=0)
     accepted_tokens: int = Field(default=0, ge=0)
+    delivered_tokens: int | None = Field(
+        default=None, ge=0,
+        description="tokens this slice delivered to the user; fewer than its kept decode positions when a "
+                    "stop token or max_tokens cut a verify step short (None: all delivered)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Slice":

@@ -67,6 +67,14 @@ class RecomputeReport(BaseModel):
     flops: float
 
 
+class DiscardedReport(BaseModel):
+    """Kept decode positions whose tokens were never delivered: a stop token or max_tokens ended the
+    request inside a speculative verify step.  Executed, not useful."""
+
+    tokens: int
+    flops: float
+
+
 class PeakReport(BaseModel):
     device: str | None
     flops_per_s: float | None = Field(description="per device")
@@ -103,6 +111,7 @@ class MFUReport(BaseModel):
     moe: MoEReport | None
     prefix_cache: PrefixCacheReport
     recompute: RecomputeReport
+    discarded: DiscardedReport
     peak: PeakReport
     model: ModelReport
     anomalies: AnomalyReport
@@ -194,6 +203,7 @@ def build_report(
         moe=moe,
         prefix_cache=PrefixCacheReport(hit_tokens=c.hit_tokens, saved_flops=c.saved_flops),
         recompute=RecomputeReport(tokens=c.recompute_tokens, flops=c.recompute_flops),
+        discarded=DiscardedReport(tokens=c.discarded_tokens, flops=c.discarded_flops),
         peak=peak,
         model=model,
         anomalies=AnomalyReport(

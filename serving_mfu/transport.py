@@ -67,6 +67,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class Totals(BaseModel):
+    """Cumulative counters over all engines at one moment: subtract two to report any interval."""
+
+    at: float = Field(description="wall-clock seconds when read")
+    updated_at: float = Field(description="oldest engine snapshot time among those added up")
+    engines: int
+    counters: dict[str, Any]
+    peak: PeakReport
+    model: ModelReport
+    time_split: str
+
+    def report_since(self, earlier: "Totals") -> MFUReport:
+        """The report of what happened between `earlier` and this reading (e.g. one benchmark run)."""
+        diff = Counters.from_dict(self.counters) - Counters.from_dict(earlier.counters)
+        span = max(self.updated_at - earlier.updated_at, 0.0)
+        cap = (self.peak.flops_per_s or 0.0) * self.peak.devices * span
+        return build_report(diff, self.peak, self.model, self.time_split, window_s=span, wall_s=span,
+                            wall_capacity_flops=cap)
+
+
 class SnapshotWriter:
     """Publishes a tracker's state from a daemon thread (engine side)."""
 
@@ -126,8 +146,8 @@ class SnapshotWriter:
 class SnapshotReader:
     """Reads and aggregates the engines' snapshots (API server, `serving-mfu serve`, in-process monitor).
 
-    `parent_pid` keeps only engines whose parent is that process (the API server or the
-    `vllm.LLM` user); without it every live engine in the folder is read.  The reader keeps
+    `parent_pid` prefers engines whose parent is that process (the API server or the
+    `vllm.LLM` user); if none is, or without it, every live engine in the folder is read.  The reader keeps
     its own ring of aggregated cumulative points so windows longer than the engines'
     history become exact once it has run that long.
     """
@@ -142,9 +162,9 @@ class SnapshotReader:
 
     def snapshots(self) -> list[EngineSnapshot]:
         """Current snapshots of the live engines this reader follows."""
-        out = []
+        live = []
         if not self.dir.is_dir():
-            return out
+            return live
         for path in sorted(self.dir.glob("engine-*.json")):
             try:
                 snap = EngineSnapshot.model_validate_json(path.read_text())
@@ -152,12 +172,10 @@ class SnapshotReader:
                 self.read_errors += 1
                 log.debug("serving-mfu: skipping unreadable %s: %s", path, exc)
                 continue
-            if self.parent_pid is not None and snap.ppid != self.parent_pid:
-                continue
-            if not _pid_alive(snap.pid):
-                continue
-            out.append(snap)
-        return out
+            if _pid_alive(snap.pid):
+                live.append(snap)
+        own = [s for s in live if s.ppid == self.parent_pid] if self.parent_pid is not None else []
+        return own or live
 
     @staticmethod
     def _at(snap: EngineSnapshot, t: float) -> Counters | None:
@@ -221,6 +239,16 @@ class SnapshotReader:
         capacity = sum(s.peak_total_flops() for s in snaps) * covered
         return build_report(total - counters, peak, model, split, window_s=covered,
                             wall_s=covered, wall_capacity_flops=capacity)
+
+    def totals(self) -> "Totals | None":
+        """Aggregated cumulative counters with the peak and model they go with; None if no engine."""
+        snaps = self.snapshots()
+        if not snaps:
+            return None
+        now = time.time()
+        return Totals(at=now, engines=len(snaps), counters=self._poll(snaps, now).to_dict(),
+                      peak=aggregate_peak(snaps), model=snaps[0].model, time_split=snaps[0].time_split,
+                      updated_at=min(s.updated_at for s in snaps))
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The most recent iterations over all engines, newest last."""

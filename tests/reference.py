@@ -57,6 +57,7 @@ def classify(s: Slice) -> list[tuple[int, str, bool]]:
     rejected = s.draft_tokens - s.accepted_tokens
     samples = c >= s.prompt_len and c > s.hwm
     out = []
+    kept_seen = 0
     for p in range(s.computed_before, c):
         if p < s.hwm:
             cls = "recompute"
@@ -64,8 +65,11 @@ def classify(s: Slice) -> list[tuple[int, str, bool]]:
             cls = "prefill"
         elif p >= c - rejected:
             cls = "rejected"
+        elif s.delivered_tokens is not None and kept_seen >= s.delivered_tokens:
+            cls = "discarded"
         else:
             cls = "kept"
+            kept_seen += 1
         logits = samples and p >= c - 1 - s.draft_tokens
         out.append((p, cls, logits))
     return out

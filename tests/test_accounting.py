@@ -46,12 +46,14 @@ def check_against_reference(model: CostModel, slices: list[Slice]) -> None:
     assert cost.prefill.executed_flops == flops["prefill"] + flops["recompute"]
     assert cost.decode.useful_flops == flops["kept"]
     assert cost.rejected_flops == flops["rejected"]
-    assert cost.decode.executed_flops == flops["kept"] + flops["rejected"]
+    assert cost.discarded_flops == flops["discarded"]
+    assert cost.decode.executed_flops == flops["kept"] + flops["rejected"] + flops["discarded"]
     assert cost.saved_flops == flops["saved"]
     assert cost.prefill.tokens == tokens["prefill"]
     assert cost.decode.tokens == tokens["kept"]
     assert cost.recompute_tokens == tokens["recompute"]
     assert cost.rejected_tokens == tokens["rejected"]
+    assert cost.discarded_tokens == tokens["discarded"]
 
 
 def test_chunked_prefill_costs_the_same_as_one_shot(llama: CostModel) -> None:
@@ -114,6 +116,18 @@ def test_spec_decode_rejected_drafts_are_waste(llama: CostModel, accepted: int) 
         assert cost.decode.executed_flops == cost.decode.useful_flops
     else:
         assert cost.decode.executed_flops > cost.decode.useful_flops
+    check_against_reference(llama, [s])
+
+
+def test_tokens_cut_by_a_stop_are_discarded_not_useful(llama: CostModel) -> None:
+    # 3 drafts all accepted (4 kept positions), but max_tokens let only 2 tokens out
+    s = Slice(req_id="a", new_tokens=4, computed_before=50, prompt_len=20, hwm=50,
+              draft_tokens=3, accepted_tokens=3, delivered_tokens=2)
+    cost = run(llama, [s])
+    assert cost.decode.tokens == 2 and cost.discarded_tokens == 2 and cost.rejected_tokens == 0
+    assert cost.decode.useful_flops == llama.flops.run_flops(50, 52, logits=2)
+    assert cost.discarded_flops == llama.flops.run_flops(52, 54, logits=2)
+    assert cost.decode.executed_flops == cost.decode.useful_flops + cost.discarded_flops
     check_against_reference(llama, [s])
 
 

@@ -29,8 +29,9 @@ def slices(draw, i: int) -> Slice:
     k = draw(st.integers(0, min(5, decode_positions - 1))) if decode_positions >= 2 else 0
     a = draw(st.integers(0, k))
     cached = draw(st.integers(0, n0)) if draw(st.booleans()) else 0
+    delivered = draw(st.integers(0, a + 1)) if draw(st.booleans()) else None
     return Slice(req_id=f"r{i}", new_tokens=q, computed_before=n0, prompt_len=prompt, hwm=hwm,
-                 cached_tokens=cached, draft_tokens=k, accepted_tokens=a)
+                 cached_tokens=cached, draft_tokens=k, accepted_tokens=a, delivered_tokens=delivered)
 
 
 @st.composite
@@ -75,7 +76,9 @@ def test_invariants(case) -> None:
     assert cost.decode.useful_flops == flops["kept"]
     assert cost.recompute_flops == flops["recompute"]
     assert cost.rejected_flops == flops["rejected"]
+    assert cost.discarded_flops == flops["discarded"]
     assert cost.saved_flops == flops["saved"]
+    assert cost.decode.executed_flops == flops["kept"] + flops["rejected"] + flops["discarded"]
     assert cost.decode.tokens == tokens["kept"] and cost.prefill.tokens == tokens["prefill"]
 
 
