@@ -1,0 +1,454 @@
+"""Prometheus exposition (DESIGN §8): the series equal the counters, the recording rules' MFU equals
+the report's, a failing reader never breaks /metrics, and rules, dashboard and collector agree."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import subprocess
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+prometheus_client = pytest.importorskip("prometheus_client")
+yaml = pytest.importorskip("yaml")
+
+from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from serving_mfu import prometheus as prom  # noqa: E402
+from serving_mfu.counters import Counters  # noqa: E402
+from serving_mfu.hardware import PeakSpec  # noqa: E402
+from serving_mfu.model_spec import ModelSpec  # noqa: E402
+from serving_mfu.records import DrafterRecord, IterationRecord, Slice  # noqa: E402
+from serving_mfu.report import build_report  # noqa: E402
+from serving_mfu.tiny_models import TINY_CONFIGS  # noqa: E402
+from serving_mfu.tracker import MFUTracker  # noqa: E402
+from serving_mfu.transport import EngineSnapshot, aggregate_peak  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "deploy" / "prometheus" / "serving_mfu_rules.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "serving_mfu_dashboard.json"
+NAME_TOKEN = re.compile(r"serving_mfu[_:][a-zA-Z0-9_:]*")
+
+H100 = PeakSpec(device="h100-sxm", dtype="fp32", flops_per_s=4e13, bandwidth_bytes_per_s=3.35e12,
+                source="NVIDIA H100 Tensor Core GPU datasheet, https://example.invalid/h100 (dense figures)")
+A100 = PeakSpec(device="a100-sxm-80gb", dtype="fp32", flops_per_s=1.95e13, bandwidth_bytes_per_s=2.0e12,
+                source="override (FLOP/s); bandwidth from NVIDIA A100 Tensor Core GPU datasheet, https://x")
+
+
+def _spec(name: str) -> ModelSpec:
+    return ModelSpec.from_hf_config({**TINY_CONFIGS[name], "_name_or_path": f"org/{name}"})
+
+
+def _steps(offset: float) -> list[IterationRecord]:
+    """Prefill with a prefix-cache hit, a mixed step with speculative decoding, recompute, decode."""
+    batches = [
+        ([Slice(req_id="a", new_tokens=64, computed_before=0, prompt_len=64),
+          Slice(req_id="b", new_tokens=32, computed_before=32, prompt_len=64, cached_tokens=32)], None),
+        ([Slice(req_id="a", new_tokens=4, computed_before=64, prompt_len=64, hwm=64, draft_tokens=3,
+                accepted_tokens=1),
+          Slice(req_id="c", new_tokens=50, computed_before=0, prompt_len=100)],
+         DrafterRecord(method="eagle", flops=2e6, bytes=1e5, proposed_tokens=3)),
+        ([Slice(req_id="d", new_tokens=35, computed_before=0, prompt_len=30, hwm=35)], None),
+        ([Slice(req_id="a", new_tokens=1, computed_before=66, prompt_len=64, hwm=66),
+          Slice(req_id="b", new_tokens=1, computed_before=64, prompt_len=64, hwm=64),
+          Slice(req_id="c", new_tokens=50, computed_before=50, prompt_len=100, hwm=50)], None),
+        ([Slice(req_id="a", new_tokens=1, computed_before=67, prompt_len=64, hwm=67)], None),
+    ]
+    out, t = [], offset
+    for step, (slices, drafter) in enumerate(batches):
+        busy = 2e-4 * (1 + step)
+        out.append(IterationRecord(step=step, t_sched_s=t, t_end_s=t + busy, slices=slices, drafter=drafter))
+        t += busy + 1e-3 * step  # idle gaps: wall > busy
+    return out
+
+
+def _snapshot(tracker: MFUTracker, engine_id: str, pid: int) -> EngineSnapshot:
+    counters, recent = tracker.snapshot()
+    return EngineSnapshot(engine_id=engine_id, pid=pid, ppid=1, started_at=1000.0, updated_at=1010.0 + pid,
+                          model=tracker.model_report(), peak=tracker.peak_report(),
+                          time_split=tracker.time_split, counters=counters.to_dict(), recent=recent)
+
+
+class FakeReader:
+    def __init__(self, snaps: list[EngineSnapshot]):
+        self.snaps = snaps
+
+    def snapshots(self) -> list[EngineSnapshot]:
+        return self.snaps
+
+
+class RaisingReader:
+    def snapshots(self) -> list[EngineSnapshot]:
+        raise OSError("snapshot folder vanished")
+
+
+@pytest.fixture(scope="module")
+def engines() -> dict:
+    """Two data-parallel engines of one model on different devices, scraped twice (after 1 and 5 steps)."""
+    spec = _spec("tiny-llama")
+    trackers = [MFUTracker(spec, H100, devices=2, clock=None), MFUTracker(spec, A100, devices=1, clock=None)]
+    ids = ["101-0", "202-1"]
+    early, late = [], []
+    for i, tracker in enumerate(trackers):
+        recs = _steps(offset=10.0 * i)
+        for rec in recs[:1]:
+            tracker.record(rec)
+        early.append(_snapshot(tracker, ids[i], 101 * (i + 1)))
+        for rec in recs[1:]:
+            tracker.record(rec)
+        tracker.note_anomaly("hook_error", "test")
+        late.append(_snapshot(tracker, ids[i], 101 * (i + 1)))
+    return {"trackers": trackers, "early": early, "late": late}
+
+
+def scrape(reader) -> dict[tuple[str, frozenset], float]:
+    """Render like /metrics does and parse it back: {(sample name, labels): value}."""
+    registry = CollectorRegistry()
+    prom.register(reader, registry=registry)
+    text = generate_latest(registry).decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def total(samples: dict, name: str, **match: str) -> float:
+    """Σ over series of `name` whose labels include `match` (what `sum by (…)` does)."""
+    return sum(v for (n, labels), v in samples.items()
+               if n == name and all(dict(labels).get(k) == m for k, m in match.items()))
+
+
+# ---------------------------------------------------------------------------------------- values
+def test_series_equal_the_counters(engines: dict) -> None:
+    samples = scrape(FakeReader(engines["late"]))
+    for snap in engines["late"]:
+        c = Counters.from_dict(snap.counters)
+        base = {"engine": snap.engine_id, "model": "org/tiny-llama"}
+        for phase in prom.PHASES:
+            lab = {**base, "phase": phase}
+            assert value(samples, "serving_mfu_useful_flops_total", **lab) == getattr(c, f"{phase}_useful_flops")
+            assert value(samples, "serving_mfu_executed_flops_total", **lab) == getattr(c, f"{phase}_executed_flops")
+            assert value(samples, "serving_mfu_attributed_seconds_total", **lab) == getattr(c, f"{phase}_time_s")
+            assert value(samples, "serving_mfu_moved_bytes_total", **lab) == getattr(c, f"{phase}_bytes")
+            assert value(samples, "serving_mfu_tokens_total", **lab) == getattr(c, f"{phase}_tokens")
+            assert value(samples, "serving_mfu_capacity_flops_total", **lab) == getattr(c, f"{phase}_capacity_flops")
+            assert value(samples, "serving_mfu_capacity_bytes_total", **lab) == getattr(c, f"{phase}_capacity_bytes")
+        assert value(samples, "serving_mfu_busy_seconds_total", **base) == c.busy_s
+        assert value(samples, "serving_mfu_wall_seconds_total", **base) == c.wall_s
+        assert value(samples, "serving_mfu_mixed_busy_seconds_total", **base) == c.mixed_busy_s > 0
+        assert value(samples, "serving_mfu_busy_capacity_flops_total", **base) == c.busy_capacity_flops
+        assert value(samples, "serving_mfu_wall_capacity_flops_total", **base) == c.wall_capacity_flops
+        assert value(samples, "serving_mfu_busy_capacity_bytes_total", **base) == c.busy_capacity_bytes
+        assert value(samples, "serving_mfu_iterations_total", **base) == c.iterations == 5
+        assert value(samples, "serving_mfu_spec_draft_tokens_total", **base) == c.draft_tokens == 3
+        assert value(samples, "serving_mfu_spec_accepted_tokens_total", **base) == c.accepted_tokens == 1
+        assert value(samples, "serving_mfu_spec_rejected_flops_total", **base) == c.rejected_flops > 0
+        assert value(samples, "serving_mfu_spec_drafter_flops_total", **base) == c.drafter_flops == 2e6
+        assert value(samples, "serving_mfu_prefix_cache_hit_tokens_total", **base) == c.hit_tokens == 32
+        assert value(samples, "serving_mfu_prefix_cache_saved_flops_total", **base) == c.saved_flops > 0
+        assert value(samples, "serving_mfu_recompute_tokens_total", **base) == c.recompute_tokens > 0
+        assert value(samples, "serving_mfu_recompute_flops_total", **base) == c.recompute_flops > 0
+        assert value(samples, "serving_mfu_hfu_over_1_iterations_total", **base) == c.hfu_over_1_iterations
+        assert value(samples, "serving_mfu_anomalies_total", **base, kind="hook_error") == 1
+        assert value(samples, "serving_mfu_anomalies_total", **base, kind="accounting_error") == 0  # seeded
+        # every table entry, phase or not, is the field it names
+        for name, _, field in prom.ENGINE_COUNTERS:
+            assert value(samples, name + "_total", **base) == getattr(c, field)
+        peak = snap.peak
+        plab = {**base, "device": peak.device, "dtype": "fp32", "source": prom.source_label(peak.source)}
+        assert value(samples, "serving_mfu_peak_flops_per_second", **plab) == peak.flops_per_s
+        assert value(samples, "serving_mfu_peak_bandwidth_bytes_per_second", **plab) == peak.bandwidth_bytes_per_s
+        assert value(samples, "serving_mfu_devices", **plab) == peak.devices
+        assert value(samples, "serving_mfu_engine_info", **base, model_type="llama", approximate="false",
+                     time_split="shapley") == 1
+        assert value(samples, "serving_mfu_snapshot_timestamp_seconds", **base) == snap.updated_at
+    assert value(samples, "serving_mfu_engines") == 2
+    assert value(samples, "serving_mfu_collector_errors_total") == 0
+
+
+def test_every_counter_field_is_exposed() -> None:
+    assert prom.counter_fields() == {f.name for f in fields(Counters)}
+
+
+def test_source_label_is_short_and_keeps_the_provenance() -> None:
+    assert prom.source_label(H100.source) == "NVIDIA H100 Tensor Core GPU datasheet"
+    assert prom.source_label(A100.source) == "override (FLOP/s)"
+    assert prom.source_label("override") == "override"
+    assert prom.source_label(None) == "unknown"
+    calibrated = ("measured by serving-mfu calibrate on NVIDIA H100 80GB HBM3 at 2025-01-02T03:04:05: best of "
+                  "5 timed runs")
+    label = prom.source_label(calibrated)
+    assert label.startswith("measured by serving-mfu calibrate") and len(label) <= prom.SOURCE_MAX_CHARS
+
+
+# ---------------------------------------------------------------------------------------- MFU as PromQL
+def test_rule_style_mfu_equals_the_report(engines: dict) -> None:
+    """Σ rate(numerator) / Σ rate(capacity) over two engines with different peaks = report over Σ counters."""
+    before, after = scrape(FakeReader(engines["early"])), scrape(FakeReader(engines["late"]))
+
+    def rate(name: str, **match: str) -> float:  # increase over the window; the window length cancels
+        return total(after, name, **match) - total(before, name, **match)
+
+    diff = sum((Counters.from_dict(s.counters) for s in engines["late"]), Counters()) - sum(
+        (Counters.from_dict(s.counters) for s in engines["early"]), Counters())
+    report = build_report(diff, aggregate_peak(engines["late"]), engines["late"][0].model, "shapley")
+    for phase in prom.PHASES:
+        want = getattr(report, phase)
+        cap = rate("serving_mfu_capacity_flops_total", phase=phase)
+        assert rate("serving_mfu_useful_flops_total", phase=phase) / cap == pytest.approx(want.mfu, rel=1e-12)
+        assert rate("serving_mfu_executed_flops_total", phase=phase) / cap == pytest.approx(want.hfu, rel=1e-12)
+        mbu = rate("serving_mfu_moved_bytes_total", phase=phase) / rate("serving_mfu_capacity_bytes_total", phase=phase)
+        assert mbu == pytest.approx(want.mbu, rel=1e-12)
+    useful = rate("serving_mfu_useful_flops_total")
+    assert useful / rate("serving_mfu_busy_capacity_flops_total") == pytest.approx(report.overall.mfu, rel=1e-12)
+    assert (rate("serving_mfu_executed_flops_total") / rate("serving_mfu_busy_capacity_flops_total")
+            == pytest.approx(report.overall.hfu, rel=1e-12))
+    assert (rate("serving_mfu_moved_bytes_total") / rate("serving_mfu_busy_capacity_bytes_total")
+            == pytest.approx(report.overall.mbu, rel=1e-12))
+    assert useful / rate("serving_mfu_wall_capacity_flops_total") == pytest.approx(report.overall.wall_mfu, rel=1e-12)
+    assert (rate("serving_mfu_mixed_busy_seconds_total") / rate("serving_mfu_busy_seconds_total")
+            == pytest.approx(report.overall.mixed_time_fraction, rel=1e-12))
+    # the engines really differ, so a mean of per-engine ratios would be wrong
+    per_engine = [rate("serving_mfu_useful_flops_total", engine=e)
+                  / rate("serving_mfu_busy_capacity_flops_total", engine=e) for e in ("101-0", "202-1")]
+    assert abs(sum(per_engine) / 2 - report.overall.mfu) > 1e-3 * report.overall.mfu
+    # wall MFU's clock denominator: Σ peak × devices = the aggregated peak of the report
+    peaks = {dict(k[1])["engine"]: v for k, v in after.items() if k[0] == "serving_mfu_peak_flops_per_second"}
+    devices = {dict(k[1])["engine"]: v for k, v in after.items() if k[0] == "serving_mfu_devices"}
+    assert sum(peaks[e] * devices[e] for e in peaks) == pytest.approx(report.peak.flops_per_s * report.peak.devices)
+    spec = rate("serving_mfu_spec_accepted_tokens_total") / rate("serving_mfu_spec_draft_tokens_total")
+    assert spec == pytest.approx(report.spec_decode.acceptance_rate)
+
+
+def test_moe_summaries_match_the_report() -> None:
+    spec = _spec("tiny-qwen2-moe")
+    tracker = MFUTracker(spec, H100, devices=1, clock=None)
+    shape = tracker.cost_model.bytes.moe_shape  # (experts, top_k) per MoE layer
+    assert shape
+    for i, rec in enumerate(_steps(0.0)):  # measured routing on odd steps, expected on even ones
+        routing = [[(j * 7 + layer) % 5 for j in range(e)] for layer, (e, _) in enumerate(shape)] if i % 2 else None
+        tracker.record(rec.model_copy(update={"moe_routing": routing}))
+    snap = _snapshot(tracker, "303-0", 303)
+    samples = scrape(FakeReader([snap]))
+    report = tracker.report()
+    base = {"engine": "303-0", "model": "org/tiny-qwen2-moe"}
+    count = value(samples, "serving_mfu_moe_active_experts_count", **base)
+    assert count == tracker.counters.moe_iterations > 0
+    assert value(samples, "serving_mfu_moe_active_experts_sum", **base) / count == pytest.approx(
+        report.moe.mean_active_experts)
+    measured = value(samples, "serving_mfu_moe_imbalance_ratio_count", **base)
+    assert measured == tracker.counters.moe_measured_iterations
+    assert 0 < measured < count and report.moe.source == "mixed"
+    assert value(samples, "serving_mfu_moe_imbalance_ratio_sum", **base) / measured == pytest.approx(
+        report.moe.imbalance)
+
+
+# ---------------------------------------------------------------------------------------- robustness
+def test_a_failing_reader_never_breaks_the_endpoint(caplog: pytest.LogCaptureFixture) -> None:
+    registry = CollectorRegistry()
+    collector = prom.register(RaisingReader(), registry=registry)
+    with caplog.at_level(logging.WARNING, logger="serving_mfu.prometheus"):
+        for _ in range(3):
+            text = generate_latest(registry).decode()
+    assert "serving_mfu_collector_errors_total 3.0" in text
+    assert collector.errors == 3
+    assert not re.search(r"^serving_mfu_engines ", text, re.M)  # unknown, not zero
+    assert len([r for r in caplog.records if "collector" in r.getMessage()]) == 1  # logged once
+
+
+def test_a_bad_snapshot_is_skipped_and_the_others_exposed(engines: dict) -> None:
+    good = engines["late"][0]
+    bad = good.model_copy(update={"engine_id": "999-9", "counters": {**good.counters, "busy_s": None}})
+    samples = scrape(FakeReader([bad, good, good]))  # the duplicate is read once
+    assert value(samples, "serving_mfu_engines") == 1
+    assert value(samples, "serving_mfu_collector_errors_total") == 1
+    engines_seen = {dict(k[1]).get("engine") for k in samples if k[0] == "serving_mfu_busy_seconds_total"}
+    assert engines_seen == {good.engine_id}
+    # a field an older or newer engine has and this reader lacks is ignored, a missing one is 0
+    odd = good.model_copy(update={"counters": {"busy_s": 1.5, "field_from_the_future": 7}})
+    samples = scrape(FakeReader([odd]))
+    assert value(samples, "serving_mfu_busy_seconds_total", engine=good.engine_id, model="org/tiny-llama") == 1.5
+
+
+def test_no_peak_exposes_no_peak_gauge(engines: dict) -> None:
+    snap = engines["late"][0]
+    nopeak = snap.model_copy(update={"peak": snap.peak.model_copy(update={"flops_per_s": None,
+                                                                          "bandwidth_bytes_per_s": None})})
+    samples = scrape(FakeReader([nopeak]))
+    assert not [k for k in samples if k[0] == "serving_mfu_peak_flops_per_second"]
+    assert [k for k in samples if k[0] == "serving_mfu_devices"]
+
+
+def test_register_is_idempotent(engines: dict) -> None:
+    registry = CollectorRegistry()
+    first = prom.register(FakeReader(engines["late"]), registry=registry)
+    assert prom.register(FakeReader([]), registry=registry) is first
+    other = CollectorRegistry()
+    assert prom.register(FakeReader([]), registry=other) is not first
+    text = generate_latest(registry).decode()
+    assert text.count("# TYPE serving_mfu_useful_flops_total counter") == 1
+
+
+# ---------------------------------------------------------------------------------------- rules & dashboard
+def _rules() -> list[dict]:
+    data = yaml.safe_load(RULES.read_text())
+    assert isinstance(data, dict) and list(data) == ["groups"]
+    rules = []
+    for group in data["groups"]:
+        assert group["name"] and group["rules"]
+        for rule in group["rules"]:
+            assert set(rule) <= {"record", "expr", "labels"}, rule
+            assert isinstance(rule.get("record"), str) and isinstance(rule.get("expr"), str), rule
+            rules.append(rule)
+    return rules
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, v in node.items():
+                if key in ("expr", "definition") and isinstance(v, str):
+                    exprs.append(v)
+                elif key == "query" and isinstance(v, str) and "serving_mfu" in v:
+                    exprs.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(dash)
+    return exprs
+
+
+def _exposed_names() -> set[str]:
+    suffixes = {"counter": ["_total"], "summary": ["_sum", "_count"], "info": ["_info"], "gauge": [""]}
+    return {fam.name + s for fam in prom.MFUCollector(FakeReader([])).describe() for s in suffixes[fam.type]}
+
+
+def test_rules_file_is_valid() -> None:
+    rules = _rules()
+    names = [r["record"] for r in rules]
+    assert len(names) == len(set(names))
+    for name in names:
+        assert re.fullmatch(r"serving_mfu(_[a-z]+)?:[a-z0-9_]+:[a-z0-9_]+", name), name
+
+
+def test_rules_and_dashboard_use_only_existing_series(engines: dict) -> None:
+    rules = _rules()
+    records = {r["record"] for r in rules}
+    exposed = _exposed_names()
+    rendered = {k[0] for k in scrape(FakeReader(engines["late"]))}
+    assert exposed - rendered <= {"serving_mfu_moe_active_experts_sum", "serving_mfu_moe_active_experts_count",
+                                  "serving_mfu_moe_imbalance_ratio_sum", "serving_mfu_moe_imbalance_ratio_count"}
+    for source, exprs in (("rules", [r["expr"] for r in rules]), ("dashboard", _dashboard_exprs())):
+        used = {t for e in exprs for t in NAME_TOKEN.findall(e)}
+        assert used, source
+        unknown = used - exposed - records
+        assert not unknown, f"{source} uses series nobody produces: {sorted(unknown)}"
+    dashboard_used = {t for e in _dashboard_exprs() for t in NAME_TOKEN.findall(e)}
+    undocumented = {r for r in records if r not in dashboard_used and r not in (prom.__doc__ or "")}
+    assert not undocumented, f"recording rules neither on the dashboard nor documented: {sorted(undocumented)}"
+
+
+def test_ratio_rules_match_numerator_and_denominator_labels() -> None:
+    """A ratio whose sides aggregate by different labels silently returns nothing."""
+    for rule in _rules():
+        sides = re.split(r"\n\s*/\s", rule["expr"])
+        if len(sides) == 2:
+            by = [sorted(re.findall(r"(?:sum|count) (?:by \(([^)]*)\) )?\(", s)) for s in sides]
+            assert by[0] and by[0] == by[1], rule["record"]
+
+
+def test_dashboard_shape() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["schemaVersion"] >= 36 and dash["uid"]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert "label_values(" in variables["model"]["definition"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dash["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}"
+        for t in panel["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}" and t["expr"]
+            if "serving_mfu:" in t["expr"] or "serving_mfu_instance:" in t["expr"]:
+                assert '$model' in t["expr"], t["expr"]
+
+
+# ---------------------------------------------------------------------------------------- promtool (optional)
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
+def test_promtool_evaluates_the_rules_to_the_reports_mfu(engines: dict, tmp_path: Path) -> None:
+    """Feed the two engines' counters to Prometheus as linear series; the recorded MFU equals the report's."""
+    before, after = scrape(FakeReader(engines["early"])), scrape(FakeReader(engines["late"]))
+    steps = 20  # one sample every 15 s for 5 minutes, growing linearly from `before` to `after`
+    series = []
+    for (name, labels), v1 in after.items():
+        if not name.startswith("serving_mfu_") or name == "serving_mfu_collector_errors_total":
+            continue
+        v0 = before.get((name, labels), 0.0)
+        lab = ",".join(f'{k}="{v}"' for k, v in sorted({**dict(labels), "instance": "node-" + dict(labels)
+                                                         .get("engine", "x")[:3], "job": "vllm"}.items()))
+        if name.endswith("_total") or name.endswith("_sum") or name.endswith("_count"):
+            values = f"{v0!r}+{(v1 - v0) / steps!r}x{steps}"
+        else:
+            values = f"{v1!r}x{steps}"
+        series.append({"series": f"{name}{{{lab}}}", "values": values})
+    diff = sum((Counters.from_dict(s.counters) for s in engines["late"]), Counters()) - sum(
+        (Counters.from_dict(s.counters) for s in engines["early"]), Counters())
+    report = build_report(diff, aggregate_peak(engines["late"]), engines["late"][0].model, "shapley")
+    model = 'model="org/tiny-llama"'
+    checks = {f'serving_mfu:mfu:ratio_rate1m{{{model},phase="{p}"}}': getattr(report, p).mfu for p in prom.PHASES}
+    checks |= {f'serving_mfu:hfu:ratio_rate1m{{{model},phase="{p}"}}': getattr(report, p).hfu for p in prom.PHASES}
+    checks |= {f'serving_mfu:mbu:ratio_rate1m{{{model},phase="{p}"}}': getattr(report, p).mbu for p in prom.PHASES}
+    checks |= {f"serving_mfu:busy_mfu:ratio_rate1m{{{model}}}": report.overall.mfu,
+               f"serving_mfu:busy_hfu:ratio_rate1m{{{model}}}": report.overall.hfu,
+               f"serving_mfu:busy_mbu:ratio_rate1m{{{model}}}": report.overall.mbu,
+               f"serving_mfu:mixed_busy:ratio_rate1m{{{model}}}": report.overall.mixed_time_fraction,
+               f"serving_mfu:spec_acceptance:ratio_rate1m{{{model}}}": report.spec_decode.acceptance_rate,
+               'serving_mfu_fleet:mfu:ratio_rate1m{phase="decode"}': report.decode.mfu,
+               "serving_mfu_fleet:busy_mfu:ratio_rate1m": report.overall.mfu,
+               # over the clock: useful FLOP/s over Σ peak × devices of the live engines
+               f"serving_mfu:wall_mfu:ratio_rate1m{{{model}}}":
+                   report.overall.useful_flops / 300 / (report.peak.flops_per_s * report.peak.devices),
+               f"serving_mfu:busy:ratio_rate1m{{{model}}}": report.overall.busy_s / 300 / 2}
+    for snap, early in zip(engines["late"], engines["early"]):  # one engine per instance here
+        d = Counters.from_dict(snap.counters) - Counters.from_dict(early.counters)
+        useful = d.prefill_useful_flops + d.decode_useful_flops
+        checks[f'serving_mfu_instance:busy_mfu:ratio_rate1m{{instance="node-{snap.engine_id[:3]}",{model}}}'] = (
+            useful / d.busy_capacity_flops)
+    # executed − useful = the wasted kinds together
+    waste = report.prefill.executed_flops + report.decode.executed_flops - report.overall.useful_flops
+    tests = [{"expr": f"abs({expr} / {want!r} - 1) < bool 1e-9", "eval_time": "4m",
+              "exp_samples": [{"labels": "{" + re.search(r"\{(.*)\}", expr).group(1) + "}" if "{" in expr else "{}",
+                               "value": 1}]}
+             for expr, want in checks.items()]
+    tests.append({"expr": f"abs(sum(serving_mfu:wasted_flops_per_second:rate1m) * 300 / {waste!r} - 1)"
+                          " < bool 1e-9", "eval_time": "4m", "exp_samples": [{"labels": "{}", "value": 1}]})
+    # the dashboard's queries parse (as rules), with Grafana's variables filled in
+    grafana = {"$__rate_interval": "1m", "$model": ".*"}
+    dash_rules = [{"record": f"dashboard_query_{i}", "expr": re.sub(r"\$\w+", lambda m: grafana[m.group()], e)}
+                  for i, e in enumerate(_dashboard_exprs()) if not e.startswith("label_values(")]
+    (tmp_path / "dash.yml").write_text(yaml.safe_dump({"groups": [{"name": "dash", "rules": dash_rules}]}))
+    check = subprocess.run(["promtool", "check", "rules", str(tmp_path / "dash.yml")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    shutil.copy(RULES, tmp_path / "rules.yml")
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yml"], "evaluation_interval": "15s",
+        "tests": [{"interval": "15s", "input_series": series, "promql_expr_test": tests}]}))
+    result = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert math.isfinite(report.overall.mfu)
