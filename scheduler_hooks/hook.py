@@ -12,7 +12,8 @@ Settings (environment, read at engine start):
   SERVING_MFU_TRACE       path: also write every iteration record to this JSONL trace
   SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS, SERVING_MFU_PEAK_BANDWIDTH, SERVING_MFU_CALIBRATION
                           the peak (serving_mfu.hardware.resolve_peak)
-  SERVING_MFU_FAIL_AT_STEP  testing aid: make the hook raise at that step (proves the engine survives)
+  SERVING_MFU_FAIL_AT_STEP  testing aid: the hook raises once, at that step, after recording it
+                            (proves a failing hook leaves the engine serving and is counted)
 """
 
 from __future__ import annotations
@@ -124,8 +125,6 @@ class MFUHook:
         """After `update_from_output()`: accepted and delivered tokens, routing → one IterationRecord."""
         t_end, (t_sched, entries), runner_out, lengths = token
         self.step += 1
-        if self.fail_at is not None and self.step == self.fail_at:
-            raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at}")
         slices = []
         runs = []
         hwm = self.hwm
@@ -159,6 +158,8 @@ class MFUHook:
         self.writer.mark_dirty()
         if self.trace is not None:
             self.trace.write(rec)
+        if self.fail_at is not None and self.step == self.fail_at:
+            raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at} (after recording the step)")
 
     def error(self, where: str, exc: BaseException) -> None:
         """Count a hook failure (logged once per kind); the engine goes on."""

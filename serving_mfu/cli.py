@@ -214,6 +214,40 @@ def cmd_bench_accounting(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving_mfu.api import build_app
+    from serving_mfu.transport import SnapshotReader
+
+    app = build_app(lambda: SnapshotReader(args.dir))
+    console.print(f"serving-mfu: reading engine snapshots from {args.dir or 'the default folder'}; "
+                  f"http://{args.host}:{args.port}/metrics/mfu")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+@command("bench-overhead")
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from serving_mfu.bench_overhead import bench_overhead, print_overhead
+
+    try:
+        report = bench_overhead(model=args.model, requests=args.requests, prompt_len=args.prompt_len,
+                                output_len=args.output_len, repeats=args.repeats, capture_batch=args.capture_batch,
+                                passes=args.passes, kv_cache_mib=args.kv_cache_mib,
+                                accounting=not args.no_accounting, concurrent=not args.one_engine_at_a_time,
+                                progress=not args.json)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]bench-overhead: interrupted; engines shut down[/yellow]")
+        return 130
+    if args.json:
+        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+    else:
+        print_overhead(report, console)
+    return 0
+
+
 @command("example")
 def cmd_example(args: argparse.Namespace) -> int:
     from serving_mfu.worked_example import worked_example_markdown
@@ -288,6 +322,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256, 1024])
     b.add_argument("--repeats", type=int, default=200)
     b.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("serve", help="standalone /metrics/mfu and Prometheus /metrics over the engines' snapshots")
+    v.add_argument("--dir", help="snapshot folder (default: $SERVING_MFU_DIR or the per-user temp folder)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8801)
+
+    o = sub.add_parser("bench-overhead", help="engine throughput with and without the hook; per-iteration cost "
+                                              "of our accounting vs vLLM's ModelMetrics on the same steps")
+    o.add_argument("--model", help="local model folder (default: the embedded tiny model)")
+    o.add_argument("--requests", type=int, default=16, help="requests in the workload (default 16)")
+    o.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (default 64)")
+    o.add_argument("--output-len", type=int, default=64, help="output tokens per request (default 64)")
+    o.add_argument("--repeats", type=int, default=2, help="timed runs per variant, alternating (default 2)")
+    o.add_argument("--capture-batch", type=int, default=64,
+                   help="also capture a wave of this many requests for larger batches (0: off; default 64)")
+    o.add_argument("--passes", type=int, default=30, help="offline timing passes over the captured steps")
+    o.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine, MiB (default 512)")
+    o.add_argument("--no-accounting", action="store_true", help="only the throughput comparison")
+    o.add_argument("--one-engine-at-a-time", action="store_true",
+                   help="start and stop an engine per run instead of keeping both alive")
+    o.add_argument("--json", action="store_true")
 
     sub.add_parser("example", help="the README's worked example (Llama-3-70B at 4k context) as markdown")
     sub.add_parser("demo", help="end-to-end demo on the embedded tiny model")

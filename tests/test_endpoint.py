@@ -1,0 +1,173 @@
+"""`/metrics/mfu` on vLLM's own OpenAI-compatible server (the endpoint plugin), Prometheus series on
+its `/metrics`, a hook that raises mid-run, and `serving-mfu serve` started late."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving_mfu.engine_models import CORPUS
+from serving_mfu.report import MFUReport
+from tests.engine_util import NGRAM, TEST_PEAK, assert_invariants, model_path
+
+pytestmark = pytest.mark.engine
+FAIL_AT_STEP = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _prom_value(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    publish = tmp / "publish"
+    port = _free_port()
+    env = {**os.environ, **TEST_PEAK, "SERVING_MFU_DIR": str(publish), "VLLM_PLUGINS": "serving_mfu",
+           "SERVING_MFU_FAIL_AT_STEP": str(FAIL_AT_STEP)}
+    log = tmp / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path(),
+           "--served-model-name", "tiny", "--scheduler-cls", "scheduler_hooks.MFUScheduler", "--enforce-eager",
+           "--gpu-memory-utilization", "0.3", "--max-model-len", "2048", "--port", str(port),
+           "--host", "127.0.0.1", "--enable-prefix-caching", "--speculative-config", json.dumps(NGRAM)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(base + "/health", proc, log)
+        prompts = [CORPUS[i * 90: i * 90 + 600] for i in range(3)] + ["the engine engine and the engine"]
+        for _ in range(2):
+            for p in prompts:
+                r = httpx.post(base + "/v1/completions", timeout=120, json={
+                    "model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+        time.sleep(1.5)  # let the engine publish its last snapshot
+        yield {"base": base, "proc": proc, "publish": publish, "log": log, "requests": 2 * len(prompts)}
+    finally:
+        _stop(proc)
+
+
+def test_report_served_with_its_schema(server) -> None:
+    r = httpx.get(server["base"] + "/metrics/mfu", timeout=10)
+    assert r.status_code == 200, r.text
+    report = MFUReport.model_validate(r.json())
+    assert report.prefill.tokens > 0 and report.decode.tokens > 0
+    assert report.peak.source == "override"
+    assert_invariants(report)
+    schema = httpx.get(server["base"] + "/openapi.json", timeout=10).json()
+    assert "/metrics/mfu" in schema["paths"] and "MFUReport" in schema["components"]["schemas"]
+
+
+def test_tokens_agree_with_vllm_prometheus_counters(server) -> None:
+    report = MFUReport.model_validate(httpx.get(server["base"] + "/metrics/mfu", timeout=10).json())
+    prom = httpx.get(server["base"] + "/metrics", timeout=10).text
+    assert report.prefill.tokens + report.prefix_cache.hit_tokens == _prom_value(prom, "vllm:prompt_tokens_total")
+    assert report.prefix_cache.hit_tokens == _prom_value(prom, "vllm:prefix_cache_hits_total")
+    assert report.decode.tokens == _prom_value(prom, "vllm:generation_tokens_total") - server["requests"]
+    assert report.spec_decode.draft_tokens == _prom_value(prom, "vllm:spec_decode_num_draft_tokens_total")
+    assert report.spec_decode.accepted_tokens == _prom_value(prom, "vllm:spec_decode_num_accepted_tokens_total")
+    # our own series sit beside vLLM's
+    assert _prom_value(prom, "serving_mfu_useful_flops_total") == pytest.approx(
+        report.prefill.useful_flops + report.decode.useful_flops)
+
+
+def test_window_and_iterations(server) -> None:
+    w = httpx.get(server["base"] + "/metrics/mfu", params={"window": 600}, timeout=10)
+    assert w.status_code == 200
+    assert 0 < w.json()["window_s"] <= 600
+    it = httpx.get(server["base"] + "/metrics/mfu/iterations", params={"limit": 5}, timeout=10).json()
+    assert it["count"] == len(it["iterations"]) == 5
+    assert all("prefill" in x and "decode" in x for x in it["iterations"])
+
+
+@pytest.mark.parametrize("path,params", [
+    ("/metrics/mfu", {"window": "-5"}),
+    ("/metrics/mfu", {"window": "abc"}),
+    ("/metrics/mfu", {"window": "1e12"}),
+    ("/metrics/mfu", {"window": "nan"}),
+    ("/metrics/mfu", {"window": "0"}),
+    ("/metrics/mfu/iterations", {"limit": "0"}),
+    ("/metrics/mfu/iterations", {"limit": "many"}),
+    ("/metrics/mfu/iterations", {"limit": "99999999"}),
+])
+def test_bad_parameters_get_422_saying_what_is_accepted(server, path, params) -> None:
+    r = httpx.get(server["base"] + path, params=params, timeout=10)
+    assert r.status_code == 422, r.text
+    detail = json.dumps(r.json())
+    assert "must be an integer in" in detail or "must be a number in" in detail, detail
+
+
+def test_injected_hook_failure_is_counted_and_engine_keeps_serving(server) -> None:
+    report = MFUReport.model_validate(httpx.get(server["base"] + "/metrics/mfu", timeout=10).json())
+    assert report.anomalies.counts.get("hook_errors") == 1
+    assert report.overall.iterations > FAIL_AT_STEP  # steps after the failure were still recorded
+    r = httpx.post(server["base"] + "/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": "still serving?", "max_tokens": 4})
+    assert r.status_code == 200
+    assert server["log"].read_text().count("InjectedFault") == 1  # logged once
+
+
+def test_late_standalone_reader_reports_the_same_totals(server, tmp_path) -> None:
+    time.sleep(1.0)
+    plugin = httpx.get(server["base"] + "/metrics/mfu", timeout=10).json()
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("serving-mfu")), "serve", "--dir",
+                                 str(server["publish"]), "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_http(base + "/metrics/mfu", proc, log, timeout_s=60)
+        late = httpx.get(base + "/metrics/mfu", timeout=10).json()
+        for section in ("prefill", "decode"):
+            for key in ("useful_flops", "executed_flops", "tokens", "time_s"):
+                assert late[section][key] == pytest.approx(plugin[section][key]), (section, key)
+        prom = httpx.get(base + "/metrics", timeout=10).text
+        assert "serving_mfu_capacity_flops_total" in prom
+    finally:
+        _stop(proc)
