@@ -1,0 +1,67 @@
+"""Pieces of the engine hook that the CPU engine cannot exercise: measured MoE routing (vLLM's
+routed-experts capture needs Model Runner V2) and the cost of model-based drafters."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from serving_mfu.accounting import CostModel
+from serving_mfu.drafter import drafter_cost
+from serving_mfu.engine_models import ENGINE_CONFIGS
+from serving_mfu.model_spec import ModelSpec
+from tests.reference import per_position_linear_flops, position_attention_flops
+
+pytest.importorskip("vllm")
+from vllm.distributed.aux_output_connector.connector import AuxRequestOutput  # noqa: E402
+
+from scheduler_hooks.hook import moe_routing  # noqa: E402
+
+MOE = ModelSpec.from_hf_config(ENGINE_CONFIGS["tiny-qwen3-moe-engine"])
+
+
+def test_moe_routing_counts_the_step_positions_only() -> None:
+    rng = np.random.default_rng(0)
+    layers, experts, k = 2, 8, 2
+    # request a: rows for tokens 10..19, the step computed positions 15..18 (n0=15, q=4)
+    rows_a = np.stack([np.stack([rng.choice(experts, k, replace=False) for _ in range(layers)])
+                       for _ in range(10)])
+    # request b: a decode at position 30, rows start at 30
+    rows_b = np.array([[[1, 2], [3, 4]]])
+    runner_out = SimpleNamespace(aux_output_connector_output={
+        "a": AuxRequestOutput(token_start=10, rows=rows_a), "b": AuxRequestOutput(token_start=30, rows=rows_b)})
+    entries = [("a", 4, 15, 5, 15, 0, 0), ("b", 1, 30, 5, 30, 0, 0)]
+    counts = moe_routing(runner_out, entries, MOE)
+    assert np.array(counts).shape == (layers, experts)
+    expected = np.zeros((layers, experts), dtype=int)
+    for rows in (rows_a[5:9], rows_b):
+        for t in rows:
+            for layer in range(layers):
+                for e in t[layer]:
+                    expected[layer, e] += 1
+    assert counts == expected.tolist()
+    assert all(sum(c) == 5 * k for c in counts)  # 5 positions, top-2 each
+
+
+def test_moe_routing_absent_without_capture() -> None:
+    assert moe_routing(SimpleNamespace(), [("a", 1, 0, 1, 0, 0, 0)], MOE) is None
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_drafter_cost_matches_per_position_reference(k: int) -> None:
+    draft_spec = ModelSpec.from_hf_config({**ENGINE_CONFIGS["tiny-llama-engine"], "num_hidden_layers": 1})
+    lin = per_position_linear_flops(draft_spec)
+    lm = 2 * draft_spec.hidden_size * draft_spec.vocab_size
+    runs = [(100, 102), (7, 8)]  # a verify step that kept 2 positions; a decode that kept 1
+    expected = 0
+    for start, end in runs:
+        expected += sum(lin + position_attention_flops(draft_spec, p) for p in range(start, end)) + lm
+        for j in range(1, k):
+            expected += lin + position_attention_flops(draft_spec, end + j - 1) + lm
+    flops, bytes_ = drafter_cost(CostModel(draft_spec), k, runs)
+    assert flops == expected
+    assert bytes_ > 0
+    assert drafter_cost(CostModel(draft_spec), 0, runs) == (0.0, 0.0)
+    assert drafter_cost(None, k, runs) == (0.0, 0.0)
