@@ -65,3 +65,52 @@ def test_drafter_cost_matches_per_position_reference(k: int) -> None:
     assert bytes_ > 0
     assert drafter_cost(CostModel(draft_spec), 0, runs) == (0.0, 0.0)
     assert drafter_cost(None, k, runs) == (0.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def hook(tmp_path_factory):
+    """An MFUHook built from a real VllmConfig of the tiny model (no engine started)."""
+    import os
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from scheduler_hooks.hook import MFUHook
+    from tests.engine_util import TEST_PEAK, environ, model_path
+
+    publish = tmp_path_factory.mktemp("publish")
+    config = EngineArgs(model=model_path(), enforce_eager=True, max_model_len=512).create_engine_config()
+    with environ({**TEST_PEAK, "SERVING_MFU_DIR": str(publish)}):
+        h = MFUHook(config)
+    yield h
+    h.close()
+    assert os.path.exists(h.writer.path)
+
+
+def _out(scheduled: dict[str, int]):
+    return SimpleNamespace(finished_req_ids=set(), total_num_scheduled_tokens=sum(scheduled.values()),
+                           num_scheduled_tokens=scheduled, scheduled_spec_decode_tokens={})
+
+
+def test_async_scheduling_overlap_is_not_double_counted(hook) -> None:
+    """Step 2 is scheduled before step 1's output arrives (async scheduling): its busy time starts
+    when step 1 ended, and each step's slice keeps the positions it was scheduled with."""
+    req = SimpleNamespace(num_computed_tokens=0, num_prompt_tokens=10, num_output_tokens=0)
+    sched = SimpleNamespace(requests={"a": req})
+    out1 = _out({"a": 10})
+    req.num_computed_tokens += 10  # what vLLM's scheduler does right after scheduling
+    hook.on_schedule(sched, out1)
+    out2 = _out({"a": 1})
+    req.num_computed_tokens += 1
+    hook.on_schedule(sched, out2)
+    runner = SimpleNamespace(req_id_to_index={"a": 0}, sampled_token_ids=[[5]])
+    token1 = hook.before_output(sched, out1, runner)
+    req.num_output_tokens += 1
+    hook.after_output(token1)
+    token2 = hook.before_output(sched, out2, runner)
+    req.num_output_tokens += 1
+    hook.after_output(token2)
+    first, second = hook.tracker.recent(2)
+    assert first["prefill"]["tokens"] == 10 and second["decode"]["tokens"] == 1
+    t_end_1, t_end_2 = token1[0], token2[0]
+    assert second["busy_s"] == pytest.approx(t_end_2 - t_end_1)  # not from step 2's (earlier) schedule time
+    assert hook.hwm["a"] == 11
