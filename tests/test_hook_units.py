@@ -114,3 +114,11 @@ def test_async_scheduling_overlap_is_not_double_counted(hook) -> None:
     t_end_1, t_end_2 = token1[0], token2[0]
     assert second["busy_s"] == pytest.approx(t_end_2 - t_end_1)  # not from step 2's (earlier) schedule time
     assert hook.hwm["a"] == 11
+
+
+def test_engine_info_reads_devices_dtype_and_peak(hook) -> None:
+    info = hook.info
+    assert info.devices == 1 and info.dp_rank == 0
+    assert info.spec.model_type == "llama" and info.spec.compute_dtype == "bf16"
+    assert info.peak is not None and info.peak.source == "override" and info.peak.flops_per_s == 1e12
+    assert info.spec_method is None and info.num_spec_tokens == 0
