@@ -103,6 +103,7 @@ class SnapshotWriter:
                             model=model, peak=peak, time_split=time_split)
         self._history: deque[tuple[float, dict[str, Any]]] = deque(maxlen=history_s)
         self._dirty = threading.Event()
+        self._write_lock = threading.Lock()  # the publisher thread and close()/write_now() callers
         self._stop = threading.Event()
         self.write_errors = 0
         self._thread = threading.Thread(target=self._run, name="serving-mfu-writer", daemon=True)
@@ -121,6 +122,10 @@ class SnapshotWriter:
 
     def write_now(self) -> None:
         """Write the snapshot file atomically; failures are counted and logged once."""
+        with self._write_lock:
+            self._write()
+
+    def _write(self) -> None:
         try:
             counters, recent = self.source()
             now = time.time()
