@@ -4,10 +4,6 @@ its `/metrics`, a hook that raises mid-run, and `serving-mfu serve` started late
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,42 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scheduler_hooks.server import VLLMServer, free_port
 from serving_mfu.engine_models import CORPUS
 from serving_mfu.report import MFUReport
 from tests.engine_util import NGRAM, TEST_PEAK, assert_invariants, model_path
 
 pytestmark = pytest.mark.engine
 FAIL_AT_STEP = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not up after {timeout_s}s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _prom_value(text: str, name: str) -> float:
@@ -66,19 +33,9 @@ def _prom_value(text: str, name: str) -> float:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     publish = tmp / "publish"
-    port = _free_port()
-    env = {**os.environ, **TEST_PEAK, "SERVING_MFU_DIR": str(publish), "VLLM_PLUGINS": "serving_mfu",
-           "SERVING_MFU_FAIL_AT_STEP": str(FAIL_AT_STEP)}
-    log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path(),
-           "--served-model-name", "tiny", "--scheduler-cls", "scheduler_hooks.MFUScheduler", "--enforce-eager",
-           "--gpu-memory-utilization", "0.3", "--max-model-len", "2048", "--port", str(port),
-           "--host", "127.0.0.1", "--enable-prefix-caching", "--speculative-config", json.dumps(NGRAM)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(base + "/health", proc, log)
+    env = {**TEST_PEAK, "SERVING_MFU_DIR": str(publish), "SERVING_MFU_FAIL_AT_STEP": str(FAIL_AT_STEP)}
+    with VLLMServer(model_path(), tmp / "server.log", env=env, speculative_config=NGRAM) as srv:
+        base = srv.base_url
         prompts = [CORPUS[i * 90: i * 90 + 600] for i in range(3)] + ["the engine engine and the engine"]
         for _ in range(2):
             for p in prompts:
@@ -86,9 +43,7 @@ def server(tmp_path_factory):
                     "model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
                 assert r.status_code == 200, r.text
         time.sleep(1.5)  # let the engine publish its last snapshot
-        yield {"base": base, "proc": proc, "publish": publish, "log": log, "requests": 2 * len(prompts)}
-    finally:
-        _stop(proc)
+        yield {"base": base, "publish": publish, "log": srv.log_path, "requests": 2 * len(prompts)}
 
 
 def test_report_served_with_its_schema(server) -> None:
@@ -154,7 +109,7 @@ def test_injected_hook_failure_is_counted_and_engine_keeps_serving(server) -> No
 def test_late_standalone_reader_reports_the_same_totals(server, tmp_path) -> None:
     time.sleep(1.0)
     plugin = httpx.get(server["base"] + "/metrics/mfu", timeout=10).json()
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("serving-mfu")), "serve", "--dir",
@@ -162,7 +117,7 @@ def test_late_standalone_reader_reports_the_same_totals(server, tmp_path) -> Non
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_http(base + "/metrics/mfu", proc, log, timeout_s=60)
+        _wait_serve(base + "/metrics/mfu", proc, log)
         late = httpx.get(base + "/metrics/mfu", timeout=10).json()
         for section in ("prefill", "decode"):
             for key in ("useful_flops", "executed_flops", "tokens", "time_s"):
@@ -170,4 +125,18 @@ def test_late_standalone_reader_reports_the_same_totals(server, tmp_path) -> Non
         prom = httpx.get(base + "/metrics", timeout=10).text
         assert "serving_mfu_capacity_flops_total" in prom
     finally:
-        _stop(proc)
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _wait_serve(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(log.read_text())

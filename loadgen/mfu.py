@@ -1,0 +1,116 @@
+"""The MFU of one load-generator run, from the server's cumulative counters.
+
+`MFUProbe` reads `GET /metrics/mfu/counters` when the run starts and when it ends: the
+difference is exactly the run's work, whatever else the server did before.  While the run
+goes, it reads the counters about once a second for a per-second time series.  A server
+without the serving-mfu plugin gives no MFU (None), never an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, Field
+
+from serving_mfu.report import MFUReport
+from serving_mfu.transport import Totals
+
+
+class MFUPoint(BaseModel):
+    """One second of the run: per-phase utilization over that interval."""
+
+    t_s: float = Field(description="seconds since the run started")
+    prefill_mfu: float | None
+    decode_mfu: float | None
+    prefill_hfu: float | None
+    decode_hfu: float | None
+    prefill_mbu: float | None
+    decode_mbu: float | None
+    overall_mfu: float | None
+    prefill_tokens: int
+    decode_tokens: int
+
+
+class RunMFU(BaseModel):
+    """The run's report (DESIGN §6 sections) and its per-second series."""
+
+    report: MFUReport
+    series: list[MFUPoint]
+
+
+def point(t_s: float, report: MFUReport) -> MFUPoint:
+    return MFUPoint(t_s=t_s, prefill_mfu=report.prefill.mfu, decode_mfu=report.decode.mfu,
+                    prefill_hfu=report.prefill.hfu, decode_hfu=report.decode.hfu,
+                    prefill_mbu=report.prefill.mbu, decode_mbu=report.decode.mbu,
+                    overall_mfu=report.overall.mfu, prefill_tokens=report.prefill.tokens,
+                    decode_tokens=report.decode.tokens)
+
+
+class MFUProbe:
+    """Brackets a run with counter readings; polls in between for the time series."""
+
+    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None, interval_s: float = 1.0,
+                 settle_s: float = 1.2):
+        self.url = base_url.rstrip("/") + "/metrics/mfu/counters"
+        self.client = client
+        self.interval_s = interval_s
+        self.settle_s = settle_s  # engines publish every 0.5 s: wait for the run's last steps
+        self.available: bool | None = None
+        self.error: str | None = None
+        self._start: Totals | None = None
+        self._t0 = 0.0
+        self._points: list[MFUPoint] = []
+        self._task: asyncio.Task | None = None
+
+    async def _read(self, client: httpx.AsyncClient) -> Totals | None:
+        try:
+            r = await client.get(self.url, timeout=10)
+        except httpx.HTTPError as exc:
+            self.error = f"cannot read {self.url}: {exc!r}"
+            return None
+        if r.status_code != 200:
+            self.error = f"{self.url} answered {r.status_code}: {r.text[:200]}"
+            return None
+        return Totals.model_validate(r.json())
+
+    async def _client(self) -> httpx.AsyncClient:
+        if self.client is None:
+            self.client = httpx.AsyncClient()
+        return self.client
+
+    async def start(self) -> None:
+        client = await self._client()
+        self._start = await self._read(client)
+        self.available = self._start is not None
+        self._t0 = time.monotonic()
+        if self.available:
+            self._task = asyncio.create_task(self._poll(client))
+
+    async def _poll(self, client: httpx.AsyncClient) -> None:
+        prev = self._start
+        while True:
+            await asyncio.sleep(self.interval_s)
+            now = await self._read(client)
+            if now is None or prev is None:
+                continue
+            if now.updated_at > prev.updated_at:
+                self._points.append(point(time.monotonic() - self._t0, now.report_since(prev)))
+                prev = now
+
+    async def stop(self) -> RunMFU | None:
+        """The run's report, or None when the server has no serving-mfu endpoint."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if not self.available or self._start is None:
+            return None
+        await asyncio.sleep(self.settle_s)
+        end = await self._read(await self._client())
+        if end is None:
+            return None
+        return RunMFU(report=end.report_since(self._start), series=self._points)
