@@ -25,7 +25,7 @@ from typing import Any
 
 from serving_mfu.accounting import CostModel
 from serving_mfu.drafter import FREE_METHODS, drafter_cost
-from serving_mfu.records import DrafterRecord, IterationRecord, Slice
+from serving_mfu.records import DrafterRecord, FastRecord, FastSlice
 from serving_mfu.report import ModelReport
 from serving_mfu.trace import TraceHeader, TraceWriter
 from serving_mfu.tracker import MFUTracker
@@ -140,9 +140,7 @@ class MFUHook:
                     delivered = None  # everything kept was delivered
                 else:
                     delivered = max(delivered, 0)
-            slices.append(Slice.model_construct(req_id=rid, new_tokens=q, computed_before=n0, prompt_len=prompt,
-                                                hwm=mark, cached_tokens=cached, draft_tokens=k,
-                                                accepted_tokens=accepted, delivered_tokens=delivered))
+            slices.append(FastSlice(rid, q, n0, prompt, mark, cached, k, accepted, delivered))
             if end >= prompt and end > mark:
                 runs.append((max(n0, mark), kept_end))
         drafter = None
@@ -152,8 +150,7 @@ class MFUHook:
             drafter = DrafterRecord.model_construct(method=self.spec_method, flops=flops, bytes=bytes_,
                                                     proposed_tokens=self.num_spec_tokens * len(runs))
         routing = moe_routing(runner_out, entries, self.tracker.spec) if self.tracker.spec.is_moe else None
-        rec = IterationRecord.model_construct(step=self.step, t_sched_s=t_sched, t_end_s=t_end, slices=slices,
-                                              drafter=drafter, moe_routing=routing, engine=self.engine_id)
+        rec = FastRecord(self.step, t_sched, t_end, slices, drafter, routing, self.engine_id)
         self.tracker.record(rec)
         self.writer.mark_dirty()
         if self.trace is not None:

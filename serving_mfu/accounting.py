@@ -74,6 +74,9 @@ class CostModel:
         self._lin = self.flops.linear_flops_per_token_total
         self._groups = tuple((g.window, g.flops_per_pair) for g in self.flops.attention_groups)
         self._lm = self.flops.lm_head_flops_per_logit
+        kv = dict(self.bytes.kv_groups)
+        #: (window, score FLOPs per key, KV bytes per key) per window group, for one-token decode slices
+        self._decode_groups = tuple((w, f, kv.get(w, 0.0)) for w, f in self._groups)
 
     def _pairs(self, start: int, end: int) -> int:
         """Attention-score FLOPs of positions [start, end) (inlined hot-path version)."""
@@ -118,9 +121,23 @@ def cost_iteration(
     pre_t = rec_t = kept_t = rej_t = disc_t = 0
     pre_logits = kept_logits = 0
     kv_read_p = kv_read_d = 0.0
+    dec_groups = model._decode_groups
+    full_only = len(dec_groups) == 1 and dec_groups[0][0] is None
+    dec1_n = 0  # plain one-token decode slices: the common case, summed in closed form below
+    dec1_keys = [0] * len(dec_groups)
     for s in record.slices:
         q = s.new_tokens
         n0 = s.computed_before
+        if (q == 1 and not s.draft_tokens and n0 >= s.hwm and n0 >= s.prompt_len and not s.cached_tokens
+                and s.delivered_tokens is None):
+            # one kept position at context c = n0 + 1: min(c, W) keys per group, one logit row
+            dec1_n += 1
+            if full_only:
+                dec1_keys[0] += n0 + 1
+            else:
+                for i, (w, _, _) in enumerate(dec_groups):
+                    dec1_keys[i] += n0 + 1 if w is None or n0 + 1 <= w else w
+            continue
         if s.cached_tokens:
             out.hit_tokens += s.cached_tokens
             out.saved_flops += lin * s.cached_tokens + pairs(0, s.cached_tokens)
@@ -176,6 +193,13 @@ def cost_iteration(
             kv_read_p += kv
         else:
             kv_read_d += kv
+    if dec1_n:
+        kept_t += dec1_n
+        kept_logits += dec1_n
+        kept_f += lin * dec1_n
+        for (_, coef, kvb), keys in zip(dec_groups, dec1_keys):
+            kept_f += coef * keys
+            kv_read_d += kvb * keys
     pre_f += lm * pre_logits
     kept_f += lm * kept_logits
     drafter = record.drafter

@@ -46,6 +46,7 @@ class ByteModel:
         self.moe_shape: tuple[tuple[int, int], ...] = tuple(
             (layer.moe.num_experts, layer.moe.top_k) for layer in moe_layers
         )
+        self._uniform_moe = len(set(self.moe_shape)) == 1
         groups: dict[int | None, float] = {}
         for layer in spec.layers:
             a = layer.attention
@@ -61,6 +62,8 @@ class ByteModel:
 
     def expected_experts(self, tokens: int) -> list[float]:
         """Expected distinct experts per MoE layer for `tokens` positions under uniform routing."""
+        if self._uniform_moe:  # one shape for every MoE layer: one evaluation
+            return [expected_active_experts(*self.moe_shape[0], tokens)] * len(self.moe_shape)
         return [expected_active_experts(e, k, tokens) for e, k in self.moe_shape]
 
     def weight_bytes(self, any_tokens: bool, any_logits: bool, active_experts: Sequence[float]) -> float:

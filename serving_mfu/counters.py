@@ -125,6 +125,21 @@ class Counters:
     def count_anomaly(self, name: str, n: int = 1) -> None:
         self.anomalies[name] = self.anomalies.get(name, 0) + n
 
+    def iadd(self, other: "Counters") -> None:
+        """Add `other` into this one, in place."""
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, list):
+                if len(a) < len(b):
+                    a.extend([0.0] * (len(b) - len(a)))
+                for i, y in enumerate(b):
+                    a[i] += y
+            elif isinstance(a, dict):
+                for k, v in b.items():
+                    a[k] = a.get(k, 0) + v
+            else:
+                setattr(self, f.name, a + b)
+
     def _combine(self, other: "Counters", sign: int) -> "Counters":
         out = Counters()
         for f in fields(self):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -85,3 +87,34 @@ class IterationRecord(BaseModel):
         if self.t_end_s < self.t_sched_s:
             raise ValueError(f"step {self.step}: t_end_s={self.t_end_s} is before t_sched_s={self.t_sched_s}")
         return self
+
+
+class FastSlice(NamedTuple):
+    """`Slice` without validation, for the engine's hot path (same fields, same meaning)."""
+
+    req_id: str
+    new_tokens: int
+    computed_before: int
+    prompt_len: int
+    hwm: int = 0
+    cached_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    delivered_tokens: int | None = None
+
+
+class FastRecord(NamedTuple):
+    """`IterationRecord` without validation, built by the engine hook; `validated()` for traces."""
+
+    step: int
+    t_sched_s: float
+    t_end_s: float
+    slices: list[FastSlice]
+    drafter: DrafterRecord | None = None
+    moe_routing: list[list[int]] | None = None
+    engine: str = "0"
+
+    def validated(self) -> IterationRecord:
+        return IterationRecord(step=self.step, t_sched_s=self.t_sched_s, t_end_s=self.t_end_s,
+                               slices=[Slice(**s._asdict()) for s in self.slices], drafter=self.drafter,
+                               moe_routing=self.moe_routing, engine=self.engine)

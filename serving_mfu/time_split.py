@@ -55,8 +55,10 @@ def split_time(
     else:
         w_p, w_d = f_p, f_d
     total = w_p + w_d
-    t_p = busy_s * w_p / total if total > 0 else busy_s / 2
-    t_d = busy_s - t_p
+    if total > 0:  # each share on its own, so neither can round below zero
+        t_p, t_d = busy_s * (w_p / total), busy_s * (w_d / total)
+    else:
+        t_p = t_d = busy_s / 2
     moved = 0.0
     if peak_flops_per_s and f_p + f_d <= busy_s * peak_flops_per_s:
         need_p, need_d = f_p / peak_flops_per_s, f_d / peak_flops_per_s

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from serving_mfu.hardware import PeakSpec
 from serving_mfu.model_spec import ModelSpec
-from serving_mfu.records import IterationRecord
+from serving_mfu.records import FastRecord, IterationRecord
 from serving_mfu.report import MFUReport
 from serving_mfu.tracker import MFUTracker
 
@@ -76,11 +76,14 @@ class TraceWriter:
     """Appends records to a JSONL trace, writing the header first."""
 
     def __init__(self, path: str | Path, header: TraceHeader | None = None):
-        self._fh: IO[str] = Path(path).open("w")
+        # line-buffered: an engine killed at shutdown still leaves every finished line on disk
+        self._fh: IO[str] = Path(path).open("w", buffering=1)
         if header is not None:
             self._fh.write(json.dumps({"header": header.model_dump(mode="json")}) + "\n")
 
-    def write(self, record: IterationRecord) -> None:
+    def write(self, record: IterationRecord | FastRecord) -> None:
+        if isinstance(record, FastRecord):
+            record = record.validated()
         self._fh.write(record.model_dump_json() + "\n")
 
     def close(self) -> None:
@@ -120,7 +123,7 @@ def replay(
     for _, item in records:
         if isinstance(item, TraceLineError):
             errors.append(item)
-            tracker.counters.count_anomaly("malformed_trace_lines")
+            tracker.note_anomaly("malformed_trace_lines", f"line {item.line}: {item.error}")
             if on_error:
                 on_error(item)
             continue

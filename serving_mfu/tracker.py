@@ -66,7 +66,7 @@ class MFUTracker:
         self.bucket_s = bucket_s
         self.max_window_s = max_window_s
         self.clock = clock
-        self.counters = Counters()
+        self._closed = Counters()  # everything but the current bucket (so each iteration is added once)
         self._buckets: deque[tuple[int, Counters]] = deque()
         self._recent: deque[IterationCost] = deque(maxlen=recent_iterations)
         self._last_end: dict[str, float] = {}
@@ -95,11 +95,12 @@ class MFUTracker:
         if self._first_t is None:
             self._first_t = rec.t_sched_s
         self._latest_t = rec.t_end_s if self._latest_t is None else max(self._latest_t, rec.t_end_s)
-        self.counters.add_cost(cost, self._peak_total, self._bw_total)
         bucket = math.floor(rec.t_end_s / self.bucket_s)
         if self._buckets and self._buckets[-1][0] >= bucket:
             self._buckets[-1][1].add_cost(cost, self._peak_total, self._bw_total)
         else:
+            if self._buckets:
+                self._closed.iadd(self._buckets[-1][1])
             fresh = Counters()
             fresh.add_cost(cost, self._peak_total, self._bw_total)
             self._buckets.append((bucket, fresh))
@@ -119,13 +120,13 @@ class MFUTracker:
             self._count_anomaly(kind, exc)
 
     def _count_anomaly(self, kind: str, exc: BaseException | str | None) -> None:
-        self.counters.count_anomaly(kind)
+        self._closed.count_anomaly(kind)
         self._log_once(kind, f"{kind}: {exc!r}")
 
     def snapshot(self, recent: int = 200) -> tuple[Counters, list[dict]]:
         """A consistent copy of the cumulative counters and the last `recent` iterations."""
         with self._lock:
-            return self.counters.copy(), self.recent(recent)
+            return self._totals(), self.recent(recent)
 
     def _log_once(self, kind: str, message: str) -> None:
         if kind not in self._logged:
@@ -133,6 +134,18 @@ class MFUTracker:
             log.warning("serving-mfu: %s (further %s are counted, not logged)", message, kind)
 
     # ---------------------------------------------------------------- reading
+    def _totals(self) -> Counters:
+        total = self._closed.copy()
+        if self._buckets:
+            total.iadd(self._buckets[-1][1])
+        return total
+
+    @property
+    def counters(self) -> Counters:
+        """Cumulative counters since the tracker started (a copy)."""
+        with self._lock:
+            return self._totals()
+
     def now(self) -> float:
         if self.clock is not None:
             return self.clock()
@@ -148,9 +161,10 @@ class MFUTracker:
         now = self.now()
         first = math.ceil((now - window_s) / self.bucket_s)
         total = Counters()
-        for bucket, counters in self._buckets:
-            if bucket >= first:
-                total = total + counters
+        with self._lock:
+            for bucket, counters in self._buckets:
+                if bucket >= first:
+                    total.iadd(counters)
         covered = window_s if self._first_t is None else min(window_s, max(now - self._first_t, 0.0))
         return total, covered
 
