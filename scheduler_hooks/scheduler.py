@@ -1,8 +1,11 @@
-"""`MFUScheduler`: vLLM's v1 Scheduler with the serving-mfu recorder attached.
+"""`MFUScheduler`: vLLM's v1 scheduler with the serving-mfu recorder attached.
 
 Use it with `--scheduler-cls scheduler_hooks.MFUScheduler` or `LLM(..., scheduler_cls=...)`.
-Every call goes to vLLM's own scheduler unchanged; the recorder only reads, and any
-exception inside it is caught, counted (`anomalies.counts.hook_errors`) and logged once.
+vLLM uses a custom scheduler class as given, async scheduling or not, so `MFUScheduler`
+becomes `MFUAsyncScheduler` (on vLLM's `AsyncScheduler`) when the engine runs with async
+scheduling — the GPU default — and stays on the plain `Scheduler` otherwise.  Every call goes
+to vLLM's own scheduler unchanged; the recorder only reads, and any exception inside it is
+caught, counted (`anomalies.counts.hook_errors`) and logged once.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from scheduler_hooks.hook import MFUHook
@@ -17,8 +21,8 @@ from scheduler_hooks.hook import MFUHook
 log = logging.getLogger("serving_mfu.hook")
 
 
-class MFUScheduler(Scheduler):
-    """A vLLM Scheduler that records every iteration for MFU accounting."""
+class _Recorder:
+    """The recording around vLLM's scheduler methods, shared by both scheduler flavours."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -61,3 +65,18 @@ class MFUScheduler(Scheduler):
             except Exception:
                 log.exception("serving-mfu: error while closing")
         super().shutdown()
+
+
+class MFUScheduler(_Recorder, Scheduler):
+    """A vLLM Scheduler that records every iteration; an `MFUAsyncScheduler` under async scheduling."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "MFUScheduler":
+        if cls is MFUScheduler:
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            if getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False):
+                cls = MFUAsyncScheduler
+        return super().__new__(cls)
+
+
+class MFUAsyncScheduler(MFUScheduler, AsyncScheduler):
+    """The recorder on vLLM's AsyncScheduler (overlapped scheduling, the GPU default)."""

@@ -122,3 +122,18 @@ def test_engine_info_reads_devices_dtype_and_peak(hook) -> None:
     assert info.spec.model_type == "llama" and info.spec.compute_dtype == "bf16"
     assert info.peak is not None and info.peak.source == "override" and info.peak.flops_per_s == 1e12
     assert info.spec_method is None and info.num_spec_tokens == 0
+
+
+@pytest.mark.parametrize("async_scheduling,flavour", [(True, "MFUAsyncScheduler"), (False, "MFUScheduler")])
+def test_scheduler_flavour_follows_async_scheduling(async_scheduling: bool, flavour: str) -> None:
+    """vLLM instantiates a custom scheduler class as given: ours must become the AsyncScheduler
+    flavour itself when the engine overlaps scheduling, or GPU engines would lose async scheduling."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    from scheduler_hooks.scheduler import MFUScheduler
+
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=async_scheduling))
+    obj = MFUScheduler.__new__(MFUScheduler, vllm_config=config)
+    assert type(obj).__name__ == flavour
+    assert isinstance(obj, MFUScheduler)
+    assert isinstance(obj, AsyncScheduler) == async_scheduling
