@@ -25,7 +25,7 @@ from typing import Any
 
 from serving_mfu.accounting import CostModel
 from serving_mfu.drafter import FREE_METHODS, drafter_cost
-from serving_mfu.records import DrafterRecord, FastRecord, FastSlice
+from serving_mfu.records import DrafterRecord, FastRecord
 from serving_mfu.report import ModelReport
 from serving_mfu.trace import TraceHeader, TraceWriter
 from serving_mfu.tracker import MFUTracker
@@ -85,8 +85,9 @@ class MFUHook:
             return
         requests = sched.requests
         spec_tokens = out.scheduled_spec_decode_tokens
-        seen, hwm = self.seen, self.hwm
+        seen, hwm_get = self.seen, self.hwm.get
         entries = []
+        append = entries.append
         for rid, q in out.num_scheduled_tokens.items():
             req = requests[rid]
             n0 = req.num_computed_tokens - q  # the scheduler has already advanced it by q
@@ -94,61 +95,67 @@ class MFUHook:
             if rid not in seen:  # first schedule: what it starts from was served by the prefix cache
                 seen.add(rid)
                 cached = n0
-            drafts = spec_tokens.get(rid)
-            entries.append((rid, q, n0, req.num_prompt_tokens, hwm.get(rid, 0), cached,
-                            len(drafts) if drafts else 0))
+            drafts = spec_tokens.get(rid) if spec_tokens else None
+            append((rid, q, n0, req.num_prompt_tokens, hwm_get(rid, 0), cached, len(drafts) if drafts else 0, req))
         self.pending[id(out)] = (t_sched, entries)
         if len(self.pending) > 64:  # outputs that never came (aborted steps): forget the oldest
             self.pending.pop(next(iter(self.pending)))
 
     def before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
-        """Before `update_from_output()`: stop the clock, note each request's output length."""
+        """Before `update_from_output()`: stop the clock, note output lengths and accepted drafts
+        (read now: vLLM truncates the sampled lists at max_tokens / stop tokens when it applies them)."""
         t_end = time.monotonic()
         pending = self.pending.pop(id(out), None)
         if pending is None:
             return None
-        requests = sched.requests
-        index = runner_out.req_id_to_index
-        sampled = runner_out.sampled_token_ids
-        lengths = []
-        for rid, *_, k in pending[1]:
-            req = requests.get(rid)
-            accepted = 0
-            if k:  # read before vLLM applies the step (it truncates at max_tokens / stop tokens)
-                i = index.get(rid)
-                generated = sampled[i] if (sampled and i is not None) else ()
-                accepted = min(max(len(generated) - 1, 0), k)
-            lengths.append((req, req.num_output_tokens if req is not None else 0, accepted))
-        return t_end, pending, runner_out, lengths
+        entries = pending[1]
+        lengths = [e[7].num_output_tokens for e in entries]
+        accepted: dict[str, int] = {}
+        if out.scheduled_spec_decode_tokens:
+            index = runner_out.req_id_to_index
+            sampled = runner_out.sampled_token_ids
+            for e in entries:
+                k = e[6]
+                if k:
+                    i = index.get(e[0])
+                    generated = sampled[i] if (sampled and i is not None) else ()
+                    n = len(generated) - 1
+                    accepted[e[0]] = k if n > k else (n if n > 0 else 0)
+        return t_end, pending, runner_out, lengths, accepted
 
     def after_output(self, token: tuple) -> None:
-        """After `update_from_output()`: accepted and delivered tokens, routing → one IterationRecord."""
-        t_end, (t_sched, entries), runner_out, lengths = token
+        """After `update_from_output()`: delivered tokens, routing → one record for the tracker."""
+        t_end, (t_sched, entries), runner_out, lengths, accepted_by_id = token
         self.step += 1
         slices = []
-        runs = []
+        append = slices.append
+        runs = [] if self.draft_model is not None else None
         hwm = self.hwm
-        for (rid, q, n0, prompt, mark, cached, k), (req, n_before, accepted) in zip(entries, lengths):
+        for (rid, q, n0, prompt, mark, cached, k, req), n_before in zip(entries, lengths):
+            accepted = accepted_by_id.get(rid, 0) if k else 0
             end = n0 + q
             kept_end = end - (k - accepted)
-            if kept_end > hwm.get(rid, 0):
+            if kept_end > mark:
                 hwm[rid] = kept_end
             delivered = None
-            if req is not None and end > prompt and end > mark:  # a decode step: what reached the user
-                delivered = req.num_output_tokens - n_before
-                if delivered >= kept_end - max(n0, mark, prompt):
-                    delivered = None  # everything kept was delivered
-                else:
-                    delivered = max(delivered, 0)
-            slices.append(FastSlice(rid, q, n0, prompt, mark, cached, k, accepted, delivered))
-            if end >= prompt and end > mark:
-                runs.append((max(n0, mark), kept_end))
+            if end > prompt and end > mark:  # a decode step: what reached the user
+                first = n0 if n0 > mark else mark
+                if first < prompt:
+                    first = prompt
+                got = req.num_output_tokens - n_before
+                if got < kept_end - first:  # a stop or max_tokens cut the kept positions short
+                    delivered = got if got > 0 else 0
+                if runs is not None:
+                    runs.append((n0 if n0 > mark else mark, kept_end))
+            elif runs is not None and end == prompt and end > mark:  # a finished prefill drafts too
+                runs.append((n0 if n0 > mark else mark, kept_end))
+            append((rid, q, n0, prompt, mark, cached, k, accepted, delivered))  # FastSlice field order
         drafter = None
         if self.spec_method:
-            flops, bytes_ = (0.0, 0.0) if self.spec_method in FREE_METHODS else drafter_cost(
-                self.draft_model, self.num_spec_tokens, runs)
+            n_drafting = len(runs) if runs is not None else sum(1 for e in entries if e[2] + e[1] >= e[3])
+            flops, bytes_ = (0.0, 0.0) if runs is None else drafter_cost(self.draft_model, self.num_spec_tokens, runs)
             drafter = DrafterRecord.model_construct(method=self.spec_method, flops=flops, bytes=bytes_,
-                                                    proposed_tokens=self.num_spec_tokens * len(runs))
+                                                    proposed_tokens=self.num_spec_tokens * n_drafting)
         routing = moe_routing(runner_out, entries, self.tracker.spec) if self.tracker.spec.is_moe else None
         rec = FastRecord(self.step, t_sched, t_end, slices, drafter, routing, self.engine_id)
         self.tracker.record(rec)

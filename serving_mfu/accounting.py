@@ -17,7 +17,7 @@ from typing import Sequence
 from serving_mfu.bytes_model import ByteModel
 from serving_mfu.flops import FlopModel, causal_pairs
 from serving_mfu.model_spec import ModelSpec
-from serving_mfu.records import IterationRecord
+from serving_mfu.records import IterationRecord, slice_tuples
 from serving_mfu.time_split import split_time
 
 
@@ -125,11 +125,8 @@ def cost_iteration(
     full_only = len(dec_groups) == 1 and dec_groups[0][0] is None
     dec1_n = 0  # plain one-token decode slices: the common case, summed in closed form below
     dec1_keys = [0] * len(dec_groups)
-    for s in record.slices:
-        q = s.new_tokens
-        n0 = s.computed_before
-        if (q == 1 and not s.draft_tokens and n0 >= s.hwm and n0 >= s.prompt_len and not s.cached_tokens
-                and s.delivered_tokens is None):
+    for _, q, n0, prompt, hwm, cached, k, accepted, delivered in slice_tuples(record.slices):
+        if q == 1 and not k and n0 >= hwm and n0 >= prompt and not cached and delivered is None:
             # one kept position at context c = n0 + 1: min(c, W) keys per group, one logit row
             dec1_n += 1
             if full_only:
@@ -138,18 +135,15 @@ def cost_iteration(
                 for i, (w, _, _) in enumerate(dec_groups):
                     dec1_keys[i] += n0 + 1 if w is None or n0 + 1 <= w else w
             continue
-        if s.cached_tokens:
-            out.hit_tokens += s.cached_tokens
-            out.saved_flops += lin * s.cached_tokens + pairs(0, s.cached_tokens)
+        if cached:
+            out.hit_tokens += cached
+            out.saved_flops += lin * cached + pairs(0, cached)
         if q == 0:
             continue
         c = n0 + q
-        prompt = s.prompt_len
-        hwm = s.hwm
-        k = s.draft_tokens
-        rej = k - s.accepted_tokens
+        rej = k - accepted
         out.draft_tokens += k
-        out.accepted_tokens += s.accepted_tokens
+        out.accepted_tokens += accepted
         # recompute [n0, min(c, hwm))
         r_end = c if c < hwm else hwm
         if r_end > n0:
@@ -170,7 +164,6 @@ def cost_iteration(
             # kept positions whose tokens were not delivered (a stop token or max_tokens ended the
             # request inside this verify step) are executed waste
             useful_end = kept_end
-            delivered = s.delivered_tokens
             if delivered is not None and d_start + delivered < kept_end:
                 useful_end = d_start + delivered
                 disc = kept_end - useful_end

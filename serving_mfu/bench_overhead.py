@@ -44,6 +44,7 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel
 
 from serving_mfu.engine_models import CORPUS, ensure_model
+from serving_mfu.records import FastSlice
 
 HOOKED_SCHEDULER = "scheduler_hooks.MFUScheduler"
 PLAIN_SCHEDULER = "vllm.v1.core.sched.scheduler.Scheduler"
@@ -526,10 +527,9 @@ class _Capture:
 
         def after_output_(token: Any) -> None:
             cap = self._tokens.pop(id(token), None)
-            if cap is not None:  # the token is MFUHook.before_output's: (t_end, (t_sched, entries), out, lengths)
-                lengths = token[3]
-                cap.output_after = {e[0]: r.num_output_tokens for e, (r, *_) in zip(token[1][1], lengths)
-                                    if r is not None}
+            if cap is not None:  # the token is MFUHook.before_output's: (t_end, (t_sched, entries), ...);
+                # each entry ends with the vLLM Request it describes
+                cap.output_after = {e[0]: e[-1].num_output_tokens for e in token[1][1]}
                 self._current = cap
             t0 = clock()
             try:
@@ -642,12 +642,14 @@ def _fresh_hook(vllm_config: Any, publish_dir: str) -> Any:
 
 
 def _prepare(it: CapturedIteration) -> tuple[_Sched, _Sched, list[tuple[_Req, int, int]]]:
-    at_sched = _Sched(it.at_schedule)
-    out_reqs = {rid: _Req(r.num_computed_tokens, r.num_prompt_tokens, r.num_output_tokens)
-                for rid, r in it.at_schedule.items() if rid in it.output_before}
+    # one object per request for the whole step, as in the engine (the hook keeps the Request it
+    # saw at schedule time and reads its output length after vLLM applied the step)
+    reqs = {rid: _Req(r.num_computed_tokens, r.num_prompt_tokens, r.num_output_tokens)
+            for rid, r in it.at_schedule.items()}
+    out_reqs = {rid: r for rid, r in reqs.items() if rid in it.output_before}
     updates = [(out_reqs[rid], it.output_before[rid], it.output_after.get(rid, it.output_before[rid]))
                for rid in out_reqs]
-    return at_sched, _Sched(out_reqs), updates
+    return _Sched(reqs), _Sched(out_reqs), updates
 
 
 @contextlib.contextmanager
@@ -697,7 +699,7 @@ def _replay(hook: Any, prepared: list, iterations: list[CapturedIteration], time
 
 
 def _kind(rec: Any) -> Literal["prefill", "decode", "mixed"]:
-    prefill = [s.computed_before < s.prompt_len for s in rec.slices]
+    prefill = [s.computed_before < s.prompt_len for s in map(FastSlice._make, rec.slices)]
     return "prefill" if all(prefill) else "decode" if not any(prefill) else "mixed"
 
 

@@ -235,7 +235,7 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     try:
         report = bench_overhead(model=args.model, requests=args.requests, prompt_len=args.prompt_len,
                                 output_len=args.output_len, repeats=args.repeats, capture_batch=args.capture_batch,
-                                passes=args.passes, kv_cache_mib=args.kv_cache_mib,
+                                passes=args.passes, kv_cache_mib=args.kv_cache_mib, min_run_s=args.min_run_seconds,
                                 accounting=not args.no_accounting, concurrent=not args.one_engine_at_a_time,
                                 progress=not args.json)
     except KeyboardInterrupt:
@@ -258,10 +258,9 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
-    console.print("serving-mfu demo: not yet — the end-to-end demo (tiny model on the vLLM CPU engine) "
-                  "arrives with the load-generator issue. Meanwhile try `serving-mfu flops`, "
-                  "`serving-mfu calibrate` and `serving-mfu replay`.")
-    return 0
+    from serving_mfu.demo import main_demo
+
+    return main_demo(args.out_dir, args.model, args.short)
 
 
 # ------------------------------------------------------------------------- parser
@@ -338,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--capture-batch", type=int, default=64,
                    help="also capture a wave of this many requests for larger batches (0: off; default 64)")
     o.add_argument("--passes", type=int, default=30, help="offline timing passes over the captured steps")
+    o.add_argument("--min-run-seconds", type=float, default=5.0,
+                   help="repeat the workload within each timed run until it lasts this long (default 5)")
     o.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine, MiB (default 512)")
     o.add_argument("--no-accounting", action="store_true", help="only the throughput comparison")
     o.add_argument("--one-engine-at-a-time", action="store_true",
@@ -345,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true")
 
     sub.add_parser("example", help="the README's worked example (Llama-3-70B at 4k context) as markdown")
-    sub.add_parser("demo", help="end-to-end demo on the embedded tiny model")
+    d = sub.add_parser("demo", help="end-to-end demo: vLLM + the plugin + three load scenarios, prefill/decode MFU")
+    d.add_argument("--out-dir", default="demo-results", help="results JSON, plots, server log (default demo-results/)")
+    d.add_argument("--model", help="serve this model instead of the embedded tiny one (on a GPU machine)")
+    d.add_argument("--short", action="store_true", help="a quicker, smaller run (used by the test suite)")
     return p
 
 

@@ -90,7 +90,10 @@ class IterationRecord(BaseModel):
 
 
 class FastSlice(NamedTuple):
-    """`Slice` without validation, for the engine's hot path (same fields, same meaning)."""
+    """`Slice` without validation, for the engine's hot path (same fields, same order, same meaning).
+
+    The engine hook builds plain tuples in this field order (cheaper still); the accounting
+    unpacks either."""
 
     req_id: str
     new_tokens: int
@@ -116,5 +119,13 @@ class FastRecord(NamedTuple):
 
     def validated(self) -> IterationRecord:
         return IterationRecord(step=self.step, t_sched_s=self.t_sched_s, t_end_s=self.t_end_s,
-                               slices=[Slice(**s._asdict()) for s in self.slices], drafter=self.drafter,
-                               moe_routing=self.moe_routing, engine=self.engine)
+                               slices=[Slice(**FastSlice(*s)._asdict()) for s in self.slices],
+                               drafter=self.drafter, moe_routing=self.moe_routing, engine=self.engine)
+
+
+def slice_tuples(slices: list) -> list:
+    """The slices as tuples in `FastSlice` order (the engine's records already are)."""
+    if slices and not isinstance(slices[0], tuple):
+        return [(s.req_id, s.new_tokens, s.computed_before, s.prompt_len, s.hwm, s.cached_tokens, s.draft_tokens,
+                 s.accepted_tokens, s.delivered_tokens) for s in slices]
+    return slices

@@ -66,4 +66,6 @@ def split_time(
             moved, t_p, t_d = need_p - t_p, need_p, busy_s - need_p
         elif t_d < need_d:
             moved, t_d, t_p = need_d - t_d, need_d, busy_s - need_d
+        # when both phases need all but nothing of the time, rounding can undercut the other one
+        t_p, t_d = max(t_p, need_p), max(t_d, need_d)
     return t_p, t_d, moved

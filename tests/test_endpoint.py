@@ -140,3 +140,27 @@ def _wait_serve(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 
             pass
         time.sleep(0.3)
     raise TimeoutError(log.read_text())
+
+
+def test_loadgen_run_against_the_real_server(server) -> None:
+    """The load generator's run window: completed requests equal vLLM's own success counter's
+    increase, and the run's per-phase MFU lies in (0, HFU] with HFU ≤ 1."""
+    from loadgen import LengthSpec, RunConfig, run_benchmark_sync
+
+    base = server["base"]
+
+    def successes() -> float:
+        return _prom_value(httpx.get(base + "/metrics", timeout=10).text, "vllm:request_success_total")
+
+    before = successes()
+    result = run_benchmark_sync(RunConfig(base_url=base, model="tiny", num_prompts=8, request_rate=8.0,
+                                          arrival="poisson", input=LengthSpec(mean=200), output=LengthSpec(mean=16),
+                                          max_concurrency=4, quiet=True, seed=3))
+    after = successes()
+    assert result.failed == 0
+    assert result.completed == 8 == after - before
+    assert result.mfu is not None, result.mfu_error
+    for phase in (result.mfu.prefill, result.mfu.decode):
+        assert 0 < phase.mfu <= phase.hfu <= 1
+    assert result.mfu.prefill.tokens > 0 and result.mfu.decode.tokens > 0
+    assert result.ttft_s.p50 is not None and result.ttft_s.p50 > 0

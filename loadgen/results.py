@@ -1,0 +1,92 @@
+"""`RunResult`: the results JSON of one run (`--out`), with its latency and MFU sections."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loadgen.config import RunConfig
+from loadgen.mfu import MFUPoint, RunMFU
+from loadgen.records import RequestRecord
+from serving_mfu.report import (AnomalyReport, ModelReport, OverallReport, PeakReport, PhaseReport,
+                                PrefixCacheReport, SpecDecodeReport)
+
+
+class LatencyStats(BaseModel):
+    """Distribution of one latency in seconds; None where there is no sample."""
+
+    count: int = 0
+    mean: float | None = None
+    min: float | None = None
+    max: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+
+
+class MFUSection(BaseModel):
+    """The server's /metrics/mfu report over exactly the run's window, and its per-second series."""
+
+    window_s: float | None
+    prefill: PhaseReport
+    decode: PhaseReport
+    overall: OverallReport
+    spec_decode: SpecDecodeReport | None
+    prefix_cache: PrefixCacheReport
+    peak: PeakReport
+    model: ModelReport
+    anomalies: AnomalyReport
+    series: list[MFUPoint]
+
+    @classmethod
+    def from_run(cls, run: RunMFU) -> "MFUSection":
+        r = run.report
+        return cls(window_s=r.window_s, prefill=r.prefill, decode=r.decode, overall=r.overall,
+                   spec_decode=r.spec_decode, prefix_cache=r.prefix_cache, peak=r.peak, model=r.model,
+                   anomalies=r.anomalies, series=run.series)
+
+
+class Concurrency(BaseModel):
+    """Requests in flight (sent, not finished) over the measured window."""
+
+    max: int
+    mean: float
+
+
+class RunResult(BaseModel):
+    """Everything one run measured; rates are per second of `duration_s`."""
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+    config: RunConfig
+    started_at: float = Field(description="wall-clock (Unix) seconds at the run's start")
+    duration_s: float = Field(description="first scheduled issue → last request finished")
+    completed: int
+    failed: int
+    warmup_requests: int
+    errors: dict[str, int] = Field(description="failed requests by kind")
+    ttft_s: LatencyStats
+    tpot_s: LatencyStats
+    itl_s: LatencyStats = Field(description="per streamed chunk (several tokens per chunk under spec decoding)")
+    e2e_s: LatencyStats
+    lateness_s: LatencyStats = Field(description="issued − scheduled: the generator's own delay")
+    queue_wait_s: LatencyStats = Field(description="time waiting for a max_concurrency slot")
+    request_throughput: float = Field(description="completed requests/s")
+    output_throughput: float = Field(description="completion tokens/s")
+    input_throughput: float = Field(description="prompt tokens/s of completed requests")
+    total_token_throughput: float
+    requested_rate: float | None = Field(description="the arrival process's rate (null: closed loop or trace)")
+    achieved_rate: float | None = Field(description="(issued − 1) / (last issue − first issue)")
+    goodput: float | None = Field(description="completed requests meeting every SLO, per second; null without SLOs")
+    good_requests: int | None
+    total_input_tokens: int
+    total_output_tokens: int
+    mean_input_tokens: float | None = Field(description="server-reported prompt tokens per completed request")
+    mean_output_tokens: float | None
+    tokens_per_chunk: float | None = Field(description="completion tokens / output chunks")
+    usage_missing: int = Field(description="completed requests without server usage (counts estimated)")
+    concurrency: Concurrency
+    mfu: MFUSection | None
+    mfu_error: str | None = None
+    records: list[RequestRecord] = Field(default_factory=list, exclude=True,
+                                         description="per-request records (API only; --requests-out writes them)")

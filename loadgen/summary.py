@@ -1,0 +1,93 @@
+"""Rich tables: one run's summary, and a sweep's combined table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console, Group
+from rich.table import Table
+
+from loadgen.results import LatencyStats, RunResult
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{1000 * x:.1f}"
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def overview_table(r: RunResult) -> Table:
+    t = Table(title="mfu-loadgen run", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "none"
+    rows = [("completed / failed", f"{r.completed} / {r.failed}"), ("errors", errors),
+            ("duration", f"{r.duration_s:.2f} s"),
+            ("requested / achieved rate", f"{_num(r.requested_rate)} / {_num(r.achieved_rate)} req/s"),
+            ("request throughput", f"{r.request_throughput:.2f} req/s"),
+            ("output throughput", f"{r.output_throughput:.1f} tok/s"),
+            ("total token throughput", f"{r.total_token_throughput:.1f} tok/s"),
+            ("goodput", "—" if r.goodput is None else f"{r.goodput:.2f} req/s ({r.good_requests} good)"),
+            ("mean prompt / output tokens",
+             f"{_num(r.mean_input_tokens, '.1f')} / {_num(r.mean_output_tokens, '.1f')}"),
+            ("tokens per chunk", _num(r.tokens_per_chunk)),
+            ("concurrency max / mean", f"{r.concurrency.max} / {r.concurrency.mean:.2f}"),
+            ("issue lateness p50 / p99", f"{_ms(r.lateness_s.p50)} / {_ms(r.lateness_s.p99)} ms")]
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def latency_table(r: RunResult) -> Table:
+    t = Table(title="latency (ms)")
+    for col in ("", "mean", "p50", "p90", "p99", "n"):
+        t.add_column(col, justify="right" if col else "left")
+    stats: list[tuple[str, LatencyStats]] = [("TTFT", r.ttft_s), ("TPOT", r.tpot_s), ("ITL (per chunk)", r.itl_s),
+                                             ("E2E", r.e2e_s)]
+    for name, s in stats:
+        t.add_row(name, _ms(s.mean), _ms(s.p50), _ms(s.p90), _ms(s.p99), str(s.count))
+    return t
+
+
+def mfu_table(r: RunResult) -> Table | str:
+    if r.mfu is None:
+        return f"MFU: not available ({r.mfu_error})"
+    m = r.mfu
+    peak = f"peak: {m.peak.source}" if m.peak.flops_per_s else "no peak known: utilization needs one"
+    t = Table(title=f"MFU of the run (server's counters; device {m.peak.device or '?'}, {peak})")
+    for col in ("phase", "MFU", "HFU", "MBU", "tokens", "busy s"):
+        t.add_column(col, justify="right" if col != "phase" else "left")
+    for name, p in (("prefill", m.prefill), ("decode", m.decode), ("overall", m.overall)):
+        t.add_row(name, _pct(p.mfu), _pct(p.hfu), _pct(p.mbu), str(p.tokens), f"{p.time_s:.2f}")
+    if m.spec_decode is not None:
+        t.caption = f"spec decode acceptance rate {_pct(m.spec_decode.acceptance_rate)}"
+    return t
+
+
+def render(r: RunResult) -> Group:
+    return Group(overview_table(r), latency_table(r), mfu_table(r))
+
+
+def print_summary(r: RunResult, console: Console | None = None) -> None:
+    (console or Console()).print(render(r))
+
+
+def sweep_table(loads: Sequence[float], results: Sequence[RunResult], label: str) -> Table:
+    """One row per load point: throughput, latency percentiles and per-phase utilization."""
+    t = Table(title=f"mfu-loadgen sweep over {label}")
+    cols = (label, "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p99", "E2E p99", "failed",
+            "prefill MFU", "decode MFU", "prefill HFU", "decode HFU", "prefill MBU", "decode MBU")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for x, r in zip(loads, results):
+        p, d = (r.mfu.prefill, r.mfu.decode) if r.mfu else (None, None)
+        util = [_pct(getattr(ph, k)) if ph else "—" for k in ("mfu", "hfu", "mbu") for ph in (p, d)]
+        t.add_row(f"{x:g}", f"{r.request_throughput:.2f}", f"{r.output_throughput:.1f}", _ms(r.ttft_s.p50),
+                  _ms(r.ttft_s.p99), _ms(r.tpot_s.p50), _ms(r.itl_s.p99), _ms(r.e2e_s.p99), str(r.failed), *util)
+    return t

@@ -1,0 +1,106 @@
+"""What each request asks: prompt text and lengths, from synthetic distributions, a ShareGPT
+file, shared-prefix groups, repetitive text, or a replay trace."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loadgen.arrivals import TraceEntry
+from loadgen.config import LengthSpec, RunConfig
+from loadgen.prompts import estimate_tokens, random_words, repetitive, shared_prefix
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    """One request to send: `system` (shared prefix) goes before `prompt`; lengths in tokens."""
+
+    prompt: str
+    input_len: int
+    output_len: int
+    system: str | None = None
+
+
+def sample_lengths(spec: LengthSpec, rng: np.random.Generator, size: int) -> np.ndarray:
+    """`size` lengths ≥ 1 from the distribution; lognormal keeps `mean` as the mean."""
+    m, s = spec.mean, spec.spread
+    if spec.dist == "fixed" or s == 0:
+        x = np.full(size, float(m))
+    elif spec.dist == "uniform":
+        x = rng.uniform(m * (1 - s), m * (1 + s) + 1, size)
+    elif spec.dist == "normal":
+        x = rng.normal(m, s * m, size)
+    else:
+        x = m * np.exp(rng.normal(-s * s / 2, s, size))
+    return np.maximum(np.floor(x), 1).astype(int)
+
+
+def load_sharegpt(path: str | Path) -> list[tuple[str, str]]:
+    """(first user turn, the reply to it) of every conversation in a ShareGPT JSON or JSONL file."""
+    text = Path(path).read_text()
+    try:
+        items = json.loads(text)
+        items = items if isinstance(items, list) else [items]
+    except json.JSONDecodeError:
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    pairs = []
+    for item in items:
+        turns = item.get("conversations") or item.get("conversation") or []
+        for a, b in itertools.pairwise(turns):
+            if a.get("from") in ("human", "user") and b.get("from") in ("gpt", "assistant", "chatgpt"):
+                if a.get("value") and b.get("value"):
+                    pairs.append((a["value"], b["value"]))
+                break
+    if not pairs:
+        raise ValueError(f"{path}: no ShareGPT conversation with a user turn and a reply")
+    return pairs
+
+
+def _synthetic(config: RunConfig, rng: np.random.Generator) -> Iterator[RequestSpec]:
+    while True:
+        ins = sample_lengths(config.input, rng, 1024)
+        outs = sample_lengths(config.output, rng, 1024)
+        for i, o in zip(ins.tolist(), outs.tolist()):
+            if config.dataset == "shared-prefix":
+                group = int(rng.integers(config.num_prefixes))
+                system = shared_prefix(config.seed, group, config.prefix_len)
+                yield RequestSpec(random_words(rng, i), i + config.prefix_len, o, system=system)
+            elif config.dataset == "repetitive":
+                yield RequestSpec(repetitive(rng, i), i, o)
+            else:
+                yield RequestSpec(random_words(rng, i), i, o)
+
+
+def _sharegpt(config: RunConfig, rng: np.random.Generator) -> Iterator[RequestSpec]:
+    pairs = load_sharegpt(config.dataset_path)
+    while True:
+        for k in rng.permutation(len(pairs)).tolist():
+            prompt, reply = pairs[k]
+            out = estimate_tokens(reply) if config.sharegpt_output == "dataset" else \
+                int(sample_lengths(config.output, rng, 1)[0])
+            yield RequestSpec(prompt, estimate_tokens(prompt), out)
+
+
+def _trace(config: RunConfig, rng: np.random.Generator, entries: list[TraceEntry]) -> Iterator[RequestSpec]:
+    for e in entries:
+        out = e.output_len or int(sample_lengths(config.output, rng, 1)[0])
+        if e.prompt is not None:
+            yield RequestSpec(e.prompt, e.input_len or estimate_tokens(e.prompt), out)
+        else:
+            n = e.input_len or int(sample_lengths(config.input, rng, 1)[0])
+            yield RequestSpec(random_words(rng, n), n, out)
+
+
+def specs(config: RunConfig, rng: np.random.Generator,
+          trace: list[TraceEntry] | None = None) -> Iterator[RequestSpec]:
+    """Endless (finite for a trace) stream of requests for this run's workload."""
+    if trace is not None:
+        return _trace(config, rng, trace)
+    if config.dataset == "sharegpt":
+        return _sharegpt(config, rng)
+    return _synthetic(config, rng)

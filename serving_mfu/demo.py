@@ -1,0 +1,195 @@
+"""`serving-mfu demo` (`make demo`): the whole product on the embedded tiny model, in one command.
+
+Builds the tiny local model if absent, measures this machine's peak with `calibrate`, starts a
+vLLM server with the MFU scheduler, the endpoint plugin and n-gram speculation, runs a
+prefill-heavy, a decode-heavy and a mixed scenario with the load generator, prints the
+per-phase table, writes results JSON and PNG plots, and always stops the server it started.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+
+
+class Scenario(BaseModel):
+    name: str
+    what: str
+    dataset: str
+    input_len: int
+    output_len: int
+    num_prompts: int
+    request_rate: float
+    max_concurrency: int
+
+
+def scenarios(short: bool) -> list[Scenario]:
+    """Three loads that stress prefill, decode, and both at once (short: the suite's quick form)."""
+    n = 2 if short else 1
+    return [
+        Scenario(name="prefill-heavy", what="long prompts, 4 output tokens", dataset="synthetic",
+                 input_len=768 // n, output_len=4, num_prompts=16 // n // n, request_rate=math.inf,
+                 max_concurrency=4),
+        Scenario(name="decode-heavy", what="short repetitive prompts, long outputs (n-gram drafts accept)",
+                 dataset="repetitive", input_len=32, output_len=160 // n // n, num_prompts=8 // n,
+                 request_rate=math.inf, max_concurrency=8),
+        Scenario(name="mixed", what="Poisson arrivals, chunked prefill beside running decodes",
+                 dataset="synthetic", input_len=384 // n, output_len=64 // n, num_prompts=16 // n // n,
+                 request_rate=4.0, max_concurrency=8),
+    ]
+
+
+class ScenarioResult(BaseModel):
+    scenario: Scenario
+    result: dict
+
+
+class DemoResult(BaseModel):
+    model: str
+    peak_source: str | None
+    scenarios: list[ScenarioResult]
+    seconds: float
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{1000 * x:.1f} ms"
+
+
+def table(results: list[ScenarioResult]) -> Table:
+    """One row per scenario; each utilization cell reads prefill / decode."""
+    t = Table(title="serving-mfu demo — prefill / decode, against this machine's calibrated peak")
+    for col in ("scenario", "MFU", "HFU", "MBU", "accepted", "TTFT p50", "TPOT p50"):
+        t.add_column(col, justify="left" if col == "scenario" else "right")
+    for sr in results:
+        r = sr.result
+        m = r.get("mfu") or {}
+        p, d = m.get("prefill") or {}, m.get("decode") or {}
+        spec = m.get("spec_decode") or {}
+        cells = [f"{_pct(p.get(k))} / {_pct(d.get(k))}" for k in ("mfu", "hfu", "mbu")]
+        t.add_row(sr.scenario.name, *cells, _pct(spec.get("acceptance_rate")),
+                  _ms(r["ttft_s"].get("p50")), _ms(r["tpot_s"].get("p50")))
+    return t
+
+
+def plot(results: list[ScenarioResult], out_dir: Path) -> list[Path]:
+    """Bar chart of per-phase MFU/HFU/MBU by scenario, and each scenario's per-second MFU series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = [sr.scenario.name for sr in results]
+    for ax, metric in zip(axes, ("mfu", "hfu", "mbu")):
+        for offset, phase in ((-0.2, "prefill"), (0.2, "decode")):
+            vals = [100 * (((sr.result.get("mfu") or {}).get(phase) or {}).get(metric) or 0.0) for sr in results]
+            ax.bar([i + offset for i in range(len(names))], vals, width=0.4, label=phase)
+        ax.set_xticks(range(len(names)), names, rotation=15)
+        ax.set_title(metric.upper())
+        ax.set_ylabel("% of peak")
+        ax.legend()
+    fig.suptitle("serving-mfu demo: prefill vs decode, by scenario")
+    fig.tight_layout()
+    paths.append(out_dir / "phase_utilization.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    t0 = 0.0
+    for sr in results:
+        series = (sr.result.get("mfu") or {}).get("series") or []
+        for phase, style in (("prefill", "-"), ("decode", "--")):
+            xs = [t0 + p["t_s"] for p in series if p.get(f"{phase}_mfu") is not None]
+            ys = [100 * p[f"{phase}_mfu"] for p in series if p.get(f"{phase}_mfu") is not None]
+            if xs:
+                ax.plot(xs, ys, style, marker="o", label=f"{sr.scenario.name} {phase}")
+        t0 += max([p["t_s"] for p in series], default=0.0) + 1.0
+    ax.set_xlabel("seconds (scenarios back to back)")
+    ax.set_ylabel("MFU, % of peak")
+    ax.set_title("per-second MFU during the demo")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "mfu_timeseries.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def run_demo(out_dir: Path, model: str | None = None, short: bool = False, console: Console | None = None) -> DemoResult:
+    """Run the demo; `model` None means the embedded tiny model on the vLLM CPU engine."""
+    from loadgen import LengthSpec, RunConfig, run_benchmark_sync
+    from scheduler_hooks.server import VLLMServer
+    from serving_mfu.calibrate import calibrate, save_calibration
+    from serving_mfu.engine_models import ensure_model
+
+    console = console or Console()
+    started = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {"SERVING_MFU_DIR": str(out_dir / "snapshots")}
+    cpu = model is None
+    if cpu:
+        with console.status("building the tiny local model (once)…"):
+            model = str(ensure_model("tiny-llama-engine"))
+        console.print(f"model: {model}")
+        peak = calibrate(dtype="bf16", duration_s=1.0 if short else 3.0)
+        save_calibration(peak, out_dir / "peak.json")
+        env["SERVING_MFU_CALIBRATION"] = str(out_dir / "peak.json")
+        console.print(f"peak (calibrated): {peak.flops_per_s / 1e12:.2f} TFLOP/s bf16, "
+                      f"{peak.bandwidth_bytes_per_s / 1e9:.1f} GB/s copy")
+    server = VLLMServer(model, out_dir / "server.log", env=env, speculative_config=NGRAM, cpu=cpu)
+    results: list[ScenarioResult] = []
+    try:
+        with console.status("starting the vLLM server with the MFU scheduler (~30 s on a CPU)…"):
+            server.start()
+        console.print(f"server: {server.base_url} (log: {server.log_path})")
+        for i, sc in enumerate(scenarios(short)):
+            console.rule(f"{sc.name}: {sc.what}")
+            cfg = RunConfig(base_url=server.base_url, model=server.served_name, dataset=sc.dataset,
+                            input=LengthSpec(mean=sc.input_len), output=LengthSpec(mean=sc.output_len),
+                            num_prompts=sc.num_prompts, request_rate=sc.request_rate,
+                            max_concurrency=sc.max_concurrency, warmup_requests=2 if i == 0 else 0,
+                            seed=i, out=str(out_dir / f"{sc.name}.json"), quiet=short)
+            result = run_benchmark_sync(cfg)
+            results.append(ScenarioResult(scenario=sc, result=json.loads(result.model_dump_json())))
+    finally:
+        with console.status("stopping the server…"):
+            server.stop()
+    console.print(table(results))
+    peak_source = None
+    first = results[0].result.get("mfu") if results else None
+    if first:
+        peak_source = first["peak"]["source"]
+    demo = DemoResult(model=model, peak_source=peak_source, scenarios=results, seconds=time.monotonic() - started)
+    (out_dir / "results.json").write_text(demo.model_dump_json(indent=2))
+    pngs = plot(results, out_dir)
+    console.print(f"results: {out_dir / 'results.json'}; plots: {', '.join(str(p) for p in pngs)}; "
+                  f"{demo.seconds:.0f} s in all")
+    return demo
+
+
+def main_demo(out_dir: str, model: str | None, short: bool) -> int:
+    try:
+        run_demo(Path(out_dir), model=model, short=short)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted: the server was stopped")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main_demo(os.environ.get("DEMO_OUT", "demo-results"), None, False))

@@ -1,0 +1,41 @@
+"""`serving-mfu demo` (the main job, `make demo`) in its short form, end to end on the CPU engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def test_demo_short(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run([str(Path(sys.executable).with_name("serving-mfu")), "demo", "--short", "--out-dir",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "prefill" in proc.stdout.lower() and "MFU" in proc.stdout
+    demo = json.loads((out / "results.json").read_text())
+    assert [s["scenario"]["name"] for s in demo["scenarios"]] == ["prefill-heavy", "decode-heavy", "mixed"]
+    assert demo["peak_source"].startswith("measured by serving-mfu calibrate")
+    for s in demo["scenarios"]:
+        r = s["result"]
+        assert r["failed"] == 0 and r["completed"] == s["scenario"]["num_prompts"]
+        mfu = r["mfu"]
+        for phase in ("prefill", "decode"):
+            assert 0 < mfu[phase]["mfu"] <= mfu[phase]["hfu"] <= 1, (s["scenario"]["name"], phase, mfu[phase])
+    decode_heavy = demo["scenarios"][1]["result"]["mfu"]
+    assert decode_heavy["spec_decode"]["accepted_tokens"] > 0
+    for png in ("phase_utilization.png", "mfu_timeseries.png"):
+        assert (out / png).stat().st_size > 1000
+    # the server it started is gone
+    log = (out / "server.log").read_text()
+    port = next(line.split("127.0.0.1:")[1].split()[0].rstrip("/") for line in proc.stdout.splitlines()
+                if line.startswith("server: http://127.0.0.1:"))
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    assert "MFUScheduler" in log or "serving-mfu" in log
