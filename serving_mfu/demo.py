@@ -2,12 +2,18 @@
 
 Builds the tiny local model if absent, measures this machine's peak with `calibrate`, starts a
 vLLM server with the MFU scheduler, the endpoint plugin and n-gram speculation, runs a
-prefill-heavy, a decode-heavy and a mixed scenario with the load generator, prints the
-per-phase table, writes results JSON and PNG plots, and always stops the server it started.
+prefill-heavy, a decode-heavy and a mixed scenario with the load generator, then a short
+concurrency sweep, prints the per-phase table, writes results JSON, the iteration trace and
+PNG plots (the analysis notebook's default input), and always stops the server it started.
+
+Output folder: results.json (all scenarios), <scenario>.json (loadgen results), sweep/
+(point-*.json, summary.json, PNGs), trace.jsonl (every engine iteration), peak.json,
+phase_utilization.png, mfu_timeseries.png, server.log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -132,7 +138,7 @@ def plot(results: list[ScenarioResult], out_dir: Path) -> list[Path]:
 
 def run_demo(out_dir: Path, model: str | None = None, short: bool = False, console: Console | None = None) -> DemoResult:
     """Run the demo; `model` None means the embedded tiny model on the vLLM CPU engine."""
-    from loadgen import LengthSpec, RunConfig, run_benchmark_sync
+    from loadgen import LengthSpec, RunConfig, run_benchmark_sync, run_sweep
     from scheduler_hooks.server import VLLMServer
     from serving_mfu.calibrate import calibrate, save_calibration
     from serving_mfu.engine_models import ensure_model
@@ -140,7 +146,7 @@ def run_demo(out_dir: Path, model: str | None = None, short: bool = False, conso
     console = console or Console()
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {"SERVING_MFU_DIR": str(out_dir / "snapshots")}
+    env = {"SERVING_MFU_DIR": str(out_dir / "snapshots"), "SERVING_MFU_TRACE": str(out_dir / "trace.jsonl")}
     cpu = model is None
     if cpu:
         with console.status("building the tiny local model (once)…"):
@@ -166,6 +172,11 @@ def run_demo(out_dir: Path, model: str | None = None, short: bool = False, conso
                             seed=i, out=str(out_dir / f"{sc.name}.json"), quiet=short)
             result = run_benchmark_sync(cfg)
             results.append(ScenarioResult(scenario=sc, result=json.loads(result.model_dump_json())))
+        console.rule("sweep: decode-heavy load at rising concurrency")
+        sweep_base = RunConfig(base_url=server.base_url, model=server.served_name, dataset="repetitive",
+                               input=LengthSpec(mean=32), output=LengthSpec(mean=48 if short else 96),
+                               num_prompts=4 if short else 8, seed=7, quiet=short)
+        asyncio.run(run_sweep(sweep_base, "concurrency", [1, 4] if short else [1, 2, 4, 8], out_dir / "sweep"))
     finally:
         with console.status("stopping the server…"):
             server.stop()

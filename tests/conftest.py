@@ -1,0 +1,19 @@
+"""Shared fixtures: the short demo runs once per session; its output feeds the demo and notebook tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`serving-mfu demo --short` on the CPU engine: its output folder and the finished process."""
+    out = tmp_path_factory.mktemp("demo") / "demo-results"
+    proc = subprocess.run([str(Path(sys.executable).with_name("serving-mfu")), "demo", "--short", "--out-dir",
+                           str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
