@@ -59,8 +59,12 @@ def mfu_table(r: RunResult) -> Table | str:
     if r.mfu is None:
         return f"MFU: not available ({r.mfu_error})"
     m = r.mfu
-    peak = f"peak: {m.peak.source}" if m.peak.flops_per_s else "no peak known: utilization needs one"
-    t = Table(title=f"MFU of the run (server's counters; device {m.peak.device or '?'}, {peak})")
+    if m.peak.flops_per_s:
+        origin = (m.peak.source or "").split(" on ")[0].split(",")[0].split(":")[0][:48]
+        peak = f"peak {m.peak.flops_per_s / 1e12:.3g} TFLOP/s × {m.peak.devices} ({m.peak.dtype}, {origin})"
+    else:
+        peak = "no peak known: utilization needs one"
+    t = Table(title=f"MFU of the run, from the server's counters — {peak}")
     for col in ("phase", "MFU", "HFU", "MBU", "tokens", "busy s"):
         t.add_column(col, justify="right" if col != "phase" else "left")
     for name, p in (("prefill", m.prefill), ("decode", m.decode), ("overall", m.overall)):

@@ -21,7 +21,7 @@ _COMMON: dict[str, Any] = {
     "num_key_value_heads": 2,
     "head_dim": 64,
     "num_hidden_layers": 2,
-    "vocab_size": 512,
+    "vocab_size": 2048,
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
@@ -83,7 +83,9 @@ def _train_tokenizer(out: Path, vocab_size: int) -> None:
     special = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([CORPUS], trainer=trainer)
+    from loadgen.prompts import WORDS  # the load generator's synthetic prompt words: ~1 token each here too
+
+    tok.train_from_iterator([CORPUS, " ".join(WORDS.tolist()) * 8], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
