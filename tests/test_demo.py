@@ -38,3 +38,33 @@ def test_demo_short(demo_run) -> None:
     assert [p["load"] for p in summary["points"]] == [1, 4]
     assert (out / "sweep" / "mfu_vs_load.png").exists()
     assert len((out / "trace.jsonl").read_text().splitlines()) > 10
+
+
+def test_demo_stops_its_server_when_interrupted(tmp_path) -> None:
+    """Ctrl-C while the demo runs its load: exit status 130 and no vLLM server left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("serving-mfu")), "demo", "--short", "--out-dir",
+                             str(tmp_path / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = None
+    deadline = time.time() + 600
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("server: http://127.0.0.1:"):
+            port = line.split("127.0.0.1:")[1].split()[0].rstrip("/")
+            break
+    assert port, "".join(lines)[-3000:]
+    time.sleep(1.0)  # the load is running now
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines)[-2000:] + rest[-2000:]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
