@@ -32,6 +32,8 @@ class MFUPoint(BaseModel):
     overall_mfu: float | None
     prefill_tokens: int
     decode_tokens: int
+    gpu_util: float | None = Field(default=None, description="mean GPU-Util over the interval (null: not sampled)")
+    sm_active: float | None = Field(default=None, description="mean SM activity over the interval (NVML GPM)")
 
 
 class RunMFU(BaseModel):
@@ -46,7 +48,9 @@ def point(t_s: float, report: MFUReport) -> MFUPoint:
                     prefill_hfu=report.prefill.hfu, decode_hfu=report.decode.hfu,
                     prefill_mbu=report.prefill.mbu, decode_mbu=report.decode.mbu,
                     overall_mfu=report.overall.mfu, prefill_tokens=report.prefill.tokens,
-                    decode_tokens=report.decode.tokens)
+                    decode_tokens=report.decode.tokens,
+                    gpu_util=report.gpu_util.gpu_util if report.gpu_util else None,
+                    sm_active=report.gpu_util.sm_active if report.gpu_util else None)
 
 
 class MFUProbe:

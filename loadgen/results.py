@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from loadgen.config import RunConfig
 from loadgen.mfu import MFUPoint, RunMFU
 from loadgen.records import RequestRecord
-from serving_mfu.report import (AnomalyReport, ModelReport, OverallReport, PeakReport, PhaseReport,
+from serving_mfu.report import (AnomalyReport, GpuUtilReport, ModelReport, OverallReport, PeakReport, PhaseReport,
                                 PrefixCacheReport, SpecDecodeReport)
 
 
@@ -37,13 +37,15 @@ class MFUSection(BaseModel):
     model: ModelReport
     anomalies: AnomalyReport
     series: list[MFUPoint]
+    gpu_util: GpuUtilReport | None = Field(default=None, description="GPU-Util and SM activity over the run's "
+                                           "window (NVML on the engines); available=false with the reason if not")
 
     @classmethod
     def from_run(cls, run: RunMFU) -> "MFUSection":
         r = run.report
         return cls(window_s=r.window_s, prefill=r.prefill, decode=r.decode, overall=r.overall,
                    spec_decode=r.spec_decode, prefix_cache=r.prefix_cache, peak=r.peak, model=r.model,
-                   anomalies=r.anomalies, series=run.series)
+                   anomalies=r.anomalies, series=run.series, gpu_util=r.gpu_util)
 
 
 class Concurrency(BaseModel):

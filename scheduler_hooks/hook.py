@@ -12,6 +12,8 @@ Settings (environment, read at engine start):
   SERVING_MFU_TRACE       path: also write every iteration record to this JSONL trace
   SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS, SERVING_MFU_PEAK_BANDWIDTH, SERVING_MFU_CALIBRATION
                           the peak (serving_mfu.hardware.resolve_peak)
+  SERVING_MFU_GPU_SAMPLE_S  GPU-Util / SM-activity sampling interval (default 0.1 s; 0 turns it off)
+  SERVING_MFU_GPU_DEVICES   NVML indices or UUIDs to sample (default: this engine's devices)
   SERVING_MFU_FAIL_AT_STEP  testing aid: the hook raises once, at that step, after recording it
                             (proves a failing hook leaves the engine serving and is counted)
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 from serving_mfu.accounting import CostModel
 from serving_mfu.drafter import FREE_METHODS, drafter_cost
+from serving_mfu.gpu_util import sampler_for_engine
 from serving_mfu.records import DrafterRecord, FastRecord
 from serving_mfu.report import ModelReport
 from serving_mfu.trace import TraceHeader, TraceWriter
@@ -63,16 +66,28 @@ class MFUHook:
         fail = os.environ.get("SERVING_MFU_FAIL_AT_STEP")
         self.fail_at = int(fail) if fail else None
         model = ModelReport(name=info.spec.name, model_type=info.spec.model_type, approximate=info.spec.approximate)
-        self.writer = SnapshotWriter(self.tracker.snapshot, self.engine_id, model, self.tracker.peak_report(),
-                                     self.tracker.time_split)
+        # GPU-Util / SM activity of this engine's devices (never raises; no thread without NVML)
+        self.gpu = sampler_for_engine(getattr(vllm_config, "parallel_config", None))
+        try:
+            self.writer = SnapshotWriter(self._snapshot, self.engine_id, model, self.tracker.peak_report(),
+                                         self.tracker.time_split, gpu_status=self.gpu.status)
+        except BaseException:
+            self.gpu.stop()
+            raise
         self.trace: TraceWriter | None = None
         trace_path = os.environ.get("SERVING_MFU_TRACE")
         if trace_path:
             header = TraceHeader(hf_config=vllm_config.model_config.hf_config.to_dict(), peak=info.peak,
                                  devices=info.devices, kv_cache_dtype=info.kv_cache_dtype)
             self.trace = TraceWriter(trace_path, header)
-        log.info("serving-mfu: tracking %s on %d device(s), peak %s, publishing to %s",
-                 info.spec.name, info.devices, info.peak.source if info.peak else "missing", self.writer.path)
+        log.info("serving-mfu: tracking %s on %d device(s), peak %s, publishing to %s; GPU-Util: %s",
+                 info.spec.name, info.devices, info.peak.source if info.peak else "missing", self.writer.path,
+                 f"{len(self.gpu.devices)} device(s)" if self.gpu.available else self.gpu.reason)
+
+    def _snapshot(self) -> tuple[Any, list[dict]]:
+        """The tracker's cumulative counters with the GPU sampler's cumulative sums added (publisher thread)."""
+        counters, recent = self.tracker.snapshot()
+        return self.gpu.add_to(counters), recent
 
     # ------------------------------------------------------------------ engine callbacks
     def on_schedule(self, sched: Any, out: Any) -> None:
@@ -172,6 +187,7 @@ class MFUHook:
         self.writer.mark_dirty()
 
     def close(self) -> None:
+        self.gpu.stop()  # before the last write, so that it carries the final GPU sums
         self.writer.close()
         if self.trace is not None:
             self.trace.close()

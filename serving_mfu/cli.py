@@ -263,6 +263,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main_demo(args.out_dir, args.model, args.short)
 
 
+@command("compare-estimators")
+def cmd_compare_estimators(args: argparse.Namespace) -> int:
+    from serving_mfu.compare import DEFAULT_POINTS, comparison_markdown, compare_estimators, parse_points, \
+        print_comparison, quiet_vllm_logs
+
+    quiet_vllm_logs()
+    points = parse_points(args.points) if args.points else list(DEFAULT_POINTS)
+    cmp = compare_estimators(args.configs, points, oracle=not args.no_oracle, use_vllm=not args.no_vllm,
+                             prompt_len=args.prompt_len)
+    if args.json:
+        sys.stdout.write(cmp.model_dump_json(indent=2) + "\n")
+    elif args.markdown:
+        sys.stdout.write(comparison_markdown(cmp) + "\n")
+    else:
+        print_comparison(cmp, console)
+    return 0
+
+
 # ------------------------------------------------------------------------- parser
 def _positive_int(text: str) -> int:
     try:
@@ -346,6 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true")
 
     sub.add_parser("example", help="the README's worked example (Llama-3-70B at 4k context) as markdown")
+    ce = sub.add_parser("compare-estimators", help="FLOPs per token by serving-mfu, 2N, s² attention and vLLM's "
+                                                    "estimator on public model shapes; oracle check of ours")
+    ce.add_argument("--configs", help="comma-separated public configs (default: all): "
+                                      "llama-3-8b,llama-3-70b,qwen3-30b-a3b,mixtral-8x7b,deepseek-v3")
+    ce.add_argument("--points", help="NEW_TOKENS:CONTEXT,... (default 4096:4096,1:4096,1:32768)")
+    ce.add_argument("--no-oracle", action="store_true", help="skip the FlopCounterMode check on scaled-down shapes")
+    ce.add_argument("--no-vllm", action="store_true", help="leave vLLM's estimator out (n/a)")
+    ce.add_argument("--prompt-len", type=int, default=13, help="oracle prefill length (default 13)")
+    ce.add_argument("--markdown", action="store_true", help="print the README's markdown tables")
+    ce.add_argument("--json", action="store_true")
     d = sub.add_parser("demo", help="end-to-end demo: vLLM + the plugin + three load scenarios, prefill/decode MFU")
     d.add_argument("--out-dir", default="demo-results", help="results JSON, plots, server log (default demo-results/)")
     d.add_argument("--model", help="serve this model instead of the embedded tiny one (on a GPU machine)")

@@ -60,6 +60,13 @@ class Counters:
     repaired_iterations: int = 0
     time_repaired_s: float = 0.0
     anomalies: dict[str, int] = field(default_factory=dict)
+    # GPU sampling (serving_mfu.gpu_util, NVML): device-seconds sampled and Σ utilization × seconds,
+    # so a window's mean GPU-Util is Δgpu_util_s / Δgpu_sampled_s (SM activity likewise).
+    gpu_sampled_s: float = 0.0
+    gpu_util_s: float = 0.0
+    gpu_sm_sampled_s: float = 0.0
+    gpu_sm_active_s: float = 0.0
+    gpu_sample_errors: int = 0
 
     def add_cost(self, cost: IterationCost, peak_flops_per_s: float | None = None,
                  bandwidth_bytes_per_s: float | None = None) -> None:

@@ -48,8 +48,8 @@ def scenarios(short: bool) -> list[Scenario]:
         Scenario(name="decode-heavy", what="short repetitive prompts, long outputs (n-gram drafts accept)",
                  dataset="repetitive", input_len=32, output_len=160 // n // n, num_prompts=8 // n,
                  request_rate=math.inf, max_concurrency=8),
-        Scenario(name="mixed", what="Poisson arrivals, chunked prefill beside running decodes",
-                 dataset="synthetic", input_len=384 // n, output_len=64 // n, num_prompts=16 // n // n,
+        Scenario(name="mixed", what="Poisson arrivals, a shared system prompt (prefix cache), chunked prefill "
+                 "beside running decodes", dataset="shared-prefix", input_len=384 // n, output_len=64 // n, num_prompts=16 // n // n,
                  request_rate=4.0, max_concurrency=8),
     ]
 

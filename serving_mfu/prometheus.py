@@ -101,6 +101,15 @@ ENGINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("serving_mfu_repaired_iterations", "Mixed iterations whose split moved time to keep a phase at HFU <= 1",
      "repaired_iterations"),
     ("serving_mfu_repaired_seconds", "Seconds moved between phases by those repairs", "time_repaired_s"),
+    ("serving_mfu_gpu_sampled_seconds", "Device-seconds over which NVML GPU-Util was sampled (summed over "
+     "devices)", "gpu_sampled_s"),
+    ("serving_mfu_gpu_util_seconds", "GPU-Util x sampled seconds: device-seconds with a kernel running; "
+     "GPU-Util = rate(this) / rate(serving_mfu_gpu_sampled_seconds_total)", "gpu_util_s"),
+    ("serving_mfu_gpu_sm_sampled_seconds", "Device-seconds over which SM activity (NVML GPM) was sampled",
+     "gpu_sm_sampled_s"),
+    ("serving_mfu_gpu_sm_active_seconds", "SM activity x sampled seconds; SM activity = rate(this) / "
+     "rate(serving_mfu_gpu_sm_sampled_seconds_total)", "gpu_sm_active_s"),
+    ("serving_mfu_gpu_sample_errors", "NVML reads of the GPU sampler that failed", "gpu_sample_errors"),
 )
 # Counters fields exposed some other way (summaries, the anomalies family).
 OTHER_FIELDS = frozenset({"moe_iterations", "moe_measured_iterations", "moe_imbalance_sum",

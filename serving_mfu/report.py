@@ -93,6 +93,72 @@ class AnomalyReport(BaseModel):
     counts: dict[str, int] = Field(default_factory=dict, description="other anomalies by kind (hook errors, bad records…)")
 
 
+GPU_UTIL_NOTE = ("GPU-Util (nvidia-smi) is the fraction of time a kernel was running, not how much math it did: "
+                 "a memory-bound decode keeps it near 100% at a few % MFU.  SM activity (NVML GPM, Hopper+) is "
+                 "the fraction of SMs busy.  Both are means over all sampled time, idle included: compare them "
+                 "with overall.wall_mfu.")
+
+
+class GpuUtilStatus(BaseModel):
+    """What an engine's GPU sampler measures, or why it does not (travels in snapshots and Totals)."""
+
+    available: bool = Field(description="GPU-Util is sampled on at least one device")
+    reason: str | None = Field(default=None, description="why GPU-Util is not sampled")
+    devices: int = Field(default=0, description="devices whose GPU-Util is sampled")
+    sm_active_devices: int = Field(default=0, description="devices whose SM activity (NVML GPM) is sampled")
+    sm_active_reason: str | None = Field(default=None, description="why SM activity is missing (on some devices)")
+    interval_s: float | None = Field(default=None, description="sampling interval")
+    device_names: list[str] = Field(default_factory=list)
+
+
+class GpuUtilReport(BaseModel):
+    """GPU-Util and SM activity over the same window as the MFU figures (NVML, sampled on the engines).
+
+    Means are device-time weighted: Σ(util × dt) / Σ dt over the sampled devices.  A null figure
+    comes with its reason."""
+
+    available: bool = Field(description="the engines sample GPU-Util (false: see reason)")
+    reason: str | None = Field(description="why gpu_util is null")
+    gpu_util: float | None = Field(description="mean GPU-Util (0-1): fraction of time a kernel was running")
+    sm_active: float | None = Field(description="mean SM activity (0-1, NVML GPM SM_UTIL): fraction of SMs busy")
+    sm_active_reason: str | None = Field(description="why sm_active is null, or covers only some devices")
+    devices: int = Field(description="devices sampled")
+    sm_active_devices: int
+    sampled_s: float = Field(description="device-seconds sampled in the window (summed over devices)")
+    sm_sampled_s: float = Field(description="device-seconds of SM-activity samples in the window")
+    sample_errors: int = Field(description="NVML reads that failed in the window (their time is left out)")
+    note: str = GPU_UTIL_NOTE
+
+
+def gpu_util_report(c: Counters, status: GpuUtilStatus | None) -> GpuUtilReport:
+    """The window's GPU-Util section from its counters (differences of cumulative sums) and the status."""
+    sampled, sm_sampled = c.gpu_sampled_s, c.gpu_sm_sampled_s
+    if status is None:
+        status = (GpuUtilStatus(available=True) if sampled > 0 else
+                  GpuUtilStatus(available=False, reason="not sampled: no engine reported GPU sampling"))
+    util = c.gpu_util_s / sampled if sampled > 0 else None
+    sm = c.gpu_sm_active_s / sm_sampled if sm_sampled > 0 else None
+    reason = None
+    if util is None:
+        reason = status.reason if not status.available else "no GPU-Util samples in this window"
+    if sm is None:
+        if not status.available:
+            sm_reason = status.sm_active_reason or status.reason
+        elif status.sm_active_devices == 0:
+            sm_reason = status.sm_active_reason or "SM activity not sampled"
+        else:
+            sm_reason = "no SM-activity samples in this window"
+    elif status.sm_active_devices < status.devices:
+        sm_reason = (f"SM activity of {status.sm_active_devices} of {status.devices} devices"
+                     + (f": {status.sm_active_reason}" if status.sm_active_reason else ""))
+    else:
+        sm_reason = None
+    return GpuUtilReport(available=status.available, reason=reason, gpu_util=util, sm_active=sm,
+                         sm_active_reason=sm_reason, devices=status.devices,
+                         sm_active_devices=status.sm_active_devices, sampled_s=sampled, sm_sampled_s=sm_sampled,
+                         sample_errors=c.gpu_sample_errors)
+
+
 class ModelReport(BaseModel):
     name: str
     model_type: str
@@ -115,6 +181,9 @@ class MFUReport(BaseModel):
     peak: PeakReport
     model: ModelReport
     anomalies: AnomalyReport
+    gpu_util: GpuUtilReport | None = Field(
+        default=None, description="GPU-Util and SM activity over the same window (NVML); available=false with "
+        "the reason where not sampled")
 
 
 def _ratio(num: float, den: float | None) -> float | None:
@@ -144,12 +213,15 @@ def build_report(
     window_s: float | None = None,
     wall_capacity_flops: float | None = None,
     wall_s: float | None = None,
+    gpu: GpuUtilStatus | None = None,
 ) -> MFUReport:
     """Turn counters into the report.
 
     Denominators are the counters' capacities (seconds × peak × devices, summed over the
     engines that spent them), so data-parallel engines aggregate correctly.  A live window
     passes its own `wall_s` and `wall_capacity_flops` (idle time at the end included).
+    `gpu` is the engines' GPU-sampler status; the `gpu_util` section is always present (without a
+    status and without samples it says "not sampled").
     """
     wall = c.wall_s if wall_s is None else wall_s
     wall_cap = c.wall_capacity_flops if wall_capacity_flops is None else wall_capacity_flops
@@ -214,4 +286,5 @@ def build_report(
             missing_peak=peak.flops_per_s is None,
             counts=dict(c.anomalies),
         ),
+        gpu_util=gpu_util_report(c, gpu),
     )

@@ -23,7 +23,8 @@ from typing import Any, Callable
 from pydantic import BaseModel, Field
 
 from serving_mfu.counters import Counters
-from serving_mfu.report import MFUReport, ModelReport, PeakReport, build_report
+from serving_mfu.gpu_util import aggregate_status
+from serving_mfu.report import GpuUtilStatus, MFUReport, ModelReport, PeakReport, build_report
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class EngineSnapshot(BaseModel):
     history: list[tuple[float, dict[str, Any]]] = Field(default_factory=list,
                                                          description="(wall time, cumulative counters)")
     recent: list[dict[str, Any]] = Field(default_factory=list)
+    gpu: GpuUtilStatus | None = Field(default=None, description="the engine's GPU sampler (null: none reported); "
+                                      "its sums are in the counters (gpu_*)")
 
     def peak_total_flops(self) -> float:
         return (self.peak.flops_per_s or 0.0) * self.peak.devices
@@ -77,6 +80,7 @@ class Totals(BaseModel):
     peak: PeakReport
     model: ModelReport
     time_split: str
+    gpu: GpuUtilStatus | None = Field(default=None, description="the engines' GPU sampling (null: not reported)")
 
     def report_since(self, earlier: "Totals") -> MFUReport:
         """The report of what happened between `earlier` and this reading (e.g. one benchmark run)."""
@@ -84,7 +88,7 @@ class Totals(BaseModel):
         span = max(self.updated_at - earlier.updated_at, 0.0)
         cap = (self.peak.flops_per_s or 0.0) * self.peak.devices * span
         return build_report(diff, self.peak, self.model, self.time_split, window_s=span, wall_s=span,
-                            wall_capacity_flops=cap)
+                            wall_capacity_flops=cap, gpu=self.gpu)
 
 
 class SnapshotWriter:
@@ -92,8 +96,10 @@ class SnapshotWriter:
 
     def __init__(self, source: Callable[[], tuple[Counters, list[dict[str, Any]]]], engine_id: str,
                  model: ModelReport, peak: PeakReport, time_split: str, directory: str | Path | None = None,
-                 interval_s: float = 0.5, history_s: int = 60):
+                 interval_s: float = 0.5, history_s: int = 60,
+                 gpu_status: Callable[[], GpuUtilStatus | None] | None = None):
         self.source = source
+        self.gpu_status = gpu_status  # the engine's GPU sampler status, published with every snapshot
         self.dir = Path(directory) if directory else default_dir()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.engine_id = engine_id
@@ -133,7 +139,8 @@ class SnapshotWriter:
             if not self._history or now - self._history[-1][0] >= 1.0:
                 self._history.append((now, data))
             snap = EngineSnapshot(**self._static, updated_at=now, counters=data,
-                                  history=list(self._history), recent=recent)
+                                  history=list(self._history), recent=recent,
+                                  gpu=self.gpu_status() if self.gpu_status is not None else None)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(snap.model_dump_json())
             os.replace(tmp, self.path)
@@ -233,8 +240,9 @@ class SnapshotReader:
         peak = aggregate_peak(snaps)
         model = snaps[0].model
         split = snaps[0].time_split
+        gpu = aggregate_status([s.gpu for s in snaps])
         if window_s is None:
-            return build_report(total, peak, model, split)
+            return build_report(total, peak, model, split, gpu=gpu)
         base = self._baseline(snaps, now - window_s)
         if base is None:  # neither history nor ring reaches back: use the oldest point known
             oldest = min((s.history[0][0] for s in snaps if s.history), default=now)
@@ -243,7 +251,7 @@ class SnapshotReader:
         covered = max(now - t0, 0.0)
         capacity = sum(s.peak_total_flops() for s in snaps) * covered
         return build_report(total - counters, peak, model, split, window_s=covered,
-                            wall_s=covered, wall_capacity_flops=capacity)
+                            wall_s=covered, wall_capacity_flops=capacity, gpu=gpu)
 
     def totals(self) -> "Totals | None":
         """Aggregated cumulative counters with the peak and model they go with; None if no engine."""
@@ -253,7 +261,7 @@ class SnapshotReader:
         now = time.time()
         return Totals(at=now, engines=len(snaps), counters=self._poll(snaps, now).to_dict(),
                       peak=aggregate_peak(snaps), model=snaps[0].model, time_split=snaps[0].time_split,
-                      updated_at=min(s.updated_at for s in snaps))
+                      updated_at=min(s.updated_at for s in snaps), gpu=aggregate_status([s.gpu for s in snaps]))
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The most recent iterations over all engines, newest last."""
