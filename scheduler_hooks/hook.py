@@ -86,7 +86,7 @@ class MFUHook:
 
     def _snapshot(self) -> tuple[Any, list[dict]]:
         """The tracker's cumulative counters with the GPU sampler's cumulative sums added (publisher thread)."""
-        counters, recent = self.tracker.snapshot()
+        counters, recent = self.tracker.snapshot(recent=100, raw=True)
         return self.gpu.add_to(counters), recent
 
     # ------------------------------------------------------------------ engine callbacks

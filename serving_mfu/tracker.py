@@ -26,7 +26,7 @@ from serving_mfu.time_split import SPLIT_METHODS
 
 log = logging.getLogger(__name__)
 
-_COST_ADAPTER = TypeAdapter(IterationCost)
+COST_ADAPTER = TypeAdapter(IterationCost)
 
 
 def busy_and_wall_s(t_sched_s: float, t_end_s: float, prev_end_s: float | None) -> tuple[float, float]:
@@ -123,9 +123,12 @@ class MFUTracker:
         self._closed.count_anomaly(kind)
         self._log_once(kind, f"{kind}: {exc!r}")
 
-    def snapshot(self, recent: int = 200) -> tuple[Counters, list[dict]]:
-        """A consistent copy of the cumulative counters and the last `recent` iterations."""
+    def snapshot(self, recent: int = 200, raw: bool = False) -> tuple[Counters, list]:
+        """A consistent copy of the cumulative counters and the last `recent` iterations
+        (as dicts, or with `raw` the IterationCost objects themselves, for a publisher that caches)."""
         with self._lock:
+            if raw:
+                return self._totals(), list(self._recent)[-recent:] if recent > 0 else []
             return self._totals(), self.recent(recent)
 
     def _log_once(self, kind: str, message: str) -> None:
@@ -194,4 +197,4 @@ class MFUTracker:
     def recent(self, limit: int = 100) -> list[dict]:
         """The last `limit` iterations' costs, newest last, as plain dicts."""
         items = list(self._recent)[-limit:] if limit > 0 else []
-        return [_COST_ADAPTER.dump_python(c, mode="json") for c in items]
+        return [COST_ADAPTER.dump_python(c, mode="json") for c in items]

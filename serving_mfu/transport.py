@@ -107,7 +107,9 @@ class SnapshotWriter:
         self.interval_s = interval_s
         self._static = dict(engine_id=engine_id, pid=os.getpid(), ppid=os.getppid(), started_at=time.time(),
                             model=model, peak=peak, time_split=time_split)
-        self._history: deque[tuple[float, dict[str, Any]]] = deque(maxlen=history_s)
+        # history points and iteration costs never change once made: each is serialized once
+        self._history: deque[tuple[float, str]] = deque(maxlen=history_s)
+        self._cost_json: dict[int, tuple[Any, str]] = {}
         self._dirty = threading.Event()
         self._write_lock = threading.Lock()  # the publisher thread and close()/write_now() callers
         self._stop = threading.Event()
@@ -122,7 +124,7 @@ class SnapshotWriter:
         self.write_now()  # readers see the engine (and its model and peak) before any request
         while not self._stop.is_set():
             self._stop.wait(self.interval_s)
-            if self._dirty.is_set() or (not self._history or time.time() - self._history[-1][0] >= 1.0):
+            if self._dirty.is_set() or not self._history or time.time() - self._history[-1][0] >= 1.0:
                 self._dirty.clear()
                 self.write_now()
 
@@ -135,19 +137,38 @@ class SnapshotWriter:
         try:
             counters, recent = self.source()
             now = time.time()
-            data = counters.to_dict()
+            counters_json = json.dumps(counters.to_dict())
             if not self._history or now - self._history[-1][0] >= 1.0:
-                self._history.append((now, data))
-            snap = EngineSnapshot(**self._static, updated_at=now, counters=data,
-                                  history=list(self._history), recent=recent,
-                                  gpu=self.gpu_status() if self.gpu_status is not None else None)
+                self._history.append((now, counters_json))
+            gpu = self.gpu_status() if self.gpu_status is not None else None
+            head = EngineSnapshot(**self._static, updated_at=now, counters={}, gpu=gpu).model_dump_json(
+                exclude={"counters", "history", "recent"})
+            history = ",".join(f"[{t!r},{js}]" for t, js in self._history)
+            text = (f'{head[:-1]},"counters":{counters_json},"history":[{history}],'
+                    f'"recent":[{",".join(self._recent_json(recent))}]}}')
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(snap.model_dump_json())
+            tmp.write_text(text)
             os.replace(tmp, self.path)
         except Exception as exc:  # never let publishing hurt the engine
             self.write_errors += 1
             if self.write_errors == 1:
                 log.warning("serving-mfu: cannot write %s: %s (further errors are counted)", self.path, exc)
+
+    def _recent_json(self, recent: list) -> list[str]:
+        """JSON of each recent iteration (dicts as given; IterationCost objects serialized once)."""
+        from serving_mfu.tracker import COST_ADAPTER
+
+        out, cache = [], {}
+        for item in recent:
+            if isinstance(item, dict):
+                out.append(json.dumps(item))
+                continue
+            hit = self._cost_json.get(id(item))
+            js = hit[1] if hit is not None and hit[0] is item else COST_ADAPTER.dump_json(item).decode()
+            cache[id(item)] = (item, js)
+            out.append(js)
+        self._cost_json = cache
+        return out
 
     def close(self) -> None:
         self._stop.set()
