@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from typing import Any
 
@@ -65,15 +67,26 @@ class MFUHook:
         self.errors = 0
         fail = os.environ.get("SERVING_MFU_FAIL_AT_STEP")
         self.fail_at = int(fail) if fail else None
+        # The accounting runs on its own thread, mostly while the engine thread waits for the model;
+        # the engine thread only captures what the step left behind.  SERVING_MFU_SYNC_ACCOUNTING=1
+        # does it inline (benchmarks that time the whole path, debugging).
+        self.sync = os.environ.get("SERVING_MFU_SYNC_ACCOUNTING") == "1"
+        self._queue: queue.Queue | None = None if self.sync else queue.Queue(maxsize=10_000)
         model = ModelReport(name=info.spec.name, model_type=info.spec.model_type, approximate=info.spec.approximate)
         # GPU-Util / SM activity of this engine's devices (never raises; no thread without NVML)
         self.gpu = sampler_for_engine(getattr(vllm_config, "parallel_config", None))
         try:
             self.writer = SnapshotWriter(self._snapshot, self.engine_id, model, self.tracker.peak_report(),
-                                         self.tracker.time_split, gpu_status=self.gpu.status)
+                                         self.tracker.time_split, gpu_status=self.gpu.status,
+                                         before_write=self.flush)
         except BaseException:
             self.gpu.stop()
             raise
+        self._accountant: threading.Thread | None = None
+        if self._queue is not None:
+            self._accountant = threading.Thread(target=self._account_loop, name="serving-mfu-accounting",
+                                                daemon=True)
+            self._accountant.start()
         self.trace: TraceWriter | None = None
         trace_path = os.environ.get("SERVING_MFU_TRACE")
         if trace_path:
@@ -173,12 +186,42 @@ class MFUHook:
                                                     proposed_tokens=self.num_spec_tokens * n_drafting)
         routing = moe_routing(runner_out, entries, self.tracker.spec) if self.tracker.spec.is_moe else None
         rec = FastRecord(self.step, t_sched, t_end, slices, drafter, routing, self.engine_id)
-        self.tracker.record(rec)
-        self.writer.mark_dirty()
-        if self.trace is not None:
-            self.trace.write(rec)
+        if self._queue is None:
+            self._account(rec)
+        else:
+            try:
+                self._queue.put_nowait(rec)
+            except queue.Full:
+                self.tracker.note_anomaly("dropped_records", "the accounting thread fell 10000 steps behind")
         if self.fail_at is not None and self.step == self.fail_at:
             raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at} (after recording the step)")
+
+    # ------------------------------------------------------------------ accounting thread
+    def _account(self, rec: FastRecord) -> None:
+        try:
+            self.tracker.record(rec)
+            self.writer.mark_dirty()
+            if self.trace is not None:
+                self.trace.write(rec)
+        except Exception as exc:
+            self.error("accounting", exc)
+
+    def _account_loop(self) -> None:
+        q = self._queue
+        assert q is not None
+        while True:
+            rec = q.get()
+            try:
+                if rec is None:
+                    return
+                self._account(rec)
+            finally:
+                q.task_done()
+
+    def flush(self) -> None:
+        """Wait until every submitted step is accounted (publisher thread, tests, shutdown)."""
+        if self._queue is not None and self._accountant is not None and self._accountant.is_alive():
+            self._queue.join()
 
     def error(self, where: str, exc: BaseException) -> None:
         """Count a hook failure (logged once per kind); the engine goes on."""
@@ -187,6 +230,9 @@ class MFUHook:
         self.writer.mark_dirty()
 
     def close(self) -> None:
+        if self._queue is not None and self._accountant is not None:
+            self._queue.put(None)
+            self._accountant.join(timeout=5)
         self.gpu.stop()  # before the last write, so that it carries the final GPU sums
         self.writer.close()
         if self.trace is not None:

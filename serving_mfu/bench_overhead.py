@@ -558,7 +558,8 @@ def _in_process_engine_env(publish_dir: str) -> Iterator[None]:
     was_cached = envs._is_envs_cache_enabled()
     envs.disable_envs_cache()  # an in-process EngineCore turns the cache on; a cached "1" would win
     settings: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "SERVING_MFU_DIR": publish_dir,
-                                       "SERVING_MFU_TRACE": None, "SERVING_MFU_FAIL_AT_STEP": None}
+                                       "SERVING_MFU_TRACE": None, "SERVING_MFU_FAIL_AT_STEP": None,
+                                       "SERVING_MFU_SYNC_ACCOUNTING": "1"}  # time the whole path inline
     try:
         with _environ(settings):
             yield
@@ -634,7 +635,8 @@ def _fresh_hook(vllm_config: Any, publish_dir: str) -> Any:
     """An MFUHook with a fresh tracker, built exactly as the engine builds it, minus the publisher thread."""
     from scheduler_hooks.hook import MFUHook
 
-    with _environ({"SERVING_MFU_DIR": publish_dir, "SERVING_MFU_TRACE": None, "SERVING_MFU_FAIL_AT_STEP": None}):
+    with _environ({"SERVING_MFU_DIR": publish_dir, "SERVING_MFU_TRACE": None, "SERVING_MFU_FAIL_AT_STEP": None,
+                  "SERVING_MFU_SYNC_ACCOUNTING": "1"}):
         hook = MFUHook(vllm_config)
     hook.writer.close()
     hook.writer = _NullWriter()

@@ -97,8 +97,10 @@ class SnapshotWriter:
     def __init__(self, source: Callable[[], tuple[Counters, list[dict[str, Any]]]], engine_id: str,
                  model: ModelReport, peak: PeakReport, time_split: str, directory: str | Path | None = None,
                  interval_s: float = 0.5, history_s: int = 60,
-                 gpu_status: Callable[[], GpuUtilStatus | None] | None = None):
+                 gpu_status: Callable[[], GpuUtilStatus | None] | None = None,
+                 before_write: Callable[[], None] | None = None):
         self.source = source
+        self.before_write = before_write  # e.g. wait for the engine's pending steps to be accounted
         self.gpu_status = gpu_status  # the engine's GPU sampler status, published with every snapshot
         self.dir = Path(directory) if directory else default_dir()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +137,8 @@ class SnapshotWriter:
 
     def _write(self) -> None:
         try:
+            if self.before_write is not None:
+                self.before_write()
             counters, recent = self.source()
             now = time.time()
             counters_json = json.dumps(counters.to_dict())

@@ -109,6 +109,7 @@ def test_async_scheduling_overlap_is_not_double_counted(hook) -> None:
     token2 = hook.before_output(sched, out2, runner)
     req.num_output_tokens += 1
     hook.after_output(token2)
+    hook.flush()  # the accounting runs on its own thread
     first, second = hook.tracker.recent(2)
     assert first["prefill"]["tokens"] == 10 and second["decode"]["tokens"] == 1
     t_end_1, t_end_2 = token1[0], token2[0]
