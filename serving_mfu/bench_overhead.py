@@ -44,6 +44,7 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel
 
 from serving_mfu.engine_models import CORPUS, ensure_model
+from serving_mfu.envutil import environ as _environ
 from serving_mfu.records import FastSlice
 
 HOOKED_SCHEDULER = "scheduler_hooks.MFUScheduler"
@@ -193,25 +194,6 @@ def machine_info() -> MachineInfo:
 
 
 # ----------------------------------------------------------------------------- plumbing
-@contextlib.contextmanager
-def _environ(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (or, with None, remove) environment variables for the duration; restore after."""
-    old = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @contextlib.contextmanager
 def _stdout_to_stderr() -> Iterator[None]:
     """Send everything written to fd 1 (vLLM's logs, its engine processes') to stderr meanwhile.

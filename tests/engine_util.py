@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from serving_mfu.engine_models import ensure_model
+from serving_mfu.envutil import environ  # noqa: F401 (tests import it from here)
 
 MODELS_ROOT = Path(os.environ.get("SERVING_MFU_MODELS", Path.home() / ".cache" / "serving-mfu" / "models"))
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
@@ -15,20 +16,6 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
 # around 1e12 bf16 FLOP/s and 4e10 B/s; any fixed figure works for the invariants, the real one keeps
 # HFU honest (a tiny model is far below it).
 TEST_PEAK = {"SERVING_MFU_PEAK_FLOPS": "1e12", "SERVING_MFU_PEAK_BANDWIDTH": "4e10"}
-
-
-@contextlib.contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def model_path(name: str = "tiny-llama-engine") -> str:

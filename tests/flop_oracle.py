@@ -40,8 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ATTENTION_SCORES = "attention_scores"
 LM_HEAD = "lm_head"
 
-#: aten ops a weight matmul (nn.Linear / F.linear) lowers to.
-LINEAR_OPS = frozenset({"aten.mm", "aten.addmm"})
+from serving_mfu.compare import ATTENTION_OPS, LINEAR_OPS  # noqa: E402  (one list of aten ops)
 #: aten ops of the attention kernel: eager attention's 4-D torch.matmul is bmm; SDPA if used.
 ATTENTION_OPS = frozenset({
     "aten.bmm", "aten.baddbmm",
