@@ -26,6 +26,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_http(url: str, proc: subprocess.Popen | None, log_path: Path, timeout_s: float) -> None:
+    """Poll `url` until it answers 200; fail early (with the log's tail) if `proc` exits."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}; log tail:\n{_tail(log_path)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not up after {timeout_s:.0f}s; log tail:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text()[-chars:]
+    except OSError:
+        return "(no log)"
+
+
 class VLLMServer:
     """`python -m vllm.entrypoints.openai.api_server` with MFUScheduler and VLLM_PLUGINS=serving_mfu.
 
@@ -59,24 +81,11 @@ class VLLMServer:
         return self
 
     def wait_http(self, url: str, timeout_s: float) -> None:
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"{url} not up after {timeout_s:.0f}s; log tail:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 4000) -> str:
         try:
-            return self.log_path.read_text()[-chars:]
-        except OSError:
-            return "(no log)"
+            wait_http(url, self.proc, self.log_path, timeout_s)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         proc = self.proc

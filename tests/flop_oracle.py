@@ -41,15 +41,6 @@ ATTENTION_SCORES = "attention_scores"
 LM_HEAD = "lm_head"
 
 from serving_mfu.compare import ATTENTION_OPS, LINEAR_OPS  # noqa: E402  (one list of aten ops)
-#: aten ops of the attention kernel: eager attention's 4-D torch.matmul is bmm; SDPA if used.
-ATTENTION_OPS = frozenset({
-    "aten.bmm", "aten.baddbmm",
-    "aten._scaled_dot_product_attention_math",
-    "aten._scaled_dot_product_efficient_attention",
-    "aten._scaled_dot_product_flash_attention",
-    "aten._scaled_dot_product_cudnn_attention",
-    "aten._scaled_dot_product_flash_attention_for_cpu",
-})
 
 _ATTN_PROJ = {
     "q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "o_proj",

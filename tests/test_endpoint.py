@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scheduler_hooks.server import VLLMServer, free_port
+from scheduler_hooks.server import VLLMServer, free_port, wait_http
 from serving_mfu.engine_models import CORPUS
 from serving_mfu.report import MFUReport
 from tests.engine_util import NGRAM, TEST_PEAK, assert_invariants, model_path
@@ -117,7 +117,7 @@ def test_late_standalone_reader_reports_the_same_totals(server, tmp_path) -> Non
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_serve(base + "/metrics/mfu", proc, log)
+        wait_http(base + "/metrics/mfu", proc, log, timeout_s=60)
         late = httpx.get(base + "/metrics/mfu", timeout=10).json()
         for section in ("prefill", "decode"):
             for key in ("useful_flops", "executed_flops", "tokens", "time_s"):
@@ -127,19 +127,6 @@ def test_late_standalone_reader_reports_the_same_totals(server, tmp_path) -> Non
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-def _wait_serve(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(log.read_text())
 
 
 def test_loadgen_run_against_the_real_server(server) -> None:
