@@ -20,14 +20,17 @@ import os
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from rich.console import Console
+from rich import box
 from rich.table import Table
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
 
 class Scenario(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")  # an unlimited rate survives the JSON round trip
+
     name: str
     what: str
     dataset: str
@@ -67,7 +70,7 @@ class DemoResult(BaseModel):
 
 
 def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
+    return "—" if x is None else f"{100 * x:.1f}%"
 
 
 def _ms(x: float | None) -> str:
@@ -75,18 +78,22 @@ def _ms(x: float | None) -> str:
 
 
 def table(results: list[ScenarioResult]) -> Table:
-    """One row per scenario; each utilization cell reads prefill / decode."""
-    t = Table(title="serving-mfu demo — prefill / decode, against this machine's calibrated peak")
-    for col in ("scenario", "MFU", "HFU", "MBU", "accepted", "TTFT p50", "TPOT p50"):
-        t.add_column(col, justify="left" if col == "scenario" else "right")
+    """Two rows per scenario, prefill then decode, so that it fits an 80-column terminal."""
+    t = Table(title="serving-mfu demo, against this machine's calibrated peak", box=box.SIMPLE_HEAD,
+              caption="acc.: speculative drafts accepted; TTFT and TPOT: medians")
+    for col in ("scenario", "phase", "MFU", "HFU", "MBU", "acc.", "TTFT", "TPOT"):
+        t.add_column(col, justify="left" if col in ("scenario", "phase") else "right")
     for sr in results:
         r = sr.result
         m = r.get("mfu") or {}
-        p, d = m.get("prefill") or {}, m.get("decode") or {}
         spec = m.get("spec_decode") or {}
-        cells = [f"{_pct(p.get(k))} / {_pct(d.get(k))}" for k in ("mfu", "hfu", "mbu")]
-        t.add_row(sr.scenario.name, *cells, _pct(spec.get("acceptance_rate")),
-                  _ms(r["ttft_s"].get("p50")), _ms(r["tpot_s"].get("p50")))
+        for i, phase in enumerate(("prefill", "decode")):
+            p = m.get(phase) or {}
+            first = i == 0
+            t.add_row(sr.scenario.name if first else "", phase, _pct(p.get("mfu")), _pct(p.get("hfu")),
+                      _pct(p.get("mbu")), _pct(spec.get("acceptance_rate")) if first else "",
+                      _ms(r["ttft_s"].get("p50")) if first else "", _ms(r["tpot_s"].get("p50")) if first else "",
+                      end_section=not first)
     return t
 
 
