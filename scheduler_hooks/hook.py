@@ -64,7 +64,6 @@ class MFUHook:
         self.hwm: dict[str, int] = {}
         self.seen: set[str] = set()
         self.step = 0
-        self.errors = 0
         fail = os.environ.get("SERVING_MFU_FAIL_AT_STEP")
         self.fail_at = int(fail) if fail else None
         # The accounting runs on its own thread, mostly while the engine thread waits for the model;
@@ -225,7 +224,6 @@ class MFUHook:
 
     def error(self, where: str, exc: BaseException) -> None:
         """Count a hook failure (logged once per kind); the engine goes on."""
-        self.errors += 1
         self.tracker.note_anomaly("hook_errors", f"{where}: {exc!r}")
         self.writer.mark_dirty()
 

@@ -9,7 +9,6 @@ multimodal configs (`text_config`), and falls back to a generic dense/MoE spec f
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 from serving_mfu.model_spec import (
@@ -344,8 +343,3 @@ def spec_from_config(raw: Mapping[str, Any]) -> ModelSpec:
         name=str(raw.get("_name_or_path", "")),
     )
     return spec
-
-
-def with_overrides(spec: ModelSpec, **changes: Any) -> ModelSpec:
-    """A copy of `spec` with some fields changed (e.g. kv-cache dtype decided by the engine)."""
-    return replace(spec, **changes)

@@ -99,7 +99,3 @@ class FlopModel:
         out[ATTENTION_SCORES] = self.score_flops(start, context_len)
         out[LM_HEAD] = self.lm_head_flops_per_logit * logits_tokens
         return out
-
-    def per_token_breakdown(self, context_len: int) -> dict[str, float]:
-        """FLOPs by component of the one new position at `context_len` (a decode step), for reports."""
-        return {k: float(v) for k, v in self.slice_breakdown(1, context_len, 1).items()}

@@ -52,6 +52,19 @@ def vllm_counters(llm: Any) -> dict[str, float]:
     return out
 
 
+def measured_generate(llm: Any, publish_dir: Path, prompts: list[str], params: Any) -> tuple[Any, dict, Any, Any]:
+    """Run `llm.generate` and return (our report of just that call, the increase of each of vLLM's
+    own counters over it, the outputs, the monitor)."""
+    from serving_mfu.monitor import MFUMonitor
+
+    before = vllm_counters(llm)
+    with MFUMonitor(publish_dir) as mon:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    after = vllm_counters(llm)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    return mon.report(), delta, outputs, mon
+
+
 def assert_invariants(report: Any) -> None:
     """MFU ≤ HFU ≤ 1 in every section that has a figure."""
     for name in ("prefill", "decode", "overall"):

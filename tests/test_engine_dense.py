@@ -12,7 +12,7 @@ import pytest
 from serving_mfu.engine_models import CORPUS
 from serving_mfu.monitor import MFUMonitor
 from serving_mfu.trace import read_trace
-from tests.engine_util import NGRAM, assert_invariants, llm_engine, vllm_counters
+from tests.engine_util import NGRAM, assert_invariants, llm_engine, measured_generate
 
 pytestmark = pytest.mark.engine
 
@@ -34,12 +34,8 @@ def run(tmp_path_factory):
         params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
         waves = []
         for prompts in (SHORT + LONG, LONG):  # the second wave re-sends the long prompts: prefix hits
-            before = vllm_counters(llm)
-            with MFUMonitor(publish) as mon:
-                outputs = llm.generate(prompts, params, use_tqdm=False)
-            after = vllm_counters(llm)
-            delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-            waves.append((mon.report(), delta, len(prompts), outputs))
+            report, delta, outputs, _ = measured_generate(llm, publish, prompts, params)
+            waves.append((report, delta, len(prompts), outputs))
         total = MFUMonitor(publish).report()
         window = MFUMonitor(publish).report(window_s=5)
     header, records = read_trace(trace)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 
 from serving_mfu.engine_models import CORPUS, ENGINE_CONFIGS
-from serving_mfu.monitor import MFUMonitor
-from tests.engine_util import assert_invariants, llm_engine, vllm_counters
+from tests.engine_util import assert_invariants, llm_engine, measured_generate
 
 pytestmark = pytest.mark.engine
 
@@ -25,14 +24,10 @@ def run(tmp_path_factory):
     publish = tmp_path_factory.mktemp("publish")
     with llm_engine(publish, model="tiny-qwen3-moe-engine", max_num_batched_tokens=256) as llm:
         prompts = [CORPUS[i * 50: i * 50 + 200] for i in range(4)]
-        before = vllm_counters(llm)
-        with MFUMonitor(publish) as mon:
-            outputs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
-                                   use_tqdm=False)
-        after = vllm_counters(llm)
+        report, delta, outputs, mon = measured_generate(
+            llm, publish, prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
         recent = mon.reader.recent(1000)
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    return mon.report(), delta, outputs, recent
+    return report, delta, outputs, recent
 
 
 def test_experts_per_layer_between_top_k_and_e(run) -> None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from serving_mfu.engine_models import CORPUS
-from serving_mfu.monitor import MFUMonitor
-from tests.engine_util import assert_invariants, llm_engine, vllm_counters
+from tests.engine_util import assert_invariants, llm_engine, measured_generate
 
 pytestmark = pytest.mark.engine
 
@@ -21,13 +20,9 @@ def run(tmp_path_factory):
     with llm_engine(publish, block_size=32, num_gpu_blocks_override=12, max_num_seqs=6, max_model_len=320,
                     max_num_batched_tokens=256, enable_prefix_caching=False) as llm:
         prompts = [CORPUS[i * 40: i * 40 + 300] for i in range(6)]
-        before = vllm_counters(llm)
-        with MFUMonitor(publish) as mon:
-            outputs = llm.generate(prompts, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True),
-                                   use_tqdm=False)
-        after = vllm_counters(llm)
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    return mon.report(), delta, outputs
+        report, delta, outputs, _ = measured_generate(
+            llm, publish, prompts, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    return report, delta, outputs
 
 
 def test_preemption_recomputes_and_counts_it_as_waste(run) -> None:
