@@ -7,8 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from loadgen.config import RunConfig
 from loadgen.mfu import MFUPoint, RunMFU
 from loadgen.records import RequestRecord
-from serving_mfu.report import (AnomalyReport, GpuUtilReport, ModelReport, OverallReport, PeakReport, PhaseReport,
-                                PrefixCacheReport, SpecDecodeReport)
+from serving_mfu.report import (AnomalyReport, GpuUtilReport, ModelReport, MoEReport, OverallReport, PeakReport,
+                                PhaseReport, PrefixCacheReport, SpecDecodeReport)
 
 
 class LatencyStats(BaseModel):
@@ -32,6 +32,7 @@ class MFUSection(BaseModel):
     decode: PhaseReport
     overall: OverallReport
     spec_decode: SpecDecodeReport | None
+    moe: MoEReport | None = None
     prefix_cache: PrefixCacheReport
     peak: PeakReport
     model: ModelReport
@@ -44,7 +45,7 @@ class MFUSection(BaseModel):
     def from_run(cls, run: RunMFU) -> "MFUSection":
         r = run.report
         return cls(window_s=r.window_s, prefill=r.prefill, decode=r.decode, overall=r.overall,
-                   spec_decode=r.spec_decode, prefix_cache=r.prefix_cache, peak=r.peak, model=r.model,
+                   spec_decode=r.spec_decode, moe=r.moe, prefix_cache=r.prefix_cache, peak=r.peak, model=r.model,
                    anomalies=r.anomalies, series=run.series, gpu_util=r.gpu_util)
 
 

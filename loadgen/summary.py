@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from loadgen.results import LatencyStats, RunResult
+from serving_mfu.report import PeakReport
 
 
 def _pct(x: float | None) -> str:
@@ -74,8 +76,18 @@ def mfu_table(r: RunResult) -> Table | str:
     return t
 
 
+def verdict_text(peak: PeakReport) -> Text | None:
+    """A red line when the peak is not an upper bound (HFU > 1): MFU against it is not trustworthy."""
+    if peak.credible is not False:
+        return None
+    return Text(f"PEAK NOT CREDIBLE: {peak.verdict}.\nFix: {peak.fix}.", style="bold red")
+
+
 def render(r: RunResult) -> Group:
-    return Group(overview_table(r), latency_table(r), mfu_table(r))
+    parts = [overview_table(r), latency_table(r), mfu_table(r)]
+    if r.mfu is not None and (line := verdict_text(r.mfu.peak)) is not None:
+        parts.append(line)
+    return Group(*parts)
 
 
 def print_summary(r: RunResult, console: Console | None = None) -> None:

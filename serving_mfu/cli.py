@@ -111,18 +111,38 @@ def cmd_peak(args: argparse.Namespace) -> int:
 
 @command("calibrate")
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from serving_mfu.calibrate import calibrate, save_calibration
+    from serving_mfu.calibrate import cache_path, calibrate, save_calibration
 
-    peak = calibrate(dtype=args.dtype, duration_s=args.duration, device=args.device, progress=not args.json)
+    peak = calibrate(dtype=args.dtype, duration_s=args.duration, device=args.device, progress=not args.json,
+                     include_vllm=not args.no_vllm)
+    saved = []
     if args.out:
-        save_calibration(peak, args.out)
+        saved.append(save_calibration(peak, args.out))
+    on_cpu = peak.device.startswith("cpu")
+    if on_cpu and not args.no_cache:
+        saved.append(save_calibration(peak, cache_path(peak.dtype)))
     if args.json:
         _print_json(peak.model_dump())
-    else:
-        console.print(f"matmul: {_si(peak.flops_per_s, 'FLOP/s')} ({peak.dtype})   "
-                      f"copy: {_si(peak.bandwidth_bytes_per_s, 'B/s')}\nsource: {peak.source}")
-        if args.out:
-            console.print(f"saved to {args.out} (use --calibration {args.out} or SERVING_MFU_CALIBRATION)")
+        return 0
+    table = Table(title=f"serving-mfu calibrate: {peak.dtype} on {peak.device}")
+    for col in ("kernel", "dtype", "shape", "GFLOP/s"):
+        table.add_column(col, justify="right" if col == "GFLOP/s" else "left")
+    for r in sorted(peak.measurements or [], key=lambda r: -r.flops_per_s)[:8]:
+        table.add_row(r.kernel, r.dtype, r.shape, f"{r.flops_per_s / 1e9:,.1f}")
+    console.print(table)
+    console.print(f"peak (max of {len(peak.measurements or [])} measurements): "
+                  f"{_si(peak.flops_per_s, 'FLOP/s')} ({peak.dtype})   copy: {_si(peak.bandwidth_bytes_per_s, 'B/s')}")
+    if peak.isa_flops_per_s:
+        ratio = peak.flops_per_s / peak.isa_flops_per_s
+        style = "bold red" if ratio > 1 else "green"
+        console.print(f"[{style}]ISA peak (physical limit): {_si(peak.isa_flops_per_s, 'FLOP/s')}; measured = "
+                      f"{100 * ratio:.0f}% of it{' — ABOVE the physical limit: the CPU table or clock is wrong' if ratio > 1 else ''}[/{style}]")
+    console.print(f"source: {peak.source}")
+    for path in saved:
+        console.print(f"saved to {path}")
+    if on_cpu and not args.no_cache:
+        console.print("a CPU engine with no SERVING_MFU_* setting now uses this peak (delete the file to go back to "
+                      "the ISA peak)")
     return 0
 
 
@@ -161,6 +181,8 @@ def print_report(report, title: str = "serving-mfu") -> None:
     pk = report.peak
     lines.append(f"peak: {_si(pk.flops_per_s, 'FLOP/s')} × {pk.devices} ({pk.dtype}, {pk.device}) — "
                  f"{pk.source or 'no peak: MFU unavailable'}")
+    if pk.credible is False:
+        lines.append(f"[bold red]PEAK NOT CREDIBLE: {pk.verdict}.\nFix: {pk.fix}.[/bold red]")
     an = report.anomalies
     if an.hfu_over_1_iterations or an.counts or an.unknown_architecture or an.missing_peak:
         lines.append(f"[yellow]anomalies: HFU>1 in {an.hfu_over_1_iterations} iterations; "
@@ -317,9 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="measure achievable matmul FLOP/s and copy bandwidth here")
     c.add_argument("--dtype", default="bf16")
-    c.add_argument("--duration", type=float, default=3.0, help="seconds to spend (default 3)")
+    c.add_argument("--duration", type=float, default=5.0, help="seconds to spend timing (default 5)")
     c.add_argument("--device", help="torch device (default cuda if available, else cpu)")
-    c.add_argument("--out", help="write the result as JSON, usable as --calibration")
+    c.add_argument("--out", help="also write the result as JSON, usable as --calibration")
+    c.add_argument("--no-cache", action="store_true",
+                   help="do not cache it as this machine's CPU peak (SERVING_MFU_CACHE_DIR, ~/.cache/serving-mfu)")
+    c.add_argument("--no-vllm", action="store_true", help="leave out vLLM's CPU GEMM (saves importing vLLM)")
     c.add_argument("--json", action="store_true")
 
     r = sub.add_parser("replay", help="replay an iteration trace (JSONL) and print the MFU report")

@@ -4,7 +4,9 @@ The table holds DENSE tensor-core peaks (datasheets print 2:4-sparse figures wit
 asterisk; those are halved here) and HBM/GDDR bandwidth, per device, each row citing the
 datasheet it came from.  `resolve_peak` picks, in order: an explicit override, a
 calibration file written by `serving-mfu calibrate`, the table row of the given or detected
-device; None when nothing applies (the caller reports a missing peak).
+device; on a machine without an accelerator, the CPU default (`cpu_default_peak`: this machine's
+cached calibration, else the ISA peak); None when nothing applies (an unknown GPU: the caller
+reports a missing peak).
 """
 
 from __future__ import annotations
@@ -13,12 +15,24 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
 T = 1e12  # tera
 P = 1e15  # peta
+
+
+class KernelResult(BaseModel):
+    """One calibration measurement: the best throughput of one kernel at one size (serving_mfu.calibrate)."""
+
+    kernel: str
+    dtype: str
+    n: int
+    shape: str
+    flops_per_s: float
+    calls: int = 1  # calls per timed repetition
+    reps: int = 0
 
 
 class PeakSpec(BaseModel):
@@ -31,6 +45,10 @@ class PeakSpec(BaseModel):
     flops_per_s: float = Field(gt=0)
     bandwidth_bytes_per_s: float = Field(gt=0)
     source: str
+    isa_flops_per_s: float | None = Field(
+        default=None, description="CPU only: theoretical ISA peak (cores × FLOPs/cycle × max clock), the physical limit")
+    measurements: list[KernelResult] | None = Field(
+        default=None, description="calibration only: every kernel × size it timed (the peak is their max)")
 
 
 class UnknownDeviceError(ValueError):
@@ -291,9 +309,41 @@ def resolve_peak(
     if device is not None:
         return lookup_peak(device, dt)
     detected = detect_device()
-    if detected is None or canonical_device(detected) is None:
+    if detected is None:
+        return cpu_default_peak(dt)
+    if canonical_device(detected) is None:
         return None
     return lookup_peak(detected, dt)
+
+
+def cpu_default_peak(
+    dtype: str,
+    bandwidth_probe: "Callable[[], tuple[float, str]] | None" = None,
+    isa: "Callable[[str], Any] | None" = None,
+) -> PeakSpec | None:
+    """The peak of a CPU engine with no configuration: this machine's cached calibration
+    (`serving-mfu calibrate`), else the ISA peak with a quick copy-bandwidth reading.
+
+    Never a FLOP calibration at engine start: on a few cores it competes with the engine it
+    measures, which is how a peak ends up below the engine.  None where no ISA peak can be
+    formed (no /proc/cpuinfo) or the dtype has none (fp8, fp4 on a CPU).
+    """
+    from serving_mfu import calibrate, cpu_peak
+
+    dt = normalize_dtype(dtype)
+    cached = calibrate.cached_calibration(dt)
+    if cached is not None:
+        spec, path = cached
+        return spec.model_copy(update={"source": f"{spec.source} [cached in {path}]"})
+    try:
+        limit = (isa or cpu_peak.machine_isa_peak)(dt)
+    except (OSError, ValueError):
+        return None
+    bandwidth, bw_source = (bandwidth_probe or calibrate.quick_copy_bandwidth)()
+    return PeakSpec(device=f"cpu ({limit.cpu}, {limit.cores} cores)", dtype=dt, flops_per_s=limit.flops_per_s,
+                    bandwidth_bytes_per_s=bandwidth, isa_flops_per_s=limit.flops_per_s,
+                    source=f"{limit.source}. Bandwidth: {bw_source}. (No calibration cached for this machine: "
+                           f"`serving-mfu calibrate --dtype {dt}` measures an achievable peak once.)")
 
 
 def _override(

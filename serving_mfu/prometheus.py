@@ -44,6 +44,7 @@ from prometheus_client.metrics_core import (
 
 from serving_mfu.counters import Counters
 from serving_mfu.transport import EngineSnapshot
+from serving_mfu.verdict import peak_verdict
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,10 @@ class MFUCollector:
         fams["serving_mfu_peak_bandwidth_bytes_per_second"] = GaugeMetricFamily(
             "serving_mfu_peak_bandwidth_bytes_per_second", "Peak memory bandwidth of one device",
             labels=PEAK_LABELS)
+        fams["serving_mfu_peak_credible"] = GaugeMetricFamily(
+            "serving_mfu_peak_credible", "1 while the engine's executed work stays within its peak; 0 when HFU > 1 "
+            "(in a phase, overall, or in over 1% of iterations): the peak is not an upper bound and MFU is not "
+            "trustworthy (/metrics/mfu peak.verdict and peak.fix say why and what to do)", labels=PEAK_LABELS)
         fams["serving_mfu_devices"] = GaugeMetricFamily(
             "serving_mfu_devices", "Devices the engine runs on (TP x PP)", labels=PEAK_LABELS)
         fams["serving_mfu_engine"] = InfoMetricFamily(
@@ -224,6 +229,9 @@ class MFUCollector:
             rows.append(("serving_mfu_peak_bandwidth_bytes_per_second", peak_labels,
                          float(p.bandwidth_bytes_per_s)))
         rows.append(("serving_mfu_devices", peak_labels, float(p.devices)))
+        verdict = peak_verdict(c, p.flops_per_s, p.source, p.dtype)
+        if verdict.credible is not None:
+            rows.append(("serving_mfu_peak_credible", peak_labels, 1.0 if verdict.credible else 0.0))
         rows.append(("serving_mfu_engine", base, {
             "model_type": str(snap.model.model_type), "approximate": str(bool(snap.model.approximate)).lower(),
             "time_split": str(snap.time_split)}))

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from serving_mfu.counters import Counters
+from serving_mfu.verdict import peak_verdict
 
 
 class PhaseReport(BaseModel):
@@ -80,8 +81,16 @@ class PeakReport(BaseModel):
     flops_per_s: float | None = Field(description="per device")
     bandwidth_bytes_per_s: float | None = Field(description="per device")
     dtype: str | None
-    source: str | None = Field(description="datasheet, measurement (calibrate) or override")
+    source: str | None = Field(description="datasheet, measurement (calibrate), ISA peak (CPU) or override")
     devices: int
+    isa_flops_per_s: float | None = Field(
+        default=None, description="CPU: theoretical ISA peak per device (cores × FLOPs/cycle × max clock), the "
+        "physical limit the peak is held against")
+    credible: bool | None = Field(
+        default=None, description="false: executed work exceeded this peak in the window (HFU > 1), so it is not "
+        "an upper bound and MFU/HFU are not trustworthy; null: no peak")
+    verdict: str | None = Field(default=None, description="why the peak is not credible, with figures")
+    fix: str | None = Field(default=None, description="what to change to get an honest peak")
 
 
 class AnomalyReport(BaseModel):
@@ -254,6 +263,8 @@ def build_report(
             source=source,
             imbalance=_ratio(c.moe_imbalance_sum, c.moe_measured_iterations),
         )
+    v = peak_verdict(c, peak.flops_per_s, peak.source, peak.dtype)
+    peak = peak.model_copy(update={"credible": v.credible, "verdict": v.reason, "fix": v.fix})
     return MFUReport(
         window_s=window_s,
         time_split=time_split,

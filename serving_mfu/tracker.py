@@ -180,6 +180,7 @@ class MFUTracker:
             dtype=p.dtype if p else self.spec.compute_dtype,
             source=p.source if p else None,
             devices=self.devices,
+            isa_flops_per_s=p.isa_flops_per_s if p else None,
         )
 
     def model_report(self) -> ModelReport:

@@ -309,5 +309,8 @@ def aggregate_peak(snaps: list[EngineSnapshot]) -> PeakReport:
     flops = sum(s.peak_total_flops() for s in with_peak) / devices
     bw = sum((s.peak.bandwidth_bytes_per_s or 0.0) * s.peak.devices for s in with_peak) / devices
     sources = sorted({s.peak.source or "" for s in with_peak})
+    isa = [s for s in with_peak if s.peak.isa_flops_per_s]
+    isa_flops = (sum(s.peak.isa_flops_per_s * s.peak.devices for s in isa) / sum(s.peak.devices for s in isa)
+                 if len(isa) == len(with_peak) else None)
     return PeakReport(device=first.device, flops_per_s=flops, bandwidth_bytes_per_s=bw, dtype=first.dtype,
-                      source="; ".join(sources), devices=devices)
+                      source="; ".join(sources), devices=devices, isa_flops_per_s=isa_flops)
