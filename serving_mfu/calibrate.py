@@ -318,11 +318,13 @@ def calibrate(
     dtype: str = "bf16", duration_s: float = 5.0, device: str | None = None, progress: bool = True,
     kernels: Sequence[Kernel] | None = None, clock: Clock = time.perf_counter, include_vllm: bool = True,
     isa_flops_per_s: float | None = None,
+    measure_bandwidth: Callable[[], tuple[float, int, int]] | None = None,
 ) -> PeakSpec:
     """Achievable matmul FLOP/s at `dtype` (max over `kernels`, default `engine_kernels`) and copy bandwidth.
 
     About 80 % of `duration_s` goes to the kernels (shared evenly), 20 % to copies.  On a CPU the
-    result is compared with the ISA peak (`isa_flops_per_s`, default: this machine's).
+    result is compared with the ISA peak (`isa_flops_per_s`, default: this machine's).  `kernels`,
+    `clock` and `measure_bandwidth` are seams for tests and benchmarks.
     """
     import torch
     from rich.console import Console
@@ -375,7 +377,8 @@ def calibrate(
                 bar.update(task, completed=len(sizes))
                 results += got
             bw_task = bar.add_task("copy bandwidth", total=None, best="")
-            bandwidth, nbytes, bw_reps = measure_copy(torch, dev, 0.2 * duration_s, clock=clock)
+            bandwidth, nbytes, bw_reps = (measure_bandwidth or (
+                lambda: measure_copy(torch, dev, 0.2 * duration_s, clock=clock)))()
             bar.remove_task(bw_task)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32

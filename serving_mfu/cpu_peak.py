@@ -128,7 +128,10 @@ class CpuInfo:
 
 def parse_cpuinfo(text: str, arch: str | None = None) -> CpuInfo:
     """Parse /proc/cpuinfo text (x86 or Arm) into a CpuInfo."""
-    arch = _norm_arch(arch or platform.machine())
+    if arch is None:
+        arch = ("aarch64" if re.search(r"^CPU implementer", text, re.M)
+                else "x86_64" if re.search(r"^vendor_id", text, re.M) else platform.machine())
+    arch = _norm_arch(arch)
     blocks = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
     first: dict[str, str] = {}
     cores: dict[int, tuple[int, int]] = {}

@@ -266,8 +266,32 @@ def _calib(tmp_path, dtype="bf16", flops=1.23e12, bw=4.5e10):
     return save_calibration(spec, tmp_path / "sub" / "calib.json"), spec
 
 
-def test_resolve_nothing_known_is_none(clean_env):
-    assert resolve_peak("bf16") is None
+def test_resolve_on_a_cpu_machine_is_the_cpu_default(clean_env, tmp_path):
+    """No setting, no accelerator: the ISA peak (physical limit) of this CPU, labelled, with a bandwidth."""
+    clean_env.setenv("SERVING_MFU_CACHE_DIR", str(tmp_path))
+    spec = resolve_peak("bf16")
+    assert spec is not None and spec.source.startswith("ISA peak of ")
+    assert spec.isa_flops_per_s == spec.flops_per_s and spec.bandwidth_bytes_per_s > 0
+    assert "serving-mfu calibrate --dtype bf16" in spec.source
+
+
+def test_cpu_default_prefers_this_machines_cached_calibration(clean_env, tmp_path):
+    from serving_mfu.calibrate import cache_path
+    from serving_mfu.cpu_peak import IsaPeak
+
+    clean_env.setenv("SERVING_MFU_CACHE_DIR", str(tmp_path))
+    isa = IsaPeak(dtype="bf16", flops_per_s=5e11, cores=2, flops_per_cycle=64, clock_ghz=4.0, cpu="t", source="ISA t")
+    probe = lambda: (3e10, "probe")  # noqa: E731
+    first = hardware.cpu_default_peak("bf16", bandwidth_probe=probe, isa=lambda dt: isa)
+    assert (first.flops_per_s, first.bandwidth_bytes_per_s, first.isa_flops_per_s) == (5e11, 3e10, 5e11)
+    _, calibrated = _calib(tmp_path, flops=2e11, bw=4e10)
+    save_calibration(calibrated, cache_path("bf16"))
+    second = hardware.cpu_default_peak("bf16", bandwidth_probe=probe, isa=lambda dt: isa)
+    assert second.flops_per_s == 2e11 and second.source.startswith("measured by serving-mfu calibrate")
+    assert str(cache_path("bf16")) in second.source
+    assert hardware.cpu_default_peak("fp32", bandwidth_probe=probe, isa=lambda dt: isa).flops_per_s == 5e11
+    cache_path("bf16").write_text("{broken")  # an unreadable cache falls back on the ISA peak, never raises
+    assert hardware.cpu_default_peak("bf16", bandwidth_probe=probe, isa=lambda dt: isa).flops_per_s == 5e11
 
 
 def test_resolve_table_for_given_device(clean_env):
@@ -403,48 +427,114 @@ def test_calibrate_cpu_gives_sane_numbers(cpu_calibration):
     assert 1e8 < spec.bandwidth_bytes_per_s < 2e12  # no CPU socket copies at 2 TB/s
     assert spec.source.startswith("measured by serving-mfu calibrate on cpu")
     assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", spec.source)  # ISO time
-    assert re.search(r"(\d+)x\1x\1 fp32", spec.source)  # matrix size
+    assert re.search(r" in fp32 at \S*\d+", spec.source)  # winning kernel, dtype, shape
 
 
 class _FakeClock:
-    """A perf_counter that only moves when a fake operation says how long it took."""
+    """A clock that only moves when a fake kernel says how long it took."""
 
     def __init__(self):
         self.now = 0.0
 
-    def perf_counter(self):
+    def __call__(self):
         return self.now
 
 
-def test_matmul_bookkeeping_with_a_fake_clock(monkeypatch):
-    """On a device doing exactly RATE FLOP/s (2*n^3 per matmul), the measurement must report RATE,
-    the best repetition must win over slow ones, and the budget must be respected."""
-    import torch
+def _fake_kernel(clock, name, dtype, rate_at, calls=None, slow_every=0):
+    """A Kernel whose op at size n takes 2n³ / rate_at[n] seconds on `clock` (every `slow_every`-th call 5x)."""
+    from serving_mfu.calibrate import Kernel
 
-    from serving_mfu import calibrate as cal
+    calls = calls if calls is not None else []
 
-    rate, clock, calls = 3.7e11, _FakeClock(), []
-
-    def fake_op(_torch, _dev, _dt, n):
+    def build(n):
         def op():
             calls.append(n)
-            slow = 1.0 if len(calls) % 4 else 5.0  # every 4th call is preempted
-            clock.now += slow * 2 * n**3 / rate
-        return op
-
-    monkeypatch.setattr(cal, "time", clock)
-    monkeypatch.setattr(cal, "_matmul_op", fake_op)
-    flops, n, inner, reps = cal._measure_matmul(torch, torch.device("cpu"), "fp32", 1.0, lambda f: None)
-    assert flops == pytest.approx(rate, rel=1e-9)
-    assert n >= 256 and n & (n - 1) == 0 and reps >= 3 and inner >= 1
-    assert clock.now < 1.0 + 4 * 5 * inner * 2 * n**3 / rate  # stops after the budget, within one rep
+            slow = 5.0 if slow_every and len(calls) % slow_every == 0 else 1.0
+            clock.now += slow * 2 * n**3 / rate_at[n]
+        return op, 2.0 * n**3, f"{n}x{n}x{n}"
+    return Kernel(name, dtype, build)
 
 
-def test_copy_bookkeeping_with_a_fake_clock(monkeypatch):
+SIZES = (128, 256, 512, 1024, 2048)
+
+
+def test_sweep_reports_the_true_rate_and_the_best_repetition_wins():
+    """A device doing exactly RATE FLOP/s: every size reports RATE although every 4th call is preempted."""
+    from serving_mfu.calibrate import sweep_kernel
+
+    clock, rate = _FakeClock(), 3.7e11
+    k = _fake_kernel(clock, "torch.mm", "fp32", {n: rate for n in SIZES}, slow_every=4)
+    got = sweep_kernel(k, SIZES, 10.0, clock=clock, target_s=0.0)  # one call per repetition
+    assert got and all(r.flops_per_s == pytest.approx(rate, rel=1e-9) for r in got)
+    assert [r.n for r in got] == [128, 256, 512]  # flat: stops after PATIENCE sizes that did not raise it
+
+
+def test_sweep_goes_on_while_throughput_rises_and_sees_a_late_jump():
+    """Like torch.mm bf16 on an AVX-512 EPYC: flat at 1024, doubles at 2048 — one flat size is not the end."""
+    from serving_mfu.calibrate import best_result, sweep_kernel
+
+    clock = _FakeClock()
+    rates = {128: 1e10, 256: 4e10, 512: 5e10, 1024: 5.05e10, 2048: 9e10}
+    got = sweep_kernel(_fake_kernel(clock, "torch.mm", "bf16", rates), SIZES, 100.0, clock=clock)
+    assert [r.n for r in got] == list(SIZES)
+    assert best_result(got).n == 2048 and best_result(got).flops_per_s == pytest.approx(9e10)
+
+
+def test_sweep_stops_before_a_size_that_would_not_fit_the_budget():
+    """An emulated path at 0.1 GFLOP/s: 128³ takes 42 ms, 256³ would take 4 x 335 ms > the 0.5 s budget."""
+    from serving_mfu.calibrate import sweep_kernel
+
+    clock = _FakeClock()
+    got = sweep_kernel(_fake_kernel(clock, "torch.mm", "bf16", {n: 1e8 for n in SIZES}), SIZES, 0.5, clock=clock)
+    assert [r.n for r in got] == [128]
+    assert clock.now < 0.5
+
+
+def test_cpu_kernel_set_covers_the_fp32_path_for_bf16_and_fp16():
+    import torch
+
+    from serving_mfu.calibrate import engine_kernels
+
+    for dt in ("bf16", "fp16"):
+        names = {(k.name, k.dtype) for k in engine_kernels(torch, torch.device("cpu"), dt, include_vllm=False)}
+        assert names == {("torch.mm", dt), ("F.linear", dt), ("torch.mm", "fp32"), ("F.linear", "fp32")}
+    fp32 = {(k.name, k.dtype) for k in engine_kernels(torch, torch.device("cpu"), "fp32", include_vllm=False)}
+    assert fp32 == {("torch.mm", "fp32"), ("F.linear", "fp32")}
+
+
+def test_calibrate_takes_the_max_over_kernels_and_names_it():
+    """bf16 emulated (slow) beside a fast fp32 F.linear: the peak is the fp32 figure, and the source says so."""
+    clock = _FakeClock()
+    kernels = [
+        _fake_kernel(clock, "torch.mm", "bf16", {n: 2e9 for n in SIZES}),
+        _fake_kernel(clock, "F.linear", "bf16", {n: 1.1e10 for n in SIZES}),
+        _fake_kernel(clock, "torch.mm", "fp32", {128: 5e10, 256: 8e10, 512: 1.05e11, 1024: 1.0e11, 2048: 9e10}),
+        _fake_kernel(clock, "F.linear", "fp32", {128: 6e10, 256: 9e10, 512: 1.3e11, 1024: 1.2e11, 2048: 1.1e11}),
+    ]
+    spec = calibrate("bf16", duration_s=40.0, device="cpu", progress=False, kernels=kernels, clock=clock,
+                     isa_flops_per_s=2.816e11, measure_bandwidth=lambda: (4e10, 256 << 20, 3))
+    assert spec.flops_per_s == pytest.approx(1.3e11)
+    assert spec.flops_per_s == max(r.flops_per_s for r in spec.measurements)
+    assert "F.linear in fp32 at 512x512x512" in spec.source
+    assert spec.isa_flops_per_s == 2.816e11 and "ABOVE" not in spec.source
+    assert {r.kernel + " " + r.dtype for r in spec.measurements} == {
+        "torch.mm bf16", "F.linear bf16", "torch.mm fp32", "F.linear fp32"}
+    assert spec.bandwidth_bytes_per_s == 4e10
+
+
+def test_a_measurement_above_the_isa_peak_is_flagged():
+    clock = _FakeClock()
+    kernels = [_fake_kernel(clock, "torch.mm", "fp32", {n: 5e11 for n in SIZES})]
+    spec = calibrate("fp32", duration_s=10.0, device="cpu", progress=False, kernels=kernels, clock=clock,
+                     isa_flops_per_s=2e11, measure_bandwidth=lambda: (4e10, 256 << 20, 3))
+    assert "ABOVE the ISA peak 200.0 GFLOP/s" in spec.source
+
+
+def test_copy_bookkeeping_with_a_fake_clock():
     """A copy of S bytes on memory moving R bytes/s (read + write) takes 2S/R: the result must be R."""
     from types import SimpleNamespace
 
-    from serving_mfu import calibrate as cal
+    from serving_mfu.calibrate import measure_copy
 
     rate, clock = 4.2e10, _FakeClock()
 
@@ -460,10 +550,17 @@ def test_copy_bookkeeping_with_a_fake_clock(monkeypatch):
         ones=lambda numel, device, dtype: FakeTensor(numel),
         empty_like=lambda t: FakeTensor(t.nbytes // 4),
     )
-    monkeypatch.setattr(cal, "time", clock)
-    bandwidth, nbytes, reps = cal._measure_copy(fake_torch, SimpleNamespace(type="cpu"), 0.5, lambda f: None)
+    bandwidth, nbytes, reps = measure_copy(fake_torch, SimpleNamespace(type="cpu"), 0.5, clock=clock)
     assert bandwidth == pytest.approx(rate, rel=1e-9)
     assert nbytes >= 64 << 20 and reps >= 3
+
+
+def test_a_real_bf16_calibration_is_at_least_each_kernel_it_measured():
+    """On this CPU, in one run: bf16 and fp32 torch.mm and F.linear are all measured, and the peak is their max."""
+    spec = calibrate("bf16", duration_s=1.5, device="cpu", progress=False, include_vllm=False)
+    kinds = {(r.kernel, r.dtype) for r in spec.measurements}
+    assert {("torch.mm", "bf16"), ("F.linear", "bf16"), ("torch.mm", "fp32"), ("F.linear", "fp32")} <= kinds
+    assert spec.flops_per_s == max(r.flops_per_s for r in spec.measurements)
 
 
 def test_calibration_round_trips(cpu_calibration, tmp_path):
