@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 demo: $(STAMP)
 	$(BIN)/serving-mfu demo

@@ -61,7 +61,8 @@ class VLLMServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.served_name = served_name
         self.log_path = log_path
-        self.env = {**os.environ, "VLLM_PLUGINS": "serving_mfu", **(env or {})}
+        merged = {**os.environ, "VLLM_PLUGINS": "serving_mfu", **(env or {})}
+        self.env = {k: v for k, v in merged.items() if v is not None}  # None: unset it for the server
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                     "--served-model-name", served_name, "--scheduler-cls", "scheduler_hooks.MFUScheduler",
                     "--port", str(self.port), "--host", "127.0.0.1", "--enable-prefix-caching"]

@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from serving_mfu.model_spec import ConfigError, ModelSpec
@@ -137,7 +138,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         style = "bold red" if ratio > 1 else "green"
         console.print(f"[{style}]ISA peak (physical limit): {_si(peak.isa_flops_per_s, 'FLOP/s')}; measured = "
                       f"{100 * ratio:.0f}% of it{' — ABOVE the physical limit: the CPU table or clock is wrong' if ratio > 1 else ''}[/{style}]")
-    console.print(f"source: {peak.source}")
+    console.print(f"source: {escape(peak.source)}")
     for path in saved:
         console.print(f"saved to {path}")
     if on_cpu and not args.no_cache:
@@ -180,7 +181,7 @@ def print_report(report, title: str = "serving-mfu") -> None:
                  f"{_si(report.prefix_cache.saved_flops, 'FLOPs')}; recompute: {report.recompute.tokens} tokens")
     pk = report.peak
     lines.append(f"peak: {_si(pk.flops_per_s, 'FLOP/s')} × {pk.devices} ({pk.dtype}, {pk.device}) — "
-                 f"{pk.source or 'no peak: MFU unavailable'}")
+                 f"{escape(pk.source or 'no peak: MFU unavailable')}")
     if pk.credible is False:
         lines.append(f"[bold red]PEAK NOT CREDIBLE: {pk.verdict}.\nFix: {pk.fix}.[/bold red]")
     an = report.anomalies
@@ -282,7 +283,7 @@ def cmd_example(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from serving_mfu.demo import main_demo
 
-    return main_demo(args.out_dir, args.model, args.short)
+    return main_demo(args.out_dir, args.model, args.short, recalibrate=args.recalibrate)
 
 
 @command("compare-estimators")
@@ -399,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--prompt-len", type=int, default=13, help="oracle prefill length (default 13)")
     ce.add_argument("--markdown", action="store_true", help="print the README's markdown tables")
     ce.add_argument("--json", action="store_true")
-    d = sub.add_parser("demo", help="end-to-end demo: vLLM + the plugin + three load scenarios, prefill/decode MFU")
+    d = sub.add_parser("demo", help="end-to-end demo: vLLM + the plugin + five load scenarios (one on MoE), prefill/decode MFU")
     d.add_argument("--out-dir", default="demo-results", help="results JSON, plots, server log (default demo-results/)")
+    d.add_argument("--recalibrate", action="store_true", help="measure the CPU peak again instead of using the cache")
     d.add_argument("--model", help="serve this model instead of the embedded tiny one (on a GPU machine)")
     d.add_argument("--short", action="store_true", help="a quicker, smaller run (used by the test suite)")
     return p

@@ -334,7 +334,7 @@ def cpu_default_peak(
     cached = calibrate.cached_calibration(dt)
     if cached is not None:
         spec, path = cached
-        return spec.model_copy(update={"source": f"{spec.source} [cached in {path}]"})
+        return spec.model_copy(update={"source": f"{spec.source} (cached in {path})"})
     try:
         limit = (isa or cpu_peak.machine_isa_peak)(dt)
     except (OSError, ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,10 +13,11 @@ from serving_mfu.envutil import environ  # noqa: F401 (tests import it from here
 
 MODELS_ROOT = Path(os.environ.get("SERVING_MFU_MODELS", Path.home() / ".cache" / "serving-mfu" / "models"))
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-# A peak for the CPU engine in tests: what `serving-mfu calibrate` measures on the 2-core CI machine is
-# around 1e12 bf16 FLOP/s and 4e10 B/s; any fixed figure works for the invariants, the real one keeps
-# HFU honest (a tiny model is far below it).
-TEST_PEAK = {"SERVING_MFU_PEAK_FLOPS": "1e12", "SERVING_MFU_PEAK_BANDWIDTH": "4e10"}
+# The engine tests run on the CPU default peak, as a new user's engine would: no peak setting, and an
+# empty calibration cache, so the peak is this machine's ISA peak (serving_mfu.cpu_peak), whatever the CPU.
+DEFAULT_PEAK = {"SERVING_MFU_PEAK_FLOPS": None, "SERVING_MFU_PEAK_BANDWIDTH": None, "SERVING_MFU_DEVICE": None,
+                "SERVING_MFU_CALIBRATION": None,
+                "SERVING_MFU_CACHE_DIR": tempfile.mkdtemp(prefix="serving-mfu-empty-cache-")}
 
 
 def model_path(name: str = "tiny-llama-engine") -> str:
@@ -28,7 +30,7 @@ def llm_engine(publish_dir: Path, model: str = "tiny-llama-engine", env: dict[st
     """A `vllm.LLM` on the CPU with MFUScheduler, publishing to `publish_dir`; shut down after."""
     from vllm import LLM
 
-    settings = {"SERVING_MFU_DIR": str(publish_dir), **TEST_PEAK, **(env or {})}
+    settings = {"SERVING_MFU_DIR": str(publish_dir), **DEFAULT_PEAK, **(env or {})}
     args = dict(model=model_path(model), scheduler_cls="scheduler_hooks.MFUScheduler", enforce_eager=True,
                 gpu_memory_utilization=0.3, max_model_len=2048, disable_log_stats=False, seed=0)
     args.update(kwargs)

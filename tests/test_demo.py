@@ -14,16 +14,29 @@ def test_demo_short(demo_run) -> None:
     out, proc = demo_run
     assert "prefill" in proc.stdout.lower() and "MFU" in proc.stdout
     demo = json.loads((out / "results.json").read_text())
-    assert [s["scenario"]["name"] for s in demo["scenarios"]] == ["prefill-heavy", "decode-heavy", "mixed"]
-    assert demo["peak_source"].startswith("measured by serving-mfu calibrate")
+    names = [s["scenario"]["name"] for s in demo["scenarios"]]
+    assert names == ["prefill-heavy", "decode-heavy", "mixed", "sampled", "moe"]
+    # the peak: calibrated here, cached, found by the engine's default (no setting), below the physical limit
+    assert demo["peak_source"].startswith("measured by serving-mfu calibrate") and "(cached in" in demo["peak_source"]
+    assert 0 < demo["peak_flops_per_s"] <= demo["isa_flops_per_s"]
+    assert "peak used:" in proc.stdout and "ISA peak" in proc.stdout
     for s in demo["scenarios"]:
         r = s["result"]
         assert r["failed"] == 0 and r["completed"] == s["scenario"]["num_prompts"]
         mfu = r["mfu"]
         for phase in ("prefill", "decode"):
             assert 0 < mfu[phase]["mfu"] <= mfu[phase]["hfu"] <= 1, (s["scenario"]["name"], phase, mfu[phase])
-    decode_heavy = demo["scenarios"][1]["result"]["mfu"]
-    assert decode_heavy["spec_decode"]["accepted_tokens"] > 0
+        assert mfu["anomalies"]["hfu_over_1_iterations"] == 0 and mfu["peak"]["credible"] is True
+    assert "PEAK NOT CREDIBLE" not in proc.stdout
+    by_name = {s["scenario"]["name"]: s["result"]["mfu"] for s in demo["scenarios"]}
+    assert by_name["decode-heavy"]["spec_decode"]["accepted_tokens"] > 0
+    # sampled decoding rejects drafts: acceptance well below 100 %, so decode MFU is visibly below HFU
+    sampled = by_name["sampled"]
+    assert sampled["spec_decode"]["acceptance_rate"] < 0.95
+    assert sampled["decode"]["mfu"] < 0.97 * sampled["decode"]["hfu"]
+    # the MoE scenario reports experts per layer
+    moe = by_name["moe"]["moe"]
+    assert moe and len(moe["active_experts_per_layer"]) > 0 and "experts activated per MoE layer" in proc.stdout
     for png in ("phase_utilization.png", "mfu_timeseries.png"):
         assert (out / png).stat().st_size > 1000
     # the server it started is gone

@@ -15,7 +15,7 @@ import pytest
 from scheduler_hooks.server import VLLMServer, free_port, wait_http
 from serving_mfu.engine_models import CORPUS
 from serving_mfu.report import MFUReport
-from tests.engine_util import NGRAM, TEST_PEAK, assert_invariants, model_path
+from tests.engine_util import NGRAM, DEFAULT_PEAK, assert_invariants, model_path
 
 pytestmark = pytest.mark.engine
 FAIL_AT_STEP = 3
@@ -33,7 +33,7 @@ def _prom_value(text: str, name: str) -> float:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     publish = tmp / "publish"
-    env = {**TEST_PEAK, "SERVING_MFU_DIR": str(publish), "SERVING_MFU_FAIL_AT_STEP": str(FAIL_AT_STEP)}
+    env = {**DEFAULT_PEAK, "SERVING_MFU_DIR": str(publish), "SERVING_MFU_FAIL_AT_STEP": str(FAIL_AT_STEP)}
     with VLLMServer(model_path(), tmp / "server.log", env=env, speculative_config=NGRAM) as srv:
         base = srv.base_url
         prompts = [CORPUS[i * 90: i * 90 + 600] for i in range(3)] + ["the engine engine and the engine"]
@@ -51,7 +51,11 @@ def test_report_served_with_its_schema(server) -> None:
     assert r.status_code == 200, r.text
     report = MFUReport.model_validate(r.json())
     assert report.prefill.tokens > 0 and report.decode.tokens > 0
-    assert report.peak.source == "override"
+    # no peak setting: the CPU default, the ISA peak of this machine, says where it came from
+    assert report.peak.source.startswith("ISA peak of ") and report.peak.isa_flops_per_s == report.peak.flops_per_s
+    assert report.peak.credible is True
+    for phase in (report.prefill, report.decode):
+        assert phase.mfu is not None and phase.mbu is not None and 0 < phase.mfu <= phase.hfu <= 1
     assert_invariants(report)
     schema = httpx.get(server["base"] + "/openapi.json", timeout=10).json()
     assert "/metrics/mfu" in schema["paths"] and "MFUReport" in schema["components"]["schemas"]

@@ -366,10 +366,10 @@ def test_real_hook_on_the_cpu_engine_publishes_the_reason(tmp_path) -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     from scheduler_hooks.hook import MFUHook
-    from tests.engine_util import TEST_PEAK, environ, model_path
+    from tests.engine_util import DEFAULT_PEAK, environ, model_path
 
     config = EngineArgs(model=model_path(), enforce_eager=True, max_model_len=512).create_engine_config()
-    with environ({**TEST_PEAK, "SERVING_MFU_DIR": str(tmp_path)}):
+    with environ({**DEFAULT_PEAK, "SERVING_MFU_DIR": str(tmp_path)}):
         hook = MFUHook(config)
     try:
         if hook.gpu.available:

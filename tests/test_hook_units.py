@@ -75,11 +75,11 @@ def hook(tmp_path_factory):
     from vllm.engine.arg_utils import EngineArgs
 
     from scheduler_hooks.hook import MFUHook
-    from tests.engine_util import TEST_PEAK, environ, model_path
+    from tests.engine_util import DEFAULT_PEAK, environ, model_path
 
     publish = tmp_path_factory.mktemp("publish")
     config = EngineArgs(model=model_path(), enforce_eager=True, max_model_len=512).create_engine_config()
-    with environ({**TEST_PEAK, "SERVING_MFU_DIR": str(publish)}):
+    with environ({**DEFAULT_PEAK, "SERVING_MFU_DIR": str(publish)}):
         h = MFUHook(config)
     yield h
     h.close()
