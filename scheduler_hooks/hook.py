@@ -11,7 +11,8 @@ Settings (environment, read at engine start):
   SERVING_MFU_TIME_SPLIT  shapley (default) or flop_proportional
   SERVING_MFU_TRACE       path: also write every iteration record to this JSONL trace
   SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS, SERVING_MFU_PEAK_BANDWIDTH, SERVING_MFU_CALIBRATION
-                          the peak (serving_mfu.hardware.resolve_peak)
+                          the peak (serving_mfu.hardware.resolve_peak); with none of them on a CPU,
+                          the calibration cached under SERVING_MFU_CACHE_DIR, else the ISA peak
   SERVING_MFU_GPU_SAMPLE_S  GPU-Util / SM-activity sampling interval (default 0.1 s; 0 turns it off)
   SERVING_MFU_GPU_DEVICES   NVML indices or UUIDs to sample (default: this engine's devices)
   SERVING_MFU_FAIL_AT_STEP  testing aid: the hook raises once, at that step, after recording it

@@ -19,6 +19,9 @@ Wall MFU divides by the clock (idle included, 0 when idle), like the live window
 `/metrics/mfu`.  `serving_mfu_wall_capacity_flops_total` is the cumulative form (it accrues
 at iteration ends, so trailing idle time counts only once the next iteration ends).  An
 engine without a peak adds FLOPs but no capacity: watch `serving_mfu_anomalies_total`.
+`serving_mfu_peak_credible` is 0 for an engine whose executed work exceeded its peak (HFU > 1,
+serving_mfu.verdict): its MFU is not trustworthy; `serving_mfu:peak_credible:min` (by model)
+is the one to alert on.
 
 deploy/prometheus/serving_mfu_rules.yml records these as `serving_mfu:<figure>:ratio_rate1m`
 (by model[, phase]), `serving_mfu_instance:…` (by instance too) and `serving_mfu_fleet:…`

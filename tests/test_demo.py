@@ -61,8 +61,20 @@ def test_demo_stops_its_server_when_interrupted(tmp_path) -> None:
     import time
     from pathlib import Path
 
+    import os
+
+    from serving_mfu.calibrate import cache_path, save_calibration
+    from serving_mfu.hardware import cpu_default_peak
+
+    # a calibration already cached (as after a first `make demo`): the demo goes straight to the server
+    from tests.engine_util import environ
+
+    env = {**os.environ, "SERVING_MFU_CACHE_DIR": str(tmp_path / "cache")}
+    with environ({"SERVING_MFU_CACHE_DIR": env["SERVING_MFU_CACHE_DIR"]}):
+        save_calibration(cpu_default_peak("bf16"), cache_path("bf16"))
     proc = subprocess.Popen([str(Path(sys.executable).with_name("serving-mfu")), "demo", "--short", "--out-dir",
-                             str(tmp_path / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(tmp_path / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     port = None
     deadline = time.time() + 600
     lines = []

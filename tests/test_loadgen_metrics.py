@@ -151,3 +151,21 @@ def test_spec_decode_acceptance_shows_in_the_summary(stub):
     print_summary(r, console)
     assert "acceptance rate" in console.export_text()
     assert np.isclose(r.tokens_per_chunk, 9 / 3)
+
+
+def test_a_peak_below_the_work_turns_the_summary_red_and_says_the_fix():
+    """The stub's fake engine against a peak of 1 kFLOP/s: HFU far above 1, shown as is, with the verdict."""
+    from rich.console import Console
+
+    from loadgen.runner import run_benchmark_sync
+    from loadgen.summary import print_summary
+
+    with StubThread(StubConfig(ttft_s=0.01, tokens_per_s=200, fake_mfu=True, fake_peak_flops_per_s=1e3)) as s:
+        r = run_benchmark_sync(RunConfig(base_url=s.url, num_prompts=2, output={"mean": 4}, mfu_settle_s=0.05,
+                                         quiet=True))
+    assert r.mfu.overall.hfu > 1  # never clamped
+    assert r.mfu.peak.credible is False and "not an upper bound" in r.mfu.peak.verdict
+    console = Console(record=True, width=200)
+    print_summary(r, console)
+    text = console.export_text()
+    assert "PEAK NOT CREDIBLE" in text and "Fix:" in text
