@@ -50,9 +50,9 @@ from serving_mfu.records import FastSlice
 HOOKED_SCHEDULER = "scheduler_hooks.MFUScheduler"
 PLAIN_SCHEDULER = "vllm.v1.core.sched.scheduler.Scheduler"
 SCHEDULER_PATH = "llm.llm_engine.engine_core.engine_core.scheduler"
-# A peak for the CPU engine when none is configured, so the hooked engine does its full work (MFU,
-# MBU, HFU checks) rather than the cheaper no-peak path.  Roughly what `serving-mfu calibrate` finds
-# on a 2-core machine; it only has to exist, its value does not change the cost.
+# A fixed peak for the CPU engine when none is configured, so every run does the same full work (MFU,
+# MBU, HFU checks) and skips the CPU default's engine-start bandwidth reading; it only has to exist,
+# its value does not change the cost.
 DEFAULT_PEAK = {"SERVING_MFU_PEAK_FLOPS": "1e12", "SERVING_MFU_PEAK_BANDWIDTH": "4e10"}
 PEAK_SETTINGS = ("SERVING_MFU_DEVICE", "SERVING_MFU_PEAK_FLOPS", "SERVING_MFU_PEAK_BANDWIDTH",
                  "SERVING_MFU_CALIBRATION")
