@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Idempotent: re-runs only when pyproject.toml or this Makefile changed.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "torch==2.13.0+cpu" -e ".[cpu,dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check "torch==2.13.0+cpu" -e ".[cpu,dev,tools,notebook]"
 	@# The registry's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` with CPU torch.
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)

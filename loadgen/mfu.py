@@ -15,8 +15,8 @@ import time
 import httpx
 from pydantic import BaseModel, Field
 
-from serving_mfu.report import MFUReport
-from serving_mfu.transport import Totals
+from serving_mfu.runtime.report import MFUReport
+from serving_mfu.runtime.transport import Totals
 
 
 class MFUPoint(BaseModel):

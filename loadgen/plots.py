@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from loadgen.sweep import SweepSummary  # noqa: E402
+from loadgen.results import SweepSummary  # noqa: E402
 
 LABELS = {"request_rate": "request rate (req/s)", "concurrency": "concurrency (requests in flight)"}
 

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from loadgen.config import RunConfig
 from loadgen.mfu import MFUPoint, RunMFU
 from loadgen.records import RequestRecord
-from serving_mfu.report import (AnomalyReport, GpuUtilReport, ModelReport, MoEReport, OverallReport, PeakReport,
-                                PhaseReport, PrefixCacheReport, SpecDecodeReport)
+from serving_mfu.runtime.report import (
+    AnomalyReport,
+    GpuUtilReport,
+    ModelReport,
+    MoEReport,
+    OverallReport,
+    PeakReport,
+    PhaseReport,
+    PrefixCacheReport,
+    SpecDecodeReport,
+)
 
 
 class LatencyStats(BaseModel):
@@ -93,3 +104,30 @@ class RunResult(BaseModel):
     mfu_error: str | None = None
     records: list[RequestRecord] = Field(default_factory=list, exclude=True,
                                          description="per-request records (API only; --requests-out writes them)")
+
+
+# ---------------------------------------------------------------- sweeps (loadgen.sweep writes them)
+Mode = Literal["request_rate", "concurrency"]
+
+
+class SweepPoint(BaseModel):
+    """One load point's headline figures (the full result is in `file`)."""
+
+    load: float
+    file: str
+    completed: int
+    failed: int
+    request_throughput: float
+    output_throughput: float
+    goodput: float | None
+    ttft_s: LatencyStats
+    tpot_s: LatencyStats
+    itl_s: LatencyStats
+    e2e_s: LatencyStats
+    utilization: dict[str, float | None]  # "<prefill|decode>_<mfu|hfu|mbu>"
+    acceptance_rate: float | None
+
+
+class SweepSummary(BaseModel):
+    mode: Mode
+    points: list[SweepPoint]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from serving_mfu.counters import Counters
-from serving_mfu.report import ModelReport, PeakReport
-from serving_mfu.transport import Totals
+from serving_mfu.runtime.counters import Counters
+from serving_mfu.runtime.report import ModelReport, PeakReport
+from serving_mfu.runtime.transport import Totals
 
 
 class FakeEngine:

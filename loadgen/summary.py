@@ -9,15 +9,9 @@ from rich.table import Table
 from rich.text import Text
 
 from loadgen.results import LatencyStats, RunResult
-from serving_mfu.report import PeakReport
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
-def _ms(x: float | None) -> str:
-    return "—" if x is None else f"{1000 * x:.1f}"
+from serving_mfu.runtime.report import PeakReport
+from serving_mfu.serve.format import ms as _ms
+from serving_mfu.serve.format import pct as _pct
 
 
 def _num(x: float | None, fmt: str = ".2f") -> str:

@@ -8,38 +8,11 @@ Files: DIR/point-<x>.json per point, DIR/summary.json, DIR/mfu_vs_load.png, DIR/
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel
 
 from loadgen.config import RunConfig
-from loadgen.results import LatencyStats, RunResult
+from loadgen.plots import plot_latency, plot_mfu
+from loadgen.results import Mode, RunResult, SweepPoint, SweepSummary
 from loadgen.runner import run_benchmark
-
-Mode = Literal["request_rate", "concurrency"]
-
-
-class SweepPoint(BaseModel):
-    """One load point's headline figures (the full result is in `file`)."""
-
-    load: float
-    file: str
-    completed: int
-    failed: int
-    request_throughput: float
-    output_throughput: float
-    goodput: float | None
-    ttft_s: LatencyStats
-    tpot_s: LatencyStats
-    itl_s: LatencyStats
-    e2e_s: LatencyStats
-    utilization: dict[str, float | None]  # "<prefill|decode>_<mfu|hfu|mbu>"
-    acceptance_rate: float | None
-
-
-class SweepSummary(BaseModel):
-    mode: Mode
-    points: list[SweepPoint]
 
 
 def point_config(base: RunConfig, mode: Mode, load: float, out_dir: Path) -> RunConfig:
@@ -77,7 +50,6 @@ async def run_sweep(base: RunConfig, mode: Mode, loads: list[float], out_dir: st
     summary = SweepSummary(mode=mode, points=points)
     (out / "summary.json").write_text(summary.model_dump_json(indent=2))
     if plots:
-        from loadgen.plots import plot_latency, plot_mfu
         plot_mfu(summary, out / "mfu_vs_load.png")
         plot_latency(summary, out / "latency_vs_load.png")
     return summary, results

@@ -13,8 +13,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from serving_mfu.api import build_router, mount_first
-from serving_mfu.transport import SnapshotReader
+from serving_mfu.runtime.transport import SnapshotReader
+from serving_mfu.serve.api import build_router, mount_first
+from serving_mfu.serve.prometheus import register
 
 log = logging.getLogger("serving_mfu.endpoint")
 
@@ -32,7 +33,6 @@ class MFUEndpointPlugin:
         reader = SnapshotReader(parent_pid=os.getpid())
         state.serving_mfu_reader = reader
         try:
-            from serving_mfu.prometheus import register
 
             register(reader)
         except Exception:  # metrics are extra: never stop the server for them

@@ -1,8 +1,8 @@
 """What the accounting needs from a vLLM engine's configuration: model spec, devices, dtype, peak.
 
 Devices per engine are TP × PP (one engine per data-parallel rank); the compute dtype follows
-the model's dtype and quantization (serving_mfu.quantization); the KV-cache dtype comes from
-`--kv-cache-dtype`; the peak from serving_mfu.hardware.resolve_peak (override, calibration
+the model's dtype and quantization (serving_mfu.model.quantization); the KV-cache dtype comes from
+`--kv-cache-dtype`; the peak from serving_mfu.peaks.table.resolve_peak (override, calibration
 file, table row of the detected device).
 """
 
@@ -12,9 +12,11 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
-from serving_mfu.hardware import PeakSpec, resolve_peak
-from serving_mfu.model_spec import ModelSpec
-from serving_mfu.quantization import weight_bits_and_compute_dtype
+from serving_mfu.cost.drafter import FREE_METHODS
+from serving_mfu.model.quantization import weight_bits_and_compute_dtype
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.peaks.resolve import resolve_peak
+from serving_mfu.peaks.spec import PeakSpec
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def engine_info(vllm_config: Any) -> EngineInfo:
         method = str(sc.method)
         k = int(sc.num_speculative_tokens or 0)
         dmc = getattr(sc, "draft_model_config", None)
-        if dmc is not None and method not in ("ngram", "suffix", "ngram_gpu"):
+        if dmc is not None and method not in FREE_METHODS:
             try:
                 dcfg = _config_dict(dmc.hf_config)
                 dcfg["torch_dtype"] = act

@@ -7,11 +7,11 @@ has applied the step) adds accepted and delivered tokens and the MoE routing, an
 record to the tracker, whose snapshots a background thread publishes.
 
 Settings (environment, read at engine start):
-  SERVING_MFU_DIR         folder the snapshots are published to (serving_mfu.transport)
+  SERVING_MFU_DIR         folder the snapshots are published to (serving_mfu.runtime.transport)
   SERVING_MFU_TIME_SPLIT  shapley (default) or flop_proportional
   SERVING_MFU_TRACE       path: also write every iteration record to this JSONL trace
   SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS, SERVING_MFU_PEAK_BANDWIDTH, SERVING_MFU_CALIBRATION
-                          the peak (serving_mfu.hardware.resolve_peak); with none of them on a CPU,
+                          the peak (serving_mfu.peaks.table.resolve_peak); with none of them on a CPU,
                           the calibration cached under SERVING_MFU_CACHE_DIR, else the ISA peak
   SERVING_MFU_GPU_SAMPLE_S  GPU-Util / SM-activity sampling interval (default 0.1 s; 0 turns it off)
   SERVING_MFU_GPU_DEVICES   NVML indices or UUIDs to sample (default: this engine's devices)
@@ -28,16 +28,15 @@ import threading
 import time
 from typing import Any
 
-from serving_mfu.accounting import CostModel
-from serving_mfu.drafter import FREE_METHODS, drafter_cost
-from serving_mfu.gpu_util import sampler_for_engine
-from serving_mfu.records import DrafterRecord, FastRecord
-from serving_mfu.report import ModelReport
-from serving_mfu.trace import TraceHeader, TraceWriter
-from serving_mfu.tracker import MFUTracker
-from serving_mfu.transport import SnapshotWriter
-
 from scheduler_hooks.engine_info import engine_info
+from serving_mfu.cost.accounting import CostModel
+from serving_mfu.cost.drafter import drafter_cost
+from serving_mfu.runtime.gpu_util import sampler_for_engine
+from serving_mfu.runtime.records import DrafterRecord, FastRecord
+from serving_mfu.runtime.report import ModelReport
+from serving_mfu.runtime.trace import TraceHeader, TraceWriter
+from serving_mfu.runtime.tracker import MFUTracker
+from serving_mfu.runtime.transport import SnapshotWriter
 
 log = logging.getLogger("serving_mfu.hook")
 

@@ -1,0 +1,18 @@
+"""serving-mfu: Model FLOPs Utilization of LLM inference serving, separately for prefill and decode.
+
+Layers, each importing only those below it (README, "Architecture"):
+  model/    a model's shape from its config         cost/   FLOPs, bytes, classification, time split
+  peaks/    datasheet table, ISA peak, calibration   runtime/ records, counters, tracker, snapshots, report
+  serve/    HTTP API, Prometheus, monitor, formats   tools/  CLI, demo, benches, analysis (never imported here)
+"""
+
+from serving_mfu.cost.accounting import CostModel
+from serving_mfu.model import ConfigError, ModelSpec
+from serving_mfu.peaks.resolve import resolve_peak
+from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime.records import IterationRecord, Slice
+from serving_mfu.runtime.report import MFUReport
+from serving_mfu.runtime.tracker import MFUTracker
+
+__all__ = ["ConfigError", "CostModel", "IterationRecord", "MFUReport", "MFUTracker", "ModelSpec", "PeakSpec",
+           "Slice", "resolve_peak"]

@@ -8,13 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from serving_mfu.engine_models import ensure_model
-from serving_mfu.envutil import environ  # noqa: F401 (tests import it from here)
+from serving_mfu.tools.engine_models import ensure_model
+from serving_mfu.tools.envutil import environ  # noqa: F401 (tests import it from here)
 
 MODELS_ROOT = Path(os.environ.get("SERVING_MFU_MODELS", Path.home() / ".cache" / "serving-mfu" / "models"))
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 # The engine tests run on the CPU default peak, as a new user's engine would: no peak setting, and an
-# empty calibration cache, so the peak is this machine's ISA peak (serving_mfu.cpu_peak), whatever the CPU.
+# empty calibration cache, so the peak is this machine's ISA peak (serving_mfu.peaks.cpu), whatever the CPU.
 DEFAULT_PEAK = {"SERVING_MFU_PEAK_FLOPS": None, "SERVING_MFU_PEAK_BANDWIDTH": None, "SERVING_MFU_DEVICE": None,
                 "SERVING_MFU_CALIBRATION": None,
                 "SERVING_MFU_CACHE_DIR": tempfile.mkdtemp(prefix="serving-mfu-empty-cache-")}
@@ -57,7 +57,7 @@ def vllm_counters(llm: Any) -> dict[str, float]:
 def measured_generate(llm: Any, publish_dir: Path, prompts: list[str], params: Any) -> tuple[Any, dict, Any, Any]:
     """Run `llm.generate` and return (our report of just that call, the increase of each of vLLM's
     own counters over it, the outputs, the monitor)."""
-    from serving_mfu.monitor import MFUMonitor
+    from serving_mfu.serve.monitor import MFUMonitor
 
     before = vllm_counters(llm)
     with MFUMonitor(publish_dir) as mon:

@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ATTENTION_SCORES = "attention_scores"
 LM_HEAD = "lm_head"
 
-from serving_mfu.compare import ATTENTION_OPS, LINEAR_OPS  # noqa: E402  (one list of aten ops)
+from serving_mfu.tools.compare import ATTENTION_OPS, LINEAR_OPS  # noqa: E402  (one list of aten ops)
 
 _ATTN_PROJ = {
     "q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "o_proj",

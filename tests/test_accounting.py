@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from serving_mfu.accounting import CostModel, cost_iteration
-from serving_mfu.model_spec import ModelSpec
-from serving_mfu.records import IterationRecord, Slice
-from serving_mfu.tracker import MFUTracker, busy_and_wall_s
+from serving_mfu.cost.accounting import CostModel, cost_iteration
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.runtime.records import IterationRecord, Slice
+from serving_mfu.runtime.tracker import MFUTracker, busy_and_wall_s
 from tests.reference import reference_costs
 
 LLAMA = {
@@ -184,7 +184,7 @@ def test_busy_time_excludes_idle_and_overlap() -> None:
 
 def test_tracker_windows_and_never_raising() -> None:
     spec = ModelSpec.from_hf_config(LLAMA)
-    from serving_mfu.hardware import PeakSpec
+    from serving_mfu.peaks.spec import PeakSpec
 
     peak = PeakSpec(device="test", dtype="bf16", flops_per_s=1e13, bandwidth_bytes_per_s=1e11, source="test")
     t = MFUTracker(spec, peak, clock=None, bucket_s=1.0, max_window_s=100)
@@ -208,8 +208,8 @@ def test_tracker_windows_and_never_raising() -> None:
 
 def test_data_parallel_engines_aggregate_by_capacity() -> None:
     """Two engines' counters add up; MFU divides by each engine's own seconds × peak × devices."""
-    from serving_mfu.hardware import PeakSpec
-    from serving_mfu.report import build_report
+    from serving_mfu.peaks.spec import PeakSpec
+    from serving_mfu.runtime.report import build_report
 
     spec = ModelSpec.from_hf_config(LLAMA)
     peak = PeakSpec(device="t", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")

@@ -12,8 +12,8 @@ import os
 import pytest
 from rich.console import Console
 
-from serving_mfu.bench_overhead import OverheadReport, bench_overhead, print_overhead
-from serving_mfu.cli import build_parser
+from serving_mfu.tools.bench_overhead import OverheadReport, bench_overhead, print_overhead
+from serving_mfu.tools.cli import build_parser
 
 pytestmark = pytest.mark.engine
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from serving_mfu.accounting import CostModel, cost_iteration
-from serving_mfu.bytes_model import ByteModel, expected_active_experts
-from serving_mfu.model_spec import ModelSpec
-from serving_mfu.records import IterationRecord, Slice
-from serving_mfu.tiny_models import build_hf_model, tiny_config
+from serving_mfu.cost.accounting import CostModel, cost_iteration
+from serving_mfu.cost.bytes import ByteModel, expected_active_experts
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.runtime.records import IterationRecord, Slice
+from serving_mfu.tools.tiny_models import build_hf_model, tiny_config
 
 MODELS = ["tiny-llama", "tiny-llama-hd", "tiny-gemma", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-mixtral",
           "tiny-deepseek-v3"]

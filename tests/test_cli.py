@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from serving_mfu.public_configs import PUBLIC_CONFIGS
-from serving_mfu.records import IterationRecord, Slice
-from serving_mfu.trace import TraceHeader, TraceWriter
+from serving_mfu.runtime.records import IterationRecord, Slice
+from serving_mfu.runtime.trace import TraceHeader, TraceWriter
+from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 from tests.test_accounting import LLAMA
 
 EXE = str(Path(sys.executable).with_name("serving-mfu"))

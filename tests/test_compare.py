@@ -1,4 +1,4 @@
-"""The estimator comparison (serving_mfu/compare.py, `serving-mfu compare-estimators`).
+"""The estimator comparison (serving_mfu/tools/compare.py, `serving-mfu compare-estimators`).
 
 - ours in the comparison is exactly `FlopModel.slice_breakdown`'s total;
 - the other estimators' numbers are the estimator functions' own, and every relative error
@@ -20,12 +20,21 @@ from pathlib import Path
 
 import pytest
 
-from serving_mfu.compare import (DEFAULT_POINTS, ESTIMATORS, Comparison, compare_estimators, comparison_markdown,
-                                 oracle_check, parse_points, rel_error, scaled_down_config)
-from serving_mfu.estimators import s2_attention_flops, six_nd_flops, vllm_perf_flops
-from serving_mfu.flops import ATTENTION_SCORES, LM_HEAD, FlopModel
-from serving_mfu.model_spec import ModelSpec
-from serving_mfu.public_configs import PUBLIC_CONFIGS
+from serving_mfu.cost.flops import ATTENTION_SCORES, LM_HEAD, FlopModel
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.tools.compare import (
+    DEFAULT_POINTS,
+    ESTIMATORS,
+    Comparison,
+    compare_estimators,
+    comparison_markdown,
+    oracle_check,
+    parse_points,
+    rel_error,
+    scaled_down_config,
+)
+from serving_mfu.tools.estimators import s2_attention_flops, six_nd_flops, vllm_perf_flops
+from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 
 EXE = str(Path(sys.executable).with_name("serving-mfu"))
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -147,7 +156,7 @@ def test_oracle_exact_on_scaled_down_shapes(name: str) -> None:
 def test_oracle_agrees_with_the_test_suite_oracle(name: str) -> None:
     """compare.py's op-level oracle and tests/flop_oracle.py's module-level one count the same."""
     pytest.importorskip("transformers")
-    from serving_mfu.tiny_models import build_hf_model
+    from serving_mfu.tools.tiny_models import build_hf_model
     from tests.flop_oracle import oracle_prefill_decode
 
     cfg = scaled_down_config(PUBLIC_CONFIGS[name])
@@ -168,7 +177,7 @@ def test_oracle_agrees_with_the_test_suite_oracle(name: str) -> None:
 def test_oracle_catches_a_wrong_count(monkeypatch) -> None:
     """The check is not vacuous: a FLOP model one FLOP off in the MLP fails it."""
     pytest.importorskip("transformers")
-    from serving_mfu import compare
+    from serving_mfu.tools import compare
 
     class OffByOne(FlopModel):
         def slice_breakdown(self, new_tokens, context_len, logits_tokens=1):

@@ -1,6 +1,6 @@
 """The ISA peak on fixture CPUs (cpuinfo, cgroup and cpufreq files of real machine types), whatever CPU runs the tests.
 
-Expected figures are worked out by hand from the vendors' documents named in serving_mfu.cpu_peak:
+Expected figures are worked out by hand from the vendors' documents named in serving_mfu.peaks.cpu:
 cores × (FMA units × lanes × 2) × clock.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from serving_mfu.cpu_peak import (
+from serving_mfu.peaks.cpu import (
     isa_peak,
     machine_isa_peak,
     machine_key,

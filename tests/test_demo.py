@@ -55,16 +55,15 @@ def test_demo_short(demo_run) -> None:
 
 def test_demo_stops_its_server_when_interrupted(tmp_path) -> None:
     """Ctrl-C while the demo runs its load: exit status 130 and no vLLM server left behind."""
+    import os
     import signal
     import subprocess
     import sys
     import time
     from pathlib import Path
 
-    import os
-
-    from serving_mfu.calibrate import cache_path, save_calibration
-    from serving_mfu.hardware import cpu_default_peak
+    from serving_mfu.peaks.calibrate import cache_path, save_calibration
+    from serving_mfu.peaks.resolve import cpu_default_peak
 
     # a calibration already cached (as after a first `make demo`): the demo goes straight to the server
     from tests.engine_util import environ

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from serving_mfu.worked_example import worked_example_markdown
+from serving_mfu.tools.worked_example import worked_example_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

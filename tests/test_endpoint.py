@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from scheduler_hooks.server import VLLMServer, free_port, wait_http
-from serving_mfu.engine_models import CORPUS
-from serving_mfu.report import MFUReport
-from tests.engine_util import NGRAM, DEFAULT_PEAK, assert_invariants, model_path
+from serving_mfu.runtime.report import MFUReport
+from serving_mfu.tools.engine_models import CORPUS
+from tests.engine_util import DEFAULT_PEAK, NGRAM, assert_invariants, model_path
 
 pytestmark = pytest.mark.engine
 FAIL_AT_STEP = 3

@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from serving_mfu.engine_models import CORPUS
-from serving_mfu.monitor import MFUMonitor
-from serving_mfu.trace import read_trace
+from serving_mfu.runtime.trace import read_trace
+from serving_mfu.serve.monitor import MFUMonitor
+from serving_mfu.tools.engine_models import CORPUS
 from tests.engine_util import NGRAM, assert_invariants, llm_engine, measured_generate
 
 pytestmark = pytest.mark.engine
@@ -89,7 +89,7 @@ def test_invariants_in_every_section_and_window(run) -> None:
 
 
 def test_trace_replays_to_the_same_totals(run) -> None:
-    from serving_mfu.trace import replay
+    from serving_mfu.runtime.trace import replay
 
     assert run["header"] is not None and run["header"].hf_config["model_type"] == "llama"
     report, errors = replay(run["trace_path"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving_mfu.engine_models import CORPUS
+from serving_mfu.tools.engine_models import CORPUS
 from tests.engine_util import assert_invariants, llm_engine, measured_generate
 
 pytestmark = pytest.mark.engine

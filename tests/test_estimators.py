@@ -1,4 +1,4 @@
-"""Tests for the alternative FLOP estimators (serving_mfu/estimators.py).
+"""Tests for the alternative FLOP estimators (serving_mfu/tools/estimators.py).
 
 Parameter counts are checked against transformers' real models built from tiny configs;
 vLLM's estimator is checked to run and to match its documented shape (q * c attention,
@@ -11,7 +11,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from serving_mfu.estimators import count_params, s2_attention_flops, six_nd_flops, vllm_perf_flops  # noqa: E402
+from serving_mfu.tools.estimators import count_params, s2_attention_flops, six_nd_flops, vllm_perf_flops  # noqa: E402
 
 BASE = dict(
     hidden_size=64,
@@ -206,6 +206,6 @@ def test_vllm_perf_returns_none_without_vllm(monkeypatch, caplog):
 
     monkeypatch.setitem(sys.modules, "vllm.v1.metrics.perf", None)  # import raises ImportError
     cfg = transformers.LlamaConfig(**BASE).to_dict()
-    with caplog.at_level("WARNING", logger="serving_mfu.estimators"):
+    with caplog.at_level("WARNING", logger="serving_mfu.tools.estimators"):
         assert vllm_perf_flops(cfg, 1, 10) is None
     assert "not importable" in caplog.text

@@ -1,6 +1,6 @@
 """The analytic FLOP model against an independent count (DESIGN §9).
 
-Tiny HF models (`serving_mfu.tiny_models`) run a prefill of s tokens with `logits_to_keep=1`
+Tiny HF models (`serving_mfu.tools.tiny_models`) run a prefill of s tokens with `logits_to_keep=1`
 and one decode step on the KV cache, under `torch.utils.flop_counter.FlopCounterMode`
 (`tests/flop_oracle.py` attributes each FLOP to a component by module name).  Expected:
 
@@ -21,10 +21,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from serving_mfu.components import COMPONENTS  # noqa: E402
-from serving_mfu.flops import ATTENTION_SCORES, LM_HEAD, FlopModel, causal_pairs  # noqa: E402
-from serving_mfu.model_spec import ModelSpec  # noqa: E402
-from serving_mfu.tiny_models import TINY_CONFIGS, build_hf_model, tiny_config  # noqa: E402
+from serving_mfu.cost.flops import ATTENTION_SCORES, LM_HEAD, FlopModel, causal_pairs  # noqa: E402
+from serving_mfu.model.components import COMPONENTS  # noqa: E402
+from serving_mfu.model.spec import ModelSpec  # noqa: E402
+from serving_mfu.tools.tiny_models import TINY_CONFIGS, build_hf_model, tiny_config  # noqa: E402
 
 try:  # tests/ may or may not be a package
     from .flop_oracle import LINEAR_OPS, OracleResult, count_forward, oracle_prefill_decode

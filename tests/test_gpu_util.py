@@ -1,4 +1,4 @@
-"""GPU-Util and SM activity beside MFU (serving_mfu.gpu_util), against a fake NVML: means over windows
+"""GPU-Util and SM activity beside MFU (serving_mfu.runtime.gpu_util), against a fake NVML: means over windows
 are differences of cumulative sums, GPM is optional, every failure is a reason or a count, never an
 exception, and the section reaches /metrics/mfu, /metrics/mfu/counters, Prometheus and loadgen results."""
 
@@ -12,15 +12,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from serving_mfu import gpu_util as gu
-from serving_mfu.counters import Counters
-from serving_mfu.gpu_util import (GpuUtilSampler, aggregate_status, engine_device_ids, parse_interval,
-                                  sampler_for_engine)
-from serving_mfu.hardware import PeakSpec
-from serving_mfu.model_spec import ModelSpec
-from serving_mfu.report import GPU_UTIL_NOTE, GpuUtilStatus, MFUReport, gpu_util_report
-from serving_mfu.tracker import MFUTracker
-from serving_mfu.transport import EngineSnapshot, SnapshotReader, SnapshotWriter, Totals
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime import gpu_util as gu
+from serving_mfu.runtime.counters import Counters
+from serving_mfu.runtime.gpu_util import (
+    GpuUtilSampler,
+    aggregate_status,
+    engine_device_ids,
+    parse_interval,
+    sampler_for_engine,
+)
+from serving_mfu.runtime.report import GPU_UTIL_NOTE, GpuUtilStatus, MFUReport, gpu_util_report
+from serving_mfu.runtime.tracker import MFUTracker
+from serving_mfu.runtime.transport import EngineSnapshot, SnapshotReader, SnapshotWriter, Totals
 from tests.test_accounting import LLAMA
 
 PEAK = PeakSpec(device="t", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")
@@ -496,7 +501,7 @@ def test_endpoint_schema_and_prometheus_carry_the_gpu_section(tmp_path) -> None:
     from fastapi.testclient import TestClient
     from prometheus_client.parser import text_string_to_metric_families
 
-    from serving_mfu.api import build_app
+    from serving_mfu.serve.api import build_app
 
     clock = FakeClock()
     nvml = FakeNVML(clock, [("H100", 60, 30)])

@@ -9,25 +9,19 @@ import sys
 
 import pytest
 
-from serving_mfu import hardware
-from serving_mfu.calibrate import (
+from serving_mfu.peaks import resolve as hardware
+from serving_mfu.peaks.calibrate import (
     CalibrationFileError,
     calibrate,
     load_calibration,
-    peak_json as calibrate_peak_json,
     save_calibration,
 )
-from serving_mfu.hardware import (
-    PeakResolutionError,
-    PeakSpec,
-    UnknownDeviceError,
-    UnsupportedDtypeError,
-    canonical_device,
-    known_devices,
-    lookup_peak,
-    peak_json,
-    resolve_peak,
+from serving_mfu.peaks.calibrate import (
+    peak_json as calibrate_peak_json,
 )
+from serving_mfu.peaks.resolve import resolve_peak
+from serving_mfu.peaks.spec import PeakResolutionError, PeakSpec, UnknownDeviceError, UnsupportedDtypeError
+from serving_mfu.peaks.table import canonical_device, known_devices, lookup_peak, peak_json
 
 ENV_VARS = ("SERVING_MFU_DEVICE", "SERVING_MFU_PEAK_FLOPS", "SERVING_MFU_PEAK_BANDWIDTH", "SERVING_MFU_CALIBRATION")
 EXPECTED_DEVICES = {
@@ -276,8 +270,8 @@ def test_resolve_on_a_cpu_machine_is_the_cpu_default(clean_env, tmp_path):
 
 
 def test_cpu_default_prefers_this_machines_cached_calibration(clean_env, tmp_path):
-    from serving_mfu.calibrate import cache_path
-    from serving_mfu.cpu_peak import IsaPeak
+    from serving_mfu.peaks.calibrate import cache_path
+    from serving_mfu.peaks.cpu import IsaPeak
 
     clean_env.setenv("SERVING_MFU_CACHE_DIR", str(tmp_path))
     isa = IsaPeak(dtype="bf16", flops_per_s=5e11, cores=2, flops_per_cycle=64, clock_ghz=4.0, cpu="t", source="ISA t")
@@ -403,8 +397,8 @@ def test_detect_device_on_cpu_only_machine():
 def test_modules_import_and_detect_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import serving_mfu.hardware as h, serving_mfu.calibrate as c\n"
-        "assert h.detect_device() is None\n"
+        "import serving_mfu.peaks.table as h, serving_mfu.peaks.resolve as r, serving_mfu.peaks.calibrate as c\n"
+        "assert r.detect_device() is None\n"
         "assert h.lookup_peak('h100', 'bf16').flops_per_s > 0\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
@@ -416,7 +410,7 @@ def test_modules_import_and_detect_without_torch():
 
 @pytest.fixture(scope="module")
 def cpu_calibration():
-    return calibrate(dtype="fp32", duration_s=0.5, device="cpu", progress=False)
+    return calibrate(dtype="fp32", duration_s=0.5, device="cpu")
 
 
 def test_calibrate_cpu_gives_sane_numbers(cpu_calibration):
@@ -442,7 +436,7 @@ class _FakeClock:
 
 def _fake_kernel(clock, name, dtype, rate_at, calls=None, slow_every=0):
     """A Kernel whose op at size n takes 2n³ / rate_at[n] seconds on `clock` (every `slow_every`-th call 5x)."""
-    from serving_mfu.calibrate import Kernel
+    from serving_mfu.peaks.calibrate import Kernel
 
     calls = calls if calls is not None else []
 
@@ -460,7 +454,7 @@ SIZES = (128, 256, 512, 1024, 2048)
 
 def test_sweep_reports_the_true_rate_and_the_best_repetition_wins():
     """A device doing exactly RATE FLOP/s: every size reports RATE although every 4th call is preempted."""
-    from serving_mfu.calibrate import sweep_kernel
+    from serving_mfu.peaks.calibrate import sweep_kernel
 
     clock, rate = _FakeClock(), 3.7e11
     k = _fake_kernel(clock, "torch.mm", "fp32", {n: rate for n in SIZES}, slow_every=4)
@@ -471,7 +465,7 @@ def test_sweep_reports_the_true_rate_and_the_best_repetition_wins():
 
 def test_sweep_goes_on_while_throughput_rises_and_sees_a_late_jump():
     """Like torch.mm bf16 on an AVX-512 EPYC: flat at 1024, doubles at 2048 — one flat size is not the end."""
-    from serving_mfu.calibrate import best_result, sweep_kernel
+    from serving_mfu.peaks.calibrate import best_result, sweep_kernel
 
     clock = _FakeClock()
     rates = {128: 1e10, 256: 4e10, 512: 5e10, 1024: 5.05e10, 2048: 9e10}
@@ -482,7 +476,7 @@ def test_sweep_goes_on_while_throughput_rises_and_sees_a_late_jump():
 
 def test_sweep_stops_before_a_size_that_would_not_fit_the_budget():
     """An emulated path at 0.1 GFLOP/s: 128³ takes 42 ms, 256³ would take 4 x 335 ms > the 0.5 s budget."""
-    from serving_mfu.calibrate import sweep_kernel
+    from serving_mfu.peaks.calibrate import sweep_kernel
 
     clock = _FakeClock()
     got = sweep_kernel(_fake_kernel(clock, "torch.mm", "bf16", {n: 1e8 for n in SIZES}), SIZES, 0.5, clock=clock)
@@ -493,7 +487,7 @@ def test_sweep_stops_before_a_size_that_would_not_fit_the_budget():
 def test_cpu_kernel_set_covers_the_fp32_path_for_bf16_and_fp16():
     import torch
 
-    from serving_mfu.calibrate import engine_kernels
+    from serving_mfu.peaks.calibrate import engine_kernels
 
     for dt in ("bf16", "fp16"):
         names = {(k.name, k.dtype) for k in engine_kernels(torch, torch.device("cpu"), dt, include_vllm=False)}
@@ -511,7 +505,7 @@ def test_calibrate_takes_the_max_over_kernels_and_names_it():
         _fake_kernel(clock, "torch.mm", "fp32", {128: 5e10, 256: 8e10, 512: 1.05e11, 1024: 1.0e11, 2048: 9e10}),
         _fake_kernel(clock, "F.linear", "fp32", {128: 6e10, 256: 9e10, 512: 1.3e11, 1024: 1.2e11, 2048: 1.1e11}),
     ]
-    spec = calibrate("bf16", duration_s=40.0, device="cpu", progress=False, kernels=kernels, clock=clock,
+    spec = calibrate("bf16", duration_s=40.0, device="cpu", kernels=kernels, clock=clock,
                      isa_flops_per_s=2.816e11, measure_bandwidth=lambda: (4e10, 256 << 20, 3))
     assert spec.flops_per_s == pytest.approx(1.3e11)
     assert spec.flops_per_s == max(r.flops_per_s for r in spec.measurements)
@@ -525,7 +519,7 @@ def test_calibrate_takes_the_max_over_kernels_and_names_it():
 def test_a_measurement_above_the_isa_peak_is_flagged():
     clock = _FakeClock()
     kernels = [_fake_kernel(clock, "torch.mm", "fp32", {n: 5e11 for n in SIZES})]
-    spec = calibrate("fp32", duration_s=10.0, device="cpu", progress=False, kernels=kernels, clock=clock,
+    spec = calibrate("fp32", duration_s=10.0, device="cpu", kernels=kernels, clock=clock,
                      isa_flops_per_s=2e11, measure_bandwidth=lambda: (4e10, 256 << 20, 3))
     assert "ABOVE the ISA peak 200.0 GFLOP/s" in spec.source
 
@@ -534,7 +528,7 @@ def test_copy_bookkeeping_with_a_fake_clock():
     """A copy of S bytes on memory moving R bytes/s (read + write) takes 2S/R: the result must be R."""
     from types import SimpleNamespace
 
-    from serving_mfu.calibrate import measure_copy
+    from serving_mfu.peaks.calibrate import measure_copy
 
     rate, clock = 4.2e10, _FakeClock()
 
@@ -557,7 +551,7 @@ def test_copy_bookkeeping_with_a_fake_clock():
 
 def test_a_real_bf16_calibration_is_at_least_each_kernel_it_measured():
     """On this CPU, in one run: bf16 and fp32 torch.mm and F.linear are all measured, and the peak is their max."""
-    spec = calibrate("bf16", duration_s=1.5, device="cpu", progress=False, include_vllm=False)
+    spec = calibrate("bf16", duration_s=1.5, device="cpu", include_vllm=False)
     kinds = {(r.kernel, r.dtype) for r in spec.measurements}
     assert {("torch.mm", "bf16"), ("F.linear", "bf16"), ("torch.mm", "fp32"), ("F.linear", "fp32")} <= kinds
     assert spec.flops_per_s == max(r.flops_per_s for r in spec.measurements)
@@ -570,14 +564,14 @@ def test_calibration_round_trips(cpu_calibration, tmp_path):
 
 
 def test_calibrate_bf16_default_on_cpu():
-    spec = calibrate(duration_s=0.3, progress=False)
+    spec = calibrate(duration_s=0.3)
     assert spec.dtype == "bf16" and 0 < spec.flops_per_s < 1e14
 
 
 @pytest.mark.parametrize("dtype", ["fp4", "tf32"])
 def test_calibrate_rejects_dtypes_this_cpu_cannot_run(dtype):
     with pytest.raises(ValueError):
-        calibrate(dtype=dtype, duration_s=0.1, device="cpu", progress=False)
+        calibrate(dtype=dtype, duration_s=0.1, device="cpu")
 
 
 @pytest.mark.parametrize("content", [

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from serving_mfu.accounting import CostModel
-from serving_mfu.drafter import drafter_cost
-from serving_mfu.engine_models import ENGINE_CONFIGS
-from serving_mfu.model_spec import ModelSpec
+from serving_mfu.cost.accounting import CostModel
+from serving_mfu.cost.drafter import drafter_cost
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.tools.engine_models import ENGINE_CONFIGS
 from tests.reference import per_position_linear_flops, position_attention_flops
 
 pytest.importorskip("vllm")

@@ -31,8 +31,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from serving_mfu.components import COMPONENTS, expert_params  # noqa: E402
-from serving_mfu.model_spec import ConfigError, ModelSpec  # noqa: E402
+from serving_mfu.model.components import COMPONENTS, expert_params  # noqa: E402
+from serving_mfu.model.spec import ConfigError, ModelSpec  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Ground truth from transformers models

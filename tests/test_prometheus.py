@@ -20,15 +20,15 @@ yaml = pytest.importorskip("yaml")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from serving_mfu import prometheus as prom  # noqa: E402
-from serving_mfu.counters import Counters  # noqa: E402
-from serving_mfu.hardware import PeakSpec  # noqa: E402
-from serving_mfu.model_spec import ModelSpec  # noqa: E402
-from serving_mfu.records import DrafterRecord, IterationRecord, Slice  # noqa: E402
-from serving_mfu.report import build_report  # noqa: E402
-from serving_mfu.tiny_models import TINY_CONFIGS  # noqa: E402
-from serving_mfu.tracker import MFUTracker  # noqa: E402
-from serving_mfu.transport import EngineSnapshot, aggregate_peak  # noqa: E402
+from serving_mfu.model.spec import ModelSpec  # noqa: E402
+from serving_mfu.peaks.table import PeakSpec  # noqa: E402
+from serving_mfu.runtime.counters import Counters  # noqa: E402
+from serving_mfu.runtime.records import DrafterRecord, IterationRecord, Slice  # noqa: E402
+from serving_mfu.runtime.report import build_report  # noqa: E402
+from serving_mfu.runtime.tracker import MFUTracker  # noqa: E402
+from serving_mfu.runtime.transport import EngineSnapshot, aggregate_peak  # noqa: E402
+from serving_mfu.serve import prometheus as prom  # noqa: E402
+from serving_mfu.tools.tiny_models import TINY_CONFIGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "serving_mfu_rules.yml"
@@ -255,7 +255,7 @@ def test_moe_summaries_match_the_report() -> None:
 def test_a_failing_reader_never_breaks_the_endpoint(caplog: pytest.LogCaptureFixture) -> None:
     registry = CollectorRegistry()
     collector = prom.register(RaisingReader(), registry=registry)
-    with caplog.at_level(logging.WARNING, logger="serving_mfu.prometheus"):
+    with caplog.at_level(logging.WARNING, logger="serving_mfu.serve.prometheus"):
         for _ in range(3):
             text = generate_latest(registry).decode()
     assert "serving_mfu_collector_errors_total 3.0" in text

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from serving_mfu.hardware import PeakSpec
-from serving_mfu.model_spec import ModelSpec
-from serving_mfu.records import IterationRecord, Slice
-from serving_mfu.tracker import MFUTracker
-from serving_mfu.transport import SnapshotReader, SnapshotWriter
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime.records import IterationRecord, Slice
+from serving_mfu.runtime.tracker import MFUTracker
+from serving_mfu.runtime.transport import SnapshotReader, SnapshotWriter
 from tests.test_accounting import LLAMA
 
 PEAK = PeakSpec(device="t", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")

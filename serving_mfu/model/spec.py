@@ -1,0 +1,140 @@
+"""The shape of a model, read from its Hugging Face config: what the FLOP and byte models need.
+
+`ModelSpec.from_hf_config` turns a `config.json` (a path, a folder holding one, or a dict)
+into per-layer attention / MLP / MoE shapes.  Each supported `model_type` has one small
+parser in `architectures.py`; an unknown type whose standard fields are present gets a
+generic dense or MoE spec flagged `approximate`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from serving_mfu.model.dtypes import dtype_bytes  # noqa: F401 - re-exported
+from serving_mfu.model.errors import ConfigError
+
+# The parser registry's entry point, set by serving_mfu.model.architectures when it loads (the
+# package imports it): a seam, so this module needs nothing from the parsers that build on it.
+_builder: list[Callable[[dict[str, Any]], "ModelSpec"]] = []
+
+
+def set_spec_builder(build: Callable[[dict[str, Any]], "ModelSpec"]) -> None:
+    """Install the function that turns a config dict into a spec (architectures.spec_from_config)."""
+    _builder[:] = [build]
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionSpec:
+    """One layer's attention.  MHA/GQA/MQA when `mla` is False; DeepSeek MLA otherwise.
+
+    `head_dim` is the query/key width per head (for MLA `qk_nope_head_dim + qk_rope_head_dim`),
+    `v_head_dim` the value width per head.  `sliding_window` is the number of keys a query
+    sees (itself included); None means full causal attention.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    sliding_window: int | None = None
+    mla: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MLPSpec:
+    """A dense feed-forward block: gated (SwiGLU/GeGLU, 3 matrices) or plain (2 matrices)."""
+
+    intermediate_size: int
+    gated: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MoESpec:
+    """A mixture-of-experts block: router, `top_k` of `num_experts` routed experts, shared experts.
+
+    `shared_intermediate_size` is the total width of the always-on shared expert(s), with
+    their own size (0 when there are none); `shared_expert_gate` is Qwen2-MoE's `hidden -> 1`
+    sigmoid gate on the shared expert.
+    """
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    gated: bool = True
+    shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSpec:
+    """One decoder layer: attention plus exactly one of a dense MLP or a MoE block."""
+
+    attention: AttentionSpec
+    mlp: MLPSpec | None = None
+    moe: MoESpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model's shape for FLOP and byte counting.
+
+    `weight_bits` is the storage width of the linear weights (16 for bf16, 8 for fp8, about
+    4.125 for 4-bit group-quantized weights with their scales); `act_dtype` the dtype of
+    activations, which sets the compute dtype unless activations are quantized too.
+    """
+
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    layers: tuple[LayerSpec, ...]
+    tie_word_embeddings: bool = False
+    act_dtype: str = "bfloat16"
+    weight_bits: float = 16.0
+    compute_dtype: str = "bfloat16"
+    approximate: bool = False
+    warnings: tuple[str, ...] = field(default=())
+    name: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        return tuple(i for i, layer in enumerate(self.layers) if layer.moe is not None)
+
+    @property
+    def is_moe(self) -> bool:
+        return any(layer.moe is not None for layer in self.layers)
+
+    @classmethod
+    def from_hf_config(cls, source: str | Path | Mapping[str, Any]) -> "ModelSpec":
+        """Build a spec from a config.json path, a folder holding one, or an already-loaded dict."""
+        if not _builder:  # only when this module is loaded without its package
+            raise RuntimeError("import serving_mfu.model (it registers the architecture parsers) first")
+        return _builder[0](load_config(source))
+
+
+def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a HF config from a dict, a config.json path or a model folder."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config found at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return data

@@ -1,0 +1,316 @@
+"""Engine → reader transport: each engine publishes cumulative snapshots; readers add them up.
+
+An engine process (one per data-parallel rank) writes `engine-<pid>-<rank>.json` into a
+shared folder, atomically (temp file + rename), from a background thread at most every
+`interval_s`: its cumulative counters, one cumulative point per second for the last
+`history_s` seconds, and its recent iterations.  Because every snapshot is cumulative, a
+dropped or late write loses no totals, and a reader that starts late or restarts reads the
+same totals.  The engine thread only marks the tracker dirty; it never waits on I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, Field
+
+from serving_mfu.runtime.counters import Counters
+from serving_mfu.runtime.gpu_util import aggregate_status
+from serving_mfu.runtime.report import GpuUtilStatus, MFUReport, ModelReport, PeakReport, build_report
+from serving_mfu.runtime.tracker import COST_ADAPTER
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = "serving-mfu-snapshot/1"
+
+
+def default_dir() -> Path:
+    """Where engines publish: $SERVING_MFU_DIR, else a per-user folder under the temp dir."""
+    env = os.environ.get("SERVING_MFU_DIR")
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"serving-mfu-{os.getuid()}"
+
+
+class EngineSnapshot(BaseModel):
+    """One engine's published state (the file's content)."""
+
+    format: str = SNAPSHOT_FORMAT
+    engine_id: str
+    pid: int
+    ppid: int
+    started_at: float = Field(description="wall-clock seconds")
+    updated_at: float = Field(description="wall-clock seconds")
+    model: ModelReport
+    peak: PeakReport
+    time_split: str
+    counters: dict[str, Any]
+    history: list[tuple[float, dict[str, Any]]] = Field(default_factory=list,
+                                                         description="(wall time, cumulative counters)")
+    recent: list[dict[str, Any]] = Field(default_factory=list)
+    gpu: GpuUtilStatus | None = Field(default=None, description="the engine's GPU sampler (null: none reported); "
+                                      "its sums are in the counters (gpu_*)")
+
+    def peak_total_flops(self) -> float:
+        return (self.peak.flops_per_s or 0.0) * self.peak.devices
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Totals(BaseModel):
+    """Cumulative counters over all engines at one moment: subtract two to report any interval."""
+
+    at: float = Field(description="wall-clock seconds when read")
+    updated_at: float = Field(description="oldest engine snapshot time among those added up")
+    engines: int
+    counters: dict[str, Any]
+    peak: PeakReport
+    model: ModelReport
+    time_split: str
+    gpu: GpuUtilStatus | None = Field(default=None, description="the engines' GPU sampling (null: not reported)")
+
+    def report_since(self, earlier: "Totals") -> MFUReport:
+        """The report of what happened between `earlier` and this reading (e.g. one benchmark run)."""
+        diff = Counters.from_dict(self.counters) - Counters.from_dict(earlier.counters)
+        span = max(self.updated_at - earlier.updated_at, 0.0)
+        cap = (self.peak.flops_per_s or 0.0) * self.peak.devices * span
+        return build_report(diff, self.peak, self.model, self.time_split, window_s=span, wall_s=span,
+                            wall_capacity_flops=cap, gpu=self.gpu)
+
+
+class SnapshotWriter:
+    """Publishes a tracker's state from a daemon thread (engine side)."""
+
+    def __init__(self, source: Callable[[], tuple[Counters, list[dict[str, Any]]]], engine_id: str,
+                 model: ModelReport, peak: PeakReport, time_split: str, directory: str | Path | None = None,
+                 interval_s: float = 0.5, history_s: int = 60,
+                 gpu_status: Callable[[], GpuUtilStatus | None] | None = None,
+                 before_write: Callable[[], None] | None = None):
+        self.source = source
+        self.before_write = before_write  # e.g. wait for the engine's pending steps to be accounted
+        self.gpu_status = gpu_status  # the engine's GPU sampler status, published with every snapshot
+        self.dir = Path(directory) if directory else default_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.engine_id = engine_id
+        self.path = self.dir / f"engine-{engine_id}.json"
+        self.interval_s = interval_s
+        self._static = dict(engine_id=engine_id, pid=os.getpid(), ppid=os.getppid(), started_at=time.time(),
+                            model=model, peak=peak, time_split=time_split)
+        # history points and iteration costs never change once made: each is serialized once
+        self._history: deque[tuple[float, str]] = deque(maxlen=history_s)
+        self._cost_json: dict[int, tuple[Any, str]] = {}
+        self._dirty = threading.Event()
+        self._write_lock = threading.Lock()  # the publisher thread and close()/write_now() callers
+        self._stop = threading.Event()
+        self.write_errors = 0
+        self._thread = threading.Thread(target=self._run, name="serving-mfu-writer", daemon=True)
+        self._thread.start()
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def _run(self) -> None:
+        self.write_now()  # readers see the engine (and its model and peak) before any request
+        while not self._stop.is_set():
+            self._stop.wait(self.interval_s)
+            if self._dirty.is_set() or not self._history or time.time() - self._history[-1][0] >= 1.0:
+                self._dirty.clear()
+                self.write_now()
+
+    def write_now(self) -> None:
+        """Write the snapshot file atomically; failures are counted and logged once."""
+        with self._write_lock:
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            if self.before_write is not None:
+                self.before_write()
+            counters, recent = self.source()
+            now = time.time()
+            counters_json = json.dumps(counters.to_dict())
+            if not self._history or now - self._history[-1][0] >= 1.0:
+                self._history.append((now, counters_json))
+            gpu = self.gpu_status() if self.gpu_status is not None else None
+            head = EngineSnapshot(**self._static, updated_at=now, counters={}, gpu=gpu).model_dump_json(
+                exclude={"counters", "history", "recent"})
+            history = ",".join(f"[{t!r},{js}]" for t, js in self._history)
+            text = (f'{head[:-1]},"counters":{counters_json},"history":[{history}],'
+                    f'"recent":[{",".join(self._recent_json(recent))}]}}')
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+        except Exception as exc:  # never let publishing hurt the engine
+            self.write_errors += 1
+            if self.write_errors == 1:
+                log.warning("serving-mfu: cannot write %s: %s (further errors are counted)", self.path, exc)
+
+    def _recent_json(self, recent: list) -> list[str]:
+        """JSON of each recent iteration (dicts as given; IterationCost objects serialized once)."""
+
+        out, cache = [], {}
+        for item in recent:
+            if isinstance(item, dict):
+                out.append(json.dumps(item))
+                continue
+            hit = self._cost_json.get(id(item))
+            js = hit[1] if hit is not None and hit[0] is item else COST_ADAPTER.dump_json(item).decode()
+            cache[id(item)] = (item, js)
+            out.append(js)
+        self._cost_json = cache
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.write_now()
+
+
+class SnapshotReader:
+    """Reads and aggregates the engines' snapshots (API server, `serving-mfu serve`, in-process monitor).
+
+    `parent_pid` prefers engines whose parent is that process (the API server or the
+    `vllm.LLM` user); if none is, or without it, every live engine in the folder is read.  The reader keeps
+    its own ring of aggregated cumulative points so windows longer than the engines'
+    history become exact once it has run that long.
+    """
+
+    def __init__(self, directory: str | Path | None = None, parent_pid: int | None = None,
+                 max_window_s: float = 3600.0):
+        self.dir = Path(directory) if directory else default_dir()
+        self.parent_pid = parent_pid
+        self.max_window_s = max_window_s
+        self._ring: deque[tuple[float, Counters]] = deque()
+        self.read_errors = 0
+
+    def snapshots(self) -> list[EngineSnapshot]:
+        """Current snapshots of the live engines this reader follows."""
+        live = []
+        if not self.dir.is_dir():
+            return live
+        for path in sorted(self.dir.glob("engine-*.json")):
+            try:
+                snap = EngineSnapshot.model_validate_json(path.read_text())
+            except (OSError, ValueError) as exc:
+                self.read_errors += 1
+                log.debug("serving-mfu: skipping unreadable %s: %s", path, exc)
+                continue
+            if _pid_alive(snap.pid):
+                live.append(snap)
+        own = [s for s in live if s.ppid == self.parent_pid] if self.parent_pid is not None else []
+        return own or live
+
+    @staticmethod
+    def _at(snap: EngineSnapshot, t: float) -> Counters | None:
+        """An engine's cumulative counters at wall time t from its history (None if unknown)."""
+        if t >= snap.updated_at:
+            return Counters.from_dict(snap.counters)
+        if t < snap.started_at:
+            return Counters()
+        best = None
+        for ts, data in snap.history:
+            if ts <= t:
+                best = data
+            else:
+                break
+        return Counters.from_dict(best) if best is not None else None
+
+    def _poll(self, snaps: list[EngineSnapshot], now: float) -> Counters:
+        total = Counters()
+        for s in snaps:
+            total = total + Counters.from_dict(s.counters)
+        if not self._ring or now - self._ring[-1][0] >= 1.0:
+            self._ring.append((now, total))
+        while self._ring and now - self._ring[0][0] > self.max_window_s + 5:
+            self._ring.popleft()
+        return total
+
+    def _baseline(self, snaps: list[EngineSnapshot], t: float) -> tuple[Counters, float] | None:
+        """Aggregated counters at time t: from the engines' histories, else from the reader's ring."""
+        parts = [self._at(s, t) for s in snaps]
+        if all(p is not None for p in parts):
+            total = Counters()
+            for p in parts:
+                total = total + p
+            return total, t
+        best = None
+        for ts, counters in self._ring:
+            if ts <= t:
+                best = (counters, ts)
+        return best
+
+    def report(self, window_s: float | None = None) -> MFUReport | None:
+        """Aggregated report since start or over the last `window_s` seconds; None if no engine."""
+        if window_s is not None and not (0 < window_s <= self.max_window_s):
+            raise ValueError(f"window must be in (0, {self.max_window_s:g}] seconds, got {window_s:g}")
+        snaps = self.snapshots()
+        if not snaps:
+            return None
+        now = time.time()
+        total = self._poll(snaps, now)
+        peak = aggregate_peak(snaps)
+        model = snaps[0].model
+        split = snaps[0].time_split
+        gpu = aggregate_status([s.gpu for s in snaps])
+        if window_s is None:
+            return build_report(total, peak, model, split, gpu=gpu)
+        base = self._baseline(snaps, now - window_s)
+        if base is None:  # neither history nor ring reaches back: use the oldest point known
+            oldest = min((s.history[0][0] for s in snaps if s.history), default=now)
+            base = self._baseline(snaps, oldest) or (Counters(), min(s.started_at for s in snaps))
+        counters, t0 = base
+        covered = max(now - t0, 0.0)
+        capacity = sum(s.peak_total_flops() for s in snaps) * covered
+        return build_report(total - counters, peak, model, split, window_s=covered,
+                            wall_s=covered, wall_capacity_flops=capacity, gpu=gpu)
+
+    def totals(self) -> "Totals | None":
+        """Aggregated cumulative counters with the peak and model they go with; None if no engine."""
+        snaps = self.snapshots()
+        if not snaps:
+            return None
+        now = time.time()
+        return Totals(at=now, engines=len(snaps), counters=self._poll(snaps, now).to_dict(),
+                      peak=aggregate_peak(snaps), model=snaps[0].model, time_split=snaps[0].time_split,
+                      updated_at=min(s.updated_at for s in snaps), gpu=aggregate_status([s.gpu for s in snaps]))
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The most recent iterations over all engines, newest last."""
+        items: list[dict[str, Any]] = []
+        for s in self.snapshots():
+            items.extend(s.recent)
+        items.sort(key=lambda it: it.get("t_end_s", 0.0))
+        return items[-limit:] if limit > 0 else []
+
+
+def aggregate_peak(snaps: list[EngineSnapshot]) -> PeakReport:
+    """One peak line for several engines: devices add up; per-device peak is the device-weighted mean."""
+    if len(snaps) == 1:
+        return snaps[0].peak
+    devices = sum(s.peak.devices for s in snaps)
+    with_peak = [s for s in snaps if s.peak.flops_per_s]
+    first = snaps[0].peak
+    if not with_peak:
+        return PeakReport(**{**first.model_dump(), "devices": devices})
+    flops = sum(s.peak_total_flops() for s in with_peak) / devices
+    bw = sum((s.peak.bandwidth_bytes_per_s or 0.0) * s.peak.devices for s in with_peak) / devices
+    sources = sorted({s.peak.source or "" for s in with_peak})
+    isa = [s for s in with_peak if s.peak.isa_flops_per_s]
+    isa_flops = (sum(s.peak.isa_flops_per_s * s.peak.devices for s in isa) / sum(s.peak.devices for s in isa)
+                 if len(isa) == len(with_peak) else None)
+    return PeakReport(device=first.device, flops_per_s=flops, bandwidth_bytes_per_s=bw, dtype=first.dtype,
+                      source="; ".join(sources), devices=devices, isa_flops_per_s=isa_flops)

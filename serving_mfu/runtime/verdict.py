@@ -1,0 +1,70 @@
+"""Is the peak an upper bound?  The credibility verdict every surface shows (DESIGN §1, §6).
+
+HFU ≤ 1 is physics: executed FLOPs cannot exceed peak × time.  When a window's executed work
+does exceed it — in a phase, overall, or in more than `TOLERATED_SHARE` of its iterations (a
+lone iteration can trip on clock jitter) — the peak is not an upper bound, MFU means nothing,
+and the verdict says why and names the fix for the peak's source.  Nothing is clamped.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from serving_mfu.runtime.counters import Counters
+
+TOLERATED_SHARE = 0.01  # iterations with HFU > 1, as a share of all, before the verdict turns
+EPS = 1e-9
+
+
+class PeakVerdict(BaseModel):
+    """Whether the peak divides honestly, and if not, why and what to do."""
+
+    credible: bool | None = Field(
+        description="false: executed work exceeded the peak, so MFU/HFU are not trustworthy; null: no peak")
+    reason: str | None = Field(default=None, description="what exceeded the peak, with figures")
+    fix: str | None = Field(default=None, description="what to change, for this peak's source")
+
+
+def fix_for(source: str | None, dtype: str | None) -> str:
+    """The remedy for a peak below the engine, by where the peak came from."""
+    s = (source or "").lower()
+    dt = dtype or "bf16"
+    if s.startswith("measured"):
+        return (f"the calibrated peak is below what the engine reached: re-run `serving-mfu calibrate --dtype {dt}` "
+                "on an idle machine (it keeps the fastest engine kernel), or delete the cached calibration "
+                "(its path is in peak.source) to fall back on the ISA peak")
+    if s.startswith("isa peak"):
+        return ("the ISA peak is a physical limit, so the FLOP model over-counts this model (see model.approximate) "
+                "or the clock is off: please report it with the model config")
+    if s.startswith("override"):
+        return "the peak override is too low: raise SERVING_MFU_PEAK_FLOPS to the device's real dense peak"
+    return ("check the device (SERVING_MFU_DEVICE), the compute dtype (quantization) and the devices per engine "
+            "(TP x PP); an approximate FLOP model (model.approximate) can over-count")
+
+
+def peak_verdict(c: Counters, flops_per_s: float | None, source: str | None = None,
+                 dtype: str | None = None) -> PeakVerdict:
+    """The verdict of a window's counters against its peak (null peak: credible is null)."""
+    if not flops_per_s:
+        return PeakVerdict(credible=None, reason="no peak: MFU and HFU are unavailable",
+                           fix="set SERVING_MFU_PEAK_FLOPS and SERVING_MFU_PEAK_BANDWIDTH, SERVING_MFU_DEVICE, "
+                               "or run `serving-mfu calibrate`")
+    over = []
+    for name, executed, capacity in (
+        ("prefill", c.prefill_executed_flops, c.prefill_capacity_flops),
+        ("decode", c.decode_executed_flops, c.decode_capacity_flops),
+        ("overall", c.prefill_executed_flops + c.decode_executed_flops, c.busy_capacity_flops),
+    ):
+        if capacity > 0 and executed > capacity * (1 + EPS):
+            over.append(f"{name} HFU {executed / capacity:.2f}")
+    share = c.hfu_over_1_iterations / c.iterations if c.iterations else 0.0
+    if share > TOLERATED_SHARE:
+        over.append(f"{c.hfu_over_1_iterations} of {c.iterations} iterations ({100 * share:.1f}%) above HFU 1")
+    if not over:
+        return PeakVerdict(credible=True)
+    return PeakVerdict(
+        credible=False,
+        reason=(f"executed work exceeds the peak ({flops_per_s / 1e9:,.1f} GFLOP/s per device): "
+                + "; ".join(over) + ". The peak is not an upper bound, so MFU and HFU are not trustworthy"),
+        fix=fix_for(source, dtype),
+    )

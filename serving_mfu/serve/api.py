@@ -1,0 +1,146 @@
+"""HTTP endpoints `/metrics/mfu` and `/metrics/mfu/iterations`, shared by the vLLM plugin and
+`serving-mfu serve`.  The schema comes from the pydantic report model; bad query parameters
+get a 422 saying what is accepted, never a 500 (nor vLLM's 400 for validation errors).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from serving_mfu.runtime.report import MFUReport
+from serving_mfu.runtime.transport import SnapshotReader, Totals
+from serving_mfu.serve.prometheus import register
+
+MAX_WINDOW_S = 3600.0
+MAX_ITERATIONS = 10_000
+
+
+class IterationsResponse(BaseModel):
+    """The most recent iterations' costs over all engines, oldest first."""
+
+    count: int
+    iterations: list[dict[str, Any]] = Field(description="one IterationCost per engine step")
+
+
+def _reader(request: Request) -> SnapshotReader:
+    reader = getattr(request.app.state, "serving_mfu_reader", None)
+    if reader is None:
+        reader = SnapshotReader(parent_pid=os.getpid())
+        request.app.state.serving_mfu_reader = reader
+    return reader
+
+
+class BadParameter(ValueError):
+    """A query parameter outside what an endpoint accepts."""
+
+    def __init__(self, name: str, raw: str, accepted: str):
+        super().__init__(f"{name}={raw!r} is not accepted: {name} must be {accepted}")
+        self.name, self.raw, self.accepted = name, raw, accepted
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": ["query", self.name], "msg": str(self), "input": self.raw, "accepted": self.accepted}]})
+
+
+def parse_number(name: str, raw: str | None, low: float, high: float, integer: bool,
+                 low_inclusive: bool = True) -> float | int | None:
+    """Validate a numeric query parameter here rather than through FastAPI, so that the answer is a
+    422 on every server: vLLM's API server turns FastAPI's validation errors into 400s."""
+    if raw is None:
+        return None
+    kind = "an integer" if integer else "a number"
+    bracket = "[" if low_inclusive else "("
+    accepted = f"{kind} in {bracket}{low:g}, {high:g}]"
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise BadParameter(name, raw, accepted) from None
+    if not math.isfinite(value) or value > high or value < low or (value == low and not low_inclusive):
+        raise BadParameter(name, raw, accepted)
+    return value
+
+
+def _param(name: str, kind: str, description: str, **bounds: float) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": kind, **bounds}}
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(tags=["serving-mfu"])
+    window_doc = (f"report only the last WINDOW seconds: a number in (0, {MAX_WINDOW_S:g}]; omit for totals "
+                  "since start")
+    limit_doc = f"how many of the latest iterations: an integer in [1, {MAX_ITERATIONS}] (default 100)"
+
+    @router.get("/metrics/mfu", response_model=MFUReport,
+                summary="Prefill / decode MFU, HFU and MBU since start or over a window",
+                responses={422: {"description": "a parameter outside what is accepted"}},
+                openapi_extra={"parameters": [_param("window", "number", window_doc, exclusiveMinimum=0,
+                                                     maximum=MAX_WINDOW_S)]})
+    def mfu(request: Request) -> Any:
+        try:
+            window = parse_number("window", request.query_params.get("window"), 0, MAX_WINDOW_S, False,
+                                  low_inclusive=False)
+        except BadParameter as exc:
+            return exc.response()
+        report = _reader(request).report(window)
+        if report is None:
+            raise HTTPException(503, "no engine with the serving-mfu scheduler has published yet: start vLLM "
+                                     "with --scheduler-cls scheduler_hooks.MFUScheduler")
+        return report
+
+    @router.get("/metrics/mfu/counters", response_model=Totals,
+                summary="Raw cumulative counters over all engines (subtract two readings for any interval)")
+    def counters(request: Request) -> Totals:
+        totals = _reader(request).totals()
+        if totals is None:
+            raise HTTPException(503, "no engine with the serving-mfu scheduler has published yet")
+        return totals
+
+    @router.get("/metrics/mfu/iterations", response_model=IterationsResponse,
+                summary="The most recent iterations, with their per-phase FLOPs, bytes and time",
+                responses={422: {"description": "a parameter outside what is accepted"}},
+                openapi_extra={"parameters": [_param("limit", "integer", limit_doc, minimum=1,
+                                                     maximum=MAX_ITERATIONS)]})
+    def iterations(request: Request) -> Any:
+        try:
+            limit = parse_number("limit", request.query_params.get("limit"), 1, MAX_ITERATIONS, True)
+        except BadParameter as exc:
+            return exc.response()
+        items = _reader(request).recent(100 if limit is None else int(limit))
+        return IterationsResponse(count=len(items), iterations=items)
+
+    return router
+
+
+def mount_first(app: FastAPI, router: APIRouter) -> None:
+    """Add the routes ahead of everything else: vLLM mounts its Prometheus app at /metrics,
+    and a mount answers every path below it, /metrics/mfu included, unless our route comes first."""
+    before = list(app.router.routes)
+    app.include_router(router)
+    added = [r for r in app.router.routes if r not in before]
+    app.router.routes[:] = added + before
+
+
+def build_app(reader_factory: Callable[[], SnapshotReader] | None = None) -> FastAPI:
+    """Standalone app (`serving-mfu serve`): the endpoints plus Prometheus text at /metrics."""
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    app = FastAPI(title="serving-mfu", description="MFU of LLM serving, read from the engines' snapshots")
+    reader = reader_factory() if reader_factory else SnapshotReader()
+    app.state.serving_mfu_reader = reader
+    registry = CollectorRegistry()
+    register(reader, registry=registry)
+    app.include_router(build_router())
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,58 @@
+"""`serving-mfu bench-accounting`: what the tracker costs per iteration, at several batch sizes."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from pydantic import BaseModel
+
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.peaks.table import lookup_peak
+from serving_mfu.runtime.records import IterationRecord, Slice
+from serving_mfu.runtime.tracker import MFUTracker
+from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
+
+
+class BenchRow(BaseModel):
+    model: str
+    slices: int
+    us_per_iteration: float
+    us_per_slice: float
+
+
+def synthetic_iteration(step: int, batch: int, rng: random.Random) -> IterationRecord:
+    """A mixed iteration: one prefill chunk, decodes at random contexts, a third with 3 drafts."""
+    slices = []
+    for i in range(batch):
+        if i == 0 and batch > 1:
+            slices.append(Slice(req_id=f"p{step}", new_tokens=512, computed_before=1024, prompt_len=4096,
+                                hwm=1024, cached_tokens=0))
+            continue
+        ctx = rng.randint(128, 8192)
+        k = 3 if i % 3 == 0 else 0
+        slices.append(Slice(req_id=f"r{i}", new_tokens=1 + k, computed_before=ctx, prompt_len=100,
+                            hwm=ctx, draft_tokens=k, accepted_tokens=rng.randint(0, k)))
+    return IterationRecord(step=step, t_sched_s=step * 0.02, t_end_s=step * 0.02 + 0.015, slices=slices)
+
+
+def bench_accounting(batches: list[int], repeats: int = 200, progress: bool = True) -> list[BenchRow]:
+    """Time `MFUTracker.record` (classification, FLOPs, bytes, split, counters) per iteration."""
+    from rich.progress import track
+
+    rng = random.Random(0)
+    peak = lookup_peak("h100-sxm", "bf16")
+    rows = []
+    work = [(name, b) for name in ("llama-3-70b", "qwen3-30b-a3b") for b in batches]
+    for name, batch in track(work, description="bench-accounting", disable=not progress, transient=True):
+        tracker = MFUTracker(ModelSpec.from_hf_config(PUBLIC_CONFIGS[name]), peak, devices=8, clock=None)
+        records = [synthetic_iteration(i, batch, rng) for i in range(min(repeats, 50))]
+        n = max(repeats, 1)
+        for rec in records[:5]:  # warm-up
+            tracker.record(rec)
+        t0 = time.perf_counter()
+        for i in range(n):
+            tracker.record(records[i % len(records)])
+        us = (time.perf_counter() - t0) / n * 1e6
+        rows.append(BenchRow(model=name, slices=batch, us_per_iteration=us, us_per_slice=us / batch))
+    return rows

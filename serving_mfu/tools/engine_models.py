@@ -1,0 +1,137 @@
+"""Small models the vLLM CPU engine can serve, built locally (no model hub): weights and tokenizer.
+
+`ensure_model(name, root)` writes a Hugging Face model folder — random weights from a fixed
+seed, a byte-level BPE tokenizer trained on a built-in text, a chat template — once, and
+returns its path.  The shapes use head_dim 64, which the CPU attention kernels support.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from loadgen.prompts import WORDS
+
+DEFAULT_ROOT = Path(os.environ.get("SERVING_MFU_MODELS", Path.home() / ".cache" / "serving-mfu" / "models"))
+
+_COMMON: dict[str, Any] = {
+    "hidden_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "num_hidden_layers": 2,
+    "vocab_size": 2048,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+ENGINE_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-llama-engine": {
+        **_COMMON,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "intermediate_size": 512,
+        "hidden_act": "silu",
+    },
+    "tiny-qwen3-moe-engine": {
+        **_COMMON,
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "hidden_act": "silu",
+    },
+}
+
+# Text the tokenizer is trained on and prompts are drawn from (public-domain style prose).
+CORPUS = """\
+The engine schedules requests in iterations. Each iteration runs one forward pass over a batch.
+Prefill processes the prompt; decode produces one token at a time from the cache of keys and values.
+A serving engineer asks how much of the accelerator is really used, and model flops utilization
+answers by dividing the useful work by the time and the peak of the hardware. Speculative decoding
+proposes draft tokens and the target model verifies them; accepted tokens are kept, rejected ones
+are thrown away. Mixture of experts layers route every token to a few experts chosen by a router.
+Prefix caching reuses the keys and values of a shared system prompt so that the work is not done
+again. When memory runs out, a request is preempted and later computed again from the beginning.
+""" * 4
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _train_tokenizer(out: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+
+    tok.train_from_iterator([CORPUS, " ".join(WORDS.tolist()) * 8], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
+def _build(name: str, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(ENGINE_CONFIGS[name])
+    model_type = cfg.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+    # Unit-scale tied embeddings over small layer weights: greedy decoding tends to repeat the last
+    # token, so n-gram speculation gets both rejected drafts (early) and accepted ones (later).
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 if "embed" in pname else 0.05)
+    model.save_pretrained(out, safe_serialization=True)
+    _train_tokenizer(out, cfg["vocab_size"])
+    (out / "serving_mfu_model.json").write_text(json.dumps({"name": name, "config": ENGINE_CONFIGS[name]}))
+
+
+def ensure_model(name: str = "tiny-llama-engine", root: str | Path | None = None) -> Path:
+    """Path of the built model folder, building it first if absent (safe across processes)."""
+    if name not in ENGINE_CONFIGS:
+        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(ENGINE_CONFIGS)}")
+    root = Path(root) if root else DEFAULT_ROOT
+    out = root / name
+    marker = out / "serving_mfu_model.json"
+    if marker.exists() and json.loads(marker.read_text()).get("config") == ENGINE_CONFIGS[name]:
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and json.loads(marker.read_text()).get("config") == ENGINE_CONFIGS[name]:
+            return out
+        tmp = root / f".{name}.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        _build(name, tmp)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)
+    return out
