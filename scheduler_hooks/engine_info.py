@@ -17,6 +17,7 @@ from serving_mfu.model.quantization import weight_bits_and_compute_dtype
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.resolve import resolve_peak
 from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def _torch_dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def engine_info(vllm_config: Any) -> EngineInfo:
-    """Read the engine's configuration once, at scheduler construction."""
+def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
+    """Read the engine's configuration once, at scheduler construction; the peak from `settings`."""
     mc = vllm_config.model_config
     cfg = _config_dict(mc.hf_config)
     act = _torch_dtype_name(mc.dtype)
@@ -62,7 +63,7 @@ def engine_info(vllm_config: Any) -> EngineInfo:
     kv = None if cache_dtype in ("auto", "None") else cache_dtype.split("_")[0]
     peak, err = None, None
     try:
-        peak = resolve_peak(compute)
+        peak = resolve_peak(compute, **settings.peak_inputs())
     except Exception as exc:  # an unusable peak leaves MFU null, it never stops the engine
         err = str(exc)
         log.warning("serving-mfu: no peak (%s); MFU will be reported as null", exc)

@@ -6,17 +6,7 @@ the positions before the step, the prompt length, the high-water mark and the dr
 has applied the step) adds accepted and delivered tokens and the MoE routing, and hands the
 record to the tracker, whose snapshots a background thread publishes.
 
-Settings (environment, read at engine start):
-  SERVING_MFU_DIR         folder the snapshots are published to (serving_mfu.runtime.transport)
-  SERVING_MFU_TIME_SPLIT  shapley (default) or flop_proportional
-  SERVING_MFU_TRACE       path: also write every iteration record to this JSONL trace
-  SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS, SERVING_MFU_PEAK_BANDWIDTH, SERVING_MFU_CALIBRATION
-                          the peak (serving_mfu.peaks.table.resolve_peak); with none of them on a CPU,
-                          the calibration cached under SERVING_MFU_CACHE_DIR, else the ISA peak
-  SERVING_MFU_GPU_SAMPLE_S  GPU-Util / SM-activity sampling interval (default 0.1 s; 0 turns it off)
-  SERVING_MFU_GPU_DEVICES   NVML indices or UUIDs to sample (default: this engine's devices)
-  SERVING_MFU_FAIL_AT_STEP  testing aid: the hook raises once, at that step, after recording it
-                            (proves a failing hook leaves the engine serving and is counted)
+Settings: serving_mfu.runtime.settings.Settings (SERVING_MFU_*, read once in `from_vllm_config`).
 """
 
 from __future__ import annotations
@@ -26,14 +16,15 @@ import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
-from scheduler_hooks.engine_info import engine_info
+from scheduler_hooks.engine_info import EngineInfo, engine_info
 from serving_mfu.cost.accounting import CostModel
 from serving_mfu.cost.drafter import drafter_cost
+from serving_mfu.cost.records import DrafterRecord, FastRecord
 from serving_mfu.runtime.gpu_util import sampler_for_engine
-from serving_mfu.runtime.records import DrafterRecord, FastRecord
 from serving_mfu.runtime.report import ModelReport
+from serving_mfu.runtime.settings import Settings, load_settings
 from serving_mfu.runtime.trace import TraceHeader, TraceWriter
 from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.runtime.transport import SnapshotWriter
@@ -41,22 +32,37 @@ from serving_mfu.runtime.transport import SnapshotWriter
 log = logging.getLogger("serving_mfu.hook")
 
 
+class NullWriter:
+    """A snapshot writer that publishes nothing (benchmarks, tests of the hook alone)."""
+
+    path = None
+
+    def mark_dirty(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class InjectedFault(RuntimeError):
     """Raised on purpose (SERVING_MFU_FAIL_AT_STEP) to prove a failing hook leaves the engine serving."""
 
 
 class MFUHook:
-    """Per-engine recorder state: pending steps, per-request high-water marks, the tracker."""
+    """Per-engine recorder state: pending steps, per-request high-water marks, the tracker.
 
-    def __init__(self, vllm_config: Any):
-        self.info = engine_info(vllm_config)
-        info = self.info
-        self.engine_id = f"{os.getpid()}-{info.dp_rank}"
-        self.tracker = MFUTracker(info.spec, info.peak, info.devices, kv_cache_dtype=info.kv_cache_dtype,
-                                  time_split=os.environ.get("SERVING_MFU_TIME_SPLIT", "shapley"))
-        if info.peak is None:
-            self.tracker.note_anomaly("missing_peak", info.peak_error or "no peak for this device; set "
-                                      "SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS or SERVING_MFU_CALIBRATION")
+    Its collaborators are passed in (settings, tracker, snapshot writer, GPU sampler, trace, clock),
+    so tests and benchmarks give their own; `from_vllm_config` wires the engine's defaults.
+    """
+
+    def __init__(self, info: EngineInfo, settings: Settings, tracker: MFUTracker, sampler: Any,
+                 writer_factory: Callable[["MFUHook"], Any], trace: TraceWriter | None = None,
+                 clock: Callable[[], float] = time.monotonic, engine_id: str | None = None):
+        self.info = info
+        self.settings = settings
+        self.clock = clock
+        self.engine_id = engine_id or f"{os.getpid()}-{info.dp_rank}"
+        self.tracker = tracker
         self.draft_model = CostModel(info.draft_spec) if info.draft_spec is not None else None
         self.spec_method = info.spec_method
         self.num_spec_tokens = info.num_spec_tokens
@@ -64,20 +70,16 @@ class MFUHook:
         self.hwm: dict[str, int] = {}
         self.seen: set[str] = set()
         self.step = 0
-        fail = os.environ.get("SERVING_MFU_FAIL_AT_STEP")
-        self.fail_at = int(fail) if fail else None
+        self.fail_at = settings.fail_at_step
         # The accounting runs on its own thread, mostly while the engine thread waits for the model;
-        # the engine thread only captures what the step left behind.  SERVING_MFU_SYNC_ACCOUNTING=1
-        # does it inline (benchmarks that time the whole path, debugging).
-        self.sync = os.environ.get("SERVING_MFU_SYNC_ACCOUNTING") == "1"
+        # the engine thread only captures what the step left behind.  sync_accounting does it inline
+        # (benchmarks that time the whole path, debugging).
+        self.sync = settings.sync_accounting
         self._queue: queue.Queue | None = None if self.sync else queue.Queue(maxsize=10_000)
-        model = ModelReport(name=info.spec.name, model_type=info.spec.model_type, approximate=info.spec.approximate)
-        # GPU-Util / SM activity of this engine's devices (never raises; no thread without NVML)
-        self.gpu = sampler_for_engine(getattr(vllm_config, "parallel_config", None))
+        self.gpu = sampler
+        self.trace = trace
         try:
-            self.writer = SnapshotWriter(self._snapshot, self.engine_id, model, self.tracker.peak_report(),
-                                         self.tracker.time_split, gpu_status=self.gpu.status,
-                                         before_write=self.flush)
+            self.writer = writer_factory(self)
         except BaseException:
             self.gpu.stop()
             raise
@@ -86,15 +88,48 @@ class MFUHook:
             self._accountant = threading.Thread(target=self._account_loop, name="serving-mfu-accounting",
                                                 daemon=True)
             self._accountant.start()
-        self.trace: TraceWriter | None = None
-        trace_path = os.environ.get("SERVING_MFU_TRACE")
-        if trace_path:
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any, settings: Settings | None = None,
+                         clock: Callable[[], float] = time.monotonic, publish: bool = True,
+                         sample_gpu: bool = True, tracker_cls: type[MFUTracker] = MFUTracker) -> "MFUHook":
+        """The hook as the engine builds it: settings from SERVING_MFU_* (a bad value is counted and
+        ignored), the tracker, a snapshot writer publishing to `settings.dir` (`publish=False`: a writer
+        that keeps nothing, for benchmarks), the GPU sampler and the optional trace."""
+        errors: list[str] = []
+        if settings is None:
+            settings, errors = load_settings()
+        info = engine_info(vllm_config, settings)
+        tracker = tracker_cls(info.spec, info.peak, info.devices, kv_cache_dtype=info.kv_cache_dtype,
+                              time_split=settings.time_split)
+        for message in errors:
+            tracker.note_anomaly("bad_setting", message)
+        if info.peak is None:
+            tracker.note_anomaly("missing_peak", info.peak_error or "no peak for this device; set "
+                                 "SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS or SERVING_MFU_CALIBRATION")
+        model = ModelReport(name=info.spec.name, model_type=info.spec.model_type, approximate=info.spec.approximate)
+        sampler = (sampler_for_engine(getattr(vllm_config, "parallel_config", None), settings=settings)
+                   if sample_gpu else sampler_for_engine(None, settings=settings.model_copy(
+                       update={"gpu_sample_s": "0"})))
+        trace = None
+        if settings.trace:
             header = TraceHeader(hf_config=vllm_config.model_config.hf_config.to_dict(), peak=info.peak,
                                  devices=info.devices, kv_cache_dtype=info.kv_cache_dtype)
-            self.trace = TraceWriter(trace_path, header)
+            trace = TraceWriter(settings.trace, header)
+
+        def writer(hook: "MFUHook") -> Any:
+            if not publish:
+                return NullWriter()
+            return SnapshotWriter(hook._snapshot, hook.engine_id, model, tracker.peak_report(), tracker.time_split,
+                                  directory=settings.snapshot_dir(), gpu_status=sampler.status,
+                                  before_write=hook.flush)
+
+        hook = cls(info, settings, tracker, sampler, writer, trace=trace, clock=clock)
         log.info("serving-mfu: tracking %s on %d device(s), peak %s, publishing to %s; GPU-Util: %s",
-                 info.spec.name, info.devices, info.peak.source if info.peak else "missing", self.writer.path,
-                 f"{len(self.gpu.devices)} device(s)" if self.gpu.available else self.gpu.reason)
+                 info.spec.name, info.devices, info.peak.source if info.peak else "missing",
+                 getattr(hook.writer, "path", "nowhere"),
+                 f"{len(sampler.devices)} device(s)" if sampler.available else sampler.reason)
+        return hook
 
     def _snapshot(self) -> tuple[Any, list[dict]]:
         """The tracker's cumulative counters with the GPU sampler's cumulative sums added (publisher thread)."""
@@ -104,7 +139,7 @@ class MFUHook:
     # ------------------------------------------------------------------ engine callbacks
     def on_schedule(self, sched: Any, out: Any) -> None:
         """After `schedule()`: note each scheduled request's slice (n0 = computed before this step)."""
-        t_sched = time.monotonic()
+        t_sched = self.clock()
         for rid in out.finished_req_ids:
             self.hwm.pop(rid, None)
             self.seen.discard(rid)
@@ -131,7 +166,7 @@ class MFUHook:
     def before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
         """Before `update_from_output()`: stop the clock, note output lengths and accepted drafts
         (read now: vLLM truncates the sampled lists at max_tokens / stop tokens when it applies them)."""
-        t_end = time.monotonic()
+        t_end = self.clock()
         pending = self.pending.pop(id(out), None)
         if pending is None:
             return None

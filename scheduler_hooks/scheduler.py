@@ -28,7 +28,7 @@ class _Recorder:
         super().__init__(*args, **kwargs)
         self._mfu: MFUHook | None = None
         try:
-            self._mfu = MFUHook(self.vllm_config)
+            self._mfu = MFUHook.from_vllm_config(self.vllm_config)
         except Exception:  # a tracker that cannot start must not stop the engine
             log.exception("serving-mfu: MFU tracking disabled for this engine")
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from serving_mfu.runtime.settings import Settings
 from serving_mfu.tools.engine_models import ensure_model
 from serving_mfu.tools.envutil import environ  # noqa: F401 (tests import it from here)
 
-MODELS_ROOT = Path(os.environ.get("SERVING_MFU_MODELS", Path.home() / ".cache" / "serving-mfu" / "models"))
+MODELS_ROOT = Settings().models_dir()
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 # The engine tests run on the CPU default peak, as a new user's engine would: no peak setting, and an
 # empty calibration cache, so the peak is this machine's ISA peak (serving_mfu.peaks.cpu), whatever the CPU.

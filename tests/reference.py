@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from serving_mfu.cost.records import Slice
 from serving_mfu.model.spec import ModelSpec
-from serving_mfu.runtime.records import Slice
 
 
 def per_position_linear_flops(spec: ModelSpec) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from serving_mfu.cost.accounting import CostModel, cost_iteration
+from serving_mfu.cost.records import IterationRecord, Slice
 from serving_mfu.model.spec import ModelSpec
-from serving_mfu.runtime.records import IterationRecord, Slice
 from serving_mfu.runtime.tracker import MFUTracker, busy_and_wall_s
 from tests.reference import reference_costs
 
@@ -65,8 +65,8 @@ def test_chunked_prefill_costs_the_same_as_one_shot(llama: CostModel) -> None:
     assert sum(p.prefill.useful_flops for p in parts) == whole.prefill.useful_flops
     assert [p.prefill.tokens for p in parts] == [40, 40, 20]
     # Only the chunk that finishes the prompt produces logits (one LM-head row).
-    lm = llama.flops.lm_head_flops_per_logit
-    no_logits = [llama.flops.run_flops(n0, n0 + q) for n0, q in chunks]
+    lm = llama.flop_model.lm_head_flops_per_logit
+    no_logits = [llama.flop_model.run_flops(n0, n0 + q) for n0, q in chunks]
     assert [p.prefill.useful_flops - f for p, f in zip(parts, no_logits)] == [0, 0, lm]
     for n0, q in chunks:
         check_against_reference(llama, [Slice(req_id="a", new_tokens=q, computed_before=n0, prompt_len=prompt, hwm=n0)])
@@ -92,12 +92,12 @@ def test_preemption_recompute_is_executed_not_useful(llama: CostModel) -> None:
     assert cost.prefill.tokens == 0 and cost.prefill.useful_flops == 0
     assert cost.prefill.executed_flops == cost.recompute_flops > 0
     assert cost.decode.tokens == 1  # position 14 is new: its token is delivered
-    assert cost.decode.useful_flops == llama.flops.run_flops(14, 15, logits=1)
+    assert cost.decode.useful_flops == llama.flop_model.run_flops(14, 15, logits=1)
     check_against_reference(llama, [s])
     # A partial recompute chunk delivers nothing and samples nothing.
     part = Slice(req_id="a", new_tokens=8, computed_before=0, prompt_len=10, hwm=14)
     cost = run(llama, [part])
-    assert cost.recompute_flops == llama.flops.run_flops(0, 8) and cost.decode.tokens == 0
+    assert cost.recompute_flops == llama.flop_model.run_flops(0, 8) and cost.decode.tokens == 0
 
 
 @pytest.mark.parametrize("accepted", [0, 1, 3])
@@ -110,8 +110,8 @@ def test_spec_decode_rejected_drafts_are_waste(llama: CostModel, accepted: int) 
     assert cost.rejected_tokens == k - accepted
     assert cost.draft_tokens == k and cost.accepted_tokens == accepted
     kept_end = 50 + accepted + 1
-    assert cost.decode.useful_flops == llama.flops.run_flops(50, kept_end, logits=accepted + 1)
-    assert cost.rejected_flops == llama.flops.run_flops(kept_end, 54, logits=k - accepted)
+    assert cost.decode.useful_flops == llama.flop_model.run_flops(50, kept_end, logits=accepted + 1)
+    assert cost.rejected_flops == llama.flop_model.run_flops(kept_end, 54, logits=k - accepted)
     if accepted == k:
         assert cost.decode.executed_flops == cost.decode.useful_flops
     else:
@@ -125,8 +125,8 @@ def test_tokens_cut_by_a_stop_are_discarded_not_useful(llama: CostModel) -> None
               draft_tokens=3, accepted_tokens=3, delivered_tokens=2)
     cost = run(llama, [s])
     assert cost.decode.tokens == 2 and cost.discarded_tokens == 2 and cost.rejected_tokens == 0
-    assert cost.decode.useful_flops == llama.flops.run_flops(50, 52, logits=2)
-    assert cost.discarded_flops == llama.flops.run_flops(52, 54, logits=2)
+    assert cost.decode.useful_flops == llama.flop_model.run_flops(50, 52, logits=2)
+    assert cost.discarded_flops == llama.flop_model.run_flops(52, 54, logits=2)
     assert cost.decode.executed_flops == cost.decode.useful_flops + cost.discarded_flops
     check_against_reference(llama, [s])
 
@@ -137,8 +137,8 @@ def test_sliding_window_layers_clamp_context() -> None:
               Slice(req_id="b", new_tokens=12, computed_before=3, prompt_len=30, hwm=3)]
     check_against_reference(model, slices)
     # decode at context 41: windowed layers see 8 keys, full layers 41
-    coef = [g.flops_per_pair for g in model.flops.attention_groups]
-    assert model.flops.score_flops(40, 41) == coef[0] * 41 + coef[1] * 8
+    coef = [g.flops_per_pair for g in model.flop_model.attention_groups]
+    assert model.flop_model.score_flops(40, 41) == coef[0] * 41 + coef[1] * 8
 
 
 def test_mixed_iteration_split_adds_up(llama: CostModel) -> None:

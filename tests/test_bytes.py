@@ -6,8 +6,8 @@ import pytest
 
 from serving_mfu.cost.accounting import CostModel, cost_iteration
 from serving_mfu.cost.bytes import ByteModel, expected_active_experts
+from serving_mfu.cost.records import IterationRecord, Slice
 from serving_mfu.model.spec import ModelSpec
-from serving_mfu.runtime.records import IterationRecord, Slice
 from serving_mfu.tools.tiny_models import build_hf_model, tiny_config
 
 MODELS = ["tiny-llama", "tiny-llama-hd", "tiny-gemma", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-mixtral",
@@ -70,7 +70,7 @@ def test_expected_experts_limits() -> None:
 def test_decode_bytes_are_weights_plus_kv() -> None:
     cfg = tiny_config("tiny-llama")
     model = CostModel(ModelSpec.from_hf_config(cfg))
-    bm = model.bytes
+    bm = model.byte_model
     s = Slice(req_id="a", new_tokens=1, computed_before=99, prompt_len=10, hwm=99)
     rec = IterationRecord(step=0, t_sched_s=0, t_end_s=0.01, slices=[s])
     cost = cost_iteration(rec, model, 0.01, 0.01, 1e12, 1e11)

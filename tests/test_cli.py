@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving_mfu.runtime.records import IterationRecord, Slice
+from serving_mfu.cost.records import IterationRecord, Slice
 from serving_mfu.runtime.trace import TraceHeader, TraceWriter
 from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 from tests.test_accounting import LLAMA

@@ -66,11 +66,8 @@ def test_demo_stops_its_server_when_interrupted(tmp_path) -> None:
     from serving_mfu.peaks.resolve import cpu_default_peak
 
     # a calibration already cached (as after a first `make demo`): the demo goes straight to the server
-    from tests.engine_util import environ
-
     env = {**os.environ, "SERVING_MFU_CACHE_DIR": str(tmp_path / "cache")}
-    with environ({"SERVING_MFU_CACHE_DIR": env["SERVING_MFU_CACHE_DIR"]}):
-        save_calibration(cpu_default_peak("bf16"), cache_path("bf16"))
+    save_calibration(cpu_default_peak("bf16"), cache_path("bf16", tmp_path / "cache"))
     proc = subprocess.Popen([str(Path(sys.executable).with_name("serving-mfu")), "demo", "--short", "--out-dir",
                              str(tmp_path / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)

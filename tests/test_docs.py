@@ -25,3 +25,14 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 def test_worked_example_matches_the_code() -> None:
     assert _between(README.read_text(), "worked-example").strip() == worked_example_markdown().strip()
+
+
+def test_readme_settings_table_is_the_settings_object() -> None:
+    """Every SERVING_MFU_* variable the README's settings table names is a Settings field, and back."""
+    from serving_mfu.runtime.settings import Settings
+
+    text = README.read_text()
+    table = text[text.index("| setting (environment) | effect |"):]
+    table = table[:table.index("\n\n")]
+    documented = set(re.findall(r"`(SERVING_MFU_[A-Z_]+)`", table))
+    assert documented == {Settings.env_name(name) for name in Settings.model_fields}

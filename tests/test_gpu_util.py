@@ -24,6 +24,7 @@ from serving_mfu.runtime.gpu_util import (
     sampler_for_engine,
 )
 from serving_mfu.runtime.report import GPU_UTIL_NOTE, GpuUtilStatus, MFUReport, gpu_util_report
+from serving_mfu.runtime.settings import Settings
 from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.runtime.transport import EngineSnapshot, SnapshotReader, SnapshotWriter, Totals
 from tests.test_accounting import LLAMA
@@ -268,7 +269,7 @@ def test_device_not_found_and_uuid_lookup() -> None:
 
 
 def test_disabled_by_setting() -> None:
-    s = sampler_for_engine(SimpleNamespace(world_size=1), environ={gu.ENV_INTERVAL: "0"}, nvml=FakeNVML())
+    s = sampler_for_engine(SimpleNamespace(world_size=1), settings=Settings(gpu_sample_s="0"), nvml=FakeNVML())
     assert not s.available and s.status().reason == f"disabled ({gu.ENV_INTERVAL}=0)" and s._thread is None
 
 
@@ -351,19 +352,19 @@ def test_engine_device_ids() -> None:
     assert engine_device_ids(pc, {"CUDA_VISIBLE_DEVICES": "3,GPU-abc,5"}) == ([3, "GPU-abc"], "CUDA_VISIBLE_DEVICES")
     pc.assigned_physical_gpu_ids = [6, 7]
     assert engine_device_ids(pc, {"CUDA_VISIBLE_DEVICES": "0,1"}) == ([6, 7], "vLLM assigned_physical_gpu_ids")
-    assert engine_device_ids(pc, {gu.ENV_DEVICES: "2, MIG-x"}) == ([2, "MIG-x"], gu.ENV_DEVICES)
+    assert engine_device_ids(pc, {}, explicit="2, MIG-x") == ([2, "MIG-x"], gu.ENV_DEVICES)
     tp = SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=2)
     assert engine_device_ids(tp, {}) == ([0, 1, 2, 3], "default")
     assert engine_device_ids(None, {}) == ([0], "default")
 
 
 def test_parse_interval() -> None:
-    assert parse_interval({}) == (0.1, None)
-    assert parse_interval({gu.ENV_INTERVAL: "0.25"}) == (0.25, None)
+    assert parse_interval(None) == (0.1, None)
+    assert parse_interval("0.25") == (0.25, None)
     for off in ("0", "off", "-1", "nan"):
-        value, why = parse_interval({gu.ENV_INTERVAL: off})
+        value, why = parse_interval(off)
         assert value is None and gu.ENV_INTERVAL in why
-    assert parse_interval({gu.ENV_INTERVAL: "fast"})[0] is None
+    assert parse_interval("fast")[0] is None
 
 
 def test_real_hook_on_the_cpu_engine_publishes_the_reason(tmp_path) -> None:
@@ -375,7 +376,7 @@ def test_real_hook_on_the_cpu_engine_publishes_the_reason(tmp_path) -> None:
 
     config = EngineArgs(model=model_path(), enforce_eager=True, max_model_len=512).create_engine_config()
     with environ({**DEFAULT_PEAK, "SERVING_MFU_DIR": str(tmp_path)}):
-        hook = MFUHook(config)
+        hook = MFUHook.from_vllm_config(config)
     try:
         if hook.gpu.available:
             pytest.skip("NVML works here")

@@ -262,8 +262,7 @@ def _calib(tmp_path, dtype="bf16", flops=1.23e12, bw=4.5e10):
 
 def test_resolve_on_a_cpu_machine_is_the_cpu_default(clean_env, tmp_path):
     """No setting, no accelerator: the ISA peak (physical limit) of this CPU, labelled, with a bandwidth."""
-    clean_env.setenv("SERVING_MFU_CACHE_DIR", str(tmp_path))
-    spec = resolve_peak("bf16")
+    spec = resolve_peak("bf16", cache_dir=tmp_path)  # an empty calibration cache
     assert spec is not None and spec.source.startswith("ISA peak of ")
     assert spec.isa_flops_per_s == spec.flops_per_s and spec.bandwidth_bytes_per_s > 0
     assert "serving-mfu calibrate --dtype bf16" in spec.source
@@ -273,19 +272,18 @@ def test_cpu_default_prefers_this_machines_cached_calibration(clean_env, tmp_pat
     from serving_mfu.peaks.calibrate import cache_path
     from serving_mfu.peaks.cpu import IsaPeak
 
-    clean_env.setenv("SERVING_MFU_CACHE_DIR", str(tmp_path))
     isa = IsaPeak(dtype="bf16", flops_per_s=5e11, cores=2, flops_per_cycle=64, clock_ghz=4.0, cpu="t", source="ISA t")
     probe = lambda: (3e10, "probe")  # noqa: E731
-    first = hardware.cpu_default_peak("bf16", bandwidth_probe=probe, isa=lambda dt: isa)
+    first = hardware.cpu_default_peak("bf16", tmp_path, bandwidth_probe=probe, isa=lambda dt: isa)
     assert (first.flops_per_s, first.bandwidth_bytes_per_s, first.isa_flops_per_s) == (5e11, 3e10, 5e11)
     _, calibrated = _calib(tmp_path, flops=2e11, bw=4e10)
-    save_calibration(calibrated, cache_path("bf16"))
-    second = hardware.cpu_default_peak("bf16", bandwidth_probe=probe, isa=lambda dt: isa)
+    save_calibration(calibrated, cache_path("bf16", tmp_path))
+    second = hardware.cpu_default_peak("bf16", tmp_path, bandwidth_probe=probe, isa=lambda dt: isa)
     assert second.flops_per_s == 2e11 and second.source.startswith("measured by serving-mfu calibrate")
-    assert str(cache_path("bf16")) in second.source
-    assert hardware.cpu_default_peak("fp32", bandwidth_probe=probe, isa=lambda dt: isa).flops_per_s == 5e11
-    cache_path("bf16").write_text("{broken")  # an unreadable cache falls back on the ISA peak, never raises
-    assert hardware.cpu_default_peak("bf16", bandwidth_probe=probe, isa=lambda dt: isa).flops_per_s == 5e11
+    assert str(cache_path("bf16", tmp_path)) in second.source
+    assert hardware.cpu_default_peak("fp32", tmp_path, bandwidth_probe=probe, isa=lambda dt: isa).flops_per_s == 5e11
+    cache_path("bf16", tmp_path).write_text("{broken")  # an unreadable cache falls back on the ISA peak, never raises
+    assert hardware.cpu_default_peak("bf16", tmp_path, bandwidth_probe=probe, isa=lambda dt: isa).flops_per_s == 5e11
 
 
 def test_resolve_table_for_given_device(clean_env):
@@ -339,20 +337,26 @@ def test_half_override_without_known_device_raises(clean_env):
 
 
 def test_env_vars_are_honoured(clean_env, tmp_path):
+    """SERVING_MFU_* reach resolve_peak through the one Settings object (Settings.peak_inputs)."""
+    from serving_mfu.runtime.settings import read_settings
+
+    def from_env(dtype, **given):
+        return resolve_peak(dtype, **{**read_settings().peak_inputs(), **given})
+
     clean_env.setenv("SERVING_MFU_DEVICE", "NVIDIA L4")
-    assert resolve_peak("fp8") == lookup_peak("l4", "fp8")
-    assert resolve_peak("fp8", device="h200") == lookup_peak("h200", "fp8")  # argument beats env
+    assert from_env("fp8") == lookup_peak("l4", "fp8")
+    assert from_env("fp8", device="h200") == lookup_peak("h200", "fp8")  # argument beats env
     path, spec = _calib(tmp_path)
     clean_env.setenv("SERVING_MFU_CALIBRATION", str(path))
-    assert resolve_peak("bf16") == spec
+    assert from_env("bf16") == spec
     clean_env.setenv("SERVING_MFU_PEAK_FLOPS", "2e14")
     clean_env.setenv("SERVING_MFU_PEAK_BANDWIDTH", "3e11")
-    got = resolve_peak("bf16")
+    got = from_env("bf16")
     assert (got.flops_per_s, got.bandwidth_bytes_per_s, got.source) == (2e14, 3e11, "override")
-    assert resolve_peak("bf16", flops_per_s=1e14).flops_per_s == 1e14  # argument beats env
+    assert from_env("bf16", flops_per_s=1e14).flops_per_s == 1e14  # argument beats env
     clean_env.setenv("SERVING_MFU_PEAK_FLOPS", "fast")
     with pytest.raises(ValueError, match="SERVING_MFU_PEAK_FLOPS"):
-        resolve_peak("bf16")
+        from_env("bf16")
 
 
 def test_calibration_for_another_dtype_is_refused(clean_env, tmp_path):

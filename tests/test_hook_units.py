@@ -80,7 +80,7 @@ def hook(tmp_path_factory):
     publish = tmp_path_factory.mktemp("publish")
     config = EngineArgs(model=model_path(), enforce_eager=True, max_model_len=512).create_engine_config()
     with environ({**DEFAULT_PEAK, "SERVING_MFU_DIR": str(publish)}):
-        h = MFUHook(config)
+        h = MFUHook.from_vllm_config(config)
     yield h
     h.close()
     assert os.path.exists(h.writer.path)

@@ -20,10 +20,10 @@ yaml = pytest.importorskip("yaml")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from serving_mfu.cost.records import DrafterRecord, IterationRecord, Slice  # noqa: E402
 from serving_mfu.model.spec import ModelSpec  # noqa: E402
 from serving_mfu.peaks.table import PeakSpec  # noqa: E402
 from serving_mfu.runtime.counters import Counters  # noqa: E402
-from serving_mfu.runtime.records import DrafterRecord, IterationRecord, Slice  # noqa: E402
 from serving_mfu.runtime.report import build_report  # noqa: E402
 from serving_mfu.runtime.tracker import MFUTracker  # noqa: E402
 from serving_mfu.runtime.transport import EngineSnapshot, aggregate_peak  # noqa: E402
@@ -231,7 +231,7 @@ def test_rule_style_mfu_equals_the_report(engines: dict) -> None:
 def test_moe_summaries_match_the_report() -> None:
     spec = _spec("tiny-qwen2-moe")
     tracker = MFUTracker(spec, H100, devices=1, clock=None)
-    shape = tracker.cost_model.bytes.moe_shape  # (experts, top_k) per MoE layer
+    shape = tracker.cost_model.byte_model.moe_shape  # (experts, top_k) per MoE layer
     assert shape
     for i, rec in enumerate(_steps(0.0)):  # measured routing on odd steps, expected on even ones
         routing = [[(j * 7 + layer) % 5 for j in range(e)] for layer, (e, _) in enumerate(shape)] if i % 2 else None

@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving_mfu.cost.accounting import CostModel, cost_iteration
+from serving_mfu.cost.records import IterationRecord, Slice
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
-from serving_mfu.runtime.records import IterationRecord, Slice
 from tests.reference import reference_costs
 from tests.test_accounting import GEMMA2, LLAMA, MOE
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from serving_mfu.cost.records import IterationRecord, Slice
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
-from serving_mfu.runtime.records import IterationRecord, Slice
 from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.runtime.transport import SnapshotReader, SnapshotWriter
 from tests.test_accounting import LLAMA

@@ -16,9 +16,9 @@ from typing import Sequence
 
 from serving_mfu.cost.bytes import ByteModel
 from serving_mfu.cost.flops import FlopModel, causal_pairs
+from serving_mfu.cost.records import IterationRecord, slice_tuples
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
-from serving_mfu.runtime.records import IterationRecord, slice_tuples
 
 
 @dataclass(slots=True)
@@ -69,12 +69,12 @@ class CostModel:
 
     def __init__(self, spec: ModelSpec, kv_cache_dtype: str | None = None):
         self.spec = spec
-        self.flops = FlopModel(spec)
-        self.bytes = ByteModel(spec, kv_cache_dtype)
-        self._lin = self.flops.linear_flops_per_token_total
-        self._groups = tuple((g.window, g.flops_per_pair) for g in self.flops.attention_groups)
-        self._lm = self.flops.lm_head_flops_per_logit
-        kv = dict(self.bytes.kv_groups)
+        self.flop_model = FlopModel(spec)
+        self.byte_model = ByteModel(spec, kv_cache_dtype)
+        self._lin = self.flop_model.linear_flops_per_token_total
+        self._groups = tuple((g.window, g.flops_per_pair) for g in self.flop_model.attention_groups)
+        self._lm = self.flop_model.lm_head_flops_per_logit
+        kv = dict(self.byte_model.kv_groups)
         #: (window, score FLOPs per key, KV bytes per key) per window group, for one-token decode slices
         self._decode_groups = tuple((w, f, kv.get(w, 0.0)) for w, f in self._groups)
 
@@ -104,18 +104,18 @@ def cost_iteration(
     model: CostModel,
     busy_s: float,
     wall_s: float,
-    peak_flops_per_s: float | None,
-    bandwidth_bytes_per_s: float | None,
+    engine_peak_flops_per_s: float | None,
+    engine_bandwidth_bytes_per_s: float | None,
     split: str = "shapley",
 ) -> IterationCost:
     """Classify every position of `record`, cost each phase, and split `busy_s` between phases.
 
-    `peak_flops_per_s` and `bandwidth_bytes_per_s` are totals over the engine's devices;
+    `engine_peak_flops_per_s` and `engine_bandwidth_bytes_per_s` are totals over the engine's devices;
     without them the split falls back to FLOP-proportional.
     """
     lin, lm = model._lin, model._lm
     pairs = model._pairs
-    bm = model.bytes
+    bm = model.byte_model
     out = IterationCost(step=record.step, engine=record.engine, t_end_s=record.t_end_s, busy_s=busy_s, wall_s=wall_s)
     pre_f = rec_f = kept_f = rej_f = disc_f = 0
     pre_t = rec_t = kept_t = rej_t = disc_t = 0
@@ -242,9 +242,9 @@ def cost_iteration(
     executed = p.executed_flops + d.executed_flops
     p.time_s, d.time_s, out.time_repaired_s = split_time(
         busy_s, p.executed_flops, d.executed_flops, b_p, b_d, b_pd,
-        peak_flops_per_s, bandwidth_bytes_per_s, split,
+        engine_peak_flops_per_s, engine_bandwidth_bytes_per_s, split,
     ) if (tokens_p or tokens_d or drafter_f) else (0.0, 0.0, 0.0)
-    if peak_flops_per_s and busy_s > 0:
-        out.hfu = executed / (busy_s * peak_flops_per_s)
+    if engine_peak_flops_per_s and busy_s > 0:
+        out.hfu = executed / (busy_s * engine_peak_flops_per_s)
         out.hfu_over_1 = out.hfu > 1.0 + 1e-9
     return out

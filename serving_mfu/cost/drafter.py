@@ -20,7 +20,7 @@ def drafter_cost(draft: CostModel | None, k: int, runs: Iterable[tuple[int, int]
     """(FLOPs, bytes) of drafting `k` tokens after each kept run `[start, end)`."""
     if draft is None or k <= 0:
         return 0.0, 0.0
-    fm, bm = draft.flops, draft.bytes
+    fm, bm = draft.flop_model, draft.byte_model
     flops = 0.0
     requests = positions = 0
     for start, end in runs:

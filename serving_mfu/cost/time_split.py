@@ -15,9 +15,10 @@ from __future__ import annotations
 SPLIT_METHODS = ("shapley", "flop_proportional")
 
 
-def roofline_s(flops: float, bytes_: float, peak_flops_per_s: float, bandwidth_bytes_per_s: float) -> float:
+def roofline_s(flops: float, bytes_: float, engine_peak_flops_per_s: float,
+               engine_bandwidth_bytes_per_s: float) -> float:
     """Roofline time of some work: max(FLOPs / peak, bytes / bandwidth)."""
-    return max(flops / peak_flops_per_s, bytes_ / bandwidth_bytes_per_s)
+    return max(flops / engine_peak_flops_per_s, bytes_ / engine_bandwidth_bytes_per_s)
 
 
 def shapley_weights(
@@ -37,8 +38,8 @@ def split_time(
     b_p: float,
     b_d: float,
     b_pd: float,
-    peak_flops_per_s: float | None,
-    bandwidth_bytes_per_s: float | None,
+    engine_peak_flops_per_s: float | None,
+    engine_bandwidth_bytes_per_s: float | None,
     method: str = "shapley",
 ) -> tuple[float, float, float]:
     """Return (prefill seconds, decode seconds, seconds moved by the HFU repair)."""
@@ -50,8 +51,8 @@ def split_time(
         return 0.0, busy_s, 0.0
     if f_d == 0 and b_d == 0:
         return busy_s, 0.0, 0.0
-    if method == "shapley" and peak_flops_per_s and bandwidth_bytes_per_s:
-        w_p, w_d = shapley_weights(f_p, f_d, b_p, b_d, b_pd, peak_flops_per_s, bandwidth_bytes_per_s)
+    if method == "shapley" and engine_peak_flops_per_s and engine_bandwidth_bytes_per_s:
+        w_p, w_d = shapley_weights(f_p, f_d, b_p, b_d, b_pd, engine_peak_flops_per_s, engine_bandwidth_bytes_per_s)
     else:
         w_p, w_d = f_p, f_d
     total = w_p + w_d
@@ -60,8 +61,8 @@ def split_time(
     else:
         t_p = t_d = busy_s / 2
     moved = 0.0
-    if peak_flops_per_s and f_p + f_d <= busy_s * peak_flops_per_s:
-        need_p, need_d = f_p / peak_flops_per_s, f_d / peak_flops_per_s
+    if engine_peak_flops_per_s and f_p + f_d <= busy_s * engine_peak_flops_per_s:
+        need_p, need_d = f_p / engine_peak_flops_per_s, f_d / engine_peak_flops_per_s
         if t_p < need_p:
             moved, t_p, t_d = need_p - t_p, need_p, busy_s - need_p
         elif t_d < need_d:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -76,24 +75,16 @@ def load_calibration(path: str | Path) -> PeakSpec:
         ) from exc
 
 
-def cache_dir() -> Path:
-    """SERVING_MFU_CACHE_DIR, else ~/.cache/serving-mfu (XDG_CACHE_HOME respected)."""
-    explicit = os.environ.get("SERVING_MFU_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "serving-mfu"
+def cache_path(dtype: str, cache_dir: Path, key: str | None = None) -> Path:
+    """Where this machine's CPU calibration for `dtype` is cached under `cache_dir` (key: CPU model,
+    family/model, cores; the folder is Settings.calibration_cache_dir())."""
+    return Path(cache_dir) / "peaks" / f"{key or machine_key()}-{normalize_dtype(dtype)}.json"
 
 
-def cache_path(dtype: str, key: str | None = None) -> Path:
-    """Where this machine's CPU calibration for `dtype` is cached (key: CPU model, family/model, cores)."""
-    return cache_dir() / "peaks" / f"{key or machine_key()}-{normalize_dtype(dtype)}.json"
-
-
-def cached_calibration(dtype: str) -> tuple[PeakSpec, Path] | None:
+def cached_calibration(dtype: str, cache_dir: Path) -> tuple[PeakSpec, Path] | None:
     """This machine's cached CPU calibration for `dtype`, or None (absent, or unreadable: logged)."""
     try:
-        path = cache_path(dtype)
+        path = cache_path(dtype, cache_dir)
     except OSError:
         return None
     if not path.exists():

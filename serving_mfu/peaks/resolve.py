@@ -5,7 +5,6 @@ missing peak)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,38 +25,23 @@ def detect_device() -> str | None:
     return None
 
 
-def _env_float(name: str) -> float | None:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
-
-
 def resolve_peak(
     compute_dtype: str,
     device: str | None = None,
     flops_per_s: float | None = None,
     bandwidth_bytes_per_s: float | None = None,
     calibration_file: str | Path | None = None,
+    cache_dir: Path | None = None,
 ) -> PeakSpec | None:
-    """The peak to divide by: override > calibration file > table (given or detected device) > None.
+    """The peak to divide by: override > calibration file > table (given or detected device) > CPU default.
 
-    Arguments left as None fall back to SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS,
-    SERVING_MFU_PEAK_BANDWIDTH and SERVING_MFU_CALIBRATION.  One override number alone is
-    completed from the table row of the device.  Raises UnknownDeviceError for a GIVEN device
-    not in the table, UnsupportedDtypeError for a dtype the device has no peak for (fp32).
+    The arguments are the user's settings (`Settings.peak_inputs()` gives them from SERVING_MFU_*);
+    nothing here reads the environment.  One override number alone is completed from the table row
+    of the device.  `cache_dir` is where the CPU default looks for this machine's calibration.
+    Raises UnknownDeviceError for a GIVEN device not in the table, UnsupportedDtypeError for a
+    dtype the device has no peak for (fp32).
     """
     dt = normalize_dtype(compute_dtype)
-    device = device if device is not None else (os.environ.get("SERVING_MFU_DEVICE") or None)
-    if flops_per_s is None:
-        flops_per_s = _env_float("SERVING_MFU_PEAK_FLOPS")
-    if bandwidth_bytes_per_s is None:
-        bandwidth_bytes_per_s = _env_float("SERVING_MFU_PEAK_BANDWIDTH")
-    if calibration_file is None:
-        calibration_file = os.environ.get("SERVING_MFU_CALIBRATION") or None
 
     if flops_per_s is not None or bandwidth_bytes_per_s is not None:
         return _override(dt, device, flops_per_s, bandwidth_bytes_per_s)
@@ -73,7 +57,7 @@ def resolve_peak(
         return lookup_peak(device, dt)
     detected = detect_device()
     if detected is None:
-        return cpu_default_peak(dt)
+        return cpu_default_peak(dt, cache_dir)
     if canonical_device(detected) is None:
         return None
     return lookup_peak(detected, dt)
@@ -81,18 +65,19 @@ def resolve_peak(
 
 def cpu_default_peak(
     dtype: str,
+    cache_dir: Path | None = None,
     bandwidth_probe: "Callable[[], tuple[float, str]] | None" = None,
     isa: "Callable[[str], Any] | None" = None,
 ) -> PeakSpec | None:
-    """The peak of a CPU engine with no configuration: this machine's cached calibration
-    (`serving-mfu calibrate`), else the ISA peak with a quick copy-bandwidth reading.
+    """The peak of a CPU engine with no configuration: this machine's calibration cached under
+    `cache_dir` (`serving-mfu calibrate`), else the ISA peak with a quick copy-bandwidth reading.
 
     Never a FLOP calibration at engine start: on a few cores it competes with the engine it
     measures, which is how a peak ends up below the engine.  None where no ISA peak can be
     formed (no /proc/cpuinfo) or the dtype has none (fp8, fp4 on a CPU).
     """
     dt = normalize_dtype(dtype)
-    cached = calibrate.cached_calibration(dt)
+    cached = calibrate.cached_calibration(dt, cache_dir) if cache_dir is not None else None
     if cached is not None:
         spec, path = cached
         return spec.model_copy(update={"source": f"{spec.source} (cached in {path})"})

@@ -68,8 +68,8 @@ class Counters:
     gpu_sm_active_s: float = 0.0
     gpu_sample_errors: int = 0
 
-    def add_cost(self, cost: IterationCost, peak_flops_per_s: float | None = None,
-                 bandwidth_bytes_per_s: float | None = None) -> None:
+    def add_cost(self, cost: IterationCost, engine_peak_flops_per_s: float | None = None,
+                 engine_bandwidth_bytes_per_s: float | None = None) -> None:
         """Accumulate one iteration (hot path: plain attribute arithmetic).
 
         The peaks are the engine's totals over its devices; without them no capacity accrues.
@@ -91,15 +91,15 @@ class Counters:
         self.decode_bytes += d.bytes
         self.decode_tokens += d.tokens
         self.decode_time_s += d.time_s
-        if peak_flops_per_s:
-            self.prefill_capacity_flops += p.time_s * peak_flops_per_s
-            self.decode_capacity_flops += d.time_s * peak_flops_per_s
-            self.busy_capacity_flops += cost.busy_s * peak_flops_per_s
-            self.wall_capacity_flops += cost.wall_s * peak_flops_per_s
-        if bandwidth_bytes_per_s:
-            self.prefill_capacity_bytes += p.time_s * bandwidth_bytes_per_s
-            self.decode_capacity_bytes += d.time_s * bandwidth_bytes_per_s
-            self.busy_capacity_bytes += cost.busy_s * bandwidth_bytes_per_s
+        if engine_peak_flops_per_s:
+            self.prefill_capacity_flops += p.time_s * engine_peak_flops_per_s
+            self.decode_capacity_flops += d.time_s * engine_peak_flops_per_s
+            self.busy_capacity_flops += cost.busy_s * engine_peak_flops_per_s
+            self.wall_capacity_flops += cost.wall_s * engine_peak_flops_per_s
+        if engine_bandwidth_bytes_per_s:
+            self.prefill_capacity_bytes += p.time_s * engine_bandwidth_bytes_per_s
+            self.decode_capacity_bytes += d.time_s * engine_bandwidth_bytes_per_s
+            self.busy_capacity_bytes += cost.busy_s * engine_bandwidth_bytes_per_s
         self.recompute_tokens += cost.recompute_tokens
         self.recompute_flops += cost.recompute_flops
         self.rejected_tokens += cost.rejected_tokens

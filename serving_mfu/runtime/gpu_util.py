@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from serving_mfu.runtime.counters import Counters
 from serving_mfu.runtime.report import GpuUtilStatus
+from serving_mfu.runtime.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,10 @@ def _import_nvml() -> Any:
     return pynvml
 
 
-def parse_interval(environ: Mapping[str, str] | None = None) -> tuple[float | None, str | None]:
-    """The sampling interval from SERVING_MFU_GPU_SAMPLE_S: (seconds, None) or (None, why it is off)."""
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV_INTERVAL, "").strip()
+def parse_interval(raw: str | None) -> tuple[float | None, str | None]:
+    """The sampling interval from SERVING_MFU_GPU_SAMPLE_S (`Settings.gpu_sample_s`): (seconds, None)
+    or (None, why it is off)."""
+    raw = (raw or "").strip()
     if not raw:
         return DEFAULT_INTERVAL_S, None
     if raw.lower() in ("0", "off", "false", "no", "none"):
@@ -102,11 +103,11 @@ def parse_interval(environ: Mapping[str, str] | None = None) -> tuple[float | No
     return max(value, 0.01), None
 
 
-def engine_device_ids(parallel_config: Any = None, environ: Mapping[str, str] | None = None
-                      ) -> tuple[list[int | str], str]:
+def engine_device_ids(parallel_config: Any = None, environ: Mapping[str, str] | None = None,
+                      explicit: str | None = None) -> tuple[list[int | str], str]:
     """The NVML identities of the devices this engine process drives, and how they were chosen.
 
-    In order: SERVING_MFU_GPU_DEVICES (comma-separated NVML indices or UUIDs); vLLM's
+    In order: `explicit` (SERVING_MFU_GPU_DEVICES: comma-separated NVML indices or UUIDs); vLLM's
     `parallel_config.assigned_physical_gpu_ids` (physical ids, what vLLM itself hands NVML);
     the first `local_world_size` entries of CUDA_VISIBLE_DEVICES (vLLM maps logical ids to those,
     and restricts it per data-parallel rank); else devices 0 … local_world_size − 1.
@@ -118,7 +119,7 @@ def engine_device_ids(parallel_config: Any = None, environ: Mapping[str, str] | 
         text = text.strip()
         return int(text) if text.isdigit() else text
 
-    explicit = env.get(ENV_DEVICES, "").strip()
+    explicit = (explicit or "").strip()
     if explicit:
         return [ident(x) for x in explicit.split(",") if x.strip()], ENV_DEVICES
     pc = parallel_config
@@ -411,14 +412,15 @@ class GpuUtilSampler:
 
 
 def sampler_for_engine(parallel_config: Any = None, environ: Mapping[str, str] | None = None, nvml: Any = None,
-                       start: bool = True) -> GpuUtilSampler:
+                       start: bool = True, settings: Settings | None = None) -> GpuUtilSampler:
     """The sampler of one engine process's local devices (see `engine_device_ids`); never raises.
 
     On a machine without an NVIDIA driver it comes back unavailable, with the reason, and no thread.
     """
     try:
-        interval, off = parse_interval(environ)
-        ids, source = engine_device_ids(parallel_config, environ)
+        settings = settings if settings is not None else load_settings()[0]
+        interval, off = parse_interval(settings.gpu_sample_s)
+        ids, source = engine_device_ids(parallel_config, environ, explicit=settings.gpu_devices)
         sampler = GpuUtilSampler(ids, interval, nvml, start=start, disabled_reason=off)
         if sampler.reason and not sampler.available and source != "default" and "not found" in sampler.reason:
             sampler.reason += f" (devices from {source})"

@@ -12,9 +12,9 @@ from typing import IO, Any, Iterator
 
 from pydantic import BaseModel, Field, ValidationError
 
+from serving_mfu.cost.records import FastRecord, IterationRecord
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
-from serving_mfu.runtime.records import FastRecord, IterationRecord
 from serving_mfu.runtime.report import MFUReport
 from serving_mfu.runtime.tracker import MFUTracker
 

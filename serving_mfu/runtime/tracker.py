@@ -18,10 +18,10 @@ from typing import Callable
 from pydantic import TypeAdapter
 
 from serving_mfu.cost.accounting import CostModel, IterationCost, cost_iteration
+from serving_mfu.cost.records import IterationRecord
 from serving_mfu.cost.time_split import SPLIT_METHODS
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.runtime.counters import Counters
-from serving_mfu.runtime.records import IterationRecord
 from serving_mfu.runtime.report import MFUReport, ModelReport, PeakReport, build_report
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class MFUTracker:
         self._first_t: float | None = None
         self._latest_t: float | None = None
         self._logged: set[str] = set()
-        self._lock = threading.Lock()  # record() on the engine thread, snapshot() on the publisher
+        self._lock = threading.Lock()  # record() on the accounting thread; snapshot(), report(), recent() on readers
         self._peak_total = peak.flops_per_s * devices if peak else None
         self._bw_total = peak.bandwidth_bytes_per_s * devices if peak else None
 
@@ -127,9 +127,8 @@ class MFUTracker:
         """A consistent copy of the cumulative counters and the last `recent` iterations
         (as dicts, or with `raw` the IterationCost objects themselves, for a publisher that caches)."""
         with self._lock:
-            if raw:
-                return self._totals(), list(self._recent)[-recent:] if recent > 0 else []
-            return self._totals(), self.recent(recent)
+            totals, items = self._totals(), list(self._recent)[-recent:] if recent > 0 else []
+        return totals, items if raw else [COST_ADAPTER.dump_python(c, mode="json") for c in items]
 
     def _log_once(self, kind: str, message: str) -> None:
         if kind not in self._logged:
@@ -197,5 +196,6 @@ class MFUTracker:
 
     def recent(self, limit: int = 100) -> list[dict]:
         """The last `limit` iterations' costs, newest last, as plain dicts."""
-        items = list(self._recent)[-limit:] if limit > 0 else []
+        with self._lock:
+            items = list(self._recent)[-limit:] if limit > 0 else []
         return [COST_ADAPTER.dump_python(c, mode="json") for c in items]

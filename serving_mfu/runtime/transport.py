@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -25,6 +24,7 @@ from pydantic import BaseModel, Field
 from serving_mfu.runtime.counters import Counters
 from serving_mfu.runtime.gpu_util import aggregate_status
 from serving_mfu.runtime.report import GpuUtilStatus, MFUReport, ModelReport, PeakReport, build_report
+from serving_mfu.runtime.settings import load_settings
 from serving_mfu.runtime.tracker import COST_ADAPTER
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,8 @@ SNAPSHOT_FORMAT = "serving-mfu-snapshot/1"
 
 
 def default_dir() -> Path:
-    """Where engines publish: $SERVING_MFU_DIR, else a per-user folder under the temp dir."""
-    env = os.environ.get("SERVING_MFU_DIR")
-    return Path(env) if env else Path(tempfile.gettempdir()) / f"serving-mfu-{os.getuid()}"
+    """Where engines publish: SERVING_MFU_DIR (Settings.dir), else a per-user folder under the temp dir."""
+    return load_settings()[0].snapshot_dir()
 
 
 class EngineSnapshot(BaseModel):

@@ -162,7 +162,7 @@ class Iterations:
     saved_flops: np.ndarray
     draft_tokens: np.ndarray
     accepted_tokens: np.ndarray
-    peak_flops_per_s: float  # total over the engine's devices
+    engine_peak_flops_per_s: float  # total over the engine's devices
     peak_bandwidth: float | None
     peak_source: str | None
     model: str | None
@@ -230,7 +230,7 @@ def replay_iterations(trace_path: str | Path, peak: dict[str, Any] | None = None
         recompute_flops=arr(lambda c: c.recompute_flops), discarded_flops=arr(lambda c: c.discarded_flops),
         saved_flops=arr(lambda c: c.saved_flops), draft_tokens=arr(lambda c: c.draft_tokens),
         accepted_tokens=arr(lambda c: c.accepted_tokens),
-        peak_flops_per_s=pk.flops_per_s * header.devices,
+        engine_peak_flops_per_s=pk.flops_per_s * header.devices,
         peak_bandwidth=pk.bandwidth_bytes_per_s * header.devices if pk.bandwidth_bytes_per_s else None,
         peak_source=pk.source, model=spec.name, skipped_lines=skipped,
     )
@@ -257,7 +257,7 @@ def binned_utilization(it: Iterations, bin_s: float | None = None, bins: int = 6
     out = {"t_s": (np.arange(nb) + 0.5) * bin_s}
     for ph in PHASES:
         t = np.bincount(idx, it.time_s[ph], nb)
-        cap = t * it.peak_flops_per_s
+        cap = t * it.engine_peak_flops_per_s
         out[f"{ph}_mfu"] = _ratio(np.bincount(idx, it.useful[ph], nb), cap)
         out[f"{ph}_hfu"] = _ratio(np.bincount(idx, it.executed[ph], nb), cap)
         if it.peak_bandwidth:
@@ -412,14 +412,14 @@ def plot_decode_mfu_vs_acceptance(res: Results, it: Iterations | None = None, bi
         if has.any():
             acc = it.accepted_tokens[has] / it.draft_tokens[has]
             t_d = it.time_s["decode"][has]
-            mfu = it.useful["decode"][has] / (t_d * it.peak_flops_per_s)
+            mfu = it.useful["decode"][has] / (t_d * it.engine_peak_flops_per_s)
             jitter = np.random.default_rng(0).uniform(-0.01, 0.01, acc.size)
             ax.scatter(100 * (acc + jitter), 100 * mfu, s=10, alpha=0.35, color="tab:gray",
                        label=f"iterations with drafts ({has.sum()})")
             edges = np.linspace(0, 1, bins + 1)
             which = np.clip(np.digitize(acc, edges) - 1, 0, bins - 1)
             num = np.bincount(which, it.useful["decode"][has], bins)
-            den = np.bincount(which, t_d, bins) * it.peak_flops_per_s
+            den = np.bincount(which, t_d, bins) * it.engine_peak_flops_per_s
             mean = _ratio(num, den)
             at = _ratio(np.bincount(which, acc * t_d, bins), np.bincount(which, t_d, bins))  # bin's mean acceptance
             ok = ~np.isnan(mean)
@@ -554,7 +554,7 @@ def plot_roofline(it: Iterations | None):
         sel = kinds == k
         if sel.any():
             ax.scatter(ai[sel], perf[sel], s=14, alpha=0.6, color=color, label=f"{k} iterations ({sel.sum()})")
-    peak, bw = it.peak_flops_per_s, it.peak_bandwidth
+    peak, bw = it.engine_peak_flops_per_s, it.peak_bandwidth
     lo, hi = float(ai.min()) / 3, float(ai.max()) * 3
     if bw:
         ridge = peak / bw

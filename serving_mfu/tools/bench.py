@@ -7,9 +7,9 @@ import time
 
 from pydantic import BaseModel
 
+from serving_mfu.cost.records import IterationRecord, Slice
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.table import lookup_peak
-from serving_mfu.runtime.records import IterationRecord, Slice
 from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 

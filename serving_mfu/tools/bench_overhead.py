@@ -45,7 +45,9 @@ from pydantic import BaseModel
 
 from scheduler_hooks.hook import MFUHook
 from scheduler_hooks.scheduler import MFUScheduler
-from serving_mfu.runtime.records import FastSlice
+from serving_mfu.cost.records import FastSlice
+from serving_mfu.runtime.settings import Settings
+from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.serve.format import si
 from serving_mfu.tools.engine_models import CORPUS, ensure_model
 from serving_mfu.tools.envutil import environ as _environ
@@ -607,23 +609,29 @@ def capture_iterations(model_path: str, requests: int, prompt_len: int, output_l
 
 
 # ----------------------------------------------------------------------------- 2. offline timing
-class _NullWriter:
-    def mark_dirty(self) -> None:
-        pass
+class _KeepingTracker(MFUTracker):
+    """An MFUTracker that also keeps every record it accounted, and its cost (to check the replay)."""
 
-    def close(self) -> None:
-        pass
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kept: list[tuple[Any, Any]] = []
+
+    def record(self, rec: Any) -> Any:
+        cost = super().record(rec)
+        self.kept.append((rec, cost))
+        return cost
 
 
-def _fresh_hook(vllm_config: Any, publish_dir: str) -> Any:
-    """An MFUHook with a fresh tracker, built exactly as the engine builds it, minus the publisher thread."""
-
-    with _environ({"SERVING_MFU_DIR": publish_dir, "SERVING_MFU_TRACE": None, "SERVING_MFU_FAIL_AT_STEP": None,
-                  "SERVING_MFU_SYNC_ACCOUNTING": "1"}):
-        hook = MFUHook(vllm_config)
-    hook.writer.close()
-    hook.writer = _NullWriter()
-    return hook
+def _fresh_hook(vllm_config: Any, publish_dir: str, iterations: list[CapturedIteration],
+                tracker_cls: type[MFUTracker] = MFUTracker) -> Any:
+    """An MFUHook with a fresh tracker, built as the engine builds it, accounting inline, publishing
+    nothing, and reading the engine's own t_sched / t_end in order as its clock — so the replayed
+    records carry the engine's timestamps and busy time, the time split and MFU / HFU follow the same
+    code paths as in the engine (not microsecond-long steps with HFU > 1)."""
+    stamps = [t for it in iterations for t in (it.record.t_sched_s, it.record.t_end_s)]
+    settings = Settings(dir=Path(publish_dir), sync_accounting=True)
+    return MFUHook.from_vllm_config(vllm_config, settings=settings, clock=iter(stamps).__next__, publish=False,
+                                    tracker_cls=tracker_cls)
 
 
 def _prepare(it: CapturedIteration) -> tuple[_Sched, _Sched, list[tuple[_Req, int, int]]]:
@@ -637,31 +645,11 @@ def _prepare(it: CapturedIteration) -> tuple[_Sched, _Sched, list[tuple[_Req, in
     return _Sched(reqs), _Sched(out_reqs), updates
 
 
-@contextlib.contextmanager
-def _engine_clock(iterations: list[CapturedIteration]) -> Iterator[None]:
-    """Make the hook's `time.monotonic()` return the engine's own t_sched / t_end, in order.
-
-    The replayed records then carry the engine's timestamps, so busy time, the time split and
-    MFU / HFU follow the same code paths as in the engine (not microsecond-long steps with HFU > 1).
-    """
-    import types
-
-    import scheduler_hooks.hook as hook_module
-
-    stamps = [t for it in iterations for t in (it.record.t_sched_s, it.record.t_end_s)]
-    saved = hook_module.time
-    hook_module.time = types.SimpleNamespace(monotonic=iter(stamps).__next__)
-    try:
-        yield
-    finally:
-        hook_module.time = saved
-
-
 def replay_ours(hook: Any, prepared: list, iterations: list[CapturedIteration],
                 times_ns: list[int] | None = None) -> None:
-    """Run every captured iteration through `hook` as the engine did; add each one's ns to `times_ns`."""
-    with _engine_clock(iterations):
-        _replay(hook, prepared, iterations, times_ns)
+    """Run every captured iteration through `hook` (from `_fresh_hook`) as the engine did; add each one's
+    ns to `times_ns`."""
+    _replay(hook, prepared, iterations, times_ns)
 
 
 def _replay(hook: Any, prepared: list, iterations: list[CapturedIteration], times_ns: list[int] | None) -> None:
@@ -726,19 +714,10 @@ def _time_estimators(iterations: list[CapturedIteration], vllm_config: Any, pass
     vllm_totals = {"flops_per_gpu": 0.0, "read_bytes_per_gpu": 0.0, "write_bytes_per_gpu": 0.0}
     with tempfile.TemporaryDirectory(prefix="serving-mfu-bench-") as publish:
         with steps.step("checking the replay against the engine"):
-            hook = _fresh_hook(vllm_config, publish)
-            replayed: list[Any] = []
-            costs: list[Any] = []
-            record = hook.tracker.record
-
-            def keep(rec: Any) -> Any:
-                replayed.append(rec)
-                cost = record(rec)
-                costs.append(cost)
-                return cost
-
-            hook.tracker.record = keep
+            hook = _fresh_hook(vllm_config, publish, iterations, tracker_cls=_KeepingTracker)
             replay_ours(hook, prepared, iterations)
+            replayed = [rec for rec, _ in hook.tracker.kept]
+            costs = [cost for _, cost in hook.tracker.kept]
             # everything but the step number (the engine's counts its warm-up steps too)
             matches = len(replayed) == n and all(
                 a._replace(step=0) == it.record._replace(step=0) for a, it in zip(replayed, iterations))
@@ -769,7 +748,7 @@ def _time_estimators(iterations: list[CapturedIteration], vllm_config: Any, pass
         outs = [it.out for it in iterations]
         with steps.step(f"timing both estimators ({passes} passes × {n} iterations)"):
             for _ in range(passes):
-                hook = _fresh_hook(vllm_config, publish)
+                hook = _fresh_hook(vllm_config, publish, iterations)
                 times = [0] * n
                 gc.collect()
                 gc.disable()

@@ -102,6 +102,7 @@ def cmd_peak(args: argparse.Namespace) -> int:
 @command("calibrate")
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from serving_mfu.peaks.calibrate import cache_path, calibrate, save_calibration
+    from serving_mfu.runtime.settings import read_settings
     from serving_mfu.tools.progress import calibration_progress
 
     with calibration_progress(enabled=not args.json) as on_event:
@@ -112,7 +113,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         saved.append(save_calibration(peak, args.out))
     on_cpu = peak.device.startswith("cpu")
     if on_cpu and not args.no_cache:
-        saved.append(save_calibration(peak, cache_path(peak.dtype)))
+        saved.append(save_calibration(peak, cache_path(peak.dtype, read_settings().calibration_cache_dir())))
     if args.json:
         _print_json(peak.model_dump())
         return 0
@@ -139,10 +140,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _peak_from_args(args: argparse.Namespace, spec: ModelSpec):
+    """The peak the flags give, each flag left out taken from SERVING_MFU_* (Settings)."""
     from serving_mfu.peaks.resolve import resolve_peak
+    from serving_mfu.runtime.settings import read_settings
 
-    return resolve_peak(args.dtype or spec.compute_dtype, device=args.device, flops_per_s=args.peak_flops,
-                        bandwidth_bytes_per_s=args.peak_bandwidth, calibration_file=args.calibration)
+    inputs = read_settings().peak_inputs()
+    given = dict(device=args.device, flops_per_s=args.peak_flops, bandwidth_bytes_per_s=args.peak_bandwidth,
+                 calibration_file=args.calibration)
+    inputs.update({k: v for k, v in given.items() if v is not None})
+    return resolve_peak(args.dtype or spec.compute_dtype, **inputs)
 
 
 # ------------------------------------------------------------------------- replay
@@ -302,14 +308,20 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------- parser
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("config", help="config.json or a folder holding one")
     f.add_argument("--new-tokens", type=_positive_int, required=True, help="q: new positions in the slice")
     f.add_argument("--context-len", type=_positive_int, required=True, help="c: KV context after the step (>= q)")
-    f.add_argument("--logits-tokens", type=_positive_int, default=1, help="positions producing logits (default 1)")
+    f.add_argument("--logits-tokens", type=_non_negative_int, default=1,
+                   help="positions producing logits (default 1; 0 for a prefill chunk that is not the last)")
     f.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (adds per_device)")
     f.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
     f.add_argument("--ep", type=int, default=1, help="expert-parallel degree")

@@ -31,6 +31,7 @@ from rich.table import Table
 from loadgen import LengthSpec, RunConfig, run_benchmark_sync, run_sweep
 from scheduler_hooks.server import VLLMServer
 from serving_mfu.peaks.calibrate import cache_path, cached_calibration, calibrate, save_calibration
+from serving_mfu.runtime.settings import read_settings
 from serving_mfu.serve.format import ms, pct
 from serving_mfu.tools.engine_models import ensure_model
 from serving_mfu.tools.progress import calibration_progress
@@ -193,7 +194,8 @@ def _peak_line(peak: dict) -> str:
 def _cpu_peak(console: Console, short: bool, out_dir: Path, recalibrate: bool) -> None:
     """This machine's calibration, measured once and cached where the engine's default finds it."""
 
-    cached = None if recalibrate else cached_calibration("bf16")
+    cache = read_settings().calibration_cache_dir()
+    cached = None if recalibrate else cached_calibration("bf16", cache)
     if cached is not None:
         peak, path = cached
         console.print(f"peak: cached calibration {path} ({peak.flops_per_s / 1e9:,.1f} GFLOP/s bf16; "
@@ -202,7 +204,7 @@ def _cpu_peak(console: Console, short: bool, out_dir: Path, recalibrate: bool) -
         console.print("calibrating this machine's bf16 peak once (max over the engine's kernels and sizes)…")
         with calibration_progress(console) as on_event:
             peak = calibrate(dtype="bf16", duration_s=2.0 if short else 4.0, on_event=on_event)
-        path = save_calibration(peak, cache_path("bf16"))
+        path = save_calibration(peak, cache_path("bf16", cache))
         console.print(f"peak: {peak.flops_per_s / 1e9:,.1f} GFLOP/s bf16, cached in {path}")
     save_calibration(peak, out_dir / "peak.json")
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.prompts import WORDS
-
-DEFAULT_ROOT = Path(os.environ.get("SERVING_MFU_MODELS", Path.home() / ".cache" / "serving-mfu" / "models"))
+from serving_mfu.runtime.settings import load_settings
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 256,
@@ -116,7 +115,7 @@ def ensure_model(name: str = "tiny-llama-engine", root: str | Path | None = None
     """Path of the built model folder, building it first if absent (safe across processes)."""
     if name not in ENGINE_CONFIGS:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(ENGINE_CONFIGS)}")
-    root = Path(root) if root else DEFAULT_ROOT
+    root = Path(root) if root else load_settings()[0].models_dir()
     out = root / name
     marker = out / "serving_mfu_model.json"
     if marker.exists() and json.loads(marker.read_text()).get("config") == ENGINE_CONFIGS[name]:
