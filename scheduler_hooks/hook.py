@@ -21,7 +21,7 @@ from typing import Any, Callable
 from scheduler_hooks.engine_info import EngineInfo, engine_info
 from serving_mfu.cost.accounting import CostModel
 from serving_mfu.cost.drafter import drafter_cost
-from serving_mfu.cost.records import DrafterRecord, FastRecord
+from serving_mfu.cost.records import DrafterRecord, IterationRecord, Slice
 from serving_mfu.runtime.gpu_util import sampler_for_engine
 from serving_mfu.runtime.report import ModelReport
 from serving_mfu.runtime.settings import Settings, load_settings
@@ -185,6 +185,12 @@ class MFUHook:
                     accepted[e[0]] = k if n > k else (n if n > 0 else 0)
         return t_end, pending, runner_out, lengths, accepted
 
+    @staticmethod
+    def token_requests(token: tuple) -> dict[str, Any]:
+        """The vLLM Requests a `before_output` token describes, by request id (for benchmarks that
+        capture what the hook read; the token's layout stays private to the hook)."""
+        return {e[0]: e[7] for e in token[1][1]}
+
     def after_output(self, token: tuple) -> None:
         """After `update_from_output()`: delivered tokens, routing → one record for the tracker."""
         t_end, (t_sched, entries), runner_out, lengths, accepted_by_id = token
@@ -211,15 +217,14 @@ class MFUHook:
                     runs.append((n0 if n0 > mark else mark, kept_end))
             elif runs is not None and end == prompt and end > mark:  # a finished prefill drafts too
                 runs.append((n0 if n0 > mark else mark, kept_end))
-            append((rid, q, n0, prompt, mark, cached, k, accepted, delivered))  # FastSlice field order
+            append(Slice(rid, q, n0, prompt, mark, cached, k, accepted, delivered))
         drafter = None
         if self.spec_method:
             n_drafting = len(runs) if runs is not None else sum(1 for e in entries if e[2] + e[1] >= e[3])
             flops, bytes_ = (0.0, 0.0) if runs is None else drafter_cost(self.draft_model, self.num_spec_tokens, runs)
-            drafter = DrafterRecord.model_construct(method=self.spec_method, flops=flops, bytes=bytes_,
-                                                    proposed_tokens=self.num_spec_tokens * n_drafting)
+            drafter = DrafterRecord(self.spec_method, flops, bytes_, self.num_spec_tokens * n_drafting)
         routing = moe_routing(runner_out, entries, self.tracker.spec) if self.tracker.spec.is_moe else None
-        rec = FastRecord(self.step, t_sched, t_end, slices, drafter, routing, self.engine_id)
+        rec = IterationRecord(self.step, t_sched, t_end, slices, drafter, routing, self.engine_id)
         if self._queue is None:
             self._account(rec)
         else:
@@ -231,7 +236,7 @@ class MFUHook:
             raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at} (after recording the step)")
 
     # ------------------------------------------------------------------ accounting thread
-    def _account(self, rec: FastRecord) -> None:
+    def _account(self, rec: IterationRecord) -> None:
         try:
             self.tracker.record(rec)
             self.writer.mark_dirty()

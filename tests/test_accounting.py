@@ -167,12 +167,30 @@ def test_moe_measured_routing_and_expected_fallback() -> None:
 
 
 def test_bad_slices_are_rejected_with_clear_messages() -> None:
+    """Records from outside (traces) are checked: cross-field rules, bounds and types, each named."""
+    from serving_mfu.cost.records import RecordError, check_record, check_slice, decode_record, encode_record
+
     with pytest.raises(ValueError, match="accepted_tokens=3 > draft_tokens=2"):
-        Slice(req_id="x", new_tokens=3, computed_before=10, prompt_len=5, draft_tokens=2, accepted_tokens=3)
+        check_slice(Slice(req_id="x", new_tokens=3, computed_before=10, prompt_len=5, draft_tokens=2,
+                          accepted_tokens=3))
     with pytest.raises(ValueError, match="draft tokens need at least"):
-        Slice(req_id="x", new_tokens=3, computed_before=0, prompt_len=5, draft_tokens=2)
+        check_slice(Slice(req_id="x", new_tokens=3, computed_before=0, prompt_len=5, draft_tokens=2))
     with pytest.raises(ValueError, match="before t_sched_s"):
-        IterationRecord(step=1, t_sched_s=2.0, t_end_s=1.0, slices=[])
+        check_record(IterationRecord(step=1, t_sched_s=2.0, t_end_s=1.0, slices=[]))
+    with pytest.raises(RecordError, match="new_tokens"):
+        check_record(IterationRecord(step=1, t_sched_s=1.0, t_end_s=2.0,
+                                     slices=[Slice(req_id="x", new_tokens=-1, computed_before=0, prompt_len=5)]))
+    good = IterationRecord(step=1, t_sched_s=1.0, t_end_s=2.0,
+                           slices=[Slice(req_id="x", new_tokens=3, computed_before=0, prompt_len=5)])
+    assert decode_record(encode_record(good)) == good == check_record(good)
+    line = encode_record(good).decode()
+    for bad, words in ((line.replace('"prompt_len":5', '"prompt_len":0'), "prompt_len"),
+                       (line.replace('"new_tokens":3', '"new_tokens":"3"'), "new_tokens"),
+                       (line.replace('"engine":"0"', '"engine":"0","extra":1'), "extra"),
+                       (line.replace('"t_end_s":2.0', '"t_end_s":0.5'), "before t_sched_s"),
+                       ("{not json", "")):
+        with pytest.raises(RecordError, match=words):
+            decode_record(bad)
 
 
 def test_busy_time_excludes_idle_and_overlap() -> None:
@@ -199,8 +217,7 @@ def test_tracker_windows_and_never_raising() -> None:
     with pytest.raises(ValueError, match="window must be"):
         t.report(window_s=-1)
     # A record the accounting cannot handle is counted, not raised.
-    broken = IterationRecord.model_construct(step=99, t_sched_s=30.0, t_end_s=31.0, slices=[None],
-                                             drafter=None, moe_routing=None, engine="0")
+    broken = IterationRecord(step=99, t_sched_s=30.0, t_end_s=31.0, slices=[None])  # not checked when built
     assert t.record(broken) is None
     assert t.report().anomalies.counts.get("accounting_error") == 1
     assert t.report().decode.tokens == 20

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving_mfu.cost.records import IterationRecord, Slice
+from serving_mfu.cost.records import IterationRecord, Slice, encode_record
 from serving_mfu.runtime.trace import TraceHeader, TraceWriter
 from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 from tests.test_accounting import LLAMA
@@ -123,7 +123,7 @@ def test_replay_reports_and_skips_malformed_lines(tmp_path: Path) -> None:
 
 def test_replay_without_config_is_a_clear_error(tmp_path: Path) -> None:
     trace = tmp_path / "bare.jsonl"
-    trace.write_text(IterationRecord(step=0, t_sched_s=0, t_end_s=1, slices=[]).model_dump_json() + "\n")
+    trace.write_text(encode_record(IterationRecord(step=0, t_sched_s=0, t_end_s=1, slices=[])).decode() + "\n")
     proc = cli("replay", str(trace), check=False)
     assert proc.returncode == 2 and "--config" in proc.stderr
     proc = cli("replay", str(tmp_path / "missing.jsonl"), check=False)

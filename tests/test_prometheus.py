@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import fields
 from pathlib import Path
 
+import msgspec
 import pytest
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -235,7 +236,7 @@ def test_moe_summaries_match_the_report() -> None:
     assert shape
     for i, rec in enumerate(_steps(0.0)):  # measured routing on odd steps, expected on even ones
         routing = [[(j * 7 + layer) % 5 for j in range(e)] for layer, (e, _) in enumerate(shape)] if i % 2 else None
-        tracker.record(rec.model_copy(update={"moe_routing": routing}))
+        tracker.record(msgspec.structs.replace(rec, moe_routing=routing))
     snap = _snapshot(tracker, "303-0", 303)
     samples = scrape(FakeReader([snap]))
     report = tracker.report()

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from serving_mfu.cost.bytes import ByteModel
 from serving_mfu.cost.flops import FlopModel, causal_pairs
-from serving_mfu.cost.records import IterationRecord, slice_tuples
+from serving_mfu.cost.records import IterationRecord
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
 
@@ -125,7 +125,9 @@ def cost_iteration(
     full_only = len(dec_groups) == 1 and dec_groups[0][0] is None
     dec1_n = 0  # plain one-token decode slices: the common case, summed in closed form below
     dec1_keys = [0] * len(dec_groups)
-    for _, q, n0, prompt, hwm, cached, k, accepted, delivered in slice_tuples(record.slices):
+    for s in record.slices:
+        q, n0, prompt, hwm, cached = s.new_tokens, s.computed_before, s.prompt_len, s.hwm, s.cached_tokens
+        k, accepted, delivered = s.draft_tokens, s.accepted_tokens, s.delivered_tokens
         if q == 1 and not k and n0 >= hwm and n0 >= prompt and not cached and delivered is None:
             # one kept position at context c = n0 + 1: min(c, W) keys per group, one logit row
             dec1_n += 1

@@ -12,7 +12,7 @@ from typing import IO, Any, Iterator
 
 from pydantic import BaseModel, Field, ValidationError
 
-from serving_mfu.cost.records import FastRecord, IterationRecord
+from serving_mfu.cost.records import IterationRecord, decode_record, encode_record
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
 from serving_mfu.runtime.report import MFUReport
@@ -65,7 +65,7 @@ def read_trace(path: str | Path) -> tuple[TraceHeader | None, Iterator[tuple[int
                 if not line.strip() or (lineno == 1 and header is not None):
                     continue
                 try:
-                    yield lineno, IterationRecord.model_validate_json(line)
+                    yield lineno, decode_record(line)
                 except (ValidationError, ValueError) as exc:
                     yield lineno, TraceLineError(line=lineno, error=_short(exc))
 
@@ -81,10 +81,8 @@ class TraceWriter:
         if header is not None:
             self._fh.write(json.dumps({"header": header.model_dump(mode="json")}) + "\n")
 
-    def write(self, record: IterationRecord | FastRecord) -> None:
-        if isinstance(record, FastRecord):
-            record = record.validated()
-        self._fh.write(record.model_dump_json() + "\n")
+    def write(self, record: IterationRecord) -> None:
+        self._fh.write(encode_record(record).decode() + "\n")
 
     def close(self) -> None:
         self._fh.close()

@@ -19,6 +19,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
 from pydantic import BaseModel, Field
 
 from serving_mfu.runtime.counters import Counters
@@ -110,7 +111,7 @@ class SnapshotWriter:
         self._static = dict(engine_id=engine_id, pid=os.getpid(), ppid=os.getppid(), started_at=time.time(),
                             model=model, peak=peak, time_split=time_split)
         # history points and iteration costs never change once made: each is serialized once
-        self._history: deque[tuple[float, str]] = deque(maxlen=history_s)
+        self._history: deque[tuple[float, bytes]] = deque(maxlen=history_s)
         self._cost_json: dict[int, tuple[Any, str]] = {}
         self._dirty = threading.Event()
         self._write_lock = threading.Lock()  # the publisher thread and close()/write_now() callers
@@ -141,17 +142,18 @@ class SnapshotWriter:
                 self.before_write()
             counters, recent = self.source()
             now = time.time()
-            counters_json = json.dumps(counters.to_dict())
+            counters_json = msgspec.json.encode(counters.to_dict())
             if not self._history or now - self._history[-1][0] >= 1.0:
                 self._history.append((now, counters_json))
             gpu = self.gpu_status() if self.gpu_status is not None else None
-            head = EngineSnapshot(**self._static, updated_at=now, counters={}, gpu=gpu).model_dump_json(
-                exclude={"counters", "history", "recent"})
-            history = ",".join(f"[{t!r},{js}]" for t, js in self._history)
-            text = (f'{head[:-1]},"counters":{counters_json},"history":[{history}],'
-                    f'"recent":[{",".join(self._recent_json(recent))}]}}')
+            head = EngineSnapshot(**self._static, updated_at=now, counters={}, gpu=gpu).model_dump(
+                mode="json", exclude={"counters", "history", "recent"})
+            # pieces serialized once before (history points, iteration costs) go in as raw JSON
+            text = msgspec.json.encode({**head, "counters": msgspec.Raw(counters_json),
+                                        "history": [(t, msgspec.Raw(js)) for t, js in self._history],
+                                        "recent": [msgspec.Raw(js) for js in self._recent_json(recent)]})
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
+            tmp.write_bytes(text)
             os.replace(tmp, self.path)
         except Exception as exc:  # never let publishing hurt the engine
             self.write_errors += 1

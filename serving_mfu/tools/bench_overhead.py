@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import msgspec
 from pydantic import BaseModel
 
 from scheduler_hooks.hook import MFUHook
 from scheduler_hooks.scheduler import MFUScheduler
-from serving_mfu.cost.records import FastSlice
 from serving_mfu.runtime.settings import Settings
 from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.serve.format import si
@@ -514,9 +514,8 @@ class _Capture:
 
         def after_output_(token: Any) -> None:
             cap = self._tokens.pop(id(token), None)
-            if cap is not None:  # the token is MFUHook.before_output's: (t_end, (t_sched, entries), ...);
-                # each entry ends with the vLLM Request it describes
-                cap.output_after = {e[0]: e[-1].num_output_tokens for e in token[1][1]}
+            if cap is not None:
+                cap.output_after = {rid: req.num_output_tokens for rid, req in MFUHook.token_requests(token).items()}
                 self._current = cap
             t0 = clock()
             try:
@@ -672,7 +671,7 @@ def _replay(hook: Any, prepared: list, iterations: list[CapturedIteration], time
 
 
 def _kind(rec: Any) -> Literal["prefill", "decode", "mixed"]:
-    prefill = [s.computed_before < s.prompt_len for s in map(FastSlice._make, rec.slices)]
+    prefill = [s.computed_before < s.prompt_len for s in rec.slices]
     return "prefill" if all(prefill) else "decode" if not any(prefill) else "mixed"
 
 
@@ -720,7 +719,8 @@ def _time_estimators(iterations: list[CapturedIteration], vllm_config: Any, pass
             costs = [cost for _, cost in hook.tracker.kept]
             # everything but the step number (the engine's counts its warm-up steps too)
             matches = len(replayed) == n and all(
-                a._replace(step=0) == it.record._replace(step=0) for a, it in zip(replayed, iterations))
+                msgspec.structs.replace(a, step=0) == msgspec.structs.replace(it.record, step=0)
+                for a, it in zip(replayed, iterations))
             for c in costs:
                 if c is None:
                     continue
