@@ -78,6 +78,7 @@ class MFUHook:
         self._queue: queue.Queue | None = None if self.sync else queue.Queue(maxsize=10_000)
         self.gpu = sampler
         self.trace = trace
+        self.observer: Any = None  # see "engine callbacks"
         try:
             self.writer = writer_factory(self)
         except BaseException:
@@ -137,7 +138,37 @@ class MFUHook:
         return self.gpu.add_to(counters), recent
 
     # ------------------------------------------------------------------ engine callbacks
+    # `observer` (None in the engine) sees each callback's arguments before it runs and its result after,
+    # and every record made: benchmarks time the hook and keep what it read without replacing its methods.
     def on_schedule(self, sched: Any, out: Any) -> None:
+        obs = self.observer
+        if obs is None:
+            return self._on_schedule(sched, out)
+        obs.enter("schedule", sched, out)
+        result = self._on_schedule(sched, out)
+        obs.exit("schedule", result)
+        return result
+
+    def before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
+        obs = self.observer
+        if obs is None:
+            return self._before_output(sched, out, runner_out)
+        obs.enter("output", sched, out, runner_out)
+        result = self._before_output(sched, out, runner_out)
+        obs.exit("output", result)
+        return result
+
+    def after_output(self, token: tuple) -> None:
+        obs = self.observer
+        if obs is None:
+            return self._after_output(token)
+        obs.enter("after", token)
+        try:
+            self._after_output(token)
+        finally:
+            obs.exit("after", None)
+
+    def _on_schedule(self, sched: Any, out: Any) -> None:
         """After `schedule()`: note each scheduled request's slice (n0 = computed before this step)."""
         t_sched = self.clock()
         for rid in out.finished_req_ids:
@@ -163,7 +194,7 @@ class MFUHook:
         if len(self.pending) > 64:  # outputs that never came (aborted steps): forget the oldest
             self.pending.pop(next(iter(self.pending)))
 
-    def before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
+    def _before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
         """Before `update_from_output()`: stop the clock, note output lengths and accepted drafts
         (read now: vLLM truncates the sampled lists at max_tokens / stop tokens when it applies them)."""
         t_end = self.clock()
@@ -191,7 +222,7 @@ class MFUHook:
         capture what the hook read; the token's layout stays private to the hook)."""
         return {e[0]: e[7] for e in token[1][1]}
 
-    def after_output(self, token: tuple) -> None:
+    def _after_output(self, token: tuple) -> None:
         """After `update_from_output()`: delivered tokens, routing → one record for the tracker."""
         t_end, (t_sched, entries), runner_out, lengths, accepted_by_id = token
         self.step += 1
@@ -225,6 +256,8 @@ class MFUHook:
             drafter = DrafterRecord(self.spec_method, flops, bytes_, self.num_spec_tokens * n_drafting)
         routing = moe_routing(runner_out, entries, self.tracker.spec) if self.tracker.spec.is_moe else None
         rec = IterationRecord(self.step, t_sched, t_end, slices, drafter, routing, self.engine_id)
+        if self.observer is not None:
+            self.observer.recorded(rec)
         if self._queue is None:
             self._account(rec)
         else:

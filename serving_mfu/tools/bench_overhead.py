@@ -472,68 +472,62 @@ class CapturedIteration:
 
 
 class _Capture:
-    """Wraps a live MFUHook's callbacks (instance attributes) to keep every recorded iteration."""
+    """The observer of a live MFUHook (its `observer` seam): keeps every recorded iteration — what the
+    hook read at each callback, the record it made — and the time spent inside its callbacks."""
 
     def __init__(self, hook: Any):
-        self.hook = hook
         self.iterations: list[CapturedIteration] = []
         self.active = False
         self._pending: dict[int, CapturedIteration] = {}
         self._tokens: dict[int, CapturedIteration] = {}
         self._current: CapturedIteration | None = None
-        on_schedule, before_output, after_output = hook.on_schedule, hook.before_output, hook.after_output
-        record = hook.tracker.record
-        clock = time.perf_counter_ns
+        self._clock = time.perf_counter_ns
+        self._t0 = 0
+        self._cap: CapturedIteration | None = None
+        hook.observer = self
 
-        def on_schedule_(sched: Any, out: Any) -> None:
-            cap = None
+    def enter(self, kind: str, *args: Any) -> None:
+        cap = None
+        if kind == "schedule":
+            sched, out = args
             if self.active and out.total_num_scheduled_tokens:
                 reqs = sched.requests
                 cap = CapturedIteration(out=out, at_schedule={
                     rid: _Req(reqs[rid].num_computed_tokens, reqs[rid].num_prompt_tokens,
                               reqs[rid].num_output_tokens) for rid in out.num_scheduled_tokens})
-            t0 = clock()
-            on_schedule(sched, out)
-            if cap is not None:
-                cap.hook_ns += clock() - t0
                 self._pending[id(out)] = cap
-
-        def before_output_(sched: Any, out: Any, runner_out: Any) -> Any:
+        elif kind == "output":
+            sched, out, runner_out = args
             cap = self._pending.pop(id(out), None)
             if cap is not None:
                 cap.runner_out = runner_out
                 reqs = sched.requests
                 cap.output_before = {rid: reqs[rid].num_output_tokens for rid in cap.at_schedule if rid in reqs}
-            t0 = clock()
-            token = before_output(sched, out, runner_out)
-            if cap is not None:
-                cap.hook_ns += clock() - t0
-                if token is not None:
-                    self._tokens[id(token)] = cap
-            return token
-
-        def after_output_(token: Any) -> None:
+        elif kind == "after":
+            (token,) = args
             cap = self._tokens.pop(id(token), None)
             if cap is not None:
                 cap.output_after = {rid: req.num_output_tokens for rid, req in MFUHook.token_requests(token).items()}
-                self._current = cap
-            t0 = clock()
-            try:
-                after_output(token)
-            finally:
-                self._current = None
-            if cap is not None:
-                cap.hook_ns += clock() - t0
-                if cap.record is not None:
-                    self.iterations.append(cap)
+            self._current = cap
+        self._cap = cap
+        self._t0 = self._clock()  # last: the hook's own time starts here
 
-        def record_(rec: Any) -> Any:
-            if self._current is not None:
-                self._current.record = rec
-            return record(rec)
+    def exit(self, kind: str, result: Any) -> None:
+        dt = self._clock() - self._t0  # first: the hook's own time ends here
+        cap, self._cap = self._cap, None
+        if cap is None:
+            return
+        cap.hook_ns += dt
+        if kind == "output" and result is not None:
+            self._tokens[id(result)] = cap
+        elif kind == "after":
+            self._current = None
+            if cap.record is not None:
+                self.iterations.append(cap)
 
-        hook.on_schedule, hook.before_output, hook.after_output = on_schedule_, before_output_, after_output_
-        hook.tracker.record = record_
+    def recorded(self, rec: Any) -> None:
+        if self._current is not None:
+            self._current.record = rec
 
 
 @contextlib.contextmanager
