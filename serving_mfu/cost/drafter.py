@@ -3,7 +3,8 @@
 After the target's forward, the drafter proposes `k` tokens for every request that sampled:
 one pass over the request's newly kept positions `[start, end)` (context `end`, one logit
 row), then `k − 1` single-position steps at contexts `end + 1 … end + k − 1`, each with a
-logit row.  Bytes: the draft weights once per step, plus KV writes.  n-gram and suffix
+logit row.  FLOPs are additive over contiguous positions, so a run costs one call:
+run_flops(s, e, 1) + Σ_{j=1..k−1} run_flops(e+j−1, e+j, 1) = run_flops(s, e+k−1, logits=k).  Bytes: the draft weights once per step, plus KV writes.  n-gram and suffix
 drafters do no matmuls and cost nothing.
 """
 
@@ -28,9 +29,7 @@ def drafter_cost(draft: CostModel | None, k: int, runs: Iterable[tuple[int, int]
             continue
         requests += 1
         positions += end - start + k - 1
-        flops += fm.run_flops(start, end, logits=1)
-        for j in range(1, k):
-            flops += fm.run_flops(end + j - 1, end + j, logits=1)
+        flops += fm.run_flops(start, end + k - 1, logits=k)
     if not requests:
         return 0.0, 0.0
     weights = bm.dense_weight_bytes + bm.lm_head_bytes + sum(

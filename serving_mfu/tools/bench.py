@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 
+import msgspec
 from pydantic import BaseModel
 
 from serving_mfu.cost.records import IterationRecord, Slice
@@ -46,13 +47,17 @@ def bench_accounting(batches: list[int], repeats: int = 200, progress: bool = Tr
     work = [(name, b) for name in ("llama-3-70b", "qwen3-30b-a3b") for b in batches]
     for name, batch in track(work, description="bench-accounting", disable=not progress, transient=True):
         tracker = MFUTracker(ModelSpec.from_hf_config(PUBLIC_CONFIGS[name]), peak, devices=8, clock=None)
-        records = [synthetic_iteration(i, batch, rng) for i in range(min(repeats, 50))]
+        shapes = [synthetic_iteration(i, batch, rng) for i in range(min(repeats, 50))]
         n = max(repeats, 1)
-        for rec in records[:5]:  # warm-up
+        # every timed record a step later than the one before, as an engine's are (a record whose
+        # t_end runs backwards would skip the time split), built before the clock starts
+        records = [msgspec.structs.replace(shapes[i % len(shapes)], step=5 + i, t_sched_s=(5 + i) * 0.02,
+                                           t_end_s=(5 + i) * 0.02 + 0.015) for i in range(n)]
+        for rec in shapes[:5]:  # warm-up (steps 0-4)
             tracker.record(rec)
         t0 = time.perf_counter()
-        for i in range(n):
-            tracker.record(records[i % len(records)])
+        for rec in records:
+            tracker.record(rec)
         us = (time.perf_counter() - t0) / n * 1e6
         rows.append(BenchRow(model=name, slices=batch, us_per_iteration=us, us_per_slice=us / batch))
     return rows
