@@ -1,10 +1,12 @@
 """The engine-side recorder: turns vLLM's SchedulerOutput / ModelRunnerOutput into IterationRecords.
 
-It only reads scheduler state, never changes it.  `on_schedule` notes, per scheduled request,
-the positions before the step, the prompt length, the high-water mark and the drafts;
-`before_output` stops the clock (DESIGN §5) and notes output lengths; `after_output` (once vLLM
-has applied the step) adds accepted and delivered tokens and the MoE routing, and hands the
-record to the tracker, whose snapshots a background thread publishes.
+It only reads scheduler state, never changes it.  On the engine thread it only captures, in O(1)
+per step (plus one `len` per sampled list on steps that verify drafts): `on_schedule` reads the
+clock, `before_output` stops it (DESIGN §5) and copies the sampled lengths, `after_output` hands
+the SchedulerOutput, the runner output and what update_from_output() returned to the accounting
+thread.  There `build_record` classifies every slice (high-water marks, prefix-cache credit,
+accepted and delivered tokens), costs the drafter and counts MoE routing, and the tracker costs
+the record; a background thread publishes the snapshots.
 
 Settings: serving_mfu.runtime.settings.Settings (SERVING_MFU_*, read once in `from_vllm_config`).
 """
@@ -17,6 +19,8 @@ import queue
 import threading
 import time
 from typing import Any, Callable
+
+import numpy as np
 
 from scheduler_hooks.engine_info import EngineInfo, engine_info
 from serving_mfu.cost.accounting import CostModel
@@ -66,9 +70,11 @@ class MFUHook:
         self.draft_model = CostModel(info.draft_spec) if info.draft_spec is not None else None
         self.spec_method = info.spec_method
         self.num_spec_tokens = info.num_spec_tokens
-        self.pending: dict[int, tuple[float, list[tuple]]] = {}
+        self.pending: dict[int, float] = {}  # id(SchedulerOutput) → t_sched, until its output comes
+        # accounting-side state, in step order: high-water marks, first sightings, prompt lengths
         self.hwm: dict[str, int] = {}
         self.seen: set[str] = set()
+        self.prompt_lens: dict[str, int] = {}
         self.step = 0
         self.fail_at = settings.fail_at_step
         # The accounting runs on its own thread, mostly while the engine thread waits for the model;
@@ -79,12 +85,12 @@ class MFUHook:
         self.gpu = sampler
         self.trace = trace
         self.observer: Any = None  # see "engine callbacks"
+        self._accountant: threading.Thread | None = None  # before the writer, whose thread calls flush()
         try:
             self.writer = writer_factory(self)
         except BaseException:
             self.gpu.stop()
             raise
-        self._accountant: threading.Thread | None = None
         if self._queue is not None:
             self._accountant = threading.Thread(target=self._account_loop, name="serving-mfu-accounting",
                                                 daemon=True)
@@ -158,119 +164,141 @@ class MFUHook:
         obs.exit("output", result)
         return result
 
-    def after_output(self, token: tuple) -> None:
+    def after_output(self, token: tuple, result: Any = None) -> None:
         obs = self.observer
         if obs is None:
-            return self._after_output(token)
-        obs.enter("after", token)
+            return self._after_output(token, result)
+        obs.enter("after", token, result)
         try:
-            self._after_output(token)
+            self._after_output(token, result)
         finally:
             obs.exit("after", None)
 
+    # The engine thread only captures: two clock readings, references to what vLLM hands over, and
+    # the one thing vLLM changes in place before the accounting thread runs.  Safe to read later:
+    #  - SchedulerOutput (`out`): built fresh by each schedule() and never changed after; it carries
+    #    every scheduled request's tokens (`num_scheduled_tokens`), the positions computed before the
+    #    step (NewRequestData / CachedRequestData `num_computed_tokens`), prompts of new requests,
+    #    drafts (`scheduled_spec_decode_tokens`) and `finished_req_ids`;
+    #  - the EngineCoreOutputs update_from_output() returns: what reached each user (`new_token_ids`,
+    #    already cut at stop tokens / max_tokens);
+    #  - ModelRunnerOutput's routed-experts capture (numpy rows).
+    # Not safe: `sampled_token_ids`, whose lists update_from_output() trims in place at a stop, so
+    # their lengths (accepted drafts) are copied in before_output — only on steps with drafts — and
+    # Request objects, whose counters move on; `sched.requests` is kept only to look up the prompt of
+    # a request first seen before this hook started.
     def _on_schedule(self, sched: Any, out: Any) -> None:
-        """After `schedule()`: note each scheduled request's slice (n0 = computed before this step)."""
-        t_sched = self.clock()
-        for rid in out.finished_req_ids:
-            self.hwm.pop(rid, None)
-            self.seen.discard(rid)
-        if not out.total_num_scheduled_tokens:
-            return
-        requests = sched.requests
-        spec_tokens = out.scheduled_spec_decode_tokens
-        seen, hwm_get = self.seen, self.hwm.get
-        entries = []
-        append = entries.append
-        for rid, q in out.num_scheduled_tokens.items():
-            req = requests[rid]
-            n0 = req.num_computed_tokens - q  # the scheduler has already advanced it by q
-            cached = 0
-            if rid not in seen:  # first schedule: what it starts from was served by the prefix cache
-                seen.add(rid)
-                cached = n0
-            drafts = spec_tokens.get(rid) if spec_tokens else None
-            append((rid, q, n0, req.num_prompt_tokens, hwm_get(rid, 0), cached, len(drafts) if drafts else 0, req))
-        self.pending[id(out)] = (t_sched, entries)
-        if len(self.pending) > 64:  # outputs that never came (aborted steps): forget the oldest
-            self.pending.pop(next(iter(self.pending)))
+        """After `schedule()`: the clock (O(1))."""
+        if out.total_num_scheduled_tokens:
+            pending = self.pending
+            pending[id(out)] = self.clock()
+            if len(pending) > 64:  # outputs that never came (aborted steps): forget the oldest
+                pending.pop(next(iter(pending)))
 
     def _before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
-        """Before `update_from_output()`: stop the clock, note output lengths and accepted drafts
-        (read now: vLLM truncates the sampled lists at max_tokens / stop tokens when it applies them)."""
+        """Before `update_from_output()`: stop the clock; copy the sampled lengths if drafts were verified."""
         t_end = self.clock()
-        pending = self.pending.pop(id(out), None)
-        if pending is None:
+        t_sched = self.pending.pop(id(out), None)
+        if t_sched is None:
             return None
-        entries = pending[1]
-        lengths = [e[7].num_output_tokens for e in entries]
-        accepted: dict[str, int] = {}
+        lengths = None
         if out.scheduled_spec_decode_tokens:
-            index = runner_out.req_id_to_index
             sampled = runner_out.sampled_token_ids
-            for e in entries:
-                k = e[6]
-                if k:
-                    i = index.get(e[0])
-                    generated = sampled[i] if (sampled and i is not None) else ()
-                    n = len(generated) - 1
-                    accepted[e[0]] = k if n > k else (n if n > 0 else 0)
-        return t_end, pending, runner_out, lengths, accepted
+            lengths = list(map(len, sampled)) if sampled else []
+        return t_sched, t_end, out, runner_out, lengths, sched.requests
 
-    @staticmethod
-    def token_requests(token: tuple) -> dict[str, Any]:
-        """The vLLM Requests a `before_output` token describes, by request id (for benchmarks that
-        capture what the hook read; the token's layout stays private to the hook)."""
-        return {e[0]: e[7] for e in token[1][1]}
-
-    def _after_output(self, token: tuple) -> None:
-        """After `update_from_output()`: delivered tokens, routing → one record for the tracker."""
-        t_end, (t_sched, entries), runner_out, lengths, accepted_by_id = token
+    def _after_output(self, token: tuple, result: Any = None) -> None:
+        """After `update_from_output()`: hand the capture to the accounting thread (O(1))."""
         self.step += 1
-        slices = []
-        append = slices.append
-        runs = [] if self.draft_model is not None else None
-        hwm = self.hwm
-        for (rid, q, n0, prompt, mark, cached, k, req), n_before in zip(entries, lengths):
-            accepted = accepted_by_id.get(rid, 0) if k else 0
-            end = n0 + q
-            kept_end = end - (k - accepted)
-            if kept_end > mark:
-                hwm[rid] = kept_end
-            delivered = None
-            if end > prompt and end > mark:  # a decode step: what reached the user
-                first = n0 if n0 > mark else mark
-                if first < prompt:
-                    first = prompt
-                got = req.num_output_tokens - n_before
-                if got < kept_end - first:  # a stop or max_tokens cut the kept positions short
-                    delivered = got if got > 0 else 0
-                if runs is not None:
-                    runs.append((n0 if n0 > mark else mark, kept_end))
-            elif runs is not None and end == prompt and end > mark:  # a finished prefill drafts too
-                runs.append((n0 if n0 > mark else mark, kept_end))
-            append(Slice(rid, q, n0, prompt, mark, cached, k, accepted, delivered))
-        drafter = None
-        if self.spec_method:
-            n_drafting = len(runs) if runs is not None else sum(1 for e in entries if e[2] + e[1] >= e[3])
-            flops, bytes_ = (0.0, 0.0) if runs is None else drafter_cost(self.draft_model, self.num_spec_tokens, runs)
-            drafter = DrafterRecord(self.spec_method, flops, bytes_, self.num_spec_tokens * n_drafting)
-        routing = moe_routing(runner_out, entries, self.tracker.spec) if self.tracker.spec.is_moe else None
-        rec = IterationRecord(self.step, t_sched, t_end, slices, drafter, routing, self.engine_id)
-        if self.observer is not None:
-            self.observer.recorded(rec)
+        item = (self.step, token, result)
         if self._queue is None:
-            self._account(rec)
+            self._account(item)
         else:
             try:
-                self._queue.put_nowait(rec)
+                self._queue.put_nowait(item)
             except queue.Full:
                 self.tracker.note_anomaly("dropped_records", "the accounting thread fell 10000 steps behind")
         if self.fail_at is not None and self.step == self.fail_at:
             raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at} (after recording the step)")
 
+    # ------------------------------------------------------------------ building the record (accounting side)
+    def build_record(self, step: int, token: tuple, result: Any) -> IterationRecord:
+        """One IterationRecord from a step's capture: slices with their high-water marks, prefix-cache
+        credit, accepted and delivered tokens; the drafter's cost; MoE routing counts."""
+        t_sched, t_end, out, runner_out, lengths, requests = token
+        hwm, seen, prompts = self.hwm, self.seen, self.prompt_lens
+        for rid in out.finished_req_ids:
+            hwm.pop(rid, None)
+            seen.discard(rid)
+            prompts.pop(rid, None)
+        before: dict[str, int] = {}
+        for nr in out.scheduled_new_reqs:
+            before[nr.req_id] = nr.num_computed_tokens
+            ids = nr.prompt_token_ids
+            prompts[nr.req_id] = len(ids) if ids is not None else int(nr.prompt_embeds.shape[0])
+        cached_reqs = out.scheduled_cached_reqs
+        before.update(zip(cached_reqs.req_ids, cached_reqs.num_computed_tokens))
+        spec_tokens = out.scheduled_spec_decode_tokens
+        index = runner_out.req_id_to_index if lengths is not None else None
+        delivered_by_id: dict[str, int] | None = None
+        slices = []
+        append = slices.append
+        runs = [] if self.draft_model is not None else None
+        n_drafting = 0
+        entries = []
+        for rid, q in out.num_scheduled_tokens.items():
+            n0 = before[rid]
+            prompt = prompts.get(rid)
+            if prompt is None:  # first seen before this hook started
+                prompt = prompts[rid] = requests[rid].num_prompt_tokens
+            cached = 0
+            if rid not in seen:  # first schedule: what it starts from was served by the prefix cache
+                seen.add(rid)
+                cached = n0
+            mark = hwm.get(rid, 0)
+            drafts = spec_tokens.get(rid) if spec_tokens else None
+            k = len(drafts) if drafts else 0
+            accepted = 0
+            if k:
+                i = index.get(rid)
+                n = (lengths[i] if lengths and i is not None else 0) - 1
+                accepted = k if n > k else (n if n > 0 else 0)
+            end = n0 + q
+            kept_end = end - (k - accepted)
+            if kept_end > mark:
+                hwm[rid] = kept_end
+            if end >= prompt:
+                n_drafting += 1
+            delivered = None
+            if end > prompt and end > mark:  # a decode step: what reached the user
+                first = n0 if n0 > mark else mark
+                if first < prompt:
+                    first = prompt
+                if delivered_by_id is None:
+                    delivered_by_id = _delivered(result)
+                got = delivered_by_id.get(rid, 0)
+                if got < kept_end - first:  # a stop or max_tokens cut the kept positions short
+                    delivered = got
+                if runs is not None:
+                    runs.append((n0 if n0 > mark else mark, kept_end))
+            elif runs is not None and end == prompt and end > mark:  # a finished prefill drafts too
+                runs.append((n0 if n0 > mark else mark, kept_end))
+            append(Slice(rid, q, n0, prompt, mark, cached, k, accepted, delivered))
+            entries.append((rid, q, n0))
+        drafter = None
+        if self.spec_method:
+            n_drafting = len(runs) if runs is not None else n_drafting
+            flops, bytes_ = (0.0, 0.0) if runs is None else drafter_cost(self.draft_model, self.num_spec_tokens, runs)
+            drafter = DrafterRecord(self.spec_method, flops, bytes_, self.num_spec_tokens * n_drafting)
+        routing = moe_routing(runner_out, entries, self.tracker.spec) if self.tracker.spec.is_moe else None
+        return IterationRecord(step, t_sched, t_end, slices, drafter, routing, self.engine_id)
+
     # ------------------------------------------------------------------ accounting thread
-    def _account(self, rec: IterationRecord) -> None:
+    def _account(self, item: tuple) -> None:
         try:
+            rec = self.build_record(*item)
+            if self.observer is not None:
+                self.observer.recorded(rec)
             self.tracker.record(rec)
             self.writer.mark_dirty()
             if self.trace is not None:
@@ -310,20 +338,28 @@ class MFUHook:
             self.trace.close()
 
 
+def _delivered(result: Any) -> dict[str, int]:
+    """Tokens each request received in this step, from update_from_output()'s EngineCoreOutputs."""
+    out: dict[str, int] = {}
+    for outputs in (result or {}).values():
+        for o in outputs.outputs:
+            out[o.request_id] = len(o.new_token_ids)
+    return out
+
+
 def moe_routing(runner_out: Any, entries: list[tuple], spec: Any) -> list[list[int]] | None:
     """Tokens routed to each expert per MoE layer in this step, from vLLM's routed-experts capture.
 
     Needs `enable_return_routed_experts`; the rows cover a request's tokens from `token_start`,
-    shaped [tokens, layers, top_k].  Returns None when the engine did not capture routing.
+    shaped [tokens, layers, top_k].  All requests' rows of the step are counted with one
+    `bincount` over (layer, expert) pairs.  Returns None when the engine did not capture routing.
     """
     aux = getattr(runner_out, "aux_output_connector_output", None)
     if not aux:
         return None
-    import numpy as np
-
     moe_layers = spec.moe_layer_indices
     experts = spec.layers[moe_layers[0]].moe.num_experts
-    counts = None
+    chunks = []
     for rid, q, n0, *_ in entries:
         item = aux.get(rid)
         if item is None:
@@ -331,10 +367,13 @@ def moe_routing(runner_out: Any, entries: list[tuple], spec: Any) -> list[list[i
         rows = np.asarray(item.rows)
         lo, hi = max(n0 - item.token_start, 0), max(n0 + q - item.token_start, 0)
         chosen = rows[lo:hi]
-        if chosen.size == 0:
-            continue
-        if counts is None:
-            counts = np.zeros((chosen.shape[1], experts), dtype=np.int64)
-        for layer in range(min(chosen.shape[1], counts.shape[0])):
-            counts[layer] += np.bincount(chosen[:, layer, :].ravel(), minlength=experts)[:experts]
-    return counts.tolist() if counts is not None else None
+        if chosen.size:
+            chunks.append(chosen)
+    if not chunks:
+        return None
+    layers = min(c.shape[1] for c in chunks)
+    chosen = np.concatenate([c[:, :layers, :] for c in chunks], axis=0)  # [tokens, layers, top_k]
+    ids = chosen.astype(np.int64, copy=False)
+    valid = (ids >= 0) & (ids < experts)
+    flat = (np.arange(layers, dtype=np.int64)[None, :, None] * experts + ids)[valid]
+    return np.bincount(flat, minlength=layers * experts).reshape(layers, experts).tolist()

@@ -53,7 +53,7 @@ class _Recorder:
         result = super().update_from_output(scheduler_output, model_runner_output)
         if token is not None:
             try:
-                hook.after_output(token)
+                hook.after_output(token, result)
             except Exception as exc:
                 hook.error("update_from_output", exc)
         return result

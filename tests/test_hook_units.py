@@ -86,33 +86,42 @@ def hook(tmp_path_factory):
     assert os.path.exists(h.writer.path)
 
 
-def _out(scheduled: dict[str, int]):
-    return SimpleNamespace(finished_req_ids=set(), total_num_scheduled_tokens=sum(scheduled.values()),
-                           num_scheduled_tokens=scheduled, scheduled_spec_decode_tokens={})
+def _out(scheduled: dict[str, int], before: dict[str, int], new: dict[str, int] | None = None):
+    """A SchedulerOutput as vLLM builds it: tokens per request, positions computed before the step
+    (NewRequestData for first schedules, with their prompts; CachedRequestData for the others)."""
+    new = new or {}
+    cached = [rid for rid in scheduled if rid not in new]
+    return SimpleNamespace(
+        finished_req_ids=set(), total_num_scheduled_tokens=sum(scheduled.values()), num_scheduled_tokens=scheduled,
+        scheduled_spec_decode_tokens={},
+        scheduled_new_reqs=[SimpleNamespace(req_id=rid, num_computed_tokens=before[rid], prompt_token_ids=[1] * n,
+                                            prompt_embeds=None) for rid, n in new.items()],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=cached, num_computed_tokens=[before[r] for r in cached]))
+
+
+def _result(delivered: dict[str, int]):
+    """update_from_output()'s return: EngineCoreOutputs (by client) with the tokens each request got."""
+    outs = [SimpleNamespace(request_id=rid, new_token_ids=[7] * n) for rid, n in delivered.items()]
+    return {0: SimpleNamespace(outputs=outs)}
 
 
 def test_async_scheduling_overlap_is_not_double_counted(hook) -> None:
     """Step 2 is scheduled before step 1's output arrives (async scheduling): its busy time starts
     when step 1 ended, and each step's slice keeps the positions it was scheduled with."""
-    req = SimpleNamespace(num_computed_tokens=0, num_prompt_tokens=10, num_output_tokens=0)
-    sched = SimpleNamespace(requests={"a": req})
-    out1 = _out({"a": 10})
-    req.num_computed_tokens += 10  # what vLLM's scheduler does right after scheduling
+    sched = SimpleNamespace(requests={})  # the hook reads the step from the SchedulerOutput, not the Request
+    out1 = _out({"a": 10}, {"a": 0}, new={"a": 10})
     hook.on_schedule(sched, out1)
-    out2 = _out({"a": 1})
-    req.num_computed_tokens += 1
+    out2 = _out({"a": 1}, {"a": 10})
     hook.on_schedule(sched, out2)
     runner = SimpleNamespace(req_id_to_index={"a": 0}, sampled_token_ids=[[5]])
     token1 = hook.before_output(sched, out1, runner)
-    req.num_output_tokens += 1
-    hook.after_output(token1)
+    hook.after_output(token1, _result({"a": 1}))
     token2 = hook.before_output(sched, out2, runner)
-    req.num_output_tokens += 1
-    hook.after_output(token2)
+    hook.after_output(token2, _result({"a": 1}))
     hook.flush()  # the accounting runs on its own thread
     first, second = hook.tracker.recent(2)
     assert first["prefill"]["tokens"] == 10 and second["decode"]["tokens"] == 1
-    t_end_1, t_end_2 = token1[0], token2[0]
+    t_end_1, t_end_2 = token1[1], token2[1]
     assert second["busy_s"] == pytest.approx(t_end_2 - t_end_1)  # not from step 2's (earlier) schedule time
     assert hook.hwm["a"] == 11
 

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -465,8 +465,8 @@ class CapturedIteration:
     out: Any  # SchedulerOutput
     at_schedule: dict[str, _Req]  # request state when on_schedule ran
     runner_out: Any = None  # ModelRunnerOutput
-    output_before: dict[str, int] = field(default_factory=dict)  # num_output_tokens at before_output
-    output_after: dict[str, int] = field(default_factory=dict)  # ... once vLLM applied the step
+    result: Any = None  # what update_from_output returned (EngineCoreOutputs by client)
+    sampled_lengths: list[int] | None = None  # len of each sampled list before vLLM trimmed them
     record: Any = None  # the IterationRecord the engine's hook produced
     hook_ns: int = 0  # on_schedule + before_output + after_output, inside the engine
 
@@ -501,13 +501,13 @@ class _Capture:
             cap = self._pending.pop(id(out), None)
             if cap is not None:
                 cap.runner_out = runner_out
-                reqs = sched.requests
-                cap.output_before = {rid: reqs[rid].num_output_tokens for rid in cap.at_schedule if rid in reqs}
+                sampled = runner_out.sampled_token_ids
+                cap.sampled_lengths = list(map(len, sampled)) if sampled else None
         elif kind == "after":
-            (token,) = args
+            token, result = args
             cap = self._tokens.pop(id(token), None)
             if cap is not None:
-                cap.output_after = {rid: req.num_output_tokens for rid, req in MFUHook.token_requests(token).items()}
+                cap.result = result
             self._current = cap
         self._cap = cap
         self._t0 = self._clock()  # last: the hook's own time starts here
@@ -627,15 +627,24 @@ def _fresh_hook(vllm_config: Any, publish_dir: str, iterations: list[CapturedIte
                                     tracker_cls=tracker_cls)
 
 
-def _prepare(it: CapturedIteration) -> tuple[_Sched, _Sched, list[tuple[_Req, int, int]]]:
-    # one object per request for the whole step, as in the engine (the hook keeps the Request it
-    # saw at schedule time and reads its output length after vLLM applied the step)
-    reqs = {rid: _Req(r.num_computed_tokens, r.num_prompt_tokens, r.num_output_tokens)
-            for rid, r in it.at_schedule.items()}
-    out_reqs = {rid: r for rid, r in reqs.items() if rid in it.output_before}
-    updates = [(out_reqs[rid], it.output_before[rid], it.output_after.get(rid, it.output_before[rid]))
-               for rid in out_reqs]
-    return _Sched(reqs), _Sched(out_reqs), updates
+def _prepare(it: CapturedIteration) -> tuple[_Sched, Any]:
+    """The scheduler stand-in (its `requests`, for prompt look-ups) and a runner output whose sampled
+    lists have the lengths the engine's hook saw (vLLM trims them in place once it applies a step)."""
+    runner_out = it.runner_out
+    if it.sampled_lengths is not None and runner_out is not None:
+        runner_out = _RunnerOut(runner_out.req_id_to_index, [[0] * n for n in it.sampled_lengths],
+                                getattr(runner_out, "aux_output_connector_output", None))
+    return _Sched(dict(it.at_schedule)), runner_out
+
+
+class _RunnerOut:
+    """The ModelRunnerOutput fields the hook reads."""
+
+    __slots__ = ("req_id_to_index", "sampled_token_ids", "aux_output_connector_output")
+
+    def __init__(self, req_id_to_index: Any, sampled_token_ids: Any, aux: Any):
+        self.req_id_to_index, self.sampled_token_ids, self.aux_output_connector_output = \
+            req_id_to_index, sampled_token_ids, aux
 
 
 def replay_ours(hook: Any, prepared: list, iterations: list[CapturedIteration],
@@ -647,21 +656,15 @@ def replay_ours(hook: Any, prepared: list, iterations: list[CapturedIteration],
 
 def _replay(hook: Any, prepared: list, iterations: list[CapturedIteration], times_ns: list[int] | None) -> None:
     clock = time.perf_counter_ns
-    for i, ((at_sched, at_output, updates), it) in enumerate(zip(prepared, iterations)):
-        for req, before, _ in updates:
-            req.num_output_tokens = before
+    for i, ((sched, runner_out), it) in enumerate(zip(prepared, iterations)):
         t0 = clock()
-        hook.on_schedule(at_sched, it.out)
-        token = hook.before_output(at_output, it.out, it.runner_out)
-        t1 = clock()
-        for req, _, after in updates:  # what vLLM's update_from_output did in between
-            req.num_output_tokens = after
-        t2 = clock()
+        hook.on_schedule(sched, it.out)
+        token = hook.before_output(sched, it.out, runner_out)
         if token is not None:
-            hook.after_output(token)
-        t3 = clock()
+            hook.after_output(token, it.result)
+        t1 = clock()
         if times_ns is not None:
-            times_ns[i] += (t1 - t0) + (t3 - t2)
+            times_ns[i] += t1 - t0
 
 
 def _kind(rec: Any) -> Literal["prefill", "decode", "mixed"]:
