@@ -480,7 +480,8 @@ class _Capture:
         self.active = False
         self._pending: dict[int, CapturedIteration] = {}
         self._tokens: dict[int, CapturedIteration] = {}
-        self._current: CapturedIteration | None = None
+        self._by_step: dict[int, CapturedIteration] = {}  # after_output done, record not yet built
+        self._hook = hook
         self._clock = time.perf_counter_ns
         self._t0 = 0
         self._cap: CapturedIteration | None = None
@@ -508,7 +509,6 @@ class _Capture:
             cap = self._tokens.pop(id(token), None)
             if cap is not None:
                 cap.result = result
-            self._current = cap
         self._cap = cap
         self._t0 = self._clock()  # last: the hook's own time starts here
 
@@ -521,13 +521,14 @@ class _Capture:
         if kind == "output" and result is not None:
             self._tokens[id(result)] = cap
         elif kind == "after":
-            self._current = None
-            if cap.record is not None:
-                self.iterations.append(cap)
+            self._by_step[self._hook.step] = cap  # its record is built on the accounting thread
 
     def recorded(self, rec: Any) -> None:
-        if self._current is not None:
-            self._current.record = rec
+        """Called on the accounting thread, in step order, with each record the hook built."""
+        cap = self._by_step.pop(rec.step, None)
+        if cap is not None:
+            cap.record = rec
+            self.iterations.append(cap)
 
 
 @contextlib.contextmanager
@@ -537,9 +538,10 @@ def _in_process_engine_env(publish_dir: str) -> Iterator[None]:
 
     was_cached = envs._is_envs_cache_enabled()
     envs.disable_envs_cache()  # an in-process EngineCore turns the cache on; a cached "1" would win
+    # the accounting on its own thread, as in a real engine: `engine µs` is the engine thread's share
     settings: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "SERVING_MFU_DIR": publish_dir,
                                        "SERVING_MFU_TRACE": None, "SERVING_MFU_FAIL_AT_STEP": None,
-                                       "SERVING_MFU_SYNC_ACCOUNTING": "1"}  # time the whole path inline
+                                       "SERVING_MFU_SYNC_ACCOUNTING": None}
     try:
         with _environ(settings):
             yield
@@ -593,6 +595,7 @@ def capture_iterations(model_path: str, requests: int, prompt_len: int, output_l
                 for n in waves:
                     llm.generate(prompts[:n], params, use_tqdm=False)
                 capture.active = False
+                sched._mfu.flush()  # every captured step's record built on the accounting thread
         finally:
             steps.disarm()
             _shutdown(llm)
@@ -874,7 +877,8 @@ def print_overhead(report: OverheadReport, console: Any) -> None:
     console.print(table)
     console.print("ours µs: a fresh MFUHook replays each step (slices → IterationRecord → MFUTracker.record); "
                   "vLLM µs: ModelMetrics.get_step_perf_stats_per_gpu(scheduler_output); engine µs: the hook's "
-                  "three callbacks as timed inside the live engine; tokens: scheduled per step")
+                  "three callbacks on the engine thread, timed inside the live engine (the accounting runs on its own "
+                  "thread there; ours µs is engine + accounting inline); tokens: scheduled per step")
     o, v = a.ours_totals, a.vllm_totals
     console.print(f"ours (MFUHook → MFUTracker): prefill useful/executed {_si(o.get('prefill_useful_flops', 0))}/"
                   f"{_si(o.get('prefill_executed_flops', 0))}FLOPs, decode {_si(o.get('decode_useful_flops', 0))}/"
