@@ -12,6 +12,7 @@ from loadgen.results import LatencyStats, RunResult
 from serving_mfu.runtime.report import PeakReport
 from serving_mfu.serve.format import ms as _ms
 from serving_mfu.serve.format import pct as _pct
+from serving_mfu.serve.format import peak_warning
 
 
 def _num(x: float | None, fmt: str = ".2f") -> str:
@@ -74,7 +75,7 @@ def verdict_text(peak: PeakReport) -> Text | None:
     """A red line when the peak is not an upper bound (HFU > 1): MFU against it is not trustworthy."""
     if peak.credible is not False:
         return None
-    return Text(f"PEAK NOT CREDIBLE: {peak.verdict}.\nFix: {peak.fix}.", style="bold red")
+    return Text(peak_warning(peak.verdict, peak.fix), style="bold red")
 
 
 def render(r: RunResult) -> Group:

@@ -33,7 +33,6 @@ class MFUEndpointPlugin:
         reader = SnapshotReader(parent_pid=os.getpid())
         state.serving_mfu_reader = reader
         try:
-
             register(reader)
         except Exception:  # metrics are extra: never stop the server for them
             log.exception("serving-mfu: Prometheus collector not registered")

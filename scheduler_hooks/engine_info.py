@@ -2,8 +2,8 @@
 
 Devices per engine are TP × PP (one engine per data-parallel rank); the compute dtype follows
 the model's dtype and quantization (serving_mfu.model.quantization); the KV-cache dtype comes from
-`--kv-cache-dtype`; the peak from serving_mfu.peaks.table.resolve_peak (override, calibration
-file, table row of the detected device).
+`--kv-cache-dtype`; the peak from serving_mfu.peaks.resolve.resolve_peak (override, calibration
+file, table row of the detected device, else the CPU default).
 """
 
 from __future__ import annotations

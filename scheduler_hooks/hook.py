@@ -99,7 +99,7 @@ class MFUHook:
     @classmethod
     def from_vllm_config(cls, vllm_config: Any, settings: Settings | None = None,
                          clock: Callable[[], float] = time.monotonic, publish: bool = True,
-                         sample_gpu: bool = True, tracker_cls: type[MFUTracker] = MFUTracker) -> "MFUHook":
+                         tracker_cls: type[MFUTracker] = MFUTracker) -> "MFUHook":
         """The hook as the engine builds it: settings from SERVING_MFU_* (a bad value is counted and
         ignored), the tracker, a snapshot writer publishing to `settings.dir` (`publish=False`: a writer
         that keeps nothing, for benchmarks), the GPU sampler and the optional trace."""
@@ -115,9 +115,7 @@ class MFUHook:
             tracker.note_anomaly("missing_peak", info.peak_error or "no peak for this device; set "
                                  "SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS or SERVING_MFU_CALIBRATION")
         model = ModelReport(name=info.spec.name, model_type=info.spec.model_type, approximate=info.spec.approximate)
-        sampler = (sampler_for_engine(getattr(vllm_config, "parallel_config", None), settings=settings)
-                   if sample_gpu else sampler_for_engine(None, settings=settings.model_copy(
-                       update={"gpu_sample_s": "0"})))
+        sampler = sampler_for_engine(getattr(vllm_config, "parallel_config", None), settings=settings)
         trace = None
         if settings.trace:
             header = TraceHeader(hf_config=vllm_config.model_config.hf_config.to_dict(), peak=info.peak,

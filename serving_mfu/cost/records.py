@@ -87,17 +87,22 @@ def check_slice(s: Slice) -> Slice:
     return s
 
 
+def _check_rules(rec: IterationRecord) -> IterationRecord:
+    """The cross-field rules of a whole record (times in order, every slice consistent)."""
+    if rec.t_end_s < rec.t_sched_s:
+        raise RecordError(f"step {rec.step}: t_end_s={rec.t_end_s} is before t_sched_s={rec.t_sched_s}")
+    for s in rec.slices:
+        check_slice(s)
+    return rec
+
+
 def check_record(rec: IterationRecord) -> IterationRecord:
     """Bounds (msgspec validates them only when decoding) and cross-field rules of a whole record."""
     try:
         rec = msgspec.convert(msgspec.to_builtins(rec), IterationRecord)
     except msgspec.ValidationError as exc:
         raise RecordError(f"step {rec.step}: {exc}") from None
-    if rec.t_end_s < rec.t_sched_s:
-        raise RecordError(f"step {rec.step}: t_end_s={rec.t_end_s} is before t_sched_s={rec.t_sched_s}")
-    for s in rec.slices:
-        check_slice(s)
-    return rec
+    return _check_rules(rec)
 
 
 _decoder = msgspec.json.Decoder(IterationRecord)
@@ -110,11 +115,7 @@ def decode_record(line: str | bytes) -> IterationRecord:
         rec = _decoder.decode(line)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise RecordError(str(exc)) from None
-    if rec.t_end_s < rec.t_sched_s:
-        raise RecordError(f"step {rec.step}: t_end_s={rec.t_end_s} is before t_sched_s={rec.t_sched_s}")
-    for s in rec.slices:
-        check_slice(s)
-    return rec
+    return _check_rules(rec)
 
 
 def encode_record(rec: IterationRecord) -> bytes:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
-from serving_mfu.peaks.cpu import machine_isa_peak, machine_key
+from serving_mfu.peaks.cpu import machine_isa_peak, machine_key, read_machine
 from serving_mfu.peaks.spec import KernelResult, PeakSpec, normalize_dtype
 from serving_mfu.peaks.table import canonical_device, peak_json
 
@@ -297,12 +297,9 @@ def quick_copy_bandwidth() -> tuple[float, str]:
 
 def _cpu_name() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+        return read_machine()[0].model_name
+    except OSError:  # no /proc/cpuinfo (not Linux)
+        return platform.processor() or platform.machine() or "unknown cpu"
 
 
 def calibrate(

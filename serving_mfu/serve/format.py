@@ -39,3 +39,8 @@ def giga(x: float | None, missing: str = "n/a") -> str:
 def signed_pct(x: float | None, missing: str = "n/a") -> str:
     """A relative error as a signed percentage: 0.05 → '+5.0%'."""
     return missing if _missing(x) else f"{100 * x:+.1f}%"
+
+
+def peak_warning(verdict: str | None, fix: str | None, detail: str = "") -> str:
+    """The line every surface prints under its figures when the peak is not an upper bound."""
+    return f"PEAK NOT CREDIBLE{detail}: {verdict}.\nFix: {fix}."

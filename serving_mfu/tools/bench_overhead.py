@@ -439,14 +439,12 @@ def bench_throughput(model_path: str, requests: int, prompt_len: int, output_len
 
 # ----------------------------------------------------------------------------- 2. capture
 class _Req:
-    """The request fields MFUHook reads, frozen at the moment it read them."""
+    """The one request field MFUHook may read (the prompt length of a request it has not seen)."""
 
-    __slots__ = ("num_computed_tokens", "num_prompt_tokens", "num_output_tokens")
+    __slots__ = ("num_prompt_tokens",)
 
-    def __init__(self, num_computed_tokens: int, num_prompt_tokens: int, num_output_tokens: int):
-        self.num_computed_tokens = num_computed_tokens
+    def __init__(self, num_prompt_tokens: int):
         self.num_prompt_tokens = num_prompt_tokens
-        self.num_output_tokens = num_output_tokens
 
 
 class _Sched:
@@ -494,8 +492,7 @@ class _Capture:
             if self.active and out.total_num_scheduled_tokens:
                 reqs = sched.requests
                 cap = CapturedIteration(out=out, at_schedule={
-                    rid: _Req(reqs[rid].num_computed_tokens, reqs[rid].num_prompt_tokens,
-                              reqs[rid].num_output_tokens) for rid in out.num_scheduled_tokens})
+                    rid: _Req(reqs[rid].num_prompt_tokens) for rid in out.num_scheduled_tokens})
                 self._pending[id(out)] = cap
         elif kind == "output":
             sched, out, runner_out = args

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from serving_mfu.model.spec import ConfigError, ModelSpec
 from serving_mfu.serve.format import pct as _pct
+from serving_mfu.serve.format import peak_warning
 from serving_mfu.serve.format import si as _si
 
 console = Console()
@@ -180,7 +181,7 @@ def print_report(report, title: str = "serving-mfu") -> None:
     lines.append(f"peak: {_si(pk.flops_per_s, 'FLOP/s')} × {pk.devices} ({pk.dtype}, {pk.device}) — "
                  f"{escape(pk.source or 'no peak: MFU unavailable')}")
     if pk.credible is False:
-        lines.append(f"[bold red]PEAK NOT CREDIBLE: {pk.verdict}.\nFix: {pk.fix}.[/bold red]")
+        lines.append(f"[bold red]{escape(peak_warning(pk.verdict, pk.fix))}[/bold red]")
     an = report.anomalies
     if an.hfu_over_1_iterations or an.counts or an.unknown_architecture or an.missing_peak:
         lines.append(f"[yellow]anomalies: HFU>1 in {an.hfu_over_1_iterations} iterations; "

@@ -32,7 +32,7 @@ from loadgen import LengthSpec, RunConfig, run_benchmark_sync, run_sweep
 from scheduler_hooks.server import VLLMServer
 from serving_mfu.peaks.calibrate import cache_path, cached_calibration, calibrate, save_calibration
 from serving_mfu.runtime.settings import read_settings
-from serving_mfu.serve.format import ms, pct
+from serving_mfu.serve.format import ms, pct, peak_warning
 from serving_mfu.tools.engine_models import ensure_model
 from serving_mfu.tools.progress import calibration_progress
 
@@ -134,8 +134,8 @@ def notes(results: list[ScenarioResult]) -> list[str]:
         over = (m.get("anomalies") or {}).get("hfu_over_1_iterations") or 0
         peak = m.get("peak") or {}
         if peak.get("credible") is False or over:
-            out.append(f"[bold red]{sr.scenario.name}: PEAK NOT CREDIBLE ({over} iterations with HFU > 1): "
-                       f"{peak.get('verdict')}. Fix: {peak.get('fix')}[/bold red]")
+            warning = peak_warning(peak.get("verdict"), peak.get("fix"), f" ({over} iterations with HFU > 1)")
+            out.append(f"[bold red]{escape(f'{sr.scenario.name}: {warning}')}[/bold red]")
     return out
 
 
