@@ -71,8 +71,8 @@ def test_speculation_wastes_rejected_work(run) -> None:
 
 def test_chunked_prefill_produces_split_mixed_iterations(run) -> None:
     records = [r for _, r in run["trace"]]
-    mixed = [r for r in records if any(s.computed_before + s.new_tokens < s.prompt_len for s in r.slices)
-             and any(s.computed_before >= s.prompt_len for s in r.slices)]
+    mixed = [r for r in records if any(s.computed_before + s.new_tokens < s.prompt_len for s in r.all_slices())
+             and any(s.computed_before >= s.prompt_len for s in r.all_slices())]
     assert mixed, "expected iterations with a prefill chunk beside running decodes"
     total = run["total"]
     assert 0 < total.overall.mixed_time_fraction < 1

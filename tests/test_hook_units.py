@@ -96,7 +96,8 @@ def _out(scheduled: dict[str, int], before: dict[str, int], new: dict[str, int] 
         scheduled_spec_decode_tokens={},
         scheduled_new_reqs=[SimpleNamespace(req_id=rid, num_computed_tokens=before[rid], prompt_token_ids=[1] * n,
                                             prompt_embeds=None) for rid, n in new.items()],
-        scheduled_cached_reqs=SimpleNamespace(req_ids=cached, num_computed_tokens=[before[r] for r in cached]))
+        scheduled_cached_reqs=SimpleNamespace(req_ids=cached, num_computed_tokens=[before[r] for r in cached],
+                                              resumed_req_ids=set()))
 
 
 def _result(delivered: dict[str, int]):
@@ -123,7 +124,7 @@ def test_async_scheduling_overlap_is_not_double_counted(hook) -> None:
     assert first["prefill"]["tokens"] == 10 and second["decode"]["tokens"] == 1
     t_end_1, t_end_2 = token1[1], token2[1]
     assert second["busy_s"] == pytest.approx(t_end_2 - t_end_1)  # not from step 2's (earlier) schedule time
-    assert hook.hwm["a"] == 11
+    assert hook.high_water_mark("a") == 11
 
 
 def test_engine_info_reads_devices_dtype_and_peak(hook) -> None:

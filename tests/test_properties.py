@@ -92,3 +92,57 @@ def test_split_alone(busy, f_p, f_d, b_p, b_d, extra, peak, bw) -> None:
     assert math.isclose(t_p + t_d, busy, rel_tol=1e-9)
     if f_p + f_d <= busy * peak:
         assert f_p <= t_p * peak * (1 + 1e-9) and f_d <= t_d * peak * (1 + 1e-9)
+
+
+@st.composite
+def batched_iterations(draw):
+    """An iteration as the engine hook builds it: a prefill batch, a decode batch (with or without
+    drafts) and a few general slices, on a model with or without sliding windows."""
+    from serving_mfu.cost.records import DecodeBatch, PrefillBatch
+
+    prefill = decode = None
+    n = draw(st.integers(0, 20))
+    if n:
+        prompts = [draw(st.integers(1, 400)) for _ in range(n)]
+        n0 = [draw(st.integers(0, p - 1)) for p in prompts]
+        q = [draw(st.integers(1, p - s)) for p, s in zip(prompts, n0)]
+        cached = [draw(st.integers(0, s)) for s in n0] if draw(st.booleans()) else None
+        prefill = PrefillBatch([f"p{i}" for i in range(n)], q, n0, prompts, cached)
+    m = draw(st.integers(0, 40))
+    if m:
+        n0 = [draw(st.integers(1, 5000)) for _ in range(m)]
+        k = a = None
+        if draw(st.booleans()):
+            k = [draw(st.integers(0, 4)) for _ in range(m)]
+            a = [draw(st.integers(0, x)) for x in k]
+        decode = DecodeBatch([f"d{i}" for i in range(m)], n0, k, a)
+    items = [draw(slices(i)) for i in range(draw(st.integers(0, 3)))]
+    return draw(st.sampled_from(sorted(MODELS))), IterationRecord(0, 0.0, 0.01, items, prefill=prefill, decode=decode)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batched_iterations())
+def test_batches_cost_what_their_slices_cost(case) -> None:
+    """The closed forms over a batch's columns give exactly what the per-slice classification gives
+    for the same positions, and both match the per-position reference."""
+    import dataclasses
+
+    import msgspec
+    import pytest
+
+    model, rec = case
+    expanded = msgspec.structs.replace(rec, slices=rec.all_slices(), prefill=None, decode=None)
+    got = cost_iteration(rec, MODELS[model], 0.01, 0.01, 1e12, 1e11)
+    want = cost_iteration(expanded, MODELS[model], 0.01, 0.01, 1e12, 1e11)
+    for phase in ("prefill", "decode"):
+        g, w = dataclasses.asdict(getattr(got, phase)), dataclasses.asdict(getattr(want, phase))
+        assert {k: g[k] for k in ("useful_flops", "executed_flops", "tokens")} == \
+            {k: w[k] for k in ("useful_flops", "executed_flops", "tokens")}
+        assert g["bytes"] == pytest.approx(w["bytes"], rel=1e-12)
+        assert g["time_s"] == pytest.approx(w["time_s"], rel=1e-9)
+    for name in ("recompute_tokens", "recompute_flops", "rejected_tokens", "rejected_flops", "discarded_tokens",
+                 "discarded_flops", "draft_tokens", "accepted_tokens", "hit_tokens", "saved_flops", "mixed"):
+        assert getattr(got, name) == getattr(want, name), name
+    flops, _ = reference_costs(MODELS[model].spec, expanded.slices)
+    assert got.prefill.useful_flops == flops["prefill"] and got.decode.useful_flops == flops["kept"]
+    assert got.rejected_flops == flops["rejected"] and got.saved_flops == flops["saved"]

@@ -12,11 +12,13 @@ decode-kept work is useful.  Prefix-cache hits are neither: they are reported as
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import add, eq, mul
 from typing import Sequence
 
 from serving_mfu.cost.bytes import ByteModel
 from serving_mfu.cost.flops import FlopModel, causal_pairs
-from serving_mfu.cost.records import IterationRecord
+from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
 
@@ -75,8 +77,8 @@ class CostModel:
         self._groups = tuple((g.window, g.flops_per_pair) for g in self.flop_model.attention_groups)
         self._lm = self.flop_model.lm_head_flops_per_logit
         kv = dict(self.byte_model.kv_groups)
-        #: (window, score FLOPs per key, KV bytes per key) per window group, for one-token decode slices
-        self._decode_groups = tuple((w, f, kv.get(w, 0.0)) for w, f in self._groups)
+        #: (window, score FLOPs per (query, key) pair, KV bytes per key) per window group
+        self._batch_groups = tuple((w, f, kv.get(w, 0.0)) for w, f in self._groups)
 
     def _pairs(self, start: int, end: int) -> int:
         """Attention-score FLOPs of positions [start, end) (inlined hot-path version)."""
@@ -87,6 +89,76 @@ class CostModel:
             else:
                 total += coef * (causal_pairs(end, window) - causal_pairs(start, window))
         return total
+
+
+def _range_pairs(window: int | None, starts: Sequence[int], ends: Sequence[int]) -> int:
+    """Σ_i keys(e_i) − keys(s_i): causal (query, key) pairs of positions [s_i, e_i) under a window.
+
+    Without a window keys(n) = n(n + 1)/2, so the sum is (Σe² + Σe − Σs² − Σs)/2 (exact integers).
+    """
+    if window is None:
+        return (sum(map(mul, ends, ends)) + sum(ends) - sum(map(mul, starts, starts)) - sum(starts)) // 2
+    w = repeat(window)
+    return sum(map(causal_pairs, ends, w)) - sum(map(causal_pairs, starts, w))
+
+
+def prefill_batch_cost(b: PrefillBatch, model: CostModel) -> tuple[int, int, int, float, int, int]:
+    """(tokens, FLOPs without logits, logit rows, KV bytes read, hit tokens, saved FLOPs) of a prefill batch.
+
+    FLOPs = lin·Σq + Σ_groups coef·Σ_i [keys(n0_i + q_i) − keys(n0_i)] (flops.py); a request whose
+    chunk reaches the end of its prompt samples, one logit row; KV read = Σ_groups bytes·Σ keys read.
+    """
+    q, n0 = b.new_tokens, b.computed_before
+    ends = list(map(add, n0, q))
+    tokens = sum(q)
+    flops = model._lin * tokens
+    kv = 0.0
+    for window, coef, kv_bytes in model._batch_groups:
+        flops += coef * _range_pairs(window, n0, ends)
+        kv += kv_bytes * (sum(ends) if window is None else sum(map(min, ends, map(add, q, repeat(window - 1)))))
+    logits = sum(map(eq, ends, b.prompt_len))
+    hit = saved = 0
+    if b.cached_tokens:
+        hit = sum(b.cached_tokens)
+        if hit:
+            zeros = [0] * len(q)
+            saved = model._lin * hit + sum(coef * _range_pairs(w, zeros, b.cached_tokens) for w, coef in model._groups)
+    return tokens, flops, logits, kv, hit, saved
+
+
+def decode_batch_cost(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, int, float, int, int]:
+    """(kept tokens, kept FLOPs, rejected tokens, rejected FLOPs, KV bytes read, drafts, accepted) of a
+    decode batch, FLOPs without logits (every position has a logit row: one per token).
+
+    Request i runs [n0_i, n0_i + 1 + k_i), keeps [n0_i, n0_i + 1 + a_i).
+    Kept FLOPs = lin·Σ(1 + a) + Σ_groups coef·Σ_i [keys(n0_i + 1 + a_i) − keys(n0_i)], rejected
+    likewise over [n0_i + 1 + a_i, n0_i + 1 + k_i); without drafts the pairs are Σ min(n0_i + 1, W).
+    KV read = Σ_groups bytes·Σ_i min(n0_i + 1 + k_i, W + k_i).
+    """
+    n0 = b.computed_before
+    n = len(n0)
+    kept_f = rej_f = 0
+    kv = 0.0
+    if b.draft_tokens is None:
+        kept_t, rej_t, drafts, accepted = n, 0, 0, 0
+        total = sum(n0) + n
+        for window, coef, kv_bytes in model._batch_groups:
+            keys = total if window is None else sum(map(min, map(add, n0, repeat(1)), repeat(window)))
+            kept_f += coef * keys
+            kv += kv_bytes * keys
+    else:
+        k, a = b.draft_tokens, b.accepted_tokens
+        drafts, accepted = sum(k), sum(a)
+        kept_t, rej_t = n + accepted, drafts - accepted
+        kept_end = list(map(add, n0, map(add, a, repeat(1))))
+        end = list(map(add, n0, map(add, k, repeat(1))))
+        for window, coef, kv_bytes in model._batch_groups:
+            kept_pairs = _range_pairs(window, n0, kept_end)
+            kept_f += coef * kept_pairs
+            rej_f += coef * (_range_pairs(window, n0, end) - kept_pairs)
+            kv += kv_bytes * (sum(end) if window is None else sum(map(min, end, map(add, k, repeat(window)))))
+    lin = model._lin
+    return kept_t, kept_f + lin * kept_t, rej_t, rej_f + lin * rej_t, kv, drafts, accepted
 
 
 def _moe_measured(routing: Sequence[Sequence[int]]) -> tuple[list[float], float]:
@@ -121,22 +193,9 @@ def cost_iteration(
     pre_t = rec_t = kept_t = rej_t = disc_t = 0
     pre_logits = kept_logits = 0
     kv_read_p = kv_read_d = 0.0
-    dec_groups = model._decode_groups
-    full_only = len(dec_groups) == 1 and dec_groups[0][0] is None
-    dec1_n = 0  # plain one-token decode slices: the common case, summed in closed form below
-    dec1_keys = [0] * len(dec_groups)
     for s in record.slices:
         q, n0, prompt, hwm, cached = s.new_tokens, s.computed_before, s.prompt_len, s.hwm, s.cached_tokens
         k, accepted, delivered = s.draft_tokens, s.accepted_tokens, s.delivered_tokens
-        if q == 1 and not k and n0 >= hwm and n0 >= prompt and not cached and delivered is None:
-            # one kept position at context c = n0 + 1: min(c, W) keys per group, one logit row
-            dec1_n += 1
-            if full_only:
-                dec1_keys[0] += n0 + 1
-            else:
-                for i, (w, _, _) in enumerate(dec_groups):
-                    dec1_keys[i] += n0 + 1 if w is None or n0 + 1 <= w else w
-            continue
         if cached:
             out.hit_tokens += cached
             out.saved_flops += lin * cached + pairs(0, cached)
@@ -188,13 +247,24 @@ def cost_iteration(
             kv_read_p += kv
         else:
             kv_read_d += kv
-    if dec1_n:
-        kept_t += dec1_n
-        kept_logits += dec1_n
-        kept_f += lin * dec1_n
-        for (_, coef, kvb), keys in zip(dec_groups, dec1_keys):
-            kept_f += coef * keys
-            kv_read_d += kvb * keys
+    if record.prefill is not None:
+        t, f, logits, kv, hit, saved = prefill_batch_cost(record.prefill, model)
+        pre_t += t
+        pre_f += f
+        pre_logits += logits
+        kv_read_p += kv
+        out.hit_tokens += hit
+        out.saved_flops += saved
+    if record.decode is not None:
+        t, f, rt, rf, kv, drafts, accepted = decode_batch_cost(record.decode, model)
+        kept_t += t
+        kept_logits += t
+        kept_f += f
+        rej_t += rt
+        rej_f += rf + lm * rt
+        kv_read_d += kv
+        out.draft_tokens += drafts
+        out.accepted_tokens += accepted
     pre_f += lm * pre_logits
     kept_f += lm * kept_logits
     drafter = record.drafter

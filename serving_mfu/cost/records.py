@@ -44,6 +44,32 @@ class Slice(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     delivered_tokens: NonNegInt | None = None
 
 
+class PrefillBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """First-time prompt positions of many requests, one list per field (the common prefill case,
+    costed in closed form): request i computes positions [computed_before[i], computed_before[i] +
+    new_tokens[i]), none below its high-water mark and none past prompt_len[i]; cached_tokens[i] are
+    its prefix-cache hits (its first schedule; None: no hits in the batch)."""
+
+    req_ids: list[str]
+    new_tokens: list[Annotated[int, msgspec.Meta(ge=1)]]
+    computed_before: list[NonNegInt]
+    prompt_len: list[Annotated[int, msgspec.Meta(ge=1)]]
+    cached_tokens: list[NonNegInt] | None = None
+
+
+class DecodeBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """Decode slices of many requests, one list per field (the common decode case, costed in closed
+    form): request i runs positions [computed_before[i], computed_before[i] + 1 + draft_tokens[i]),
+    all past its prompt and its high-water mark; the first 1 + accepted_tokens[i] are kept and
+    reached the user, the rest are rejected drafts (None: no drafts in the batch).  A slice whose
+    kept tokens a stop cut short is a `Slice` with `delivered_tokens` instead."""
+
+    req_ids: list[str]
+    computed_before: list[Annotated[int, msgspec.Meta(ge=1)]]
+    draft_tokens: list[NonNegInt] | None = None
+    accepted_tokens: list[NonNegInt] | None = None
+
+
 class DrafterRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """The speculative drafter's work in this step: method and its modelled FLOPs and bytes."""
 
@@ -68,6 +94,26 @@ class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fiel
     drafter: DrafterRecord | None = None
     moe_routing: list[list[int]] | None = None
     engine: str = "0"
+    prefill: PrefillBatch | None = None
+    decode: DecodeBatch | None = None
+
+    def all_slices(self) -> list[Slice]:
+        """Every request's slice, the batches expanded (tests, tools; the accounting costs the batches
+        in closed form).  A batch keeps no high-water mark or (for decode) prompt: the expansion uses
+        the tightest values its rules allow, which cost the same."""
+        out = list(self.slices)
+        p = self.prefill
+        if p is not None:
+            cached = p.cached_tokens or [0] * len(p.req_ids)
+            out += [Slice(r, q, n0, prompt, n0 - c, c)
+                    for r, q, n0, prompt, c in zip(p.req_ids, p.new_tokens, p.computed_before, p.prompt_len, cached)]
+        d = self.decode
+        if d is not None:
+            zeros = [0] * len(d.req_ids)
+            out += [Slice(r, 1 + k, n0, n0, n0, 0, k, a)
+                    for r, n0, k, a in zip(d.req_ids, d.computed_before, d.draft_tokens or zeros,
+                                           d.accepted_tokens or zeros)]
+        return out
 
 
 def check_slice(s: Slice) -> Slice:
@@ -93,6 +139,27 @@ def _check_rules(rec: IterationRecord) -> IterationRecord:
         raise RecordError(f"step {rec.step}: t_end_s={rec.t_end_s} is before t_sched_s={rec.t_sched_s}")
     for s in rec.slices:
         check_slice(s)
+    p, d = rec.prefill, rec.decode
+    if p is not None:
+        n = len(p.req_ids)
+        if not (len(p.new_tokens) == len(p.computed_before) == len(p.prompt_len) == n) or (
+                p.cached_tokens is not None and len(p.cached_tokens) != n):
+            raise RecordError(f"step {rec.step}: prefill batch columns differ in length")
+        for r, q, n0, prompt, c in zip(p.req_ids, p.new_tokens, p.computed_before, p.prompt_len,
+                                       p.cached_tokens or [0] * n):
+            if n0 + q > prompt:
+                raise RecordError(f"step {rec.step}: prefill request {r} runs to {n0 + q}, past its prompt {prompt}")
+            if c > n0:
+                raise RecordError(f"step {rec.step}: prefill request {r}: cached_tokens={c} > computed_before={n0}")
+    if d is not None:
+        n = len(d.req_ids)
+        if len(d.computed_before) != n or (d.draft_tokens is None) != (d.accepted_tokens is None) or (
+                d.draft_tokens is not None and not (len(d.draft_tokens) == len(d.accepted_tokens) == n)):
+            raise RecordError(f"step {rec.step}: decode batch columns differ in length (or drafts without accepted)")
+        if d.draft_tokens is not None:
+            for r, k, a in zip(d.req_ids, d.draft_tokens, d.accepted_tokens):
+                if a > k:
+                    raise RecordError(f"step {rec.step}: decode request {r}: accepted_tokens={a} > draft_tokens={k}")
     return rec
 
 

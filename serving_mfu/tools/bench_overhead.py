@@ -438,30 +438,11 @@ def bench_throughput(model_path: str, requests: int, prompt_len: int, output_len
 
 
 # ----------------------------------------------------------------------------- 2. capture
-class _Req:
-    """The one request field MFUHook may read (the prompt length of a request it has not seen)."""
-
-    __slots__ = ("num_prompt_tokens",)
-
-    def __init__(self, num_prompt_tokens: int):
-        self.num_prompt_tokens = num_prompt_tokens
-
-
-class _Sched:
-    """Stands in for the scheduler in a replayed hook callback: only `requests` is read."""
-
-    __slots__ = ("requests",)
-
-    def __init__(self, requests: dict[str, _Req]):
-        self.requests = requests
-
-
 @dataclass
 class CapturedIteration:
     """One engine step, as the hook saw it."""
 
     out: Any  # SchedulerOutput
-    at_schedule: dict[str, _Req]  # request state when on_schedule ran
     runner_out: Any = None  # ModelRunnerOutput
     result: Any = None  # what update_from_output returned (EngineCoreOutputs by client)
     sampled_lengths: list[int] | None = None  # len of each sampled list before vLLM trimmed them
@@ -490,9 +471,7 @@ class _Capture:
         if kind == "schedule":
             sched, out = args
             if self.active and out.total_num_scheduled_tokens:
-                reqs = sched.requests
-                cap = CapturedIteration(out=out, at_schedule={
-                    rid: _Req(reqs[rid].num_prompt_tokens) for rid in out.num_scheduled_tokens})
+                cap = CapturedIteration(out=out)
                 self._pending[id(out)] = cap
         elif kind == "output":
             sched, out, runner_out = args
@@ -627,14 +606,14 @@ def _fresh_hook(vllm_config: Any, publish_dir: str, iterations: list[CapturedIte
                                     tracker_cls=tracker_cls)
 
 
-def _prepare(it: CapturedIteration) -> tuple[_Sched, Any]:
-    """The scheduler stand-in (its `requests`, for prompt look-ups) and a runner output whose sampled
-    lists have the lengths the engine's hook saw (vLLM trims them in place once it applies a step)."""
+def _prepare(it: CapturedIteration) -> tuple[None, Any]:
+    """No scheduler (the hook reads nothing from it) and a runner output whose sampled lists have the
+    lengths the engine's hook saw (vLLM trims them in place once it applies a step)."""
     runner_out = it.runner_out
     if it.sampled_lengths is not None and runner_out is not None:
         runner_out = _RunnerOut(runner_out.req_id_to_index, [[0] * n for n in it.sampled_lengths],
                                 getattr(runner_out, "aux_output_connector_output", None))
-    return _Sched(dict(it.at_schedule)), runner_out
+    return None, runner_out
 
 
 class _RunnerOut:
@@ -668,7 +647,7 @@ def _replay(hook: Any, prepared: list, iterations: list[CapturedIteration], time
 
 
 def _kind(rec: Any) -> Literal["prefill", "decode", "mixed"]:
-    prefill = [s.computed_before < s.prompt_len for s in rec.slices]
+    prefill = [s.computed_before < s.prompt_len for s in rec.all_slices()]
     return "prefill" if all(prefill) else "decode" if not any(prefill) else "mixed"
 
 
@@ -768,7 +747,7 @@ def _time_estimators(iterations: list[CapturedIteration], vllm_config: Any, pass
     engine_us = [it.hook_ns / 1e3 for it in iterations]
     groups: dict[tuple[str, int], list[int]] = {}
     for i, it in enumerate(iterations):
-        groups.setdefault((_kind(it.record), len(it.record.slices)), []).append(i)
+        groups.setdefault((_kind(it.record), len(it.record.all_slices())), []).append(i)
     order = {"prefill": 0, "mixed": 1, "decode": 2}
     rows = []
     for (kind, batch), idx in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
