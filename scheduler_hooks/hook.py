@@ -18,8 +18,9 @@ import os
 import queue
 import threading
 import time
-from itertools import repeat
-from operator import add, attrgetter, eq, ne
+from collections import deque
+from itertools import compress, repeat
+from operator import add, attrgetter, eq, ge, gt, le, lt
 from typing import Any, Callable
 
 import numpy as np
@@ -37,6 +38,12 @@ from serving_mfu.runtime.transport import SnapshotWriter
 
 log = logging.getLogger("serving_mfu.hook")
 _NEW_TOKEN_IDS = attrgetter("new_token_ids")
+_ROWS = attrgetter("rows")
+_REQ_ID = attrgetter("req_id")
+_COMPUTED = attrgetter("num_computed_tokens")
+_PROMPT_IDS = attrgetter("prompt_token_ids")
+_drain = deque(maxlen=0).extend  # run an iterator for its side effects
+_TOKEN_START = attrgetter("token_start")
 
 
 class NullWriter:
@@ -72,6 +79,7 @@ class MFUHook:
         self.tracker = tracker
         self.draft_model = CostModel(info.draft_spec) if info.draft_spec is not None else None
         self.spec_method = info.spec_method
+        self._is_moe = info.spec.is_moe
         self.num_spec_tokens = info.num_spec_tokens
         self.pending: dict[int, float] = {}  # id(SchedulerOutput) → t_sched, until its output comes
         # accounting-side state, in step order: high-water marks (explicit, and a plain decode's n0),
@@ -150,7 +158,8 @@ class MFUHook:
 
     # ------------------------------------------------------------------ engine callbacks
     # `observer` (None in the engine) sees each callback's arguments before it runs and its result after,
-    # and every record made: benchmarks time the hook and keep what it read without replacing its methods.
+    # and each accounting of a step ("account": the step's capture, then its record or None): benchmarks
+    # time the hook on both threads and keep what it read without replacing its methods.
     def on_schedule(self, sched: Any, out: Any) -> None:
         obs = self.observer
         if obs is None:
@@ -238,21 +247,20 @@ class MFUHook:
         Most requests of a step fit a batch costed in closed form: first-time prompt chunks
         (`PrefillBatch`) and decodes past the prompt and the high-water mark (`DecodeBatch`, vLLM's
         own `req_ids` / `num_computed_tokens` lists when every cached request is one).  What does not
-        fit — a resumed (preempted) request, recomputation, a chunk past its prompt, a verify step a
-        stop cut short — becomes a general `Slice`.  The sets of requests still in their prompt or
+        fit — a resumed (preempted) request, recomputation, a chunk past its prompt — becomes a
+        general `Slice`.  The sets of requests still in their prompt or
         recomputing are small, so sorting a step costs O(those + new requests), plus one dict
         update over the decodes (their high-water marks) and, on draft steps, the accepted counts.
         """
         t_sched, t_end, out, runner_out, lengths = token
         hwm, plain, seen, prompts = self.hwm, self.plain_before, self.seen, self.prompt_lens
         prefilling, recomputing = self.prefilling, self.recomputing
-        for rid in out.finished_req_ids:
-            hwm.pop(rid, None)
-            plain.pop(rid, None)
-            seen.discard(rid)
-            prompts.pop(rid, None)
-            prefilling.discard(rid)
-            recomputing.discard(rid)
+        finished = out.finished_req_ids
+        if finished:
+            for d in (hwm, plain, prompts):
+                _drain(map(d.pop, finished, repeat(None)))
+            for st in (seen, prefilling, recomputing):
+                st.difference_update(finished)
         nst = out.num_scheduled_tokens
         spec = out.scheduled_spec_decode_tokens
         index = runner_out.req_id_to_index if lengths is not None else None
@@ -262,26 +270,40 @@ class MFUHook:
         p_n0: list[int] = []
         p_prompt: list[int] = []
         p_cached: list[int] = []
-        for nr in out.scheduled_new_reqs:
-            rid, n0 = nr.req_id, nr.num_computed_tokens
-            q = nst[rid]
-            ids = nr.prompt_token_ids
-            prompt = prompts[rid] = len(ids) if ids is not None else int(nr.prompt_embeds.shape[0])
-            if rid in seen or n0 + q > prompt or (spec and rid in spec):  # resumed (Model Runner V2), odd
-                general.append((rid, q, n0, prompt, self.high_water_mark(rid), 0 if rid in seen else n0))
-                seen.add(rid)
-                continue
-            seen.add(rid)  # first schedule: what it starts from was served by the prefix cache
-            p_ids.append(rid)
-            p_q.append(q)
-            p_n0.append(n0)
-            p_prompt.append(prompt)
-            p_cached.append(n0)
+        new = out.scheduled_new_reqs
+        if new:
+            ids = list(map(_REQ_ID, new))
+            n0s = list(map(_COMPUTED, new))
+            qs = list(map(nst.__getitem__, ids))
+            try:
+                lens = list(map(len, map(_PROMPT_IDS, new)))
+            except TypeError:  # prompt embeddings instead of token ids
+                lens = [len(ids_) if ids_ is not None else int(nr.prompt_embeds.shape[0])
+                        for nr, ids_ in zip(new, map(_PROMPT_IDS, new))]
+            prompts.update(zip(ids, lens))
+            if seen.isdisjoint(ids) and not any(map(gt, map(add, n0s, qs), lens)) and \
+                    not (spec and not spec.keys().isdisjoint(ids)):
+                # first schedules: what each starts from was served by the prefix cache
+                p_ids, p_q, p_n0, p_prompt, p_cached = ids, qs, n0s, lens, list(n0s)
+                seen.update(ids)
+            else:
+                for rid, q, n0, prompt in zip(ids, qs, n0s, lens):
+                    if rid in seen or n0 + q > prompt or (spec and rid in spec):  # resumed (Model Runner V2), odd
+                        general.append((rid, q, n0, prompt, self.high_water_mark(rid), 0 if rid in seen else n0))
+                    else:
+                        p_ids.append(rid)
+                        p_q.append(q)
+                        p_n0.append(n0)
+                        p_prompt.append(prompt)
+                        p_cached.append(n0)
+                    seen.add(rid)
         cr = out.scheduled_cached_reqs
         dec_ids, dec_n0 = cr.req_ids, cr.num_computed_tokens
-        special = {r for r in prefilling if r in nst}
-        special.update(r for r in recomputing if r in nst)
-        special.update(cr.resumed_req_ids)
+        special = {r for r in prefilling if r in nst} if prefilling else set()
+        if recomputing:
+            special.update(r for r in recomputing if r in nst)
+        if cr.resumed_req_ids:
+            special.update(cr.resumed_req_ids)
         if special:
             dec_ids, dec_n0 = [], []
             for rid, n0 in zip(cr.req_ids, cr.num_computed_tokens):
@@ -298,30 +320,35 @@ class MFUHook:
                     p_cached.append(0)
                 else:
                     general.append((rid, q, n0, prompt, mark, 0))
-        for rid, q, end, prompt in zip(p_ids, p_q, map(add, p_n0, p_q), p_prompt):
-            hwm[rid] = end
-            if end < prompt:
-                prefilling.add(rid)
-            else:
-                prefilling.discard(rid)
+        if p_ids:
+            p_end = list(map(add, p_n0, p_q))
+            hwm.update(zip(p_ids, p_end))
+            prefilling.update(compress(p_ids, map(lt, p_end, p_prompt)))
+            if prefilling:
+                prefilling.difference_update(compress(p_ids, map(ge, p_end, p_prompt)))
         # decodes: each runs 1 + its drafts (vLLM schedules exactly the drafts it lists)
         drafts = accepted = None
         n_dec = len(dec_ids)
         if n_dec:
-            other = sum(p_q) + sum(g[1] for g in general)
+            other = (sum(p_q) if p_q else 0) + (sum(g[1] for g in general) if general else 0)
             if not spec:
                 if out.total_num_scheduled_tokens - other != n_dec:  # not all one-token decodes
                     dec_ids, dec_n0 = self._split_odd(dec_ids, dec_n0, nst, None, general)
             else:
-                drafts = list(map(len, map(spec.get, dec_ids, repeat(()))))
-                if any(map(ne, map(nst.__getitem__, dec_ids), map(add, drafts, repeat(1)))):
+                # vLLM lists a decode's drafts in the order it schedules them, usually the cached order
+                drafts = (list(map(len, spec.values())) if len(spec) == n_dec and list(spec) == dec_ids
+                          else list(map(len, map(spec.get, dec_ids, repeat(())))))
+                # vLLM trims a request's drafts to what its token budget scheduled, so q ≥ 1 + drafts for
+                # each: equal sums mean each q is 1 + its drafts
+                if out.total_num_scheduled_tokens - other != n_dec + sum(drafts):
                     dec_ids, dec_n0 = self._split_odd(dec_ids, dec_n0, nst, drafts, general)
                     drafts = list(map(len, map(spec.get, dec_ids, repeat(()))))
                 got = list(map(lengths.__getitem__, map(index.__getitem__, dec_ids))) if lengths else [0] * len(dec_ids)
-                accepted = [(k if n > k else n) if n > 0 else 0 for n, k in zip(map(add, got, repeat(-1)), drafts)]
+                # accepted = min(max(sampled − 1, 0), drafts)
+                accepted = list(map(min, map(max, map(add, got, repeat(-1)), repeat(0)), drafts))
         # what reached the users: one token per finished prompt, 1 + accepted per decode, unless a stop
         # (or a dropped stale output) cut a request short — then the sums differ (delivered ≤ kept)
-        expected = p_done = sum(map(eq, map(add, p_n0, p_q), p_prompt))
+        expected = p_done = sum(map(eq, p_end, p_prompt)) if p_ids else 0
         expected += len(dec_ids) + (sum(accepted) if accepted else 0)
         g_rows = []
         for rid, q, n0, prompt, mark, cached in general:
@@ -340,14 +367,13 @@ class MFUHook:
             elif end == prompt and end > mark:
                 expected += 1
             g_rows.append((rid, q, n0, prompt, mark, cached, k, a, end, kept_end, first))
-        delivered_by_id = None
+        delivered_by_id = dec_delivered = None
         if _delivered_tokens(result) != expected:
             delivered_by_id = _delivered(result)
             if dec_ids:
-                cut = [r for r, a in zip(dec_ids, accepted or repeat(0)) if delivered_by_id.get(r, 0) < 1 + a]
-                if cut:
-                    dec_ids, dec_n0, drafts, accepted = self._split_cut(set(cut), dec_ids, dec_n0, drafts, accepted,
-                                                                        prompts, g_rows)
+                got = list(map(delivered_by_id.get, dec_ids, repeat(0)))
+                if any(map(lt, got, map(add, accepted or repeat(0), repeat(1)))):
+                    dec_delivered = got
         # high-water marks of the decodes: n0 + 1 (+ accepted); the plain ones as their n0 alone
         if accepted is None:
             plain.update(zip(dec_ids, dec_n0))
@@ -381,7 +407,7 @@ class MFUHook:
                 n_drafting += 1
             slices.append(Slice(rid, q, n0, prompt, mark, cached, k, a, delivered))
         prefill = PrefillBatch(p_ids, p_q, p_n0, p_prompt, p_cached if any(p_cached) else None) if p_ids else None
-        decode = DecodeBatch(dec_ids, dec_n0, drafts, accepted) if dec_ids else None
+        decode = DecodeBatch(dec_ids, dec_n0, drafts, accepted, dec_delivered) if dec_ids else None
         drafter = None
         if self.spec_method:
             if runs is not None:
@@ -391,11 +417,11 @@ class MFUHook:
             flops, bytes_ = (0.0, 0.0) if runs is None else drafter_cost(self.draft_model, self.num_spec_tokens, runs)
             drafter = DrafterRecord(self.spec_method, flops, bytes_, self.num_spec_tokens * n_drafting)
         routing = None
-        if self.tracker.spec.is_moe and getattr(runner_out, "aux_output_connector_output", None):
-            entries = [(s.req_id, s.new_tokens, s.computed_before) for s in slices]
-            entries += zip(p_ids, p_q, p_n0)
-            entries += zip(dec_ids, map(add, drafts or repeat(0), repeat(1)), dec_n0)
-            routing = moe_routing(runner_out, entries, self.tracker.spec)
+        if self._is_moe and getattr(runner_out, "aux_output_connector_output", None):
+            ids = [s.req_id for s in slices] + p_ids + dec_ids
+            qs = [s.new_tokens for s in slices] + p_q + (list(map(add, drafts, repeat(1))) if drafts else [1] * n_dec)
+            n0s = [s.computed_before for s in slices] + p_n0 + dec_n0
+            routing = moe_routing(runner_out, ids, qs, n0s, self.tracker.spec)
         return IterationRecord(step, t_sched, t_end, slices, drafter, routing, self.engine_id, prefill, decode)
 
     def _split_odd(self, ids: list, n0s: list, nst: dict, drafts: list | None, general: list) -> tuple[list, list]:
@@ -409,33 +435,23 @@ class MFUHook:
                 general.append((rid, nst[rid], n0, self.prompt_lens.get(rid, max(n0, 1)), self.high_water_mark(rid), 0))
         return keep_ids, keep_n0
 
-    @staticmethod
-    def _split_cut(cut: set, ids: list, n0s: list, drafts: list | None, accepted: list | None, prompts: dict,
-                   g_rows: list) -> tuple[list, list, list | None, list | None]:
-        """Decodes a stop cut short leave the batch: general slices with their delivered count."""
-        keep = [i for i, rid in enumerate(ids) if rid not in cut]
-        for i, rid in enumerate(ids):
-            if rid in cut:
-                k, a = (drafts[i], accepted[i]) if drafts else (0, 0)
-                n0 = n0s[i]
-                g_rows.append((rid, 1 + k, n0, min(prompts.get(rid, n0), n0), n0, 0, k, a, n0 + 1 + k, n0 + 1 + a, n0))
-        pick = [ids[i] for i in keep], [n0s[i] for i in keep]
-        if drafts is None:
-            return pick[0], pick[1], None, None
-        return pick[0], pick[1], [drafts[i] for i in keep], [accepted[i] for i in keep]
-
     # ------------------------------------------------------------------ accounting thread
     def _account(self, item: tuple) -> None:
+        obs = self.observer
+        if obs is not None:
+            obs.enter("account", item)
+        rec = None
         try:
             rec = self.build_record(*item)
-            if self.observer is not None:
-                self.observer.recorded(rec)
             self.tracker.record(rec)
             self.writer.mark_dirty()
             if self.trace is not None:
                 self.trace.write(rec)
         except Exception as exc:
             self.error("accounting", exc)
+        finally:
+            if obs is not None:
+                obs.exit("account", rec)
 
     def _account_loop(self) -> None:
         q = self._queue
@@ -483,33 +499,51 @@ def _delivered(result: Any) -> dict[str, int]:
     return out
 
 
-def moe_routing(runner_out: Any, entries: list[tuple], spec: Any) -> list[list[int]] | None:
+def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], spec: Any) -> list[list[int]] | None:
     """Tokens routed to each expert per MoE layer in this step, from vLLM's routed-experts capture.
 
     Needs `enable_return_routed_experts`; the rows cover a request's tokens from `token_start`,
-    shaped [tokens, layers, top_k].  All requests' rows of the step are counted with one
-    `bincount` over (layer, expert) pairs.  Returns None when the engine did not capture routing.
+    shaped [tokens, layers, top_k]; `ids`, `qs`, `n0s` are the step's requests, their q and n0.  When every
+    request's rows start at its n0 and span at most its q positions (the usual case) they are all
+    this step's, concatenated as they are; otherwise each is cut to [n0, n0 + q).  The pairs
+    (layer, expert) are then counted with one `bincount`.  Returns None when the engine did not
+    capture routing.
     """
     aux = getattr(runner_out, "aux_output_connector_output", None)
     if not aux:
         return None
     moe_layers = spec.moe_layer_indices
     experts = spec.layers[moe_layers[0]].moe.num_experts
-    chunks = []
-    for rid, q, n0, *_ in entries:
-        item = aux.get(rid)
-        if item is None:
-            continue
-        rows = np.asarray(item.rows)
-        lo, hi = max(n0 - item.token_start, 0), max(n0 + q - item.token_start, 0)
-        chosen = rows[lo:hi]
-        if chosen.size:
-            chunks.append(chosen)
+    rids = list(aux)
+    items = list(aux.values())
+    rows = list(map(_ROWS, items))  # numpy arrays, as vLLM hands them over
+    q_by_id = dict(zip(ids, qs))
+    n0_by_id = dict(zip(ids, n0s))
+    if list(map(_TOKEN_START, items)) == list(map(n0_by_id.get, rids)) and \
+            all(map(le, map(len, rows), map(q_by_id.get, rids))):
+        chunks = rows
+    else:
+        chunks = []
+        for rid, item, r in zip(rids, items, rows):
+            n0 = n0_by_id.get(rid)
+            if n0 is None:
+                continue
+            lo, hi = max(n0 - item.token_start, 0), max(n0 + q_by_id[rid] - item.token_start, 0)
+            chunks.append(r[lo:hi])
+    chunks = [c for c in chunks if c.size] if not all(map(len, chunks)) else chunks
     if not chunks:
         return None
-    layers = min(c.shape[1] for c in chunks)
-    chosen = np.concatenate([c[:, :layers, :] for c in chunks], axis=0)  # [tokens, layers, top_k]
-    ids = chosen.astype(np.int64, copy=False)
-    valid = (ids >= 0) & (ids < experts)
-    flat = (np.arange(layers, dtype=np.int64)[None, :, None] * experts + ids)[valid]
+    try:
+        ids = np.concatenate(chunks, axis=0)  # [tokens, layers, top_k]
+    except ValueError:  # rows of differing layer counts: the layers all of them cover
+        layers = min(c.shape[1] for c in chunks)
+        ids = np.concatenate([c[:, :layers, :] for c in chunks], axis=0)
+    ids = np.asarray(ids)
+    layers = ids.shape[1]
+    offsets = (np.arange(layers, dtype=np.int64) * experts)[None, :, None]
+    if ids.size and (ids.min() < 0 or ids.max() >= experts):  # padding or foreign ids: count only real experts
+        ids = ids.astype(np.int64)
+        flat = (offsets + ids)[(ids >= 0) & (ids < experts)]
+    else:
+        flat = (offsets + ids).ravel()
     return np.bincount(flat, minlength=layers * experts).reshape(layers, experts).tolist()

@@ -1,6 +1,7 @@
 """`serving-mfu bench-overhead`, shortened: both throughput variants, both per-iteration estimators.
 
-One run (three engine starts: plain, hooked, in-process hooked) feeds every test here.
+One run (five engine starts: plain, hooked, and the in-process hooked dense, n-gram and MoE engines)
+feeds every test here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from serving_mfu.tools.cli import build_parser
 
 pytestmark = pytest.mark.engine
 
-REQUESTS, OUTPUT_LEN, CAPTURE_BATCH = 4, 8, 8
+REQUESTS, OUTPUT_LEN, BATCHES = 4, 8, (1, 8)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def run():
 
     children = set(multiprocessing.active_children())
     cached, mp_env = envs._is_envs_cache_enabled(), os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    report = bench_overhead(requests=REQUESTS, output_len=OUTPUT_LEN, repeats=1, capture_batch=CAPTURE_BATCH,
+    report = bench_overhead(requests=REQUESTS, output_len=OUTPUT_LEN, repeats=1, batches=BATCHES,
                             passes=3, min_run_s=0.0, progress=False)
     leftover = [p for p in multiprocessing.active_children() if p not in children]
     return {"report": report, "data": json.loads(report.model_dump_json()), "leftover": leftover,
@@ -63,27 +64,47 @@ def test_ratio_is_hooked_over_plain(run) -> None:
 
 
 def test_both_estimators_timed_on_the_same_iterations(run) -> None:
+    from serving_mfu.tools.bench_overhead import CAPTURE_OUTPUT_LEN, waves_for
+
     a = run["data"]["accounting"]
-    assert a["iterations"] > 0
-    assert a["ours_iterations"] == a["vllm_iterations"] == a["iterations"]
-    assert a["ours_us_per_iteration"] > 0 and a["vllm_us_per_iteration"] > 0
-    assert a["ours_in_engine_us_per_iteration"] > 0
-    assert sum(g["iterations"] for g in a["groups"]) == a["iterations"]
-    assert all(g["ours_us"] > 0 and g["vllm_us"] > 0 for g in a["groups"])
-    # the wave of CAPTURE_BATCH requests gave iterations with that many requests
-    assert max(g["batch"] for g in a["groups"]) == CAPTURE_BATCH
-    assert {"prefill", "decode"} <= {g["kind"] for g in a["groups"]}
+    assert a["engines"] == ["dense", "spec", "moe"]
+    assert sum(g["iterations"] for g in a["groups"]) == a["iterations"] > 0
+    for g in a["groups"]:
+        assert g["ours_us"] > 0 and g["vllm_us"] > 0 and g["engine_cpu_us"] > 0 and g["accounting_cpu_us"] > 0
+        assert g["live_cpu_us"] == pytest.approx(g["engine_cpu_us"] + g["accounting_cpu_us"])
+        assert g["live_over_vllm"] == pytest.approx(g["live_cpu_us"] / g["vllm_us"])
+    rows = {(g["kind"], g["batch"]): g for g in a["groups"]}
+    # every wave of each batch size starts with one prefill step of that many requests, then decodes
+    for batch in BATCHES:
+        waves = waves_for(batch)
+        assert rows[("prefill", batch)]["iterations"] == waves
+        assert rows[("decode", batch)]["iterations"] == waves * (CAPTURE_OUTPUT_LEN - 1)
+        assert rows[("moe prefill", batch)]["iterations"] == waves
+    # the n-gram engine verified drafts on some steps (its prompts repeat a phrase)
+    assert any(kind == "spec decode" for kind, _ in rows)
+    assert a["ours_totals"]["draft_tokens"] > 0
+    # the targets are computed from the rows, whichever way they come out on this machine
+    at = [g for g in a["groups"] if g["at_requested_batch"]]
+    assert a["worst_live_over_vllm"] == max(g["live_over_vllm"] for g in at)
+    assert set(a["engine_growth"]) <= {g["kind"] for g in at}
+    for kind, growth in a["engine_growth"].items():
+        assert growth == pytest.approx(rows[(kind, 8)]["engine_cpu_us"] / rows[(kind, 1)]["engine_cpu_us"])
 
 
 def test_replay_reproduces_the_engine_and_estimates_agree(run) -> None:
+    from serving_mfu.tools.bench_overhead import CAPTURE_PROMPT_LEN, waves_for
+
     a = run["data"]["accounting"]
-    assert a["replay_matches_engine"]  # the timed path is exactly what the hook did in the engine
+    # the timed path is exactly what the hook did in the engine (MoE: but for the replayed routing)
+    assert a["replay_matches_engine"] == {"dense": True, "spec": True, "moe": True}
     assert a["scheduler_path"] == "llm.llm_engine.engine_core.engine_core.scheduler"
     ours, theirs = a["ours_totals"]["executed_flops"], a["vllm_totals"]["flops_per_gpu"]
     assert ours > 0 and theirs > 0
     assert 0.5 < ours / theirs < 2  # two FLOP models of the same steps, not the same formula
-    expected_tokens = (REQUESTS + CAPTURE_BATCH) * 64  # prompts (some cached in the second wave)
-    assert a["ours_totals"]["prefill_tokens"] + a["ours_totals"]["hit_tokens"] == expected_tokens
+    # prefix caching is off in the captures: every prompt token is prefilled, on each of the three engines
+    expected_tokens = 3 * sum(b * waves_for(b) for b in BATCHES) * CAPTURE_PROMPT_LEN
+    assert a["ours_totals"]["prefill_tokens"] == expected_tokens
+    assert a["ours_totals"]["hit_tokens"] == 0
 
 
 def test_engines_shut_down_and_environment_restored(run) -> None:
@@ -96,8 +117,15 @@ def test_table_and_cli_options(run) -> None:
     print_overhead(run["report"], console)
     text = console.export_text()
     assert "hooked / plain" in text and "ours/vLLM" in text and "MFUScheduler" in text
+    assert "target 1" in text and "target 2" in text and "target 3" in text
     args = build_parser().parse_args(["bench-overhead", "--requests", "4", "--output-len", "8", "--repeats", "1",
-                                      "--model", "/m", "--json"])
+                                      "--model", "/m", "--batches", "1", "64", "--engines", "dense", "--json"])
     assert (args.requests, args.output_len, args.repeats, args.model, args.json) == (4, 8, 1, "/m", True)
+    assert (args.batches, args.engines) == ([1, 64], ["dense"])
     defaults = build_parser().parse_args(["bench-overhead"])
-    assert (defaults.requests, defaults.output_len, defaults.repeats, defaults.model) == (16, 64, 2, None)
+    assert (defaults.requests, defaults.output_len, defaults.repeats, defaults.model) == (16, 64, 3, None)
+    assert (defaults.batches, defaults.engines) == ([1, 16, 256, 1024], ["dense", "spec", "moe"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench-overhead", "--engines", "eagle"])
+    with pytest.raises(ValueError, match="--batches"):
+        bench_overhead(batches=[0], progress=False)

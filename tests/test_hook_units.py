@@ -32,8 +32,7 @@ def test_moe_routing_counts_the_step_positions_only() -> None:
     rows_b = np.array([[[1, 2], [3, 4]]])
     runner_out = SimpleNamespace(aux_output_connector_output={
         "a": AuxRequestOutput(token_start=10, rows=rows_a), "b": AuxRequestOutput(token_start=30, rows=rows_b)})
-    entries = [("a", 4, 15, 5, 15, 0, 0), ("b", 1, 30, 5, 30, 0, 0)]
-    counts = moe_routing(runner_out, entries, MOE)
+    counts = moe_routing(runner_out, ["a", "b"], [4, 1], [15, 30], MOE)
     assert np.array(counts).shape == (layers, experts)
     expected = np.zeros((layers, experts), dtype=int)
     for rows in (rows_a[5:9], rows_b):
@@ -43,10 +42,18 @@ def test_moe_routing_counts_the_step_positions_only() -> None:
                     expected[layer, e] += 1
     assert counts == expected.tolist()
     assert all(sum(c) == 5 * k for c in counts)  # 5 positions, top-2 each
+    # the usual case: every request's rows are exactly its step's positions, counted as they are
+    aligned = SimpleNamespace(aux_output_connector_output={
+        "a": AuxRequestOutput(token_start=15, rows=rows_a[5:9]), "b": AuxRequestOutput(token_start=30, rows=rows_b)})
+    assert moe_routing(aligned, ["a", "b"], [4, 1], [15, 30], MOE) == counts
+    # a request the step did not schedule contributes nothing
+    extra = SimpleNamespace(aux_output_connector_output={
+        **aligned.aux_output_connector_output, "c": AuxRequestOutput(token_start=0, rows=rows_a)})
+    assert moe_routing(extra, ["a", "b"], [4, 1], [15, 30], MOE) == counts
 
 
 def test_moe_routing_absent_without_capture() -> None:
-    assert moe_routing(SimpleNamespace(), [("a", 1, 0, 1, 0, 0, 0)], MOE) is None
+    assert moe_routing(SimpleNamespace(), ["a"], [1], [0], MOE) is None
 
 
 @pytest.mark.parametrize("k", [1, 3])

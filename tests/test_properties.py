@@ -108,14 +108,16 @@ def batched_iterations(draw):
         q = [draw(st.integers(1, p - s)) for p, s in zip(prompts, n0)]
         cached = [draw(st.integers(0, s)) for s in n0] if draw(st.booleans()) else None
         prefill = PrefillBatch([f"p{i}" for i in range(n)], q, n0, prompts, cached)
-    m = draw(st.integers(0, 40))
+    m = draw(st.integers(0, 40)) if draw(st.booleans()) else draw(st.integers(64, 160))  # numpy path from 64
     if m:
         n0 = [draw(st.integers(1, 5000)) for _ in range(m)]
-        k = a = None
+        k = a = delivered = None
         if draw(st.booleans()):
             k = [draw(st.integers(0, 4)) for _ in range(m)]
             a = [draw(st.integers(0, x)) for x in k]
-        decode = DecodeBatch([f"d{i}" for i in range(m)], n0, k, a)
+        if draw(st.booleans()):  # a stop cut some requests short
+            delivered = [draw(st.integers(0, 1 + (a[i] if a else 0))) for i in range(m)]
+        decode = DecodeBatch([f"d{i}" for i in range(m)], n0, k, a, delivered)
     items = [draw(slices(i)) for i in range(draw(st.integers(0, 3)))]
     return draw(st.sampled_from(sorted(MODELS))), IterationRecord(0, 0.0, 0.01, items, prefill=prefill, decode=decode)
 
@@ -146,3 +148,4 @@ def test_batches_cost_what_their_slices_cost(case) -> None:
     flops, _ = reference_costs(MODELS[model].spec, expanded.slices)
     assert got.prefill.useful_flops == flops["prefill"] and got.decode.useful_flops == flops["kept"]
     assert got.rejected_flops == flops["rejected"] and got.saved_flops == flops["saved"]
+    assert got.discarded_flops == flops["discarded"]

@@ -16,6 +16,8 @@ from itertools import repeat
 from operator import add, eq, mul
 from typing import Sequence
 
+import numpy as np
+
 from serving_mfu.cost.bytes import ByteModel
 from serving_mfu.cost.flops import FlopModel, causal_pairs
 from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch
@@ -126,39 +128,94 @@ def prefill_batch_cost(b: PrefillBatch, model: CostModel) -> tuple[int, int, int
     return tokens, flops, logits, kv, hit, saved
 
 
-def decode_batch_cost(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, int, float, int, int]:
-    """(kept tokens, kept FLOPs, rejected tokens, rejected FLOPs, KV bytes read, drafts, accepted) of a
-    decode batch, FLOPs without logits (every position has a logit row: one per token).
+def decode_batch_cost(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, int, int, int, float, int, int]:
+    """(kept tokens, kept FLOPs, rejected tokens, rejected FLOPs, discarded tokens, discarded FLOPs, KV
+    bytes read, drafts, accepted) of a decode batch, FLOPs without logits (every position of a decode
+    slice has a logit row: one per token).
 
-    Request i runs [n0_i, n0_i + 1 + k_i), keeps [n0_i, n0_i + 1 + a_i).
-    Kept FLOPs = lin·Σ(1 + a) + Σ_groups coef·Σ_i [keys(n0_i + 1 + a_i) − keys(n0_i)], rejected
-    likewise over [n0_i + 1 + a_i, n0_i + 1 + k_i); without drafts the pairs are Σ min(n0_i + 1, W).
+    Request i runs [n0_i, n0_i + 1 + k_i) and keeps [n0_i, n0_i + 1 + a_i), of which the first
+    u_i = min(delivered_i, 1 + a_i) reached the user (useful) and the rest were discarded.
+    FLOPs of a class = lin·Σ(its positions) + Σ_groups coef·Σ_i [keys(e_i) − keys(s_i)] over its
+    ranges; without drafts or cuts the pairs are Σ min(n0_i + 1, W).
     KV read = Σ_groups bytes·Σ_i min(n0_i + 1 + k_i, W + k_i).
     """
     n0 = b.computed_before
     n = len(n0)
-    kept_f = rej_f = 0
+    lin = model._lin
+    kept_f = rej_f = disc_f = 0
     kv = 0.0
-    if b.draft_tokens is None:
-        kept_t, rej_t, drafts, accepted = n, 0, 0, 0
+    if b.draft_tokens is None and b.delivered_tokens is None:
         total = sum(n0) + n
         for window, coef, kv_bytes in model._batch_groups:
             keys = total if window is None else sum(map(min, map(add, n0, repeat(1)), repeat(window)))
             kept_f += coef * keys
             kv += kv_bytes * keys
-    else:
-        k, a = b.draft_tokens, b.accepted_tokens
-        drafts, accepted = sum(k), sum(a)
-        kept_t, rej_t = n + accepted, drafts - accepted
-        kept_end = list(map(add, n0, map(add, a, repeat(1))))
-        end = list(map(add, n0, map(add, k, repeat(1))))
-        for window, coef, kv_bytes in model._batch_groups:
-            kept_pairs = _range_pairs(window, n0, kept_end)
-            kept_f += coef * kept_pairs
-            rej_f += coef * (_range_pairs(window, n0, end) - kept_pairs)
-            kv += kv_bytes * (sum(end) if window is None else sum(map(min, end, map(add, k, repeat(window)))))
+        return n, kept_f + lin * n, 0, 0, 0, 0, kv, 0, 0
+    if n >= NUMPY_MIN_BATCH:
+        return _decode_batch_cost_np(b, model)
+    k = b.draft_tokens or [0] * n
+    a = b.accepted_tokens or [0] * n
+    drafts, accepted = sum(k), sum(a)
+    kept_end = list(map(add, n0, map(add, a, repeat(1))))
+    end = list(map(add, n0, map(add, k, repeat(1))))
+    useful_end = kept_end
+    if b.delivered_tokens is not None:
+        useful_end = list(map(min, kept_end, map(add, n0, b.delivered_tokens)))
+    kept_t = sum(useful_end) - sum(n0)
+    disc_t = n + accepted - kept_t
+    rej_t = drafts - accepted
+    for window, coef, kv_bytes in model._batch_groups:
+        useful_pairs = _range_pairs(window, n0, useful_end)
+        kept_pairs = _range_pairs(window, n0, kept_end) if disc_t else useful_pairs
+        kept_f += coef * useful_pairs
+        disc_f += coef * (kept_pairs - useful_pairs)
+        rej_f += coef * (_range_pairs(window, n0, end) - kept_pairs)
+        kv += kv_bytes * (sum(end) if window is None else sum(map(min, end, map(add, k, repeat(window)))))
+    return (kept_t, kept_f + lin * kept_t, rej_t, rej_f + lin * rej_t, disc_t, disc_f + lin * disc_t, kv,
+            drafts, accepted)
+
+
+#: From this many slices on, a decode batch with drafts or cuts is costed with numpy (one array per
+#: column, exact int64 sums: contexts up to ~3·10⁹ positions) instead of sums over Python ints.
+NUMPY_MIN_BATCH = 64
+
+
+def _range_pairs_np(window: int | None, starts: np.ndarray, ends: np.ndarray) -> int:
+    """`_range_pairs` over int64 arrays."""
+    if window is None:
+        return int((ends * (ends + 1) - starts * (starts + 1)).sum()) // 2
+
+    def keys(n: np.ndarray) -> np.ndarray:
+        return np.where(n <= window, n * (n + 1) // 2, window * (window + 1) // 2 + (n - window) * window)
+    return int((keys(ends) - keys(starts)).sum())
+
+
+def _decode_batch_cost_np(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, int, int, int, float, int, int]:
+    """`decode_batch_cost` of a large batch with drafts or cuts, the same formulas over numpy arrays."""
+    n0 = np.array(b.computed_before, dtype=np.int64)
+    n = len(n0)
+    k = np.array(b.draft_tokens, dtype=np.int64) if b.draft_tokens is not None else np.zeros(n, np.int64)
+    a = np.array(b.accepted_tokens, dtype=np.int64) if b.accepted_tokens is not None else np.zeros(n, np.int64)
+    drafts, accepted = int(k.sum()), int(a.sum())
+    kept_end, end = n0 + 1 + a, n0 + 1 + k
+    useful_end = kept_end
+    if b.delivered_tokens is not None:
+        useful_end = np.minimum(kept_end, n0 + np.array(b.delivered_tokens, dtype=np.int64))
+    kept_t = int((useful_end - n0).sum())
+    disc_t = n + accepted - kept_t
+    rej_t = drafts - accepted
+    kept_f = rej_f = disc_f = 0
+    kv = 0.0
+    for window, coef, kv_bytes in model._batch_groups:
+        useful_pairs = _range_pairs_np(window, n0, useful_end)
+        kept_pairs = _range_pairs_np(window, n0, kept_end) if disc_t else useful_pairs
+        kept_f += coef * useful_pairs
+        disc_f += coef * (kept_pairs - useful_pairs)
+        rej_f += coef * (_range_pairs_np(window, n0, end) - kept_pairs)
+        kv += kv_bytes * int(end.sum() if window is None else np.minimum(end, k + window).sum())
     lin = model._lin
-    return kept_t, kept_f + lin * kept_t, rej_t, rej_f + lin * rej_t, kv, drafts, accepted
+    return (kept_t, kept_f + lin * kept_t, rej_t, rej_f + lin * rej_t, disc_t, disc_f + lin * disc_t, kv,
+            drafts, accepted)
 
 
 def _moe_measured(routing: Sequence[Sequence[int]]) -> tuple[list[float], float]:
@@ -256,12 +313,14 @@ def cost_iteration(
         out.hit_tokens += hit
         out.saved_flops += saved
     if record.decode is not None:
-        t, f, rt, rf, kv, drafts, accepted = decode_batch_cost(record.decode, model)
+        t, f, rt, rf, dt, df, kv, drafts, accepted = decode_batch_cost(record.decode, model)
         kept_t += t
         kept_logits += t
         kept_f += f
         rej_t += rt
         rej_f += rf + lm * rt
+        disc_t += dt
+        disc_f += df + lm * dt
         kv_read_d += kv
         out.draft_tokens += drafts
         out.accepted_tokens += accepted

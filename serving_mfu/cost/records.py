@@ -60,14 +60,15 @@ class PrefillBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=
 class DecodeBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """Decode slices of many requests, one list per field (the common decode case, costed in closed
     form): request i runs positions [computed_before[i], computed_before[i] + 1 + draft_tokens[i]),
-    all past its prompt and its high-water mark; the first 1 + accepted_tokens[i] are kept and
-    reached the user, the rest are rejected drafts (None: no drafts in the batch).  A slice whose
-    kept tokens a stop cut short is a `Slice` with `delivered_tokens` instead."""
+    all past its prompt and its high-water mark; the first 1 + accepted_tokens[i] are kept, the
+    rest are rejected drafts (None: no drafts in the batch).  `delivered_tokens[i]` is how many
+    kept tokens reached the user when a stop or max_tokens cut the step short (None: all did)."""
 
     req_ids: list[str]
     computed_before: list[Annotated[int, msgspec.Meta(ge=1)]]
     draft_tokens: list[NonNegInt] | None = None
     accepted_tokens: list[NonNegInt] | None = None
+    delivered_tokens: list[NonNegInt] | None = None
 
 
 class DrafterRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
@@ -110,9 +111,10 @@ class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fiel
         d = self.decode
         if d is not None:
             zeros = [0] * len(d.req_ids)
-            out += [Slice(r, 1 + k, n0, n0, n0, 0, k, a)
-                    for r, n0, k, a in zip(d.req_ids, d.computed_before, d.draft_tokens or zeros,
-                                           d.accepted_tokens or zeros)]
+            delivered = d.delivered_tokens or [None] * len(d.req_ids)
+            out += [Slice(r, 1 + k, n0, n0, n0, 0, k, a, None if got is None or got >= 1 + a else got)
+                    for r, n0, k, a, got in zip(d.req_ids, d.computed_before, d.draft_tokens or zeros,
+                                                d.accepted_tokens or zeros, delivered)]
         return out
 
 
@@ -156,6 +158,9 @@ def _check_rules(rec: IterationRecord) -> IterationRecord:
         if len(d.computed_before) != n or (d.draft_tokens is None) != (d.accepted_tokens is None) or (
                 d.draft_tokens is not None and not (len(d.draft_tokens) == len(d.accepted_tokens) == n)):
             raise RecordError(f"step {rec.step}: decode batch columns differ in length (or drafts without accepted)")
+        if d.delivered_tokens is not None and len(d.delivered_tokens) != n:
+            raise RecordError(f"step {rec.step}: decode batch delivered_tokens has {len(d.delivered_tokens)} "
+                              f"entries for {n} requests")
         if d.draft_tokens is not None:
             for r, k, a in zip(d.req_ids, d.draft_tokens, d.accepted_tokens):
                 if a > k:

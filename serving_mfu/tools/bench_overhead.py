@@ -129,28 +129,41 @@ class ThroughputResult(BaseModel):
 
 
 class CostGroup(BaseModel):
-    kind: Literal["prefill", "decode", "mixed"]
+    kind: str  # prefill / mixed / decode (dense engine), spec decode, moe prefill / moe decode ...
     batch: int  # requests scheduled in the iteration
     iterations: int
     tokens_per_iteration: float
-    ours_us: float  # offline replay through MFUHook + MFUTracker, µs per iteration
+    ours_us: float  # offline replay through MFUHook + MFUTracker inline, µs per iteration
     vllm_us: float  # offline ModelMetrics.get_step_perf_stats_per_gpu, µs per iteration
-    ours_in_engine_us: float  # the hook's callbacks as timed inside the engine
+    vllm_live_us: float  # live: vLLM's estimator on the engine thread after schedule(), thread CPU time
+    engine_cpu_us: float  # live: the hook's callbacks on the engine thread, thread CPU time
+    engine_wall_us: float  # live: the same callbacks' wall time (GIL waits included)
+    accounting_cpu_us: float  # live: building and costing the record, accounting thread CPU time
+    live_cpu_us: float  # engine_cpu_us + accounting_cpu_us: the hook's whole CPU time per step
+    live_over_vllm: float | None  # live_cpu_us / vllm_live_us (target ≤ 0.5)
+    ours_over_vllm: float | None  # ours_us / vllm_us
+    at_requested_batch: bool  # batch is one of --batches (other sizes: waves filling up or draining)
 
 
 class AccountingResult(BaseModel):
     scheduler_path: str
-    engine_start_s: float
-    max_num_seqs: int
+    engines: list[str]
+    engine_start_s: dict[str, float]
+    batches: list[int]
     iterations: int
-    ours_iterations: int
-    vllm_iterations: int
     passes: int
-    replay_matches_engine: bool
+    replay_matches_engine: dict[str, bool]
     ours_us_per_iteration: float
     vllm_us_per_iteration: float
-    ours_in_engine_us_per_iteration: float
+    engine_cpu_us_per_iteration: float
+    accounting_cpu_us_per_iteration: float
     groups: list[CostGroup]
+    worst_live_over_vllm: float | None  # target 1: ≤ 0.5 at every requested batch and kind
+    worst_live_group: str | None
+    worst_offline_over_vllm: float | None
+    worst_offline_group: str | None
+    engine_growth: dict[str, float]  # target 2: engine_cpu_us at the largest batch / at 16, per kind (≤ 2)
+    engine_growth_batches: tuple[int, int]
     ours_computes: list[str]
     vllm_computes: list[str]
     ours_totals: dict[str, float]
@@ -442,36 +455,52 @@ def bench_throughput(model_path: str, requests: int, prompt_len: int, output_len
 class CapturedIteration:
     """One engine step, as the hook saw it."""
 
+    engine: str  # the ENGINE_KINDS entry it ran on
     out: Any  # SchedulerOutput
     runner_out: Any = None  # ModelRunnerOutput
     result: Any = None  # what update_from_output returned (EngineCoreOutputs by client)
     sampled_lengths: list[int] | None = None  # len of each sampled list before vLLM trimmed them
     record: Any = None  # the IterationRecord the engine's hook produced
-    hook_ns: int = 0  # on_schedule + before_output + after_output, inside the engine
+    vllm_cpu_ns: int = 0  # CPU time of vLLM's estimator on the same step, on the engine thread, live
+    engine_cpu_ns: int = 0  # CPU time (time.thread_time) of the three callbacks on the engine thread
+    engine_wall_ns: int = 0  # the same callbacks' wall time (GIL waits included)
+    accounting_cpu_ns: int = 0  # CPU time of building and costing the record on the accounting thread
 
 
 class _Capture:
     """The observer of a live MFUHook (its `observer` seam): keeps every recorded iteration — what the
-    hook read at each callback, the record it made — and the time spent inside its callbacks."""
+    hook read at each callback, the record it made — and the CPU time spent inside its callbacks on the
+    engine thread and in its accounting thread (`time.thread_time_ns`: each thread's own CPU, so a
+    wait for the GIL held by the other thread counts for neither).  Right after each schedule() it
+    also times vLLM's own estimator on that SchedulerOutput, on the engine thread, where vLLM's
+    scheduler calls it when its MFU metrics are on: both are then measured in the same live
+    conditions (a loaded machine, caches shared with the model), not only in a hot offline loop."""
 
-    def __init__(self, hook: Any):
+    def __init__(self, hook: Any, engine: str, metrics: Any):
         self.iterations: list[CapturedIteration] = []
         self.active = False
+        self.engine = engine
         self._pending: dict[int, CapturedIteration] = {}
         self._tokens: dict[int, CapturedIteration] = {}
-        self._by_step: dict[int, CapturedIteration] = {}  # after_output done, record not yet built
+        self._by_step: dict[int, CapturedIteration] = {}  # handed to the accounting thread, not yet accounted
         self._hook = hook
-        self._clock = time.perf_counter_ns
-        self._t0 = 0
         self._cap: CapturedIteration | None = None
+        self._t0 = self._w0 = 0
+        self._acct: CapturedIteration | None = None
+        self._a0 = 0
+        self._metrics = metrics
         hook.observer = self
 
     def enter(self, kind: str, *args: Any) -> None:
+        if kind == "account":  # on the accounting thread
+            self._acct = self._by_step.pop(args[0][0], None)
+            self._a0 = time.thread_time_ns()
+            return
         cap = None
         if kind == "schedule":
             sched, out = args
             if self.active and out.total_num_scheduled_tokens:
-                cap = CapturedIteration(out=out)
+                cap = CapturedIteration(engine=self.engine, out=out)
                 self._pending[id(out)] = cap
         elif kind == "output":
             sched, out, runner_out = args
@@ -485,26 +514,32 @@ class _Capture:
             cap = self._tokens.pop(id(token), None)
             if cap is not None:
                 cap.result = result
+                self._by_step[self._hook.step + 1] = cap  # the step number the hook is about to give it
         self._cap = cap
-        self._t0 = self._clock()  # last: the hook's own time starts here
+        self._w0 = time.perf_counter_ns()
+        self._t0 = time.thread_time_ns()  # last: the hook's own time starts here
 
     def exit(self, kind: str, result: Any) -> None:
-        dt = self._clock() - self._t0  # first: the hook's own time ends here
+        if kind == "account":
+            dt = time.thread_time_ns() - self._a0
+            cap, self._acct = self._acct, None
+            if cap is not None and result is not None:
+                cap.record, cap.accounting_cpu_ns = result, dt
+                self.iterations.append(cap)
+            return
+        dt = time.thread_time_ns() - self._t0  # first: the hook's own time ends here
+        wall = time.perf_counter_ns() - self._w0
         cap, self._cap = self._cap, None
         if cap is None:
             return
-        cap.hook_ns += dt
-        if kind == "output" and result is not None:
+        cap.engine_cpu_ns += dt
+        cap.engine_wall_ns += wall
+        if kind == "schedule":
+            t0 = time.thread_time_ns()
+            self._metrics.get_step_perf_stats_per_gpu(cap.out)
+            cap.vllm_cpu_ns = time.thread_time_ns() - t0
+        elif kind == "output" and result is not None:
             self._tokens[id(result)] = cap
-        elif kind == "after":
-            self._by_step[self._hook.step] = cap  # its record is built on the accounting thread
-
-    def recorded(self, rec: Any) -> None:
-        """Called on the accounting thread, in step order, with each record the hook built."""
-        cap = self._by_step.pop(rec.step, None)
-        if cap is not None:
-            cap.record = rec
-            self.iterations.append(cap)
 
 
 @contextlib.contextmanager
@@ -537,39 +572,72 @@ def find_scheduler(llm: Any) -> Any:
     return core.scheduler
 
 
-def capture_iterations(model_path: str, requests: int, prompt_len: int, output_len: int, capture_batch: int,
-                       kv_cache_mib: int, steps: _Steps) -> tuple[list[CapturedIteration], Any, float, int]:
-    """Run the workload (and a wave of `capture_batch` requests) on an in-process hooked engine.
+#: The engines the accounting cost is captured on: the dense tiny model (prefill, decode and mixed
+#: steps), the same model with n-gram speculation (k = 3 drafts verified per decode), and the tiny
+#: MoE model, whose steps are replayed with routed-expert rows (the CPU engine cannot capture
+#: routing: that needs Model Runner V2 on a GPU) so the routing counts are in the timed path.
+ENGINE_KINDS: dict[str, dict[str, Any]] = {
+    "dense": {"model": "tiny-llama-engine", "extra": {}},
+    "spec": {"model": "tiny-llama-engine",
+             "extra": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                              "prompt_lookup_max": 4, "prompt_lookup_min": 2}}},
+    "moe": {"model": "tiny-qwen3-moe-engine", "extra": {}, "routing": True},
+}
+CAPTURE_PROMPT_LEN, CAPTURE_OUTPUT_LEN = 24, 8
 
-    Returns the captured iterations, the engine's VllmConfig, its start time and max_num_seqs.
-    """
 
-    waves = [requests] + ([capture_batch] if capture_batch > 0 else [])
-    prompts = workload_prompts(model_path, max(waves), prompt_len)
-    max_num_seqs = max(waves)
+def waves_for(batch: int) -> int:
+    """Waves of `batch` requests per engine: enough steps of each kind at small batches, a few at large."""
+    return max(3, min(16, math.ceil(64 / batch)))
+
+
+def capture_prompts(model_path: str, n: int, prompt_len: int, repeat_prompt: bool) -> list[dict[str, list[int]]]:
+    """`n` prompts of `prompt_len` tokens; with `repeat_prompt` each repeats an 6-token phrase, so that
+    n-gram speculation finds matches and proposes drafts."""
+    base = workload_prompts(model_path, n, prompt_len)
+    if not repeat_prompt:
+        return base
+    return [{"prompt_token_ids": [p["prompt_token_ids"][j % 6] for j in range(prompt_len)]} for p in base]
+
+
+def capture_engine(engine: str, model_path: str, batches: list[int], kv_cache_mib: int,
+                   steps: _Steps) -> tuple[list[CapturedIteration], Any, float]:
+    """Run waves of each batch size on an in-process hooked engine of kind `engine`; return the captured
+    iterations, the engine's VllmConfig and its start time."""
+    kind = ENGINE_KINDS[engine]
+    p_len, o_len = CAPTURE_PROMPT_LEN, CAPTURE_OUTPUT_LEN
+    top = max(batches)
+    prompts = capture_prompts(model_path, top, p_len, engine == "spec")
     llm = None
     with tempfile.TemporaryDirectory(prefix="serving-mfu-bench-") as publish, _in_process_engine_env(publish):
         from vllm import LLM, SamplingParams
 
         try:
-            with steps.step("starting the in-process hooked engine"):
+            with steps.step(f"starting the in-process hooked engine ({engine})"):
                 t0 = time.perf_counter()
-                # the EngineCore (scheduler and hook) lives here; the model runs in a worker process
-                llm = LLM(**_engine_args(model_path, HOOKED_SCHEDULER, prompt_len + output_len + 64, max_num_seqs,
-                                         kv_cache_mib, distributed_executor_backend="mp", enable_prefix_caching=True))
+                # the EngineCore (scheduler and hook) lives here; the model runs in a worker process.  The
+                # token budget fits a whole wave's prompts, so each wave starts with one prefill step.
+                llm = LLM(**_engine_args(model_path, HOOKED_SCHEDULER, p_len + o_len + 16, top, kv_cache_mib,
+                                         distributed_executor_backend="mp", enable_prefix_caching=False,
+                                         max_num_batched_tokens=max(top * p_len, 2048), **kind["extra"]))
                 start_s = time.perf_counter() - t0
             sched = find_scheduler(llm)
             if not isinstance(sched, MFUScheduler) or sched._mfu is None:
                 raise RuntimeError(f"expected a working MFUScheduler at {SCHEDULER_PATH}, found {type(sched)}")
             vllm_config = sched.vllm_config
-            params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-            capture = _Capture(sched._mfu)
-            with steps.step("capturing iterations"):
+            params = SamplingParams(max_tokens=o_len, temperature=0.0, ignore_eos=True)
+            from vllm.v1.metrics.perf import ModelMetrics
+
+            capture = _Capture(sched._mfu, engine, ModelMetrics(vllm_config))
+            with steps.step(f"capturing iterations ({engine}: batches {', '.join(map(str, batches))})"):
                 llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
                              use_tqdm=False)  # warm-up: first calls are not representative
+                sched._mfu.flush()
                 capture.active = True
-                for n in waves:
-                    llm.generate(prompts[:n], params, use_tqdm=False)
+                for batch in batches:
+                    for _ in range(waves_for(batch)):
+                        llm.generate(prompts[:batch], params, use_tqdm=False)
+                        steps.check()
                 capture.active = False
                 sched._mfu.flush()  # every captured step's record built on the accounting thread
         finally:
@@ -577,7 +645,7 @@ def capture_iterations(model_path: str, requests: int, prompt_len: int, output_l
             _shutdown(llm)
             del llm
             gc.collect()
-    return capture.iterations, vllm_config, start_s, max_num_seqs
+    return capture.iterations, vllm_config, start_s
 
 
 # ----------------------------------------------------------------------------- 2. offline timing
@@ -606,16 +674,6 @@ def _fresh_hook(vllm_config: Any, publish_dir: str, iterations: list[CapturedIte
                                     tracker_cls=tracker_cls)
 
 
-def _prepare(it: CapturedIteration) -> tuple[None, Any]:
-    """No scheduler (the hook reads nothing from it) and a runner output whose sampled lists have the
-    lengths the engine's hook saw (vLLM trims them in place once it applies a step)."""
-    runner_out = it.runner_out
-    if it.sampled_lengths is not None and runner_out is not None:
-        runner_out = _RunnerOut(runner_out.req_id_to_index, [[0] * n for n in it.sampled_lengths],
-                                getattr(runner_out, "aux_output_connector_output", None))
-    return None, runner_out
-
-
 class _RunnerOut:
     """The ModelRunnerOutput fields the hook reads."""
 
@@ -626,14 +684,31 @@ class _RunnerOut:
             req_id_to_index, sampled_token_ids, aux
 
 
+def _prepare(it: CapturedIteration, routing: tuple[int, int, int] | None, rng: Any) -> tuple[None, Any]:
+    """No scheduler (the hook reads nothing from it) and a runner output whose sampled lists have the
+    lengths the engine's hook saw (vLLM trims them in place once it applies a step).  With `routing`
+    (layers, experts, top_k) every scheduled request gets routed-expert rows for its step's positions,
+    as vLLM's capture hands them over (AuxRequestOutput, [tokens, layers, top_k])."""
+    runner_out = it.runner_out
+    aux = getattr(runner_out, "aux_output_connector_output", None)
+    if routing is not None:
+        from vllm.distributed.aux_output_connector.connector import AuxRequestOutput
+
+        layers, experts, top_k = routing
+        out = it.out
+        before = {nr.req_id: nr.num_computed_tokens for nr in out.scheduled_new_reqs}
+        before.update(zip(out.scheduled_cached_reqs.req_ids, out.scheduled_cached_reqs.num_computed_tokens))
+        aux = {rid: AuxRequestOutput(before[rid], rng.integers(0, experts, size=(q, layers, top_k), dtype="int32"))
+               for rid, q in out.num_scheduled_tokens.items()}
+    lengths = it.sampled_lengths
+    sampled = [[0] * n for n in lengths] if lengths is not None else runner_out.sampled_token_ids
+    return None, _RunnerOut(runner_out.req_id_to_index, sampled, aux)
+
+
 def replay_ours(hook: Any, prepared: list, iterations: list[CapturedIteration],
                 times_ns: list[int] | None = None) -> None:
     """Run every captured iteration through `hook` (from `_fresh_hook`) as the engine did; add each one's
     ns to `times_ns`."""
-    _replay(hook, prepared, iterations, times_ns)
-
-
-def _replay(hook: Any, prepared: list, iterations: list[CapturedIteration], times_ns: list[int] | None) -> None:
     clock = time.perf_counter_ns
     for i, ((sched, runner_out), it) in enumerate(zip(prepared, iterations)):
         t0 = clock()
@@ -646,20 +721,18 @@ def _replay(hook: Any, prepared: list, iterations: list[CapturedIteration], time
             times_ns[i] += t1 - t0
 
 
-def _kind(rec: Any) -> Literal["prefill", "decode", "mixed"]:
+def _phase(rec: Any) -> Literal["prefill", "decode", "mixed"]:
     prefill = [s.computed_before < s.prompt_len for s in rec.all_slices()]
     return "prefill" if all(prefill) else "decode" if not any(prefill) else "mixed"
 
 
-def time_estimators(iterations: list[CapturedIteration], vllm_config: Any, passes: int, engine_start_s: float,
-                    max_num_seqs: int, steps: _Steps) -> AccountingResult:
-    """µs per iteration of our hook (replayed) and of vLLM's ModelMetrics on the same SchedulerOutputs."""
-    from vllm.v1.metrics.perf import ModelMetrics
-
-    if not iterations:
-        raise RuntimeError("no iterations were captured")
-    with _quiet("serving_mfu", "scheduler_hooks"):
-        return _time_estimators(iterations, vllm_config, passes, engine_start_s, max_num_seqs, steps, ModelMetrics)
+def kind_of(it: CapturedIteration) -> str:
+    """The row a step is reported in: its phase, prefixed by the engine unless dense; decodes of the
+    speculative engine that verified no draft at all are "spec decode, no drafts"."""
+    phase = _phase(it.record)
+    if it.engine == "spec" and phase == "decode" and not it.out.scheduled_spec_decode_tokens:
+        return "spec decode, no drafts"
+    return phase if it.engine == "dense" else f"{it.engine} {phase}"
 
 
 @contextlib.contextmanager
@@ -678,26 +751,54 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _time_estimators(iterations: list[CapturedIteration], vllm_config: Any, passes: int, engine_start_s: float,
-                     max_num_seqs: int, steps: _Steps, ModelMetrics: Any) -> AccountingResult:  # noqa: N803
+@dataclass
+class _Timed:
+    """One engine's captured steps with both estimators' offline µs per step."""
+
+    engine: str
+    iterations: list[CapturedIteration]
+    ours_us: list[float]
+    vllm_us: list[float]
+    matches: bool
+    ours_totals: dict[str, float]
+    vllm_totals: dict[str, float]
+
+
+def time_estimators(engine: str, iterations: list[CapturedIteration], vllm_config: Any, passes: int,
+                    steps: _Steps) -> _Timed:
+    """µs per iteration of our hook (replayed inline) and of vLLM's ModelMetrics on the same SchedulerOutputs."""
+    import numpy as np
+    from vllm.v1.metrics.perf import ModelMetrics
+
+    if not iterations:
+        raise RuntimeError(f"no iterations were captured on the {engine} engine")
     metrics = ModelMetrics(vllm_config)  # built as the Scheduler builds it (enable_mfu_metrics only gates that)
     if not metrics.is_enabled():
         raise RuntimeError("vLLM's ModelMetrics found no component it can cost for this model")
+    routing = None
+    if ENGINE_KINDS[engine].get("routing"):
+        from serving_mfu.model.spec import ModelSpec
+
+        spec = ModelSpec.from_hf_config(vllm_config.model_config.hf_config.to_dict())
+        layer = spec.layers[spec.moe_layer_indices[0]].moe
+        routing = (len(spec.moe_layer_indices), layer.num_experts, layer.top_k)
+    rng = np.random.default_rng(0)
+    prepared = [_prepare(it, routing, rng) for it in iterations]
     n = len(iterations)
-    prepared = [_prepare(it) for it in iterations]
     ours_totals: dict[str, float] = {}
     vllm_totals = {"flops_per_gpu": 0.0, "read_bytes_per_gpu": 0.0, "write_bytes_per_gpu": 0.0}
-    with tempfile.TemporaryDirectory(prefix="serving-mfu-bench-") as publish:
-        with steps.step("checking the replay against the engine"):
+    with _quiet("serving_mfu", "scheduler_hooks"), tempfile.TemporaryDirectory(prefix="serving-mfu-bench-") as publish:
+        with steps.step(f"checking the replay against the engine ({engine})"):
             hook = _fresh_hook(vllm_config, publish, iterations, tracker_cls=_KeepingTracker)
             replay_ours(hook, prepared, iterations)
             replayed = [rec for rec, _ in hook.tracker.kept]
-            costs = [cost for _, cost in hook.tracker.kept]
-            # everything but the step number (the engine's counts its warm-up steps too)
+            # everything but the step number (the engine's counts its warm-up steps too) and, where the
+            # replay adds routed-expert rows the CPU engine could not capture, the routing counts
+            strip = {"step": 0, **({"moe_routing": None} if routing else {})}
             matches = len(replayed) == n and all(
-                msgspec.structs.replace(a, step=0) == msgspec.structs.replace(it.record, step=0)
+                msgspec.structs.replace(a, **strip) == msgspec.structs.replace(it.record, **strip)
                 for a, it in zip(replayed, iterations))
-            for c in costs:
+            for _, c in hook.tracker.kept:
                 if c is None:
                     continue
                 for phase in ("prefill", "decode"):
@@ -708,9 +809,6 @@ def _time_estimators(iterations: list[CapturedIteration], vllm_config: Any, pass
                 for name in ("busy_s", "hit_tokens", "saved_flops", "recompute_tokens", "rejected_tokens",
                              "draft_tokens", "accepted_tokens"):
                     ours_totals[name] = ours_totals.get(name, 0.0) + getattr(c, name)
-            ours_totals["executed_flops"] = ours_totals.get("prefill_executed_flops", 0.0) + \
-                ours_totals.get("decode_executed_flops", 0.0)
-            ours_totals["bytes"] = ours_totals.get("prefill_bytes", 0.0) + ours_totals.get("decode_bytes", 0.0)
             for it in iterations:
                 stats = metrics.get_step_perf_stats_per_gpu(it.out)
                 vllm_totals["flops_per_gpu"] += stats.num_flops_per_gpu
@@ -722,7 +820,7 @@ def _time_estimators(iterations: list[CapturedIteration], vllm_config: Any, pass
         clock = time.perf_counter_ns
         step_stats = metrics.get_step_perf_stats_per_gpu
         outs = [it.out for it in iterations]
-        with steps.step(f"timing both estimators ({passes} passes × {n} iterations)"):
+        with steps.step(f"timing both estimators ({engine}: {passes} passes × {n} iterations)"):
             for _ in range(passes):
                 hook = _fresh_hook(vllm_config, publish, iterations)
                 times = [0] * n
@@ -743,38 +841,97 @@ def _time_estimators(iterations: list[CapturedIteration], vllm_config: Any, pass
     def per_iteration(samples: list[list[int]]) -> list[float]:  # median over passes, in µs
         return [statistics.median(s[i] for s in samples) / 1e3 for i in range(n)]
 
-    ours_us, vllm_us = per_iteration(ours_ns), per_iteration(vllm_ns)
-    engine_us = [it.hook_ns / 1e3 for it in iterations]
-    groups: dict[tuple[str, int], list[int]] = {}
-    for i, it in enumerate(iterations):
-        groups.setdefault((_kind(it.record), len(it.record.all_slices())), []).append(i)
-    order = {"prefill": 0, "mixed": 1, "decode": 2}
+    return _Timed(engine, iterations, per_iteration(ours_ns), per_iteration(vllm_ns), matches, ours_totals,
+                  vllm_totals)
+
+
+KIND_ORDER = ("prefill", "mixed", "decode", "spec prefill", "spec mixed", "spec decode", "spec decode, no drafts",
+              "moe prefill", "moe mixed", "moe decode")
+
+
+def summarize(timed: list[_Timed], batches: list[int], passes: int, engine_start_s: dict[str, float]
+              ) -> AccountingResult:
+    """Rows per (kind, batch), the three targets of issue 10, and the totals."""
+    groups: dict[tuple[str, int], list[tuple[_Timed, int]]] = {}
+    for t in timed:
+        for i, it in enumerate(t.iterations):
+            groups.setdefault((kind_of(it), len(it.out.num_scheduled_tokens)), []).append((t, i))
     rows = []
-    for (kind, batch), idx in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
-        rows.append(CostGroup(kind=kind, batch=batch, iterations=len(idx),
-                              tokens_per_iteration=statistics.fmean(
-                                  iterations[i].out.total_num_scheduled_tokens for i in idx),
-                              ours_us=statistics.fmean(ours_us[i] for i in idx),
-                              vllm_us=statistics.fmean(vllm_us[i] for i in idx),
-                              ours_in_engine_us=statistics.fmean(engine_us[i] for i in idx)))
-    return AccountingResult(scheduler_path=SCHEDULER_PATH, engine_start_s=engine_start_s, max_num_seqs=max_num_seqs,
-                            iterations=n, ours_iterations=len(ours_us), vllm_iterations=len(vllm_us),
-                            passes=passes, replay_matches_engine=matches,
-                            ours_us_per_iteration=statistics.fmean(ours_us),
-                            vllm_us_per_iteration=statistics.fmean(vllm_us),
-                            ours_in_engine_us_per_iteration=statistics.fmean(engine_us), groups=rows,
-                            ours_computes=OURS_COMPUTES, vllm_computes=VLLM_COMPUTES, ours_totals=ours_totals,
-                            vllm_totals=vllm_totals)
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
+    for (kind, batch), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
+        its = [t.iterations[i] for t, i in members]
+        ours = statistics.fmean(t.ours_us[i] for t, i in members)
+        vllm = statistics.fmean(t.vllm_us[i] for t, i in members)
+        eng = statistics.fmean(it.engine_cpu_ns / 1e3 for it in its)
+        acct = statistics.fmean(it.accounting_cpu_ns / 1e3 for it in its)
+        live_vllm = statistics.fmean(it.vllm_cpu_ns / 1e3 for it in its)
+        rows.append(CostGroup(kind=kind, batch=batch, iterations=len(its),
+                              tokens_per_iteration=statistics.fmean(it.out.total_num_scheduled_tokens for it in its),
+                              ours_us=ours, vllm_us=vllm, vllm_live_us=live_vllm,
+                              engine_cpu_us=eng, engine_wall_us=statistics.fmean(it.engine_wall_ns / 1e3 for it in its),
+                              accounting_cpu_us=acct, live_cpu_us=eng + acct,
+                              live_over_vllm=(eng + acct) / live_vllm if live_vllm else None,
+                              ours_over_vllm=ours / vllm if vllm else None,
+                              at_requested_batch=batch in batches))
+    at = [r for r in rows if r.at_requested_batch and r.live_over_vllm is not None]
+    worst = max(at, key=lambda r: r.live_over_vllm) if at else None
+    worst_offline = max(at, key=lambda r: r.ours_over_vllm or 0.0) if at else None
+    growth: dict[str, float] = {}
+    small, large = (16 if 16 in batches else min(batches)), max(batches)
+    for kind in {r.kind for r in rows}:
+        by_batch = {r.batch: r for r in rows if r.kind == kind}
+        if small in by_batch and large in by_batch and large != small and by_batch[small].engine_cpu_us:
+            growth[kind] = by_batch[large].engine_cpu_us / by_batch[small].engine_cpu_us
+    ours_totals: dict[str, float] = {}
+    vllm_totals: dict[str, float] = {}
+    for t in timed:
+        for k, v in t.ours_totals.items():
+            ours_totals[k] = ours_totals.get(k, 0.0) + v
+        for k, v in t.vllm_totals.items():
+            vllm_totals[k] = vllm_totals.get(k, 0.0) + v
+    ours_totals["executed_flops"] = ours_totals.get("prefill_executed_flops", 0.0) + \
+        ours_totals.get("decode_executed_flops", 0.0)
+    ours_totals["bytes"] = ours_totals.get("prefill_bytes", 0.0) + ours_totals.get("decode_bytes", 0.0)
+    all_its = [it for t in timed for it in t.iterations]
+    return AccountingResult(
+        scheduler_path=SCHEDULER_PATH, engines=[t.engine for t in timed], engine_start_s=engine_start_s,
+        batches=batches, iterations=len(all_its), passes=passes,
+        replay_matches_engine={t.engine: t.matches for t in timed},
+        ours_us_per_iteration=statistics.fmean(x for t in timed for x in t.ours_us),
+        vllm_us_per_iteration=statistics.fmean(x for t in timed for x in t.vllm_us),
+        engine_cpu_us_per_iteration=statistics.fmean(it.engine_cpu_ns / 1e3 for it in all_its),
+        accounting_cpu_us_per_iteration=statistics.fmean(it.accounting_cpu_ns / 1e3 for it in all_its),
+        groups=rows,
+        worst_live_over_vllm=worst.live_over_vllm if worst else None,
+        worst_live_group=f"{worst.kind} {worst.batch}" if worst else None,
+        worst_offline_over_vllm=worst_offline.ours_over_vllm if worst_offline else None,
+        worst_offline_group=f"{worst_offline.kind} {worst_offline.batch}" if worst_offline else None,
+        engine_growth=growth, engine_growth_batches=(small, large),
+        ours_computes=OURS_COMPUTES, vllm_computes=VLLM_COMPUTES, ours_totals=ours_totals, vllm_totals=vllm_totals)
 
 
 # ----------------------------------------------------------------------------- the whole benchmark
+DEFAULT_BATCHES = (1, 16, 256, 1024)
+
+
 def bench_overhead(model: str | None = None, requests: int = 16, prompt_len: int = 64, output_len: int = 64,
-                   repeats: int = 2, capture_batch: int = 64, passes: int = 30, kv_cache_mib: int = 512,
-                   min_run_s: float = 5.0, accounting: bool = True, concurrent: bool = True,
-                   progress: bool = True) -> OverheadReport:
-    """Both measurements; every engine it starts is shut down before it returns, or raises."""
+                   repeats: int = 3, batches: tuple[int, ...] | list[int] = DEFAULT_BATCHES,
+                   engines: tuple[str, ...] | list[str] = tuple(ENGINE_KINDS), passes: int = 15,
+                   kv_cache_mib: int = 512, min_run_s: float = 5.0, accounting: bool = True,
+                   concurrent: bool = True, progress: bool = True) -> OverheadReport:
+    """Both measurements; every engine it starts is shut down before it returns, or raises.
+
+    `model` replaces the tiny dense model of the throughput runs and of the dense and speculative
+    captures; the MoE capture always runs the embedded tiny MoE model.
+    """
     if requests < 1 or prompt_len < 1 or output_len < 1 or repeats < 1 or passes < 1:
         raise ValueError("--requests, --prompt-len, --output-len, --repeats and --passes must be >= 1")
+    batches = sorted(set(batches))
+    if not batches or batches[0] < 1:
+        raise ValueError(f"--batches must be positive request counts, got {batches}")
+    unknown = [e for e in engines if e not in ENGINE_KINDS]
+    if unknown or not engines:
+        raise ValueError(f"unknown --engines {unknown or engines}; choose from {', '.join(ENGINE_KINDS)}")
     t_start = time.perf_counter()
     model_path = resolve_model(model)
     peak_env: dict[str, str | None] = {}
@@ -783,7 +940,7 @@ def bench_overhead(model: str | None = None, requests: int = 16, prompt_len: int
     peak = ("SERVING_MFU_PEAK_FLOPS=1e12, SERVING_MFU_PEAK_BANDWIDTH=4e10 (assumed, for the MFU path)"
             if peak_env else "from the SERVING_MFU_* settings")
     quiet = {} if os.environ.get("VLLM_LOGGING_LEVEL") else {"VLLM_LOGGING_LEVEL": "WARNING"}
-    total = (2 + 2 * repeats if concurrent else 4 * repeats) + (4 if accounting else 0)
+    total = (2 + 2 * repeats if concurrent else 4 * repeats) + (4 * len(engines) if accounting else 0)
     with _stdout_to_stderr(), _environ({**peak_env, **quiet}), _Steps(total, progress) as steps, \
             tempfile.TemporaryDirectory(prefix="serving-mfu-bench-") as publish, \
             _environ({"SERVING_MFU_DIR": publish}):
@@ -798,9 +955,13 @@ def bench_overhead(model: str | None = None, requests: int = 16, prompt_len: int
                                           steps, concurrent=concurrent, min_run_s=min_run_s)
             acc = None
             if accounting:
-                iterations, vllm_config, start_s, max_seqs = capture_iterations(
-                    model_path, requests, prompt_len, output_len, capture_batch, kv_cache_mib, steps)
-                acc = time_estimators(iterations, vllm_config, passes, start_s, max_seqs, steps)
+                timed, starts = [], {}
+                for engine in engines:
+                    path = model_path if model and engine != "moe" else str(ensure_model(ENGINE_KINDS[engine]["model"]))
+                    iterations, vllm_config, starts[engine] = capture_engine(engine, path, batches, kv_cache_mib,
+                                                                             steps)
+                    timed.append(time_estimators(engine, iterations, vllm_config, passes, steps))
+                acc = summarize(timed, batches, passes, starts)
         finally:
             vllm_logger.setLevel(level)
     return OverheadReport(machine=machine_info(), model=model_path, peak=peak, throughput=throughput,
@@ -839,30 +1000,62 @@ def print_overhead(report: OverheadReport, console: Any) -> None:
     a = report.accounting
     if a is None:
         return
-    table = Table(title=f"accounting cost per iteration on the same {a.iterations} SchedulerOutputs "
-                        f"(median of {a.passes} offline passes; max_num_seqs {a.max_num_seqs})")
-    for col in ("kind", "batch", "steps", "tokens", "ours µs", "vLLM µs", "ours/vLLM", "engine µs"):
+    table = Table(title=f"accounting cost per step on the same {a.iterations} SchedulerOutputs, engines "
+                        f"{', '.join(a.engines)} (offline: median of {a.passes} passes; live: thread CPU time)")
+    for col in ("kind", "batch", "steps", "vLLM µs", "ours µs", "×", "live vLLM", "engine µs", "acct µs", "live ×"):
         table.add_column(col, justify="left" if col == "kind" else "right")
     for g in a.groups:
-        table.add_row(g.kind, str(g.batch), str(g.iterations), f"{g.tokens_per_iteration:.0f}", f"{g.ours_us:.1f}",
-                      f"{g.vllm_us:.1f}", f"{g.ours_us / g.vllm_us:.2f}" if g.vllm_us else "—",
-                      f"{g.ours_in_engine_us:.1f}")
-    table.add_row("all", "", str(a.iterations), "", f"{a.ours_us_per_iteration:.1f}", f"{a.vllm_us_per_iteration:.1f}",
-                  f"{a.ours_us_per_iteration / a.vllm_us_per_iteration:.2f}",
-                  f"{a.ours_in_engine_us_per_iteration:.1f}", style="bold")
+        if not g.at_requested_batch:
+            continue
+        table.add_row(g.kind, str(g.batch), str(g.iterations), f"{g.vllm_us:.1f}", f"{g.ours_us:.1f}",
+                      _ratio(g.ours_over_vllm, 0.5), f"{g.vllm_live_us:.1f}", f"{g.engine_cpu_us:.1f}",
+                      f"{g.accounting_cpu_us:.1f}", _ratio(g.live_over_vllm, 0.5))
     console.print(table)
-    console.print("ours µs: a fresh MFUHook replays each step (slices → IterationRecord → MFUTracker.record); "
-                  "vLLM µs: ModelMetrics.get_step_perf_stats_per_gpu(scheduler_output); engine µs: the hook's "
-                  "three callbacks on the engine thread, timed inside the live engine (the accounting runs on its own "
-                  "thread there; ours µs is engine + accounting inline); tokens: scheduled per step")
+    console.print("offline, hot loop over the captured steps: vLLM µs = ModelMetrics.get_step_perf_stats_per_gpu("
+                  "scheduler_output); ours µs = a fresh MFUHook replaying each step inline (callbacks → "
+                  "IterationRecord → MFUTracker.record); × = ours / vLLM.  live, in the engine, thread CPU time "
+                  "(time.thread_time): live vLLM = vLLM's estimator on the engine thread right after schedule(), "
+                  "where vLLM calls it; engine µs = our three callbacks on the engine thread; acct µs = building "
+                  "and costing the record on the accounting thread; live × = (engine + acct) / live vLLM.  Rows at "
+                  "other batch sizes (waves filling up or draining) are in --json.")
+    small, large = a.engine_growth_batches
+    if a.worst_live_over_vllm is not None:
+        met = a.worst_live_over_vllm <= 0.5
+        console.print(f"target 1, the hook's whole CPU time ≤ 0.5× vLLM's estimator at every kind and batch: worst "
+                      f"{a.worst_live_over_vllm:.2f} ({a.worst_live_group}) — "
+                      + ("[green]met[/green]" if met else "[red]not met[/red]")
+                      + f"; offline replay worst {a.worst_offline_over_vllm:.2f} ({a.worst_offline_group})")
+    if a.engine_growth:
+        worst_kind = max(a.engine_growth, key=a.engine_growth.get)
+        met = a.engine_growth[worst_kind] <= 2.0
+        console.print(f"target 2, engine-thread CPU at batch {large} ≤ 2× batch {small}: "
+                      + ", ".join(f"{k} {v:.2f}×" for k, v in sorted(a.engine_growth.items()))
+                      + " — " + ("[green]met[/green]" if met else f"[red]not met ({worst_kind})[/red]"))
+    t = report.throughput
+    console.print(f"target 3, hooked / plain throughput ≥ 0.99: {t.ratio:.3f} (range {t.ratio_min:.3f}–"
+                  f"{t.ratio_max:.3f} over {t.repeats} alternating runs)"
+                  + ("" if t.ratio_min >= 0.99 or t.ratio_max - t.ratio_min < 0.02 else
+                     " — within this machine's run-to-run spread; targets 1 and 2 are the gate"))
     o, v = a.ours_totals, a.vllm_totals
     console.print(f"ours (MFUHook → MFUTracker): prefill useful/executed {_si(o.get('prefill_useful_flops', 0))}/"
                   f"{_si(o.get('prefill_executed_flops', 0))}FLOPs, decode {_si(o.get('decode_useful_flops', 0))}/"
                   f"{_si(o.get('decode_executed_flops', 0))}FLOPs, {_si(o.get('bytes', 0))}B; "
-                  f"time split, spec ({o.get('draft_tokens', 0):.0f} drafts), prefix ({o.get('hit_tokens', 0):.0f} "
-                  f"hit tokens), recompute ({o.get('recompute_tokens', 0):.0f} tokens)")
+                  f"time split, spec ({o.get('draft_tokens', 0):.0f} drafts, {o.get('accepted_tokens', 0):.0f} "
+                  f"accepted), prefix ({o.get('hit_tokens', 0):.0f} hit tokens), recompute "
+                  f"({o.get('recompute_tokens', 0):.0f} tokens)")
     console.print(f"vLLM (ModelMetrics.get_step_perf_stats_per_gpu): {_si(v['flops_per_gpu'])}FLOPs, "
                   f"{_si(v['read_bytes_per_gpu'])}B read, {_si(v['write_bytes_per_gpu'])}B written — totals only")
-    console.print(f"replay reproduces the engine's records: {a.replay_matches_engine}; scheduler found at "
-                  f"{a.scheduler_path} (in-process engine, start {a.engine_start_s:.0f} s); "
+    starts = ", ".join(f"{k} {v:.0f} s" for k, v in a.engine_start_s.items())
+    console.print(f"replay reproduces the engine's records: "
+                  + ", ".join(f"{k} {v}" for k, v in a.replay_matches_engine.items())
+                  + f"; scheduler found at {a.scheduler_path} (in-process engines, start {starts}); "
                   f"whole benchmark {report.wall_s:.0f} s")
+
+
+def _ratio(x: float | None, limit: float | None = None) -> str:
+    if x is None:
+        return "—"
+    text = f"{x:.2f}"
+    if limit is not None and x > limit:
+        return f"[red]{text}[/red]"
+    return text

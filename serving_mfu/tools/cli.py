@@ -255,7 +255,8 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
 
     try:
         report = bench_overhead(model=args.model, requests=args.requests, prompt_len=args.prompt_len,
-                                output_len=args.output_len, repeats=args.repeats, capture_batch=args.capture_batch,
+                                output_len=args.output_len, repeats=args.repeats, batches=args.batches,
+                                engines=args.engines,
                                 passes=args.passes, kv_cache_mib=args.kv_cache_mib, min_run_s=args.min_run_seconds,
                                 accounting=not args.no_accounting, concurrent=not args.one_engine_at_a_time,
                                 progress=not args.json)
@@ -388,10 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--requests", type=int, default=16, help="requests in the workload (default 16)")
     o.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (default 64)")
     o.add_argument("--output-len", type=int, default=64, help="output tokens per request (default 64)")
-    o.add_argument("--repeats", type=int, default=2, help="timed runs per variant, alternating (default 2)")
-    o.add_argument("--capture-batch", type=int, default=64,
-                   help="also capture a wave of this many requests for larger batches (0: off; default 64)")
-    o.add_argument("--passes", type=int, default=30, help="offline timing passes over the captured steps")
+    o.add_argument("--repeats", type=int, default=3, help="timed runs per variant, alternating (default 3)")
+    o.add_argument("--batches", type=_positive_int, nargs="+", default=[1, 16, 256, 1024],
+                   help="batch sizes (requests per step) the accounting cost is captured at (default 1 16 256 1024)")
+    o.add_argument("--engines", nargs="+", choices=["dense", "spec", "moe"], default=["dense", "spec", "moe"],
+                   help="engines captured: dense (prefill, decode, mixed), spec (n-gram, k=3), moe (routing "
+                        "replayed); default all")
+    o.add_argument("--passes", type=int, default=15, help="offline timing passes over the captured steps")
     o.add_argument("--min-run-seconds", type=float, default=5.0,
                    help="repeat the workload within each timed run until it lasts this long (default 5)")
     o.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine, MiB (default 512)")
