@@ -7,12 +7,12 @@ Layers, each importing only those below it (README, "Architecture"):
 """
 
 from serving_mfu.cost.accounting import CostModel
-from serving_mfu.cost.records import IterationRecord, Slice
+from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch, Slice
 from serving_mfu.model import ConfigError, ModelSpec
 from serving_mfu.peaks.resolve import resolve_peak
 from serving_mfu.peaks.spec import PeakSpec
 from serving_mfu.runtime.report import MFUReport
 from serving_mfu.runtime.tracker import MFUTracker
 
-__all__ = ["ConfigError", "CostModel", "IterationRecord", "MFUReport", "MFUTracker", "ModelSpec", "PeakSpec",
-           "Slice", "resolve_peak"]
+__all__ = ["ConfigError", "CostModel", "DecodeBatch", "IterationRecord", "MFUReport", "MFUTracker", "ModelSpec",
+           "PeakSpec", "PrefillBatch", "Slice", "resolve_peak"]

@@ -8,7 +8,7 @@ import time
 import msgspec
 from pydantic import BaseModel
 
-from serving_mfu.cost.records import IterationRecord, Slice
+from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.table import lookup_peak
 from serving_mfu.runtime.tracker import MFUTracker
@@ -23,22 +23,24 @@ class BenchRow(BaseModel):
 
 
 def synthetic_iteration(step: int, batch: int, rng: random.Random) -> IterationRecord:
-    """A mixed iteration: one prefill chunk, decodes at random contexts, a third with 3 drafts."""
-    slices = []
-    for i in range(batch):
-        if i == 0 and batch > 1:
-            slices.append(Slice(req_id=f"p{step}", new_tokens=512, computed_before=1024, prompt_len=4096,
-                                hwm=1024, cached_tokens=0))
-            continue
-        ctx = rng.randint(128, 8192)
-        k = 3 if i % 3 == 0 else 0
-        slices.append(Slice(req_id=f"r{i}", new_tokens=1 + k, computed_before=ctx, prompt_len=100,
-                            hwm=ctx, draft_tokens=k, accepted_tokens=rng.randint(0, k)))
-    return IterationRecord(step=step, t_sched_s=step * 0.02, t_end_s=step * 0.02 + 0.015, slices=slices)
+    """A mixed iteration as the engine hook records it: one 512-token prefill chunk (continuing a 4k
+    prompt), then decodes at random contexts, a third of them verifying 3 drafts."""
+    prefill = None
+    n = batch
+    if batch > 1:
+        prefill = PrefillBatch(req_ids=[f"p{step}"], new_tokens=[512], computed_before=[1024], prompt_len=[4096])
+        n = batch - 1
+    ctx = [rng.randint(128, 8192) for _ in range(n)]
+    drafts = [3 if i % 3 == 0 else 0 for i in range(n)]
+    accepted = [rng.randint(0, k) for k in drafts]
+    decode = DecodeBatch(req_ids=[f"r{i}" for i in range(n)], computed_before=ctx, draft_tokens=drafts,
+                         accepted_tokens=accepted)
+    return IterationRecord(step=step, t_sched_s=step * 0.02, t_end_s=step * 0.02 + 0.015, slices=[],
+                           prefill=prefill, decode=decode)
 
 
 def bench_accounting(batches: list[int], repeats: int = 200, progress: bool = True) -> list[BenchRow]:
-    """Time `MFUTracker.record` (classification, FLOPs, bytes, split, counters) per iteration."""
+    """Time `MFUTracker.record` (closed-form costing of the batches, bytes, split, counters) per iteration."""
     from rich.progress import track
 
     rng = random.Random(0)

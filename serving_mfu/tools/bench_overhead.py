@@ -1003,7 +1003,7 @@ def print_overhead(report: OverheadReport, console: Any) -> None:
     table = Table(title=f"accounting cost per step on the same {a.iterations} SchedulerOutputs, engines "
                         f"{', '.join(a.engines)} (offline: median of {a.passes} passes; live: thread CPU time)")
     for col in ("kind", "batch", "steps", "vLLM µs", "ours µs", "×", "live vLLM", "engine µs", "acct µs", "live ×"):
-        table.add_column(col, justify="left" if col == "kind" else "right")
+        table.add_column(col, justify="left" if col == "kind" else "right", no_wrap=col == "kind")
     for g in a.groups:
         if not g.at_requested_batch:
             continue
