@@ -343,9 +343,17 @@ class MFUHook:
                 if out.total_num_scheduled_tokens - other != n_dec + sum(drafts):
                     dec_ids, dec_n0 = self._split_odd(dec_ids, dec_n0, nst, drafts, general)
                     drafts = list(map(len, map(spec.get, dec_ids, repeat(()))))
-                got = list(map(lengths.__getitem__, map(index.__getitem__, dec_ids))) if lengths else [0] * len(dec_ids)
-                # accepted = min(max(sampled − 1, 0), drafts)
-                accepted = list(map(min, map(max, map(add, got, repeat(-1)), repeat(0)), drafts))
+                if not lengths:
+                    got = [0] * len(dec_ids)
+                elif len(lengths) == len(dec_ids) and getattr(runner_out, "req_ids", None) == dec_ids:
+                    # the runner's batch is in the scheduler's order (req_ids[i] has index i)
+                    got = lengths
+                else:
+                    got = list(map(lengths.__getitem__, map(index.__getitem__, dec_ids)))
+                # accepted = min(max(sampled − 1, 0), drafts): a decode samples 1 + its accepted drafts
+                accepted = list(map(min, map(add, got, repeat(-1)), drafts))
+                if accepted and min(accepted) < 0:  # a request that sampled nothing (its output was dropped)
+                    accepted = list(map(max, accepted, repeat(0)))
         # what reached the users: one token per finished prompt, 1 + accepted per decode, unless a stop
         # (or a dropped stale output) cut a request short — then the sums differ (delivered ≤ kept)
         expected = p_done = sum(map(eq, p_end, p_prompt)) if p_ids else 0

@@ -93,15 +93,20 @@ class CostModel:
         return total
 
 
-def _range_pairs(window: int | None, starts: Sequence[int], ends: Sequence[int]) -> int:
-    """Σ_i keys(e_i) − keys(s_i): causal (query, key) pairs of positions [s_i, e_i) under a window.
+def _range_pairs(window: int | None, starts: Sequence[int] | None, ends: Sequence[int]) -> int:
+    """Σ_i keys(e_i) − keys(s_i): causal (query, key) pairs of positions [s_i, e_i) under a window
+    (starts None: all 0).
 
     Without a window keys(n) = n(n + 1)/2, so the sum is (Σe² + Σe − Σs² − Σs)/2 (exact integers).
     """
     if window is None:
-        return (sum(map(mul, ends, ends)) + sum(ends) - sum(map(mul, starts, starts)) - sum(starts)) // 2
+        total = sum(map(mul, ends, ends)) + sum(ends)
+        if starts is not None:
+            total -= sum(map(mul, starts, starts)) + sum(starts)
+        return total // 2
     w = repeat(window)
-    return sum(map(causal_pairs, ends, w)) - sum(map(causal_pairs, starts, w))
+    total = sum(map(causal_pairs, ends, w))
+    return total - sum(map(causal_pairs, starts, w)) if starts is not None else total
 
 
 def prefill_batch_cost(b: PrefillBatch, model: CostModel) -> tuple[int, int, int, float, int, int]:
@@ -123,8 +128,7 @@ def prefill_batch_cost(b: PrefillBatch, model: CostModel) -> tuple[int, int, int
     if b.cached_tokens:
         hit = sum(b.cached_tokens)
         if hit:
-            zeros = [0] * len(q)
-            saved = model._lin * hit + sum(coef * _range_pairs(w, zeros, b.cached_tokens) for w, coef in model._groups)
+            saved = model._lin * hit + sum(coef * _range_pairs(w, None, b.cached_tokens) for w, coef in model._groups)
     return tokens, flops, logits, kv, hit, saved
 
 
@@ -192,15 +196,15 @@ def _range_pairs_np(window: int | None, starts: np.ndarray, ends: np.ndarray) ->
 
 def _decode_batch_cost_np(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, int, int, int, float, int, int]:
     """`decode_batch_cost` of a large batch with drafts or cuts, the same formulas over numpy arrays."""
-    n0 = np.array(b.computed_before, dtype=np.int64)
-    n = len(n0)
-    k = np.array(b.draft_tokens, dtype=np.int64) if b.draft_tokens is not None else np.zeros(n, np.int64)
-    a = np.array(b.accepted_tokens, dtype=np.int64) if b.accepted_tokens is not None else np.zeros(n, np.int64)
+    n = len(b.computed_before)
+    n0 = np.fromiter(b.computed_before, np.int64, n)
+    k = np.fromiter(b.draft_tokens, np.int64, n) if b.draft_tokens is not None else np.zeros(n, np.int64)
+    a = np.fromiter(b.accepted_tokens, np.int64, n) if b.accepted_tokens is not None else np.zeros(n, np.int64)
     drafts, accepted = int(k.sum()), int(a.sum())
     kept_end, end = n0 + 1 + a, n0 + 1 + k
     useful_end = kept_end
     if b.delivered_tokens is not None:
-        useful_end = np.minimum(kept_end, n0 + np.array(b.delivered_tokens, dtype=np.int64))
+        useful_end = np.minimum(kept_end, n0 + np.fromiter(b.delivered_tokens, np.int64, n))
     kept_t = int((useful_end - n0).sum())
     disc_t = n + accepted - kept_t
     rej_t = drafts - accepted

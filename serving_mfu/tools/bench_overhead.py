@@ -46,6 +46,7 @@ from pydantic import BaseModel
 
 from scheduler_hooks.hook import MFUHook
 from scheduler_hooks.scheduler import MFUScheduler
+from serving_mfu.model.spec import ModelSpec
 from serving_mfu.runtime.settings import Settings
 from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.serve.format import si
@@ -677,11 +678,11 @@ def _fresh_hook(vllm_config: Any, publish_dir: str, iterations: list[CapturedIte
 class _RunnerOut:
     """The ModelRunnerOutput fields the hook reads."""
 
-    __slots__ = ("req_id_to_index", "sampled_token_ids", "aux_output_connector_output")
+    __slots__ = ("req_ids", "req_id_to_index", "sampled_token_ids", "aux_output_connector_output")
 
-    def __init__(self, req_id_to_index: Any, sampled_token_ids: Any, aux: Any):
-        self.req_id_to_index, self.sampled_token_ids, self.aux_output_connector_output = \
-            req_id_to_index, sampled_token_ids, aux
+    def __init__(self, req_ids: Any, req_id_to_index: Any, sampled_token_ids: Any, aux: Any):
+        self.req_ids, self.req_id_to_index, self.sampled_token_ids, self.aux_output_connector_output = \
+            req_ids, req_id_to_index, sampled_token_ids, aux
 
 
 def _prepare(it: CapturedIteration, routing: tuple[int, int, int] | None, rng: Any) -> tuple[None, Any]:
@@ -702,7 +703,7 @@ def _prepare(it: CapturedIteration, routing: tuple[int, int, int] | None, rng: A
                for rid, q in out.num_scheduled_tokens.items()}
     lengths = it.sampled_lengths
     sampled = [[0] * n for n in lengths] if lengths is not None else runner_out.sampled_token_ids
-    return None, _RunnerOut(runner_out.req_id_to_index, sampled, aux)
+    return None, _RunnerOut(runner_out.req_ids, runner_out.req_id_to_index, sampled, aux)
 
 
 def replay_ours(hook: Any, prepared: list, iterations: list[CapturedIteration],
@@ -777,8 +778,6 @@ def time_estimators(engine: str, iterations: list[CapturedIteration], vllm_confi
         raise RuntimeError("vLLM's ModelMetrics found no component it can cost for this model")
     routing = None
     if ENGINE_KINDS[engine].get("routing"):
-        from serving_mfu.model.spec import ModelSpec
-
         spec = ModelSpec.from_hf_config(vllm_config.model_config.hf_config.to_dict())
         layer = spec.layers[spec.moe_layer_indices[0]].moe
         routing = (len(spec.moe_layer_indices), layer.num_experts, layer.top_k)
