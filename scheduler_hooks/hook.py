@@ -80,6 +80,7 @@ class MFUHook:
         self.draft_model = CostModel(info.draft_spec) if info.draft_spec is not None else None
         self.spec_method = info.spec_method
         self._is_moe = info.spec.is_moe
+        self._experts = info.spec.layers[info.spec.moe_layer_indices[0]].moe.num_experts if self._is_moe else 0
         self.num_spec_tokens = info.num_spec_tokens
         self.pending: dict[int, float] = {}  # id(SchedulerOutput) → t_sched, until its output comes
         # accounting-side state, in step order: high-water marks (explicit, and a plain decode's n0),
@@ -429,7 +430,7 @@ class MFUHook:
             ids = [s.req_id for s in slices] + p_ids + dec_ids
             qs = [s.new_tokens for s in slices] + p_q + (list(map(add, drafts, repeat(1))) if drafts else [1] * n_dec)
             n0s = [s.computed_before for s in slices] + p_n0 + dec_n0
-            routing = moe_routing(runner_out, ids, qs, n0s, self.tracker.spec)
+            routing = moe_routing(runner_out, ids, qs, n0s, self._experts)
         return IterationRecord(step, t_sched, t_end, slices, drafter, routing, self.engine_id, prefill, decode)
 
     def _split_odd(self, ids: list, n0s: list, nst: dict, drafts: list | None, general: list) -> tuple[list, list]:
@@ -507,11 +508,12 @@ def _delivered(result: Any) -> dict[str, int]:
     return out
 
 
-def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], spec: Any) -> list[list[int]] | None:
+def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], experts: int) -> list[list[int]] | None:
     """Tokens routed to each expert per MoE layer in this step, from vLLM's routed-experts capture.
 
     Needs `enable_return_routed_experts`; the rows cover a request's tokens from `token_start`,
-    shaped [tokens, layers, top_k]; `ids`, `qs`, `n0s` are the step's requests, their q and n0.  When every
+    shaped [tokens, layers, top_k]; `ids`, `qs`, `n0s` are the step's requests, their q and n0;
+    `experts` the routed experts per MoE layer.  When every
     request's rows start at its n0 and span at most its q positions (the usual case) they are all
     this step's, concatenated as they are; otherwise each is cut to [n0, n0 + q).  The pairs
     (layer, expert) are then counted with one `bincount`.  Returns None when the engine did not
@@ -520,8 +522,6 @@ def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], 
     aux = getattr(runner_out, "aux_output_connector_output", None)
     if not aux:
         return None
-    moe_layers = spec.moe_layer_indices
-    experts = spec.layers[moe_layers[0]].moe.num_experts
     rids = list(aux)
     items = list(aux.values())
     rows = list(map(_ROWS, items))  # numpy arrays, as vLLM hands them over

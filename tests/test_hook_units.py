@@ -20,6 +20,7 @@ from vllm.distributed.aux_output_connector.connector import AuxRequestOutput  # 
 from scheduler_hooks.hook import moe_routing  # noqa: E402
 
 MOE = ModelSpec.from_hf_config(ENGINE_CONFIGS["tiny-qwen3-moe-engine"])
+EXPERTS = MOE.layers[MOE.moe_layer_indices[0]].moe.num_experts
 
 
 def test_moe_routing_counts_the_step_positions_only() -> None:
@@ -32,7 +33,7 @@ def test_moe_routing_counts_the_step_positions_only() -> None:
     rows_b = np.array([[[1, 2], [3, 4]]])
     runner_out = SimpleNamespace(aux_output_connector_output={
         "a": AuxRequestOutput(token_start=10, rows=rows_a), "b": AuxRequestOutput(token_start=30, rows=rows_b)})
-    counts = moe_routing(runner_out, ["a", "b"], [4, 1], [15, 30], MOE)
+    counts = moe_routing(runner_out, ["a", "b"], [4, 1], [15, 30], EXPERTS)
     assert np.array(counts).shape == (layers, experts)
     expected = np.zeros((layers, experts), dtype=int)
     for rows in (rows_a[5:9], rows_b):
@@ -45,15 +46,15 @@ def test_moe_routing_counts_the_step_positions_only() -> None:
     # the usual case: every request's rows are exactly its step's positions, counted as they are
     aligned = SimpleNamespace(aux_output_connector_output={
         "a": AuxRequestOutput(token_start=15, rows=rows_a[5:9]), "b": AuxRequestOutput(token_start=30, rows=rows_b)})
-    assert moe_routing(aligned, ["a", "b"], [4, 1], [15, 30], MOE) == counts
+    assert moe_routing(aligned, ["a", "b"], [4, 1], [15, 30], EXPERTS) == counts
     # a request the step did not schedule contributes nothing
     extra = SimpleNamespace(aux_output_connector_output={
         **aligned.aux_output_connector_output, "c": AuxRequestOutput(token_start=0, rows=rows_a)})
-    assert moe_routing(extra, ["a", "b"], [4, 1], [15, 30], MOE) == counts
+    assert moe_routing(extra, ["a", "b"], [4, 1], [15, 30], EXPERTS) == counts
 
 
 def test_moe_routing_absent_without_capture() -> None:
-    assert moe_routing(SimpleNamespace(), ["a"], [1], [0], MOE) is None
+    assert moe_routing(SimpleNamespace(), ["a"], [1], [0], EXPERTS) is None
 
 
 @pytest.mark.parametrize("k", [1, 3])

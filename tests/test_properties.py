@@ -101,7 +101,7 @@ def batched_iterations(draw):
     from serving_mfu.cost.records import DecodeBatch, PrefillBatch
 
     prefill = decode = None
-    n = draw(st.integers(0, 20))
+    n = draw(st.integers(0, 20)) if draw(st.booleans()) else draw(st.integers(64, 100))  # numpy path from 64
     if n:
         prompts = [draw(st.integers(1, 400)) for _ in range(n)]
         n0 = [draw(st.integers(0, p - 1)) for p in prompts]

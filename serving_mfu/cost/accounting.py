@@ -115,6 +115,8 @@ def prefill_batch_cost(b: PrefillBatch, model: CostModel) -> tuple[int, int, int
     FLOPs = lin·Σq + Σ_groups coef·Σ_i [keys(n0_i + q_i) − keys(n0_i)] (flops.py); a request whose
     chunk reaches the end of its prompt samples, one logit row; KV read = Σ_groups bytes·Σ keys read.
     """
+    if len(b.new_tokens) >= NUMPY_MIN_BATCH:
+        return _prefill_batch_cost_np(b, model)
     q, n0 = b.new_tokens, b.computed_before
     ends = list(map(add, n0, q))
     tokens = sum(q)
@@ -179,8 +181,9 @@ def decode_batch_cost(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, 
             drafts, accepted)
 
 
-#: From this many slices on, a decode batch with drafts or cuts is costed with numpy (one array per
-#: column, exact int64 sums: contexts up to ~3·10⁹ positions) instead of sums over Python ints.
+#: From this many slices on, a prefill batch, or a decode batch with drafts or cuts, is costed with
+#: numpy (one array per column, exact int64 sums: contexts up to ~3·10⁹ positions) instead of sums
+#: over Python ints.
 NUMPY_MIN_BATCH = 64
 
 
@@ -192,6 +195,29 @@ def _range_pairs_np(window: int | None, starts: np.ndarray, ends: np.ndarray) ->
     def keys(n: np.ndarray) -> np.ndarray:
         return np.where(n <= window, n * (n + 1) // 2, window * (window + 1) // 2 + (n - window) * window)
     return int((keys(ends) - keys(starts)).sum())
+
+
+def _prefill_batch_cost_np(b: PrefillBatch, model: CostModel) -> tuple[int, int, int, float, int, int]:
+    """`prefill_batch_cost` of a large batch, the same formulas over numpy arrays."""
+    n = len(b.new_tokens)
+    q = np.fromiter(b.new_tokens, np.int64, n)
+    n0 = np.fromiter(b.computed_before, np.int64, n)
+    ends = n0 + q
+    tokens = int(q.sum())
+    flops = model._lin * tokens
+    kv = 0.0
+    for window, coef, kv_bytes in model._batch_groups:
+        flops += coef * _range_pairs_np(window, n0, ends)
+        kv += kv_bytes * int(ends.sum() if window is None else np.minimum(ends, q + (window - 1)).sum())
+    logits = int((ends == np.fromiter(b.prompt_len, np.int64, n)).sum())
+    hit = saved = 0
+    if b.cached_tokens:
+        c = np.fromiter(b.cached_tokens, np.int64, n)
+        hit = int(c.sum())
+        if hit:
+            zeros = np.zeros(n, np.int64)
+            saved = model._lin * hit + sum(coef * _range_pairs_np(w, zeros, c) for w, coef in model._groups)
+    return tokens, flops, logits, kv, hit, saved
 
 
 def _decode_batch_cost_np(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, int, int, int, float, int, int]:
