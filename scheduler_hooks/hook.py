@@ -271,6 +271,8 @@ class MFUHook:
         p_n0: list[int] = []
         p_prompt: list[int] = []
         p_cached: list[int] = []
+        p_end: list[int] = []
+        n_chunks = 0  # prompt chunks of cached requests in the prefill batch
         new = out.scheduled_new_reqs
         if new:
             ids = list(map(_REQ_ID, new))
@@ -282,10 +284,11 @@ class MFUHook:
                 lens = [len(ids_) if ids_ is not None else int(nr.prompt_embeds.shape[0])
                         for nr, ids_ in zip(new, map(_PROMPT_IDS, new))]
             prompts.update(zip(ids, lens))
-            if seen.isdisjoint(ids) and not any(map(gt, map(add, n0s, qs), lens)) and \
+            new_end = list(map(add, n0s, qs))
+            if seen.isdisjoint(ids) and not any(map(gt, new_end, lens)) and \
                     not (spec and not spec.keys().isdisjoint(ids)):
                 # first schedules: what each starts from was served by the prefix cache
-                p_ids, p_q, p_n0, p_prompt, p_cached = ids, qs, n0s, lens, list(n0s)
+                p_ids, p_q, p_n0, p_prompt, p_cached, p_end = ids, qs, n0s, lens, list(n0s), new_end
                 seen.update(ids)
             else:
                 for rid, q, n0, prompt in zip(ids, qs, n0s, lens):
@@ -319,13 +322,15 @@ class MFUHook:
                     p_n0.append(n0)
                     p_prompt.append(prompt)
                     p_cached.append(0)
+                    n_chunks += 1
                 else:
                     general.append((rid, q, n0, prompt, mark, 0))
         if p_ids:
-            p_end = list(map(add, p_n0, p_q))
+            if len(p_end) != len(p_ids):  # first schedules sorted one by one, or prompt chunks added
+                p_end = list(map(add, p_n0, p_q))
             hwm.update(zip(p_ids, p_end))
             prefilling.update(compress(p_ids, map(lt, p_end, p_prompt)))
-            if prefilling:
+            if n_chunks:  # a continued prompt that is now complete leaves the set
                 prefilling.difference_update(compress(p_ids, map(ge, p_end, p_prompt)))
         # decodes: each runs 1 + its drafts (vLLM schedules exactly the drafts it lists)
         drafts = accepted = None
