@@ -10,9 +10,11 @@ same totals.  The engine thread only marks the tracker dirty; it never waits on 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -92,6 +94,17 @@ class Totals(BaseModel):
                             wall_capacity_flops=cap, gpu=self.gpu)
 
 
+class LocalFiles:
+    """The writer's file system (a seam: tests inject EACCES or ENOSPC, which root cannot provoke)."""
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        try:
+            path.write_bytes(data)
+        except OSError:
+            path.unlink(missing_ok=True)  # a half-written temp file (disk full) is not left behind
+            raise
+
+
 class SnapshotWriter:
     """Publishes a tracker's state from a daemon thread (engine side)."""
 
@@ -99,16 +112,18 @@ class SnapshotWriter:
                  model: ModelReport, peak: PeakReport, time_split: str, directory: str | Path | None = None,
                  interval_s: float = 0.5, history_s: int = 60,
                  gpu_status: Callable[[], GpuUtilStatus | None] | None = None,
-                 before_write: Callable[[], None] | None = None):
+                 before_write: Callable[[], None] | None = None, clock: Callable[[], float] = time.time,
+                 files: "LocalFiles | None" = None):
         self.source = source
+        self.clock = clock  # wall seconds: started_at, updated_at and the history points
         self.before_write = before_write  # e.g. wait for the engine's pending steps to be accounted
         self.gpu_status = gpu_status  # the engine's GPU sampler status, published with every snapshot
+        self.files = files or LocalFiles()
         self.dir = Path(directory) if directory else default_dir()
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.engine_id = engine_id
         self.path = self.dir / f"engine-{engine_id}.json"
         self.interval_s = interval_s
-        self._static = dict(engine_id=engine_id, pid=os.getpid(), ppid=os.getppid(), started_at=time.time(),
+        self._static = dict(engine_id=engine_id, pid=os.getpid(), ppid=os.getppid(), started_at=clock(),
                             model=model, peak=peak, time_split=time_split)
         # history points and iteration costs never change once made: each is serialized once
         self._history: deque[tuple[float, bytes]] = deque(maxlen=history_s)
@@ -117,6 +132,7 @@ class SnapshotWriter:
         self._write_lock = threading.Lock()  # the publisher thread and close()/write_now() callers
         self._stop = threading.Event()
         self.write_errors = 0
+        self.last_error: str | None = None  # the latest failed write, "<folder>: <error>" (None once one succeeds)
         self._thread = threading.Thread(target=self._run, name="serving-mfu-writer", daemon=True)
         self._thread.start()
 
@@ -127,7 +143,7 @@ class SnapshotWriter:
         self.write_now()  # readers see the engine (and its model and peak) before any request
         while not self._stop.is_set():
             self._stop.wait(self.interval_s)
-            if self._dirty.is_set() or not self._history or time.time() - self._history[-1][0] >= 1.0:
+            if self._dirty.is_set() or not self._history or self.clock() - self._history[-1][0] >= 1.0:
                 self._dirty.clear()
                 self.write_now()
 
@@ -141,7 +157,7 @@ class SnapshotWriter:
             if self.before_write is not None:
                 self.before_write()
             counters, recent = self.source()
-            now = time.time()
+            now = self.clock()
             counters_json = msgspec.json.encode(counters.to_dict())
             if not self._history or now - self._history[-1][0] >= 1.0:
                 self._history.append((now, counters_json))
@@ -152,13 +168,31 @@ class SnapshotWriter:
             text = msgspec.json.encode({**head, "counters": msgspec.Raw(counters_json),
                                         "history": [(t, msgspec.Raw(js)) for t, js in self._history],
                                         "recent": [msgspec.Raw(js) for js in self._recent_json(recent)]})
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(text)
-            os.replace(tmp, self.path)
-        except Exception as exc:  # never let publishing hurt the engine
+            self._publish(text)
+            self.last_error = None
+        except Exception as exc:  # never let publishing hurt the engine: the next write carries every total
             self.write_errors += 1
+            self.last_error = f"{self.dir}: {exc}"
             if self.write_errors == 1:
-                log.warning("serving-mfu: cannot write %s: %s (further errors are counted)", self.path, exc)
+                log.warning("serving-mfu: cannot write %s: %s (further errors are counted; totals are kept and "
+                            "published once a write succeeds)", self.path, exc)
+
+    def _publish(self, text: bytes) -> None:
+        """Temp file + rename; a folder that is gone (a temp-folder cleaner) is made again first."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        for attempt in (0, 1):
+            try:
+                self.files.write_bytes(tmp, text)
+                break
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _recent_json(self, recent: list) -> list[str]:
         """JSON of each recent iteration (dicts as given; IterationCost objects serialized once)."""
@@ -191,11 +225,15 @@ class SnapshotReader:
     """
 
     def __init__(self, directory: str | Path | None = None, parent_pid: int | None = None,
-                 max_window_s: float = 3600.0):
+                 max_window_s: float = 3600.0, clock: Callable[[], float] = time.time):
         self.dir = Path(directory) if directory else default_dir()
         self.parent_pid = parent_pid
         self.max_window_s = max_window_s
+        self.clock = clock  # wall seconds, as the engines' snapshots carry
         self._ring: deque[tuple[float, Counters]] = deque()
+        # the endpoints are sync handlers, run on a thread pool: the ring is appended to by one request
+        # while another walks it (a window longer than the engines' history)
+        self._ring_lock = threading.Lock()
         self.read_errors = 0
 
     def snapshots(self) -> list[EngineSnapshot]:
@@ -214,6 +252,23 @@ class SnapshotReader:
                 live.append(snap)
         own = [s for s in live if s.ppid == self.parent_pid] if self.parent_pid is not None else []
         return own or live
+
+    def folder_problem(self) -> str | None:
+        """Why no engine could have published here, if the folder says so: missing, not a folder, or not
+        writable (probed with a file, as the engines write; root passes permission bits but not these)."""
+        try:
+            mode = os.stat(self.dir).st_mode
+        except OSError as exc:
+            return f"the snapshot folder {self.dir} cannot be used: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
+        if not stat.S_ISDIR(mode):
+            return f"the snapshot folder {self.dir} is not a directory"
+        probe = self.dir / f".probe-{os.getpid()}-{threading.get_ident()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"the snapshot folder {self.dir} is not writable: {exc}"
+        return None
 
     @staticmethod
     def _at(snap: EngineSnapshot, t: float) -> Counters | None:
@@ -234,10 +289,11 @@ class SnapshotReader:
         total = Counters()
         for s in snaps:
             total = total + Counters.from_dict(s.counters)
-        if not self._ring or now - self._ring[-1][0] >= 1.0:
-            self._ring.append((now, total))
-        while self._ring and now - self._ring[0][0] > self.max_window_s + 5:
-            self._ring.popleft()
+        with self._ring_lock:
+            if not self._ring or now - self._ring[-1][0] >= 1.0:
+                self._ring.append((now, total))
+            while self._ring and now - self._ring[0][0] > self.max_window_s + 5:
+                self._ring.popleft()
         return total
 
     def _baseline(self, snaps: list[EngineSnapshot], t: float) -> tuple[Counters, float] | None:
@@ -249,8 +305,10 @@ class SnapshotReader:
                 total = total + p
             return total, t
         best = None
-        for ts, counters in self._ring:
-            if ts <= t:
+        with self._ring_lock:
+            for ts, counters in self._ring:
+                if ts > t:
+                    break
                 best = (counters, ts)
         return best
 
@@ -261,7 +319,7 @@ class SnapshotReader:
         snaps = self.snapshots()
         if not snaps:
             return None
-        now = time.time()
+        now = self.clock()
         total = self._poll(snaps, now)
         peak = aggregate_peak(snaps)
         model = snaps[0].model
@@ -284,7 +342,7 @@ class SnapshotReader:
         snaps = self.snapshots()
         if not snaps:
             return None
-        now = time.time()
+        now = self.clock()
         return Totals(at=now, engines=len(snaps), counters=self._poll(snaps, now).to_dict(),
                       peak=aggregate_peak(snaps), model=snaps[0].model, time_split=snaps[0].time_split,
                       updated_at=min(s.updated_at for s in snaps), gpu=aggregate_status([s.gpu for s in snaps]))

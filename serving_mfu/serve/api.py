@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any, Callable
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
@@ -28,12 +29,28 @@ class IterationsResponse(BaseModel):
     iterations: list[dict[str, Any]] = Field(description="one IterationCost per engine step")
 
 
+_READER_LOCK = threading.Lock()  # handlers run on a thread pool: one reader per app, made once
+
+
 def _reader(request: Request) -> SnapshotReader:
     reader = getattr(request.app.state, "serving_mfu_reader", None)
     if reader is None:
-        reader = SnapshotReader(parent_pid=os.getpid())
-        request.app.state.serving_mfu_reader = reader
+        with _READER_LOCK:
+            reader = getattr(request.app.state, "serving_mfu_reader", None)
+            if reader is None:
+                reader = SnapshotReader(parent_pid=os.getpid())
+                request.app.state.serving_mfu_reader = reader
     return reader
+
+
+def _no_engine(reader: SnapshotReader) -> str:
+    """The 503 text: what is wrong with the snapshot folder if something is, else how engines publish."""
+    problem = reader.folder_problem()
+    if problem is not None:
+        return (f"no engine has published: {problem} (engines write their snapshots there; set SERVING_MFU_DIR "
+                f"to a writable folder, the same for the engines and this server)")
+    return (f"no engine with the serving-mfu scheduler has published to {reader.dir} yet: start vLLM with "
+            f"--scheduler-cls scheduler_hooks.MFUScheduler (and the same SERVING_MFU_DIR as this server)")
 
 
 class BadParameter(ValueError):
@@ -88,18 +105,19 @@ def build_router() -> APIRouter:
                                   low_inclusive=False)
         except BadParameter as exc:
             return exc.response()
-        report = _reader(request).report(window)
+        reader = _reader(request)
+        report = reader.report(window)
         if report is None:
-            raise HTTPException(503, "no engine with the serving-mfu scheduler has published yet: start vLLM "
-                                     "with --scheduler-cls scheduler_hooks.MFUScheduler")
+            raise HTTPException(503, _no_engine(reader))
         return report
 
     @router.get("/metrics/mfu/counters", response_model=Totals,
                 summary="Raw cumulative counters over all engines (subtract two readings for any interval)")
     def counters(request: Request) -> Totals:
-        totals = _reader(request).totals()
+        reader = _reader(request)
+        totals = reader.totals()
         if totals is None:
-            raise HTTPException(503, "no engine with the serving-mfu scheduler has published yet")
+            raise HTTPException(503, _no_engine(reader))
         return totals
 
     @router.get("/metrics/mfu/iterations", response_model=IterationsResponse,

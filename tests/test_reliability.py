@@ -1,0 +1,157 @@
+"""Reliability on the real components: concurrent readers through the app, and the snapshot folder's
+faults (unwritable, deleted mid-run, full) — the engine side keeps its totals and publishes them all
+once the fault clears; the reader's answer names the folder and the error."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving_mfu.cost.records import DecodeBatch, IterationRecord
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime.tracker import MFUTracker
+from serving_mfu.runtime.transport import SnapshotReader, SnapshotWriter
+from serving_mfu.serve.api import build_app
+from tests.test_accounting import LLAMA
+
+PEAK = PeakSpec(device="t", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")
+
+
+def _tracker(steps: int, start: int = 0, tracker: MFUTracker | None = None) -> MFUTracker:
+    tracker = tracker or MFUTracker(ModelSpec.from_hf_config(LLAMA), PEAK)
+    now = time.monotonic()
+    for step in range(start, start + steps):
+        tracker.record(IterationRecord(step=step, t_sched_s=now + step * 0.01, t_end_s=now + step * 0.01 + 0.005,
+                                       slices=[], decode=DecodeBatch(["a", "b"], [50 + step, 70 + step])))
+    return tracker
+
+
+def _writer(tracker: MFUTracker, directory: Path, **kw) -> SnapshotWriter:
+    return SnapshotWriter(tracker.snapshot, "e1", tracker.model_report(), tracker.peak_report(), tracker.time_split,
+                          directory=directory, interval_s=3600, **kw)
+
+
+class _Clock:
+    """Wall time that moves one second per reading: every poll of the reader adds a point to its ring."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self.t += 1.0
+            return self.t
+
+
+def test_concurrent_reads_through_the_app_never_fail(tmp_path) -> None:
+    """Sync handlers run on a thread pool: 16 threads read windows longer than the engine's history (so
+    the reader walks its own ring) while other reads append to it."""
+    # an engine that started 1,000 s before its oldest history point: windows reaching back past that
+    # point, but not past its start, come from the reader's own ring
+    t0 = time.time()
+    engine_clock = iter([t0] + [t0 + 1000 + i for i in range(1000)]).__next__
+    tracker = _tracker(20)
+    writer = _writer(tracker, tmp_path, clock=engine_clock)
+    for _ in range(60):
+        writer.write_now()
+    reader = SnapshotReader(tmp_path, clock=_Clock(t0 + 1100))
+    client = TestClient(build_app(lambda: reader), raise_server_exceptions=False)
+    paths = ["/metrics/mfu?window=600", "/metrics/mfu?window=900", "/metrics/mfu/counters", "/metrics/mfu",
+             "/metrics/mfu/iterations?limit=5", "/metrics"]
+
+    def read(i: int) -> int:
+        return client.get(paths[i % len(paths)]).status_code
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch every few bytecodes: a walk of the ring gets interrupted
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(read, range(1000)))
+    finally:
+        sys.setswitchinterval(interval)
+    writer.close()
+    assert set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    assert len(reader._ring) > 300  # the ring really grew under the readers
+
+
+def test_folder_under_a_regular_file_is_named_in_the_answer(tmp_path) -> None:
+    """ENOTDIR (root cannot bypass it): the engine side goes on counting, the reader's 503 names the folder
+    and the error instead of blaming the scheduler setting; once the folder exists every total arrives."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    folder = blocker / "snapshots"
+    tracker = _tracker(10)
+    writer = _writer(tracker, folder)  # does not raise
+    writer.write_now()
+    assert writer.write_errors >= 1 and "Not a directory" in writer.last_error
+    client = TestClient(build_app(lambda: SnapshotReader(folder)))
+    r = client.get("/metrics/mfu")
+    assert r.status_code == 503
+    detail = r.json()["detail"]
+    assert str(folder) in detail and "Not a directory" in detail
+    assert "--scheduler-cls" not in detail
+    # the fault clears: the cumulative snapshot carries everything counted meanwhile
+    blocker.unlink()
+    _tracker(5, start=10, tracker=tracker)
+    writer.write_now()
+    writer.close()
+    r = client.get("/metrics/mfu/counters")
+    assert r.status_code == 200
+    assert r.json()["counters"]["decode_tokens"] == tracker.counters.decode_tokens == 30
+
+
+def test_folder_deleted_mid_run_is_recreated_with_totals_intact(tmp_path) -> None:
+    folder = tmp_path / "snap"
+    tracker = _tracker(10)
+    writer = _writer(tracker, folder)
+    writer.write_now()
+    shutil.rmtree(folder)  # a temp-folder cleaner
+    _tracker(7, start=10, tracker=tracker)
+    writer.write_now()
+    writer.close()
+    totals = SnapshotReader(folder).totals()
+    assert totals is not None and totals.counters["decode_tokens"] == 34 == tracker.counters.decode_tokens
+    assert writer.write_errors == 0  # recreated on the spot, not counted as a lost write
+
+
+class _FailingFiles:
+    """A filesystem seam whose writes fail with `err` until `healthy` is set (EACCES, ENOSPC)."""
+
+    def __init__(self, err: int) -> None:
+        self.err = err
+        self.healthy = False
+        self.failures = 0
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        if not self.healthy:
+            self.failures += 1
+            raise OSError(self.err, f"injected {errno.errorcode[self.err]}", str(path))
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("err,text", [(errno.EACCES, "EACCES"), (errno.ENOSPC, "ENOSPC")])
+def test_write_faults_lose_no_totals_once_cleared(tmp_path, err: int, text: str) -> None:
+    files = _FailingFiles(err)
+    tracker = _tracker(4)
+    writer = _writer(tracker, tmp_path, files=files)
+    for start in (4, 8):
+        _tracker(4, start=start, tracker=tracker)
+        writer.write_now()
+    assert files.failures >= 2 and writer.write_errors == files.failures
+    assert text in writer.last_error
+    assert not list(tmp_path.glob(".*tmp")), "a failed write leaves no temp file behind"
+    assert SnapshotReader(tmp_path).totals() is None
+    files.healthy = True
+    writer.write_now()
+    writer.close()
+    assert SnapshotReader(tmp_path).totals().counters["decode_tokens"] == 24 == tracker.counters.decode_tokens
