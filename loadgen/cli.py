@@ -62,7 +62,8 @@ def add_run_args(p: argparse.ArgumentParser, with_out: bool = True) -> None:
     g.add_argument("--slo-e2e-s", type=float)
     g.add_argument("--no-mfu", dest="mfu", action="store_false", help="do not read /metrics/mfu/counters")
     g.add_argument("--mfu-interval-s", type=float, default=1.0)
-    g.add_argument("--mfu-settle-s", type=float, default=1.2)
+    g.add_argument("--mfu-fresh-timeout-s", type=float, default=10.0,
+                   help="longest wait for the server's counters to cover the run's start and end (default 10)")
     if with_out:
         g.add_argument("--out", help="results JSON")
     g.add_argument("--requests-out", help="per-request JSONL" + ("" if with_out else " (sweep: any value saves them)"))
@@ -82,7 +83,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         ignore_eos=a.ignore_eos, temperature=a.temperature, extra_body=a.extra_body,
         request_timeout_s=a.request_timeout_s, max_connections=a.max_connections, http_transport=a.http_transport,
         slos={"ttft_s": a.slo_ttft_s, "tpot_s": a.slo_tpot_s, "e2e_s": a.slo_e2e_s},
-        mfu=a.mfu, mfu_interval_s=a.mfu_interval_s, mfu_settle_s=a.mfu_settle_s, out=getattr(a, "out", None),
+        mfu=a.mfu, mfu_interval_s=a.mfu_interval_s, mfu_fresh_timeout_s=a.mfu_fresh_timeout_s, out=getattr(a, "out", None),
         requests_out=a.requests_out, quiet=a.quiet)
 
 

@@ -70,7 +70,8 @@ class RunConfig(BaseModel):
     slos: SLOs = Field(default_factory=SLOs)
     mfu: bool = True
     mfu_interval_s: float = Field(1.0, gt=0)
-    mfu_settle_s: float = Field(1.2, ge=0, description="wait after the last request for engines to publish")
+    mfu_fresh_timeout_s: float = Field(10.0, gt=0, le=30, description="longest wait for the server's counters to "
+                                       "cover the run's start and end (engines publish about every 0.5 s)")
     out: str | None = None
     requests_out: str | None = None
     quiet: bool = False

@@ -1,7 +1,8 @@
 """The MFU of one load-generator run, from the server's cumulative counters.
 
-`MFUProbe` reads `GET /metrics/mfu/counters` when the run starts and when it ends: the
-difference is exactly the run's work, whatever else the server did before.  While the run
+`MFUProbe` reads `GET /metrics/mfu/counters` when the run starts and when it ends, each time
+asking for data at least as new as that moment (`min_as_of`): the difference is exactly the
+run's work, whatever else the server did before, with no fixed wait for the engines to publish.  While the run
 goes, it reads the counters about once a second for a per-second time series.  A server
 without the serving-mfu plugin gives no MFU (None), never an error.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Callable
 
 import httpx
 from pydantic import BaseModel, Field
@@ -57,11 +59,14 @@ class MFUProbe:
     """Brackets a run with counter readings; polls in between for the time series."""
 
     def __init__(self, base_url: str, client: httpx.AsyncClient | None = None, interval_s: float = 1.0,
-                 settle_s: float = 1.2):
+                 fresh_timeout_s: float = 10.0, clock: Callable[[], float] = time.time):
         self.url = base_url.rstrip("/") + "/metrics/mfu/counters"
         self.client = client
         self.interval_s = interval_s
-        self.settle_s = settle_s  # engines publish every 0.5 s: wait for the run's last steps
+        # the bracketing readings ask for data at least as new as the moment they are taken (min_as_of):
+        # the server answers once the engines have published every step finished before then
+        self.fresh_timeout_s = fresh_timeout_s
+        self.clock = clock
         self.available: bool | None = None
         self.error: str | None = None
         self._start: Totals | None = None
@@ -69,9 +74,10 @@ class MFUProbe:
         self._points: list[MFUPoint] = []
         self._task: asyncio.Task | None = None
 
-    async def _read(self, client: httpx.AsyncClient) -> Totals | None:
+    async def _read(self, client: httpx.AsyncClient, fresh: bool = False) -> Totals | None:
+        params = {"min_as_of": f"{self.clock():.6f}", "timeout": f"{self.fresh_timeout_s:g}"} if fresh else None
         try:
-            r = await client.get(self.url, timeout=10)
+            r = await client.get(self.url, params=params, timeout=self.fresh_timeout_s + 10)
         except httpx.HTTPError as exc:
             self.error = f"cannot read {self.url}: {exc!r}"
             return None
@@ -87,7 +93,7 @@ class MFUProbe:
 
     async def start(self) -> None:
         client = await self._client()
-        self._start = await self._read(client)
+        self._start = await self._read(client, fresh=True)
         self.available = self._start is not None
         self._t0 = time.monotonic()
         if self.available:
@@ -112,8 +118,7 @@ class MFUProbe:
                 await self._task
         if not self.available or self._start is None:
             return None
-        await asyncio.sleep(self.settle_s)
-        end = await self._read(await self._client())
+        end = await self._read(await self._client(), fresh=True)
         if end is None:
             return None
         return RunMFU(report=end.report_since(self._start), series=self._points)

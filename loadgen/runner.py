@@ -101,11 +101,9 @@ async def _mfu_start(config: RunConfig, client: httpx.AsyncClient) -> tuple[MFUP
     """The baseline counter reading, taken after the warm-up has been published."""
     if not config.mfu:
         return None, "disabled"
-    probe = MFUProbe(config.base_url, client, config.mfu_interval_s, config.mfu_settle_s)
+    probe = MFUProbe(config.base_url, client, config.mfu_interval_s, config.mfu_fresh_timeout_s)
     try:
-        if config.warmup_requests:  # engines publish every 0.5 s: let the warm-up land before the baseline
-            await asyncio.sleep(config.mfu_settle_s)
-        await probe.start()
+        await probe.start()  # data as new as now: the warm-up included, nothing of the run yet
     except Exception as exc:  # an odd /metrics/mfu/counters must not stop the load
         return None, f"{type(exc).__name__}: {exc}"
     return probe, None

@@ -36,7 +36,10 @@ def test_every_endpoint_survives_generated_requests(app) -> None:
         def run(case) -> None:
             response = case.call()
             seen[response.status_code] = seen.get(response.status_code, 0) + 1
-            assert response.status_code < 500, (case.path, case.query, response.text)
+            # 503 only for data older than min_as_of (the fuzzed app's one snapshot is not refreshed)
+            assert response.status_code < 500 or (
+                response.status_code == 503 and "min_as_of" in response.json()["detail"]), \
+                (case.path, case.query, response.text)
             if response.status_code < 400:
                 case.validate_response(response)
             if response.status_code == 422:  # says what is accepted

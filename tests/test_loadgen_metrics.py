@@ -100,7 +100,7 @@ async def test_goodput_counts_requests_within_every_slo(stub, tmp_path):
 
 async def test_mfu_covers_exactly_the_measured_requests(stub):
     config = RunConfig(base_url=stub.url, num_prompts=8, warmup_requests=3, request_rate=100,
-                       input={"mean": 50}, output={"mean": 4}, mfu_settle_s=0.05, mfu_interval_s=0.1, quiet=True)
+                       input={"mean": 50}, output={"mean": 4}, mfu_fresh_timeout_s=1, mfu_interval_s=0.1, quiet=True)
     r = await run_benchmark(config)
     assert r.mfu is not None and r.mfu_error is None
     # warm-up requests ran before the baseline reading: only the 8 measured ones count
@@ -114,7 +114,7 @@ def test_results_json_and_requests_jsonl_from_the_cli(stub, tmp_path, capsys):
     out, reqs = tmp_path / "r.json", tmp_path / "r.jsonl"
     rc = main(["run", "--base-url", stub.url, "--model", "stub", "--num-prompts", "6", "--request-rate", "60",
                "--input-len", "16", "--output-len", "3", "--max-concurrency", "4", "--out", str(out),
-               "--requests-out", str(reqs), "--mfu-settle-s", "0.05", "--slo-ttft-s", "1", "--quiet"])
+               "--requests-out", str(reqs), "--mfu-fresh-timeout-s", "1", "--slo-ttft-s", "1", "--quiet"])
     assert rc == 0
     data = json.loads(out.read_text())
     for key in ("completed", "failed", "request_throughput", "output_throughput", "mfu", "goodput", "errors"):
@@ -144,7 +144,7 @@ def test_spec_decode_acceptance_shows_in_the_summary(stub):
     from loadgen.runner import run_benchmark_sync
     from loadgen.summary import print_summary
     with StubThread(StubConfig(tokens_per_chunk=4, fake_mfu=True)) as s:
-        r = run_benchmark_sync(RunConfig(base_url=s.url, num_prompts=3, output={"mean": 9}, mfu_settle_s=0.05,
+        r = run_benchmark_sync(RunConfig(base_url=s.url, num_prompts=3, output={"mean": 9}, mfu_fresh_timeout_s=1,
                                          quiet=True))
     assert r.mfu.spec_decode is not None and 0 < r.mfu.spec_decode.acceptance_rate <= 1
     console = Console(record=True, width=160)
@@ -161,7 +161,7 @@ def test_a_peak_below_the_work_turns_the_summary_red_and_says_the_fix():
     from loadgen.summary import print_summary
 
     with StubThread(StubConfig(ttft_s=0.01, tokens_per_s=200, fake_mfu=True, fake_peak_flops_per_s=1e3)) as s:
-        r = run_benchmark_sync(RunConfig(base_url=s.url, num_prompts=2, output={"mean": 4}, mfu_settle_s=0.05,
+        r = run_benchmark_sync(RunConfig(base_url=s.url, num_prompts=2, output={"mean": 4}, mfu_fresh_timeout_s=1,
                                          quiet=True))
     assert r.mfu.overall.hfu > 1  # never clamped
     assert r.mfu.peak.credible is False and "not an upper bound" in r.mfu.peak.verdict

@@ -21,7 +21,7 @@ def stub():
 
 
 async def test_rate_sweep_writes_points_summary_and_plots(stub, tmp_path):
-    base = RunConfig(base_url=stub.url, num_prompts=6, output={"mean": 3}, mfu_settle_s=0.05, quiet=True,
+    base = RunConfig(base_url=stub.url, num_prompts=6, output={"mean": 3}, mfu_fresh_timeout_s=1, quiet=True,
                      requests_out="yes")
     summary, results = await run_sweep(base, "request_rate", [50, 100.5], tmp_path)
     assert [p.load for p in summary.points] == [50, 100.5]

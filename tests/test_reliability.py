@@ -155,3 +155,32 @@ def test_write_faults_lose_no_totals_once_cleared(tmp_path, err: int, text: str)
     writer.write_now()
     writer.close()
     assert SnapshotReader(tmp_path).totals().counters["decode_tokens"] == 24 == tracker.counters.decode_tokens
+
+
+def test_min_as_of_waits_for_data_that_new_and_says_when_there_is_none(tmp_path) -> None:
+    """Every answer says how new its data is; asking for data at least as new as a moment (a run's end)
+    waits for the engines to publish it, or answers 503 with both times."""
+    tracker = _tracker(5)
+    writer = SnapshotWriter(tracker.snapshot, "e1", tracker.model_report(), tracker.peak_report(),
+                            tracker.time_split, directory=tmp_path, interval_s=0.05)
+    client = TestClient(build_app(lambda: SnapshotReader(tmp_path)))
+    time.sleep(0.2)
+    _tracker(3, start=5, tracker=tracker)  # the run's last steps, finished before `end`
+    writer.mark_dirty()
+    end = time.time()
+    r = client.get("/metrics/mfu/counters", params={"min_as_of": end, "timeout": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["as_of"] >= end and body["age_s"] >= 0
+    assert body["counters"]["decode_tokens"] == 16  # all 8 steps of 2 decodes
+    report = client.get("/metrics/mfu", params={"min_as_of": end, "timeout": 5}).json()
+    assert report["as_of"] >= end and report["decode"]["tokens"] == 16
+    writer.close()  # no more publishing: data newer than now never comes
+    later = time.time() + 0.5
+    time.sleep(0.5)
+    r = client.get("/metrics/mfu/counters", params={"min_as_of": later, "timeout": 0.3})
+    assert r.status_code == 503 and "older than min_as_of" in r.json()["detail"]
+    r = client.get("/metrics/mfu", params={"min_as_of": time.time() + 3600})
+    assert r.status_code == 503 and "in the future" in r.json()["detail"]
+    r = client.get("/metrics/mfu", params={"timeout": 31})
+    assert r.status_code == 422 and "timeout" in r.text

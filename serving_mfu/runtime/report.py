@@ -190,6 +190,9 @@ class MFUReport(BaseModel):
     peak: PeakReport
     model: ModelReport
     anomalies: AnomalyReport
+    as_of: float | None = Field(default=None, description="wall-clock seconds: every step the engines finished "
+                                "before then is counted (null: an in-process tracker's report)")
+    age_s: float | None = Field(default=None, description="seconds between as_of and this answer")
     gpu_util: GpuUtilReport | None = Field(
         default=None, description="GPU-Util and SM activity over the same window (NVML); available=false with "
         "the reason where not sampled")

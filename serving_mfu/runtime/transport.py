@@ -49,6 +49,8 @@ class EngineSnapshot(BaseModel):
     ppid: int
     started_at: float = Field(description="wall-clock seconds")
     updated_at: float = Field(description="wall-clock seconds")
+    as_of: float | None = Field(default=None, description="wall-clock seconds: every step the engine finished "
+                                "before then is in these counters (null: a writer that predates it; use updated_at)")
     model: ModelReport
     peak: PeakReport
     time_split: str
@@ -78,6 +80,9 @@ class Totals(BaseModel):
 
     at: float = Field(description="wall-clock seconds when read")
     updated_at: float = Field(description="oldest engine snapshot time among those added up")
+    as_of: float | None = Field(default=None, description="wall-clock seconds: every step any engine finished "
+                                "before then is counted (the oldest engine's); null from servers that predate it")
+    age_s: float | None = Field(default=None, description="at − as_of: how old the newest complete data is")
     engines: int
     counters: dict[str, Any]
     peak: PeakReport
@@ -154,6 +159,7 @@ class SnapshotWriter:
 
     def _write(self) -> None:
         try:
+            as_of = self.clock()  # before the flush: every step handed over by now is accounted below
             if self.before_write is not None:
                 self.before_write()
             counters, recent = self.source()
@@ -162,7 +168,7 @@ class SnapshotWriter:
             if not self._history or now - self._history[-1][0] >= 1.0:
                 self._history.append((now, counters_json))
             gpu = self.gpu_status() if self.gpu_status is not None else None
-            head = EngineSnapshot(**self._static, updated_at=now, counters={}, gpu=gpu).model_dump(
+            head = EngineSnapshot(**self._static, updated_at=now, as_of=as_of, counters={}, gpu=gpu).model_dump(
                 mode="json", exclude={"counters", "history", "recent"})
             # pieces serialized once before (history points, iteration costs) go in as raw JSON
             text = msgspec.json.encode({**head, "counters": msgspec.Raw(counters_json),
@@ -325,8 +331,10 @@ class SnapshotReader:
         model = snaps[0].model
         split = snaps[0].time_split
         gpu = aggregate_status([s.gpu for s in snaps])
+        fresh = {"as_of": data_as_of(snaps)}
+        fresh["age_s"] = max(now - fresh["as_of"], 0.0)
         if window_s is None:
-            return build_report(total, peak, model, split, gpu=gpu)
+            return build_report(total, peak, model, split, gpu=gpu).model_copy(update=fresh)
         base = self._baseline(snaps, now - window_s)
         if base is None:  # neither history nor ring reaches back: use the oldest point known
             oldest = min((s.history[0][0] for s in snaps if s.history), default=now)
@@ -335,7 +343,7 @@ class SnapshotReader:
         covered = max(now - t0, 0.0)
         capacity = sum(s.peak_total_flops() for s in snaps) * covered
         return build_report(total - counters, peak, model, split, window_s=covered,
-                            wall_s=covered, wall_capacity_flops=capacity, gpu=gpu)
+                            wall_s=covered, wall_capacity_flops=capacity, gpu=gpu).model_copy(update=fresh)
 
     def totals(self) -> "Totals | None":
         """Aggregated cumulative counters with the peak and model they go with; None if no engine."""
@@ -343,7 +351,9 @@ class SnapshotReader:
         if not snaps:
             return None
         now = self.clock()
-        return Totals(at=now, engines=len(snaps), counters=self._poll(snaps, now).to_dict(),
+        as_of = data_as_of(snaps)
+        return Totals(at=now, as_of=as_of, age_s=max(now - as_of, 0.0), engines=len(snaps),
+                      counters=self._poll(snaps, now).to_dict(),
                       peak=aggregate_peak(snaps), model=snaps[0].model, time_split=snaps[0].time_split,
                       updated_at=min(s.updated_at for s in snaps), gpu=aggregate_status([s.gpu for s in snaps]))
 
@@ -354,6 +364,11 @@ class SnapshotReader:
             items.extend(s.recent)
         items.sort(key=lambda it: it.get("t_end_s", 0.0))
         return items[-limit:] if limit > 0 else []
+
+
+def data_as_of(snaps: list[EngineSnapshot]) -> float:
+    """Wall time up to which every engine's finished steps are counted: the oldest engine's `as_of`."""
+    return min(s.as_of if s.as_of is not None else s.updated_at for s in snaps)
 
 
 def aggregate_peak(snaps: list[EngineSnapshot]) -> PeakReport:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from typing import Any, Callable
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
@@ -41,6 +42,37 @@ def _reader(request: Request) -> SnapshotReader:
                 reader = SnapshotReader(parent_pid=os.getpid())
                 request.app.state.serving_mfu_reader = reader
     return reader
+
+
+MAX_WAIT_S = 30.0
+
+
+def _fresh_params(request: Request) -> tuple[float | None, float]:
+    q = request.query_params
+    min_as_of = parse_number("min_as_of", q.get("min_as_of"), 0, 1e12, False)
+    timeout = parse_number("timeout", q.get("timeout"), 0, MAX_WAIT_S, False)
+    return min_as_of, timeout or 0.0
+
+
+def _fresh_enough(reader: SnapshotReader, read: Callable[[], Any], min_as_of: float | None, timeout: float) -> Any:
+    """`read()` once its data is as new as `min_as_of`, polling the snapshots for up to `timeout` seconds;
+    a 503 that says how old the data is otherwise (engines publish about every 0.5 s)."""
+    if min_as_of is not None and min_as_of > time.time() + 1.0:
+        raise HTTPException(503, f"min_as_of={min_as_of:.3f} is in the future (now {time.time():.3f}): no data can "
+                                 "be that new yet")
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = read()
+        if answer is None:
+            if time.monotonic() >= deadline:
+                raise HTTPException(503, _no_engine(reader))
+        elif min_as_of is None or answer.as_of >= min_as_of:
+            return answer
+        elif time.monotonic() >= deadline:
+            raise HTTPException(503, f"the newest complete data is as of {answer.as_of:.3f} ({answer.age_s:.2f} s "
+                                     f"old), older than min_as_of={min_as_of:.3f}: engines publish about every "
+                                     f"0.5 s; retry, or wait longer with timeout (up to {MAX_WAIT_S:g} s)")
+        time.sleep(0.05)
 
 
 def _no_engine(reader: SnapshotReader) -> str:
@@ -94,31 +126,40 @@ def build_router() -> APIRouter:
                   "since start")
     limit_doc = f"how many of the latest iterations: an integer in [1, {MAX_ITERATIONS}] (default 100)"
 
+    fresh_doc = ("answer only with data at least this new: wall-clock seconds (e.g. when a client's run ended); "
+                 "every step the engines finished before then is counted")
+    timeout_doc = f"how long to wait for data as new as min_as_of: seconds in [0, {MAX_WAIT_S:g}] (default 0)"
+    fresh_params = [_param("min_as_of", "number", fresh_doc, minimum=0, maximum=1e12),
+                    _param("timeout", "number", timeout_doc, minimum=0, maximum=MAX_WAIT_S)]
+
     @router.get("/metrics/mfu", response_model=MFUReport,
                 summary="Prefill / decode MFU, HFU and MBU since start or over a window",
-                responses={422: {"description": "a parameter outside what is accepted"}},
+                responses={422: {"description": "a parameter outside what is accepted"},
+                           503: {"description": "no engine has published, or no data as new as min_as_of"}},
                 openapi_extra={"parameters": [_param("window", "number", window_doc, exclusiveMinimum=0,
-                                                     maximum=MAX_WINDOW_S)]})
+                                                     maximum=MAX_WINDOW_S)] + fresh_params})
     def mfu(request: Request) -> Any:
         try:
             window = parse_number("window", request.query_params.get("window"), 0, MAX_WINDOW_S, False,
                                   low_inclusive=False)
+            fresh = _fresh_params(request)
         except BadParameter as exc:
             return exc.response()
         reader = _reader(request)
-        report = reader.report(window)
-        if report is None:
-            raise HTTPException(503, _no_engine(reader))
-        return report
+        return _fresh_enough(reader, lambda: reader.report(window), *fresh)
 
     @router.get("/metrics/mfu/counters", response_model=Totals,
-                summary="Raw cumulative counters over all engines (subtract two readings for any interval)")
-    def counters(request: Request) -> Totals:
+                summary="Raw cumulative counters over all engines (subtract two readings for any interval)",
+                responses={422: {"description": "a parameter outside what is accepted"},
+                           503: {"description": "no engine has published, or no data as new as min_as_of"}},
+                openapi_extra={"parameters": fresh_params})
+    def counters(request: Request) -> Any:
+        try:
+            fresh = _fresh_params(request)
+        except BadParameter as exc:
+            return exc.response()
         reader = _reader(request)
-        totals = reader.totals()
-        if totals is None:
-            raise HTTPException(503, _no_engine(reader))
-        return totals
+        return _fresh_enough(reader, reader.totals, *fresh)
 
     @router.get("/metrics/mfu/iterations", response_model=IterationsResponse,
                 summary="The most recent iterations, with their per-phase FLOPs, bytes and time",
