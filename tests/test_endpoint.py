@@ -134,22 +134,35 @@ def test_late_standalone_reader_reports_the_same_totals(server, tmp_path) -> Non
 
 
 def test_loadgen_run_against_the_real_server(server) -> None:
-    """The load generator's run window: completed requests equal vLLM's own success counter's
-    increase, and the run's per-phase MFU lies in (0, HFU] with HFU ≤ 1."""
+    """The load generator's run window, read with min_as_of at both ends (no fixed sleep): completed
+    requests and every per-phase token count equal the increase of vLLM's own counters over the run,
+    and the run's per-phase MFU lies in (0, HFU] with HFU ≤ 1."""
     from loadgen import LengthSpec, RunConfig, run_benchmark_sync
 
     base = server["base"]
+    names = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total",
+             "vllm:generation_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
+             "vllm:spec_decode_num_accepted_tokens_total")
 
-    def successes() -> float:
-        return _prom_value(httpx.get(base + "/metrics", timeout=10).text, "vllm:request_success_total")
+    def vllm_counters() -> dict[str, float]:
+        text = httpx.get(base + "/metrics", timeout=10).text
+        return {name: _prom_value(text, name) for name in names}
 
-    before = successes()
+    before = vllm_counters()
     result = run_benchmark_sync(RunConfig(base_url=base, model="tiny", num_prompts=8, request_rate=8.0,
                                           arrival="poisson", input=LengthSpec(mean=200), output=LengthSpec(mean=16),
                                           max_concurrency=4, quiet=True, seed=3))
-    after = successes()
+    after = vllm_counters()
+    delta = {name: after[name] - before[name] for name in names}
     assert result.failed == 0
-    assert result.completed == 8 == after - before
+    assert result.completed == 8 == delta["vllm:request_success_total"]
+    assert result.mfu is not None, result.mfu_error
+    m = result.mfu
+    assert m.prefill.tokens + m.prefix_cache.hit_tokens == delta["vllm:prompt_tokens_total"]
+    assert m.prefix_cache.hit_tokens == delta["vllm:prefix_cache_hits_total"]
+    assert m.decode.tokens == delta["vllm:generation_tokens_total"] - result.completed
+    assert m.spec_decode.draft_tokens == delta["vllm:spec_decode_num_draft_tokens_total"]
+    assert m.spec_decode.accepted_tokens == delta["vllm:spec_decode_num_accepted_tokens_total"]
     assert result.mfu is not None, result.mfu_error
     for phase in (result.mfu.prefill, result.mfu.decode):
         assert 0 < phase.mfu <= phase.hfu <= 1

@@ -218,6 +218,26 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("bench-soak")
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    from serving_mfu.tools.soak import soak
+
+    points = soak(iterations=args.iterations, batch=args.batch, read_every=args.read_every, progress=not args.json)
+    if args.json:
+        _print_json([p.model_dump() for p in points])
+        return 0 if all(p.reader_matches for p in points) else 1
+    table = Table(title=f"soak: tracker → snapshot writer → reader, decode batches of {args.batch}")
+    for col in ("iterations", "wall s", "peak RSS MiB", "snapshot KiB", "publishes", "read ms p50", "publish ms",
+                "reader = tracker"):
+        table.add_column(col, justify="right")
+    for p in points:
+        table.add_row(f"{p.iterations:,}", f"{p.wall_s:.1f}", f"{p.peak_rss_mib:.1f}", f"{p.snapshot_bytes / 1024:.1f}",
+                      str(p.publishes), f"{p.snapshot_read_ms_p50:.2f}", f"{p.publish_ms:.2f}",
+                      "yes" if p.reader_matches else "[red]NO[/red]")
+    console.print(table)
+    return 0 if all(p.reader_matches for p in points) else 1
+
+
 @command("bench-accounting")
 def cmd_bench_accounting(args: argparse.Namespace) -> int:
     from serving_mfu.tools.bench import bench_accounting
@@ -372,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--window", type=float, help="report only the last WINDOW seconds")
     r.add_argument("--time-split", default="shapley", choices=["shapley", "flop_proportional"])
     r.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("bench-soak", help="a long in-process run through tracker, writer and reader: peak RSS, "
+                                          "snapshot size and publish latency at 10^4, 10^5, 10^6 iterations")
+    k.add_argument("--iterations", type=_positive_int, default=1_000_000)
+    k.add_argument("--batch", type=_positive_int, default=64, help="decodes per iteration (default 64)")
+    k.add_argument("--read-every", type=_positive_int, default=1000, help="reader polls every N iterations")
+    k.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench-accounting", help="cost of the accounting per iteration at several batch sizes")
     b.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256, 1024])

@@ -1,0 +1,102 @@
+"""`serving-mfu bench-soak`: a long run through tracker → snapshot writer → reader, in-process.
+
+Feeds `iterations` engine-shaped records (a decode batch of `batch` requests at growing contexts,
+a prompt chunk every 8th step, requests finishing and new ones arriving) into an `MFUTracker`
+whose `SnapshotWriter` publishes from its own thread as in an engine, while a `SnapshotReader`
+reads the totals every `read_every` steps.  At each checkpoint (10⁴, 10⁵, 10⁶ … iterations) it
+prints the process's peak RSS, the snapshot file's size and the writer's publish latency, and checks
+that the reader's totals equal the tracker's.  Memory is bounded by construction: the tracker keeps
+one `Counters` per second of window (≤ 3,600) and 1,024 recent iterations, the writer 60 history
+points and the recent costs; the bound shows as a flat RSS from 10⁵ to 10⁶ iterations.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.peaks.table import lookup_peak
+from serving_mfu.runtime.tracker import MFUTracker
+from serving_mfu.runtime.transport import SnapshotReader, SnapshotWriter
+from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
+
+
+class SoakPoint(BaseModel):
+    iterations: int
+    wall_s: float
+    peak_rss_mib: float
+    snapshot_bytes: int
+    publishes: int  # by the writer's own thread so far
+    snapshot_read_ms_p50: float  # the writer's read of the tracker (under its lock), median over publishes
+    publish_ms: float  # one whole publish at the checkpoint: read, encode, write, rename
+    reader_matches: bool  # the reader's totals equal the tracker's
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def soak(iterations: int = 1_000_000, batch: int = 64, checkpoints: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+         read_every: int = 1000, model: str = "llama-3-8b", progress: bool = True) -> list[SoakPoint]:
+    """Run the soak; one point per checkpoint reached (the last at `iterations`)."""
+    if iterations < 1 or batch < 1 or read_every < 1:
+        raise ValueError("--iterations, --batch and --read-every must be >= 1")
+    from rich.progress import Progress
+
+    spec = ModelSpec.from_hf_config(PUBLIC_CONFIGS[model])
+    tracker = MFUTracker(spec, lookup_peak("h100-sxm", "bf16"), devices=1, clock=None)
+    marks = sorted({c for c in checkpoints if c < iterations} | {iterations})
+    points: list[SoakPoint] = []
+    publish_s: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="serving-mfu-soak-") as folder:
+        def timed_source():  # the writer's read of the tracker: what each publish costs, timed
+            t0 = time.perf_counter()
+            out = tracker.snapshot(recent=100, raw=True)
+            publish_s.append(time.perf_counter() - t0)
+            return out
+
+        writer = SnapshotWriter(timed_source, "soak", tracker.model_report(), tracker.peak_report(),
+                                tracker.time_split, directory=folder, interval_s=0.5)
+        reader = SnapshotReader(folder)
+        ids = [f"r{i}" for i in range(batch)]
+        ctx = list(range(100, 100 + batch))
+        t0 = time.perf_counter()
+        clock = 0.0
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("bench-soak", total=iterations)
+            for step in range(iterations):
+                clock += 0.02
+                prefill = None
+                if step % 8 == 0:  # a prompt chunk of a new request
+                    prefill = PrefillBatch([f"p{step}"], [256], [0], [1024])
+                ctx = [c + 1 if c < 8192 else 100 for c in ctx]  # long requests finish, new ones start short
+                tracker.record(IterationRecord(step, clock - 0.015, clock, [], prefill=prefill,
+                                               decode=DecodeBatch(ids, ctx)))
+                writer.mark_dirty()
+                if step % read_every == 0:
+                    reader.totals()
+                n = step + 1
+                if n in marks:
+                    w0 = time.perf_counter()
+                    writer.write_now()
+                    publish_ms = (time.perf_counter() - w0) * 1e3
+                    totals = reader.totals()
+                    counters = tracker.counters
+                    ms = [x * 1e3 for x in publish_s] or [0.0]
+                    points.append(SoakPoint(
+                        iterations=n, wall_s=time.perf_counter() - t0, peak_rss_mib=_peak_rss_mib(),
+                        snapshot_bytes=Path(writer.path).stat().st_size, publishes=len(publish_s),
+                        snapshot_read_ms_p50=statistics.median(ms), publish_ms=publish_ms,
+                        reader_matches=totals is not None and totals.counters["decode_tokens"] == counters.decode_tokens
+                        and totals.counters["iterations"] == counters.iterations == n))
+                if step % 1000 == 0:
+                    bar.update(task, completed=n)
+        writer.close()
+    return points
