@@ -197,3 +197,43 @@ def test_soak_keeps_memory_bounded_and_the_reader_exact() -> None:
     assert points[-1].snapshot_bytes <= points[0].snapshot_bytes * 1.1
     assert points[-1].peak_rss_mib - points[1].peak_rss_mib < 1.5
     assert points[-1].publish_ms > 0 and points[-1].publishes >= 1
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_engine_restart_never_takes_totals_backwards(tmp_path) -> None:
+    """Engine e1 dies and comes back as e2 (new pid, counters from zero): the reader keeps e1's last
+    totals, adds e2's, says an engine has gone, and a window over the restart counts nothing twice."""
+    import json as json_
+
+    a = _tracker(10)
+    wa = _writer(a, tmp_path)
+    wa.write_now()
+    wa.close()
+    reader = SnapshotReader(tmp_path)
+    before = reader.totals().counters["decode_tokens"]
+    assert before == 20
+    path = tmp_path / "engine-e1.json"
+    snap = json_.loads(path.read_text())
+    snap["pid"] = _dead_pid()  # the engine process is gone; its last file stays behind
+    path.write_text(json_.dumps(snap))
+    b = _tracker(3)
+    wb = SnapshotWriter(b.snapshot, "e2", b.model_report(), b.peak_report(), b.time_split, directory=tmp_path,
+                        interval_s=3600)
+    wb.write_now()
+    wb.close()
+    after = reader.totals()
+    assert after.engines == 1 and after.counters["decode_tokens"] == 20 + 6
+    report = reader.report()
+    assert report.decode.tokens == 26 and report.anomalies.counts.get("engines_gone") == 1
+    # a reader that starts after e1 died never saw it: its stale file is left out
+    assert SnapshotReader(tmp_path).totals().counters["decode_tokens"] == 6
+    # a foreign or half-written file in the folder is skipped and counted, not fatal
+    (tmp_path / "engine-junk.json").write_text('{"format": "serving-mfu-snapshot/1", "engine_id": ')
+    assert reader.totals().counters["decode_tokens"] == 26 and reader.read_errors >= 1

@@ -239,25 +239,65 @@ class SnapshotReader:
         self._ring: deque[tuple[float, Counters]] = deque()
         # the endpoints are sync handlers, run on a thread pool: the ring is appended to by one request
         # while another walks it (a window longer than the engines' history)
-        self._ring_lock = threading.Lock()
+        self._ring_lock = threading.RLock()
+        self._followed: dict[str, int] = {}  # engine id → the pid publishing it, while alive
+        self._last: dict[str, EngineSnapshot] = {}
+        self._retired: dict[str, Counters] = {}  # engines gone: their last counters, kept in the totals
         self.read_errors = 0
 
     def snapshots(self) -> list[EngineSnapshot]:
-        """Current snapshots of the live engines this reader follows."""
+        """Current snapshots of the live engines this reader follows.
+
+        An engine this reader saw alive whose process is gone (it stopped or restarted under a new pid)
+        is retired: its last counters stay in the totals (`retired_counters`), so aggregated totals
+        never go backwards and nothing is counted twice — a restarted engine starts from zero under a
+        new id.  Files of engines that were dead before this reader saw them are left out.
+        """
         live = []
         if not self.dir.is_dir():
             return live
         for path in sorted(self.dir.glob("engine-*.json")):
             try:
                 snap = EngineSnapshot.model_validate_json(path.read_text())
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError) as exc:  # half-written by an old writer, foreign, or gone meanwhile
                 self.read_errors += 1
                 log.debug("serving-mfu: skipping unreadable %s: %s", path, exc)
                 continue
             if _pid_alive(snap.pid):
                 live.append(snap)
+            elif self._followed.get(snap.engine_id) == snap.pid:  # the very process we followed is gone
+                self._retire(snap)
         own = [s for s in live if s.ppid == self.parent_pid] if self.parent_pid is not None else []
-        return own or live
+        followed = own or live
+        with self._ring_lock:
+            for s in followed:
+                self._followed[s.engine_id] = s.pid
+            for engine_id in [e for e in self._followed if e not in {s.engine_id for s in followed}]:
+                if engine_id not in self._retired:  # its file went away with it: keep what we last read
+                    last = self._last.get(engine_id)
+                    if last is not None:
+                        self._retire(last)
+            self._last.update((s.engine_id, s) for s in followed)
+        return followed
+
+    def _retire(self, snap: EngineSnapshot) -> None:
+        if snap.engine_id in self._retired:
+            return
+        self._retired[snap.engine_id] = Counters.from_dict(snap.counters)
+        self._followed.pop(snap.engine_id, None)
+        self._last.pop(snap.engine_id, None)
+        log.warning("serving-mfu: engine %s (pid %d) stopped publishing at %.0f; its totals are kept",
+                    snap.engine_id, snap.pid, snap.updated_at)
+
+    def retired_counters(self) -> Counters:
+        """The summed last counters of engines this reader followed that have gone, with an
+        `engines_gone` anomaly per engine."""
+        total = Counters()
+        for c in list(self._retired.values()):
+            total = total + c
+        if self._retired:
+            total.count_anomaly("engines_gone", len(self._retired))
+        return total
 
     def folder_problem(self) -> str | None:
         """Why no engine could have published here, if the folder says so: missing, not a folder, or not
@@ -292,7 +332,7 @@ class SnapshotReader:
         return Counters.from_dict(best) if best is not None else None
 
     def _poll(self, snaps: list[EngineSnapshot], now: float) -> Counters:
-        total = Counters()
+        total = self.retired_counters()
         for s in snaps:
             total = total + Counters.from_dict(s.counters)
         with self._ring_lock:
@@ -303,9 +343,10 @@ class SnapshotReader:
         return total
 
     def _baseline(self, snaps: list[EngineSnapshot], t: float) -> tuple[Counters, float] | None:
-        """Aggregated counters at time t: from the engines' histories, else from the reader's ring."""
+        """Aggregated counters at time t: from the engines' histories, else from the reader's ring (always
+        once an engine has gone: its history went with it)."""
         parts = [self._at(s, t) for s in snaps]
-        if all(p is not None for p in parts):
+        if not self._retired and all(p is not None for p in parts):
             total = Counters()
             for p in parts:
                 total = total + p
