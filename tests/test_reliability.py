@@ -64,7 +64,7 @@ def test_concurrent_reads_through_the_app_never_fail(tmp_path) -> None:
     writer = _writer(tracker, tmp_path, clock=engine_clock)
     for _ in range(60):
         writer.write_now()
-    reader = SnapshotReader(tmp_path, clock=_Clock(t0 + 1100))
+    reader = SnapshotReader(tmp_path, clock=_Clock(t0 + 1100), stale_after_s=None)
     client = TestClient(build_app(lambda: reader), raise_server_exceptions=False)
     paths = ["/metrics/mfu?window=600", "/metrics/mfu?window=900", "/metrics/mfu/counters", "/metrics/mfu",
              "/metrics/mfu/iterations?limit=5", "/metrics"]
@@ -237,3 +237,19 @@ def test_an_engine_restart_never_takes_totals_backwards(tmp_path) -> None:
     # a foreign or half-written file in the folder is skipped and counted, not fatal
     (tmp_path / "engine-junk.json").write_text('{"format": "serving-mfu-snapshot/1", "engine_id": ')
     assert reader.totals().counters["decode_tokens"] == 26 and reader.read_errors >= 1
+
+
+def test_an_engine_that_stops_publishing_is_aged_out(tmp_path) -> None:
+    """A live pid whose file has not changed for longer than stale_after_s (a hung engine, or a pid reused
+    by another process) is aged out: its last totals kept, an engines_gone anomaly."""
+    now = [time.time()]
+    tracker = _tracker(4)
+    writer = _writer(tracker, tmp_path, clock=lambda: now[0])
+    writer.write_now()
+    reader = SnapshotReader(tmp_path, clock=lambda: now[0], stale_after_s=60)
+    assert reader.totals().engines == 1
+    now[0] += 61  # no write for a minute
+    assert reader.totals() is None  # no engine left to follow ...
+    assert reader.retired_counters().decode_tokens == 8  # ... but its totals are kept
+    assert reader.retired_counters().anomalies == {"engines_gone": 1}
+    writer.close()

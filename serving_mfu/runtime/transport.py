@@ -231,11 +231,15 @@ class SnapshotReader:
     """
 
     def __init__(self, directory: str | Path | None = None, parent_pid: int | None = None,
-                 max_window_s: float = 3600.0, clock: Callable[[], float] = time.time):
+                 max_window_s: float = 3600.0, clock: Callable[[], float] = time.time,
+                 stale_after_s: float | None = 120.0):
         self.dir = Path(directory) if directory else default_dir()
         self.parent_pid = parent_pid
         self.max_window_s = max_window_s
         self.clock = clock  # wall seconds, as the engines' snapshots carry
+        # a live engine publishes at least once a second, idle or not: a file this old belongs to a hung
+        # engine or to a pid reused by another process, and is aged out (None: never)
+        self.stale_after_s = stale_after_s
         self._ring: deque[tuple[float, Counters]] = deque()
         # the endpoints are sync handlers, run on a thread pool: the ring is appended to by one request
         # while another walks it (a window longer than the engines' history)
@@ -263,10 +267,11 @@ class SnapshotReader:
                 self.read_errors += 1
                 log.debug("serving-mfu: skipping unreadable %s: %s", path, exc)
                 continue
-            if _pid_alive(snap.pid):
+            stale = self.stale_after_s is not None and self.clock() - snap.updated_at > self.stale_after_s
+            if _pid_alive(snap.pid) and not stale:
                 live.append(snap)
             elif self._followed.get(snap.engine_id) == snap.pid:  # the very process we followed is gone
-                self._retire(snap)
+                self._retire(snap, "stopped publishing" if stale else "exited")
         own = [s for s in live if s.ppid == self.parent_pid] if self.parent_pid is not None else []
         followed = own or live
         with self._ring_lock:
@@ -276,18 +281,18 @@ class SnapshotReader:
                 if engine_id not in self._retired:  # its file went away with it: keep what we last read
                     last = self._last.get(engine_id)
                     if last is not None:
-                        self._retire(last)
+                        self._retire(last, "left the folder")
             self._last.update((s.engine_id, s) for s in followed)
         return followed
 
-    def _retire(self, snap: EngineSnapshot) -> None:
+    def _retire(self, snap: EngineSnapshot, why: str = "exited") -> None:
         if snap.engine_id in self._retired:
             return
         self._retired[snap.engine_id] = Counters.from_dict(snap.counters)
         self._followed.pop(snap.engine_id, None)
         self._last.pop(snap.engine_id, None)
-        log.warning("serving-mfu: engine %s (pid %d) stopped publishing at %.0f; its totals are kept",
-                    snap.engine_id, snap.pid, snap.updated_at)
+        log.warning("serving-mfu: engine %s (pid %d) %s; its totals up to %.0f are kept (anomaly engines_gone)",
+                    snap.engine_id, snap.pid, why, snap.updated_at)
 
     def retired_counters(self) -> Counters:
         """The summed last counters of engines this reader followed that have gone, with an
