@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import add, eq, mul
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -119,18 +119,24 @@ def prefill_batch_cost(b: PrefillBatch, model: CostModel) -> tuple[int, int, int
         return _prefill_batch_cost_np(b, model)
     q, n0 = b.new_tokens, b.computed_before
     ends = list(map(add, n0, q))
-    tokens = sum(q)
+    return _prefill_classes(model, _range_pairs, sum(q), n0, ends, sum(map(eq, ends, b.prompt_len)), b.cached_tokens,
+                            lambda w: sum(ends) if w is None else sum(map(min, ends, map(add, q, repeat(w - 1)))))
+
+
+def _prefill_classes(model: CostModel, pairs: Any, tokens: int, n0: Any, ends: Any, logits: int, cached: Any,
+                     kv_keys: Callable[[int | None], int]) -> tuple[int, int, int, float, int, int]:
+    """The per-group arithmetic of `prefill_batch_cost`, over lists (`_range_pairs`) or arrays
+    (`_range_pairs_np`); `kv_keys(window)` is Σ keys read under that window."""
     flops = model._lin * tokens
     kv = 0.0
     for window, coef, kv_bytes in model._batch_groups:
-        flops += coef * _range_pairs(window, n0, ends)
-        kv += kv_bytes * (sum(ends) if window is None else sum(map(min, ends, map(add, q, repeat(window - 1)))))
-    logits = sum(map(eq, ends, b.prompt_len))
+        flops += coef * pairs(window, n0, ends)
+        kv += kv_bytes * kv_keys(window)
     hit = saved = 0
-    if b.cached_tokens:
-        hit = sum(b.cached_tokens)
+    if cached is not None:
+        hit = int(sum(cached))
         if hit:
-            saved = model._lin * hit + sum(coef * _range_pairs(w, None, b.cached_tokens) for w, coef in model._groups)
+            saved = model._lin * hit + sum(coef * pairs(w, None, cached) for w, coef in model._groups)
     return tokens, flops, logits, kv, hit, saved
 
 
@@ -147,36 +153,45 @@ def decode_batch_cost(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, 
     """
     n0 = b.computed_before
     n = len(n0)
-    lin = model._lin
-    kept_f = rej_f = disc_f = 0
-    kv = 0.0
     if b.draft_tokens is None and b.delivered_tokens is None:
+        kept_f, kv = 0, 0.0
         total = sum(n0) + n
         for window, coef, kv_bytes in model._batch_groups:
             keys = total if window is None else sum(map(min, map(add, n0, repeat(1)), repeat(window)))
             kept_f += coef * keys
             kv += kv_bytes * keys
-        return n, kept_f + lin * n, 0, 0, 0, 0, kv, 0, 0
+        return n, kept_f + model._lin * n, 0, 0, 0, 0, kv, 0, 0
     if n >= NUMPY_MIN_BATCH:
         return _decode_batch_cost_np(b, model)
     k = b.draft_tokens or [0] * n
     a = b.accepted_tokens or [0] * n
-    drafts, accepted = sum(k), sum(a)
     kept_end = list(map(add, n0, map(add, a, repeat(1))))
     end = list(map(add, n0, map(add, k, repeat(1))))
     useful_end = kept_end
     if b.delivered_tokens is not None:
         useful_end = list(map(min, kept_end, map(add, n0, b.delivered_tokens)))
-    kept_t = sum(useful_end) - sum(n0)
+    return _decode_classes(model, _range_pairs, n, sum(k), sum(a), sum(useful_end) - sum(n0), n0, useful_end,
+                           kept_end, end, lambda w: sum(end) if w is None else sum(map(min, end, map(add, k, repeat(w)))))
+
+
+def _decode_classes(model: CostModel, pairs: Any, n: int, drafts: int, accepted: int, kept_t: int, n0: Any,
+                    useful_end: Any, kept_end: Any, end: Any, kv_keys: Callable[[int | None], int]
+                    ) -> tuple[int, int, int, int, int, int, float, int, int]:
+    """The per-class arithmetic of `decode_batch_cost` with drafts or cuts, over lists (`_range_pairs`)
+    or arrays (`_range_pairs_np`): useful [n0, u), discarded [u, kept), rejected [kept, end);
+    `kv_keys(window)` is Σ keys read under that window."""
     disc_t = n + accepted - kept_t
     rej_t = drafts - accepted
+    kept_f = rej_f = disc_f = 0
+    kv = 0.0
     for window, coef, kv_bytes in model._batch_groups:
-        useful_pairs = _range_pairs(window, n0, useful_end)
-        kept_pairs = _range_pairs(window, n0, kept_end) if disc_t else useful_pairs
+        useful_pairs = pairs(window, n0, useful_end)
+        kept_pairs = pairs(window, n0, kept_end) if disc_t else useful_pairs
         kept_f += coef * useful_pairs
         disc_f += coef * (kept_pairs - useful_pairs)
-        rej_f += coef * (_range_pairs(window, n0, end) - kept_pairs)
-        kv += kv_bytes * (sum(end) if window is None else sum(map(min, end, map(add, k, repeat(window)))))
+        rej_f += coef * (pairs(window, n0, end) - kept_pairs)
+        kv += kv_bytes * kv_keys(window)
+    lin = model._lin
     return (kept_t, kept_f + lin * kept_t, rej_t, rej_f + lin * rej_t, disc_t, disc_f + lin * disc_t, kv,
             drafts, accepted)
 
@@ -187,14 +202,14 @@ def decode_batch_cost(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, 
 NUMPY_MIN_BATCH = 64
 
 
-def _range_pairs_np(window: int | None, starts: np.ndarray, ends: np.ndarray) -> int:
-    """`_range_pairs` over int64 arrays."""
-    if window is None:
-        return int((ends * (ends + 1) - starts * (starts + 1)).sum()) // 2
-
+def _range_pairs_np(window: int | None, starts: np.ndarray | None, ends: np.ndarray) -> int:
+    """`_range_pairs` over int64 arrays (starts None: all 0)."""
     def keys(n: np.ndarray) -> np.ndarray:
+        if window is None:
+            return n * (n + 1) // 2
         return np.where(n <= window, n * (n + 1) // 2, window * (window + 1) // 2 + (n - window) * window)
-    return int((keys(ends) - keys(starts)).sum())
+    total = keys(ends)
+    return int((total - keys(starts)).sum() if starts is not None else total.sum())
 
 
 def _prefill_batch_cost_np(b: PrefillBatch, model: CostModel) -> tuple[int, int, int, float, int, int]:
@@ -203,21 +218,10 @@ def _prefill_batch_cost_np(b: PrefillBatch, model: CostModel) -> tuple[int, int,
     q = np.fromiter(b.new_tokens, np.int64, n)
     n0 = np.fromiter(b.computed_before, np.int64, n)
     ends = n0 + q
-    tokens = int(q.sum())
-    flops = model._lin * tokens
-    kv = 0.0
-    for window, coef, kv_bytes in model._batch_groups:
-        flops += coef * _range_pairs_np(window, n0, ends)
-        kv += kv_bytes * int(ends.sum() if window is None else np.minimum(ends, q + (window - 1)).sum())
     logits = int((ends == np.fromiter(b.prompt_len, np.int64, n)).sum())
-    hit = saved = 0
-    if b.cached_tokens:
-        c = np.fromiter(b.cached_tokens, np.int64, n)
-        hit = int(c.sum())
-        if hit:
-            zeros = np.zeros(n, np.int64)
-            saved = model._lin * hit + sum(coef * _range_pairs_np(w, zeros, c) for w, coef in model._groups)
-    return tokens, flops, logits, kv, hit, saved
+    cached = np.fromiter(b.cached_tokens, np.int64, n) if b.cached_tokens else None
+    return _prefill_classes(model, _range_pairs_np, int(q.sum()), n0, ends, logits, cached,
+                            lambda w: int(ends.sum() if w is None else np.minimum(ends, q + (w - 1)).sum()))
 
 
 def _decode_batch_cost_np(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, int, int, int, float, int, int]:
@@ -226,26 +230,13 @@ def _decode_batch_cost_np(b: DecodeBatch, model: CostModel) -> tuple[int, int, i
     n0 = np.fromiter(b.computed_before, np.int64, n)
     k = np.fromiter(b.draft_tokens, np.int64, n) if b.draft_tokens is not None else np.zeros(n, np.int64)
     a = np.fromiter(b.accepted_tokens, np.int64, n) if b.accepted_tokens is not None else np.zeros(n, np.int64)
-    drafts, accepted = int(k.sum()), int(a.sum())
     kept_end, end = n0 + 1 + a, n0 + 1 + k
     useful_end = kept_end
     if b.delivered_tokens is not None:
         useful_end = np.minimum(kept_end, n0 + np.fromiter(b.delivered_tokens, np.int64, n))
-    kept_t = int((useful_end - n0).sum())
-    disc_t = n + accepted - kept_t
-    rej_t = drafts - accepted
-    kept_f = rej_f = disc_f = 0
-    kv = 0.0
-    for window, coef, kv_bytes in model._batch_groups:
-        useful_pairs = _range_pairs_np(window, n0, useful_end)
-        kept_pairs = _range_pairs_np(window, n0, kept_end) if disc_t else useful_pairs
-        kept_f += coef * useful_pairs
-        disc_f += coef * (kept_pairs - useful_pairs)
-        rej_f += coef * (_range_pairs_np(window, n0, end) - kept_pairs)
-        kv += kv_bytes * int(end.sum() if window is None else np.minimum(end, k + window).sum())
-    lin = model._lin
-    return (kept_t, kept_f + lin * kept_t, rej_t, rej_f + lin * rej_t, disc_t, disc_f + lin * disc_t, kv,
-            drafts, accepted)
+    return _decode_classes(model, _range_pairs_np, n, int(k.sum()), int(a.sum()), int((useful_end - n0).sum()), n0,
+                           useful_end, kept_end, end,
+                           lambda w: int(end.sum() if w is None else np.minimum(end, k + w).sum()))
 
 
 def _moe_measured(routing: Sequence[Sequence[int]]) -> tuple[list[float], float]:
