@@ -13,6 +13,7 @@ Settings: serving_mfu.runtime.settings.Settings (SERVING_MFU_*, read once in `fr
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -20,7 +21,7 @@ import threading
 import time
 from collections import deque
 from itertools import compress, repeat
-from operator import add, attrgetter, eq, ge, gt, le, lt
+from operator import add, attrgetter, ge, gt, itemgetter, le, lt
 from typing import Any, Callable
 
 import numpy as np
@@ -84,10 +85,11 @@ class MFUHook:
         self.num_spec_tokens = info.num_spec_tokens
         self.pending: dict[int, float] = {}  # id(SchedulerOutput) → t_sched, until its output comes
         # accounting-side state, in step order: high-water marks (explicit, and a plain decode's n0),
-        # first sightings, prompt lengths, and the few requests still in their prompt or recomputing
+        # prompt lengths (its keys: every request seen), and the few requests still in their prompt or
+        # recomputing.  A request seen and not in its prompt has computed all of it, so a prompt
+        # finished at its first schedule needs no explicit mark (see high_water_mark).
         self.hwm: dict[str, int] = {}
         self.plain_before: dict[str, int] = {}
-        self.seen: set[str] = set()
         self.prompt_lens: dict[str, int] = {}
         self.prefilling: set[str] = set()
         self.recomputing: set[str] = set()
@@ -239,8 +241,14 @@ class MFUHook:
     # ------------------------------------------------------------------ building the record (accounting side)
     def high_water_mark(self, rid: str) -> int:
         """Positions of `rid` computed and kept so far (0 for a request not seen): the max of the
-        explicit mark and, for a request whose last steps were plain decodes, its last n0 + 1."""
-        return max(self.hwm.get(rid, 0), self.plain_before.get(rid, -1) + 1)
+        explicit mark, for a request whose last steps were plain decodes its last n0 + 1, and for one
+        no longer in its prompt the prompt's length."""
+        mark = max(self.hwm.get(rid, 0), self.plain_before.get(rid, -1) + 1)
+        if rid not in self.prefilling:
+            prompt = self.prompt_lens.get(rid, 0)
+            if prompt > mark:
+                mark = prompt
+        return mark
 
     def build_record(self, step: int, token: tuple, result: Any) -> IterationRecord:
         """One IterationRecord from a step's capture.
@@ -254,14 +262,16 @@ class MFUHook:
         update over the decodes (their high-water marks) and, on draft steps, the accepted counts.
         """
         t_sched, t_end, out, runner_out, lengths = token
-        hwm, plain, seen, prompts = self.hwm, self.plain_before, self.seen, self.prompt_lens
+        hwm, plain, prompts = self.hwm, self.plain_before, self.prompt_lens
         prefilling, recomputing = self.prefilling, self.recomputing
         finished = out.finished_req_ids
         if finished:
             for d in (hwm, plain, prompts):
-                _drain(map(d.pop, finished, repeat(None)))
-            for st in (seen, prefilling, recomputing):
-                st.difference_update(finished)
+                if d:
+                    _drain(map(d.pop, finished, repeat(None)))
+            for st in (prefilling, recomputing):
+                if st:
+                    st.difference_update(finished)
         nst = out.num_scheduled_tokens
         spec = out.scheduled_spec_decode_tokens
         index = runner_out.req_id_to_index if lengths is not None else None
@@ -283,24 +293,25 @@ class MFUHook:
             except TypeError:  # prompt embeddings instead of token ids
                 lens = [len(ids_) if ids_ is not None else int(nr.prompt_embeds.shape[0])
                         for nr, ids_ in zip(new, map(_PROMPT_IDS, new))]
-            prompts.update(zip(ids, lens))
             new_end = list(map(add, n0s, qs))
-            if seen.isdisjoint(ids) and not any(map(gt, new_end, lens)) and \
+            if prompts.keys().isdisjoint(ids) and not any(map(gt, new_end, lens)) and \
                     not (spec and not spec.keys().isdisjoint(ids)):
                 # first schedules: what each starts from was served by the prefix cache
                 p_ids, p_q, p_n0, p_prompt, p_cached, p_end = ids, qs, n0s, lens, list(n0s), new_end
-                seen.update(ids)
+                prompts.update(zip(ids, lens))
             else:
                 for rid, q, n0, prompt in zip(ids, qs, n0s, lens):
-                    if rid in seen or n0 + q > prompt or (spec and rid in spec):  # resumed (Model Runner V2), odd
-                        general.append((rid, q, n0, prompt, self.high_water_mark(rid), 0 if rid in seen else n0))
+                    if rid in prompts:  # resumed (Model Runner V2): its mark before its new prompt length
+                        general.append((rid, q, n0, prompt, self.high_water_mark(rid), 0))
+                    elif n0 + q > prompt or (spec and rid in spec):  # odd
+                        general.append((rid, q, n0, prompt, 0, n0))
                     else:
                         p_ids.append(rid)
                         p_q.append(q)
                         p_n0.append(n0)
                         p_prompt.append(prompt)
                         p_cached.append(n0)
-                    seen.add(rid)
+                    prompts[rid] = prompt
         cr = out.scheduled_cached_reqs
         dec_ids, dec_n0 = cr.req_ids, cr.num_computed_tokens
         special = {r for r in prefilling if r in nst} if prefilling else set()
@@ -325,11 +336,17 @@ class MFUHook:
                     n_chunks += 1
                 else:
                     general.append((rid, q, n0, prompt, mark, 0))
+        p_done = 0  # prompts the prefill batch completes (each chunk ends at or before its prompt's end)
         if p_ids:
             if len(p_end) != len(p_ids):  # first schedules sorted one by one, or prompt chunks added
                 p_end = list(map(add, p_n0, p_q))
-            hwm.update(zip(p_ids, p_end))
-            prefilling.update(compress(p_ids, map(lt, p_end, p_prompt)))
+            # prompts still incomplete keep an explicit mark; complete ones leave `prefilling` (their
+            # mark is then their prompt's length)
+            partial = list(compress(zip(p_ids, p_end), map(lt, p_end, p_prompt)))
+            p_done = len(p_ids) - len(partial)
+            if partial:
+                hwm.update(partial)
+                prefilling.update(map(itemgetter(0), partial))
             if n_chunks:  # a continued prompt that is now complete leaves the set
                 prefilling.difference_update(compress(p_ids, map(ge, p_end, p_prompt)))
         # decodes: each runs 1 + its drafts (vLLM schedules exactly the drafts it lists)
@@ -362,7 +379,7 @@ class MFUHook:
                     accepted = list(map(max, accepted, repeat(0)))
         # what reached the users: one token per finished prompt, 1 + accepted per decode, unless a stop
         # (or a dropped stale output) cut a request short — then the sums differ (delivered ≤ kept)
-        expected = p_done = sum(map(eq, p_end, p_prompt)) if p_ids else 0
+        expected = p_done
         expected += len(dec_ids) + (sum(accepted) if accepted else 0)
         g_rows = []
         for rid, q, n0, prompt, mark, cached in general:
@@ -513,6 +530,17 @@ def _delivered(result: Any) -> dict[str, int]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _layer_offsets(layers: int, top_k: int, experts: int, size: int) -> np.ndarray:
+    """layer × experts for each routed id of a [size, layers, top_k] array (`size` a power of two, so
+    that a few arrays serve every step); read-only, shared."""
+    dtype = np.int32 if layers * experts < 2**31 else np.int64
+    row = np.repeat(np.arange(layers, dtype=dtype) * experts, top_k)
+    out = np.tile(row, size)
+    out.flags.writeable = False
+    return out
+
+
 def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], experts: int) -> list[list[int]] | None:
     """Tokens routed to each expert per MoE layer in this step, from vLLM's routed-experts capture.
 
@@ -552,11 +580,11 @@ def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], 
         layers = min(c.shape[1] for c in chunks)
         ids = np.concatenate([c[:, :layers, :] for c in chunks], axis=0)
     ids = np.asarray(ids)
-    layers = ids.shape[1]
-    offsets = (np.arange(layers, dtype=np.int64) * experts)[None, :, None]
+    tokens, layers, top_k = ids.shape
     if ids.size and (ids.min() < 0 or ids.max() >= experts):  # padding or foreign ids: count only real experts
         ids = ids.astype(np.int64)
+        offsets = (np.arange(layers, dtype=np.int64) * experts)[None, :, None]
         flat = (offsets + ids)[(ids >= 0) & (ids < experts)]
-    else:
-        flat = (offsets + ids).ravel()
+    else:  # one contiguous add of each position's layer offset (a broadcast over [layers, top_k] is slower)
+        flat = ids.reshape(-1) + _layer_offsets(layers, top_k, experts, 1 << max(tokens - 1, 0).bit_length())[:ids.size]
     return np.bincount(flat, minlength=layers * experts).reshape(layers, experts).tolist()
