@@ -33,6 +33,20 @@ class EngineInfo:
     spec_method: str | None
     num_spec_tokens: int
     draft_spec: ModelSpec | None
+    kv_role: str = "none"  # producer | consumer | both | none (vLLM's kv_transfer_config.kv_role)
+    kv_connector: str | None = None
+
+
+KV_ROLES = {"kv_producer": "producer", "kv_consumer": "consumer", "kv_both": "both"}
+
+
+def kv_role(vllm_config: Any) -> tuple[str, str | None]:
+    """The engine's KV-connector role (producer, consumer, both; none without a connector) and connector."""
+    kt = getattr(vllm_config, "kv_transfer_config", None)
+    connector = getattr(kt, "kv_connector", None) if kt is not None else None
+    if not connector:
+        return "none", None
+    return KV_ROLES.get(str(getattr(kt, "kv_role", None)), "both"), str(connector)
 
 
 def _config_dict(hf_config: Any) -> dict[str, Any]:
@@ -80,6 +94,7 @@ def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
                 draft = ModelSpec.from_hf_config(dcfg)
             except Exception as exc:
                 log.warning("serving-mfu: cannot read the draft model config (%s); drafter FLOPs are 0", exc)
+    role, connector = kv_role(vllm_config)
     return EngineInfo(spec=spec, devices=devices, dp_rank=int(getattr(pc, "data_parallel_rank", 0) or 0),
                       kv_cache_dtype=kv, peak=peak, peak_error=err, spec_method=method, num_spec_tokens=k,
-                      draft_spec=draft)
+                      draft_spec=draft, kv_role=role, kv_connector=connector)

@@ -29,7 +29,8 @@ import numpy as np
 from scheduler_hooks.engine_info import EngineInfo, engine_info
 from serving_mfu.cost.accounting import CostModel
 from serving_mfu.cost.drafter import drafter_cost
-from serving_mfu.cost.records import DecodeBatch, DrafterRecord, IterationRecord, PrefillBatch, Slice
+from serving_mfu.cost.records import (DecodeBatch, DrafterRecord, IterationRecord, KVTransferRecord, PrefillBatch,
+                                      Slice)
 from serving_mfu.runtime.gpu_util import sampler_for_engine
 from serving_mfu.runtime.report import ModelReport
 from serving_mfu.runtime.settings import Settings, load_settings
@@ -83,6 +84,9 @@ class MFUHook:
         self._is_moe = info.spec.is_moe
         self._experts = info.spec.layers[info.spec.moe_layer_indices[0]].moe.num_experts if self._is_moe else 0
         self.num_spec_tokens = info.num_spec_tokens
+        # with a KV connector a first schedule's computed positions may be local hits or loaded KV: both
+        # are told apart at the request's first output (vLLM's PrefillStats), not at its first schedule
+        self._kv = info.kv_role != "none"
         self.pending: dict[int, float] = {}  # id(SchedulerOutput) → t_sched, until its output comes
         # accounting-side state, in step order: high-water marks (explicit, and a plain decode's n0),
         # prompt lengths (its keys: every request seen), and the few requests still in their prompt or
@@ -126,7 +130,7 @@ class MFUHook:
             settings, errors = load_settings()
         info = engine_info(vllm_config, settings)
         tracker = tracker_cls(info.spec, info.peak, info.devices, kv_cache_dtype=info.kv_cache_dtype,
-                              time_split=settings.time_split)
+                              time_split=settings.time_split, kv_role=info.kv_role)
         for message in errors:
             tracker.note_anomaly("bad_setting", message)
         if info.peak is None:
@@ -145,7 +149,7 @@ class MFUHook:
                 return NullWriter()
             return SnapshotWriter(hook._snapshot, hook.engine_id, model, tracker.peak_report(), tracker.time_split,
                                   directory=settings.snapshot_dir(), gpu_status=sampler.status,
-                                  before_write=hook.flush)
+                                  before_write=hook.flush, kv_role=info.kv_role, kv_connector=info.kv_connector)
 
         hook = cls(info, settings, tracker, sampler, writer, trace=trace, clock=clock)
         log.info("serving-mfu: tracking %s on %d device(s), peak %s, publishing to %s; GPU-Util: %s",
@@ -264,6 +268,7 @@ class MFUHook:
         t_sched, t_end, out, runner_out, lengths = token
         hwm, plain, prompts = self.hwm, self.plain_before, self.prompt_lens
         prefilling, recomputing = self.prefilling, self.recomputing
+        kv = self._kv
         finished = out.finished_req_ids
         if finished:
             for d in (hwm, plain, prompts):
@@ -436,8 +441,9 @@ class MFUHook:
                 runs.append((n0 if n0 > mark else mark, kept_end))
             if end >= prompt:
                 n_drafting += 1
-            slices.append(Slice(rid, q, n0, prompt, mark, cached, k, a, delivered))
-        prefill = PrefillBatch(p_ids, p_q, p_n0, p_prompt, p_cached if any(p_cached) else None) if p_ids else None
+            slices.append(Slice(rid, q, n0, prompt, mark, 0 if kv else cached, k, a, delivered))
+        prefill = PrefillBatch(p_ids, p_q, p_n0, p_prompt, p_cached if any(p_cached) and not kv else None) \
+            if p_ids else None
         decode = DecodeBatch(dec_ids, dec_n0, drafts, accepted, dec_delivered) if dec_ids else None
         drafter = None
         if self.spec_method:
@@ -453,7 +459,8 @@ class MFUHook:
             qs = [s.new_tokens for s in slices] + p_q + (list(map(add, drafts, repeat(1))) if drafts else [1] * n_dec)
             n0s = [s.computed_before for s in slices] + p_n0 + dec_n0
             routing = moe_routing(runner_out, ids, qs, n0s, self._experts)
-        return IterationRecord(step, t_sched, t_end, slices, drafter, routing, self.engine_id, prefill, decode)
+        return IterationRecord(step, t_sched, t_end, slices, drafter, routing, self.engine_id, prefill, decode,
+                               kv_transfer(out, result) if kv else None)
 
     def _split_odd(self, ids: list, n0s: list, nst: dict, drafts: list | None, general: list) -> tuple[list, list]:
         """Decodes whose scheduled tokens are not 1 + their drafts go to the general slices."""
@@ -539,6 +546,31 @@ def _layer_offsets(layers: int, top_k: int, experts: int, size: int) -> np.ndarr
     out = np.tile(row, size)
     out.flags.writeable = False
     return out
+
+
+def kv_transfer(out: Any, result: Any) -> KVTransferRecord | None:
+    """KV that crossed the connector in this step: for each request whose prompt gave its first token,
+    vLLM's PrefillStats (local prefix-cache hits, tokens loaded through the connector; set at its first
+    admission, handed over with its first output); and the positions the connector stores for others,
+    where its metadata lists them (ExampleConnector's `requests` with `is_store`, each `slot_mapping` one
+    slot per stored position).  None when nothing crossed."""
+    ids: list[str] = []
+    local: list[int] = []
+    got: list[int] = []
+    for outputs in (result or {}).values():
+        for o in outputs.outputs:
+            st = getattr(o, "prefill_stats", None)
+            if st is not None and (st.num_local_cached_tokens or st.num_external_cached_tokens):
+                ids.append(o.request_id)
+                local.append(int(st.num_local_cached_tokens))
+                got.append(int(st.num_external_cached_tokens))
+    sent = 0
+    for meta in getattr(getattr(out, "kv_connector_metadata", None), "requests", None) or ():
+        if getattr(meta, "is_store", False):
+            sent += len(meta.slot_mapping)
+    if not ids and not sent:
+        return None
+    return KVTransferRecord(ids, local, got, sent)
 
 
 def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], experts: int) -> list[list[int]] | None:

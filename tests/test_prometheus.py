@@ -21,7 +21,7 @@ yaml = pytest.importorskip("yaml")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from serving_mfu.cost.records import DrafterRecord, IterationRecord, Slice  # noqa: E402
+from serving_mfu.cost.records import DrafterRecord, IterationRecord, KVTransferRecord, Slice  # noqa: E402
 from serving_mfu.model.spec import ModelSpec  # noqa: E402
 from serving_mfu.peaks.table import PeakSpec  # noqa: E402
 from serving_mfu.runtime.counters import Counters  # noqa: E402
@@ -73,7 +73,8 @@ def _snapshot(tracker: MFUTracker, engine_id: str, pid: int) -> EngineSnapshot:
     counters, recent = tracker.snapshot()
     return EngineSnapshot(engine_id=engine_id, pid=pid, ppid=1, started_at=1000.0, updated_at=1010.0 + pid,
                           model=tracker.model_report(), peak=tracker.peak_report(),
-                          time_split=tracker.time_split, counters=counters.to_dict(), recent=recent)
+                          time_split=tracker.time_split, counters=counters.to_dict(), recent=recent,
+                          kv_role=tracker.kv_role)
 
 
 class FakeReader:
@@ -91,9 +92,11 @@ class RaisingReader:
 
 @pytest.fixture(scope="module")
 def engines() -> dict:
-    """Two data-parallel engines of one model on different devices, scraped twice (after 1 and 5 steps)."""
+    """Two engines of one model on different devices, a prefill engine (KV producer) and a decode engine (KV
+    consumer, which received 32 prompt positions after 16 local hits), scraped twice (after 1 and 5 steps)."""
     spec = _spec("tiny-llama")
-    trackers = [MFUTracker(spec, H100, devices=2, clock=None), MFUTracker(spec, A100, devices=1, clock=None)]
+    trackers = [MFUTracker(spec, H100, devices=2, clock=None, kv_role="producer"),
+                MFUTracker(spec, A100, devices=1, clock=None, kv_role="consumer")]
     ids = ["101-0", "202-1"]
     early, late = [], []
     for i, tracker in enumerate(trackers):
@@ -102,6 +105,9 @@ def engines() -> dict:
             tracker.record(rec)
         early.append(_snapshot(tracker, ids[i], 101 * (i + 1)))
         for rec in recs[1:]:
+            if rec.step == 2:
+                kv = KVTransferRecord(["d"], [16], [32]) if i else KVTransferRecord(sent_tokens=48)
+                rec = msgspec.structs.replace(rec, kv=kv)
             tracker.record(rec)
         tracker.note_anomaly("hook_error", "test")
         late.append(_snapshot(tracker, ids[i], 101 * (i + 1)))
@@ -132,7 +138,7 @@ def test_series_equal_the_counters(engines: dict) -> None:
     samples = scrape(FakeReader(engines["late"]))
     for snap in engines["late"]:
         c = Counters.from_dict(snap.counters)
-        base = {"engine": snap.engine_id, "model": "org/tiny-llama"}
+        base = {"engine": snap.engine_id, "model": "org/tiny-llama", "kv_role": snap.kv_role}
         for phase in prom.PHASES:
             lab = {**base, "phase": phase}
             assert value(samples, "serving_mfu_useful_flops_total", **lab) == getattr(c, f"{phase}_useful_flops")
@@ -153,7 +159,17 @@ def test_series_equal_the_counters(engines: dict) -> None:
         assert value(samples, "serving_mfu_spec_accepted_tokens_total", **base) == c.accepted_tokens == 1
         assert value(samples, "serving_mfu_spec_rejected_flops_total", **base) == c.rejected_flops > 0
         assert value(samples, "serving_mfu_spec_drafter_flops_total", **base) == c.drafter_flops == 2e6
-        assert value(samples, "serving_mfu_prefix_cache_hit_tokens_total", **base) == c.hit_tokens == 32
+        consumer = snap.kv_role == "consumer"
+        assert value(samples, "serving_mfu_prefix_cache_hit_tokens_total", **base) == c.hit_tokens == 32 + 16 * consumer
+        assert value(samples, "serving_mfu_kv_received_tokens_total", **base) == c.kv_received_tokens == 32 * consumer
+        assert value(samples, "serving_mfu_kv_sent_tokens_total", **base) == c.kv_sent_tokens == 48 * (not consumer)
+        cfg = TINY_CONFIGS["tiny-llama"]  # K and V of every layer per position, at the model's dtype
+        kv_bytes = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * (
+            cfg["hidden_size"] // cfg["num_attention_heads"]) * {"float32": 4, "bfloat16": 2}[cfg["torch_dtype"]]
+        assert value(samples, "serving_mfu_kv_received_bytes_total", **base) == c.kv_received_bytes == \
+            32 * consumer * kv_bytes
+        assert value(samples, "serving_mfu_kv_sent_bytes_total", **base) == c.kv_sent_bytes == \
+            48 * (not consumer) * kv_bytes
         assert value(samples, "serving_mfu_prefix_cache_saved_flops_total", **base) == c.saved_flops > 0
         assert value(samples, "serving_mfu_recompute_tokens_total", **base) == c.recompute_tokens > 0
         assert value(samples, "serving_mfu_recompute_flops_total", **base) == c.recompute_flops > 0
@@ -240,7 +256,7 @@ def test_moe_summaries_match_the_report() -> None:
     snap = _snapshot(tracker, "303-0", 303)
     samples = scrape(FakeReader([snap]))
     report = tracker.report()
-    base = {"engine": "303-0", "model": "org/tiny-qwen2-moe"}
+    base = {"engine": "303-0", "model": "org/tiny-qwen2-moe", "kv_role": "none"}
     count = value(samples, "serving_mfu_moe_active_experts_count", **base)
     assert count == tracker.counters.moe_iterations > 0
     assert value(samples, "serving_mfu_moe_active_experts_sum", **base) / count == pytest.approx(
@@ -276,7 +292,7 @@ def test_a_bad_snapshot_is_skipped_and_the_others_exposed(engines: dict) -> None
     # a field an older or newer engine has and this reader lacks is ignored, a missing one is 0
     odd = good.model_copy(update={"counters": {"busy_s": 1.5, "field_from_the_future": 7}})
     samples = scrape(FakeReader([odd]))
-    assert value(samples, "serving_mfu_busy_seconds_total", engine=good.engine_id, model="org/tiny-llama") == 1.5
+    assert value(samples, "serving_mfu_busy_seconds_total", engine=good.engine_id, model="org/tiny-llama", kv_role=good.kv_role) == 1.5
 
 
 def test_no_peak_exposes_no_peak_gauge(engines: dict) -> None:
@@ -431,6 +447,11 @@ def test_promtool_evaluates_the_rules_to_the_reports_mfu(engines: dict, tmp_path
         useful = d.prefill_useful_flops + d.decode_useful_flops
         checks[f'serving_mfu_instance:busy_mfu:ratio_rate1m{{instance="node-{snap.engine_id[:3]}",{model}}}'] = (
             useful / d.busy_capacity_flops)
+    for snap, early in zip(engines["late"], engines["early"]):  # one engine per KV role: each role's own MFU
+        d = Counters.from_dict(snap.counters) - Counters.from_dict(early.counters)
+        for p in prom.PHASES:
+            checks[f'serving_mfu_role:mfu:ratio_rate1m{{kv_role="{snap.kv_role}",{model},phase="{p}"}}'] = (
+                getattr(d, f"{p}_useful_flops") / getattr(d, f"{p}_capacity_flops"))
     # executed − useful = the wasted kinds together
     waste = report.prefill.executed_flops + report.decode.executed_flops - report.overall.useful_flops
     tests = [{"expr": f"abs({expr} / {want!r} - 1) < bool 1e-9", "eval_time": "4m",

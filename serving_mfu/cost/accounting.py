@@ -20,7 +20,7 @@ import numpy as np
 
 from serving_mfu.cost.bytes import ByteModel
 from serving_mfu.cost.flops import FlopModel, causal_pairs
-from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch
+from serving_mfu.cost.records import DecodeBatch, IterationRecord, KVTransferRecord, PrefillBatch
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
 
@@ -59,6 +59,11 @@ class IterationCost:
     drafter_flops: float = 0.0
     hit_tokens: int = 0
     saved_flops: float = 0.0
+    kv_received_tokens: int = 0
+    kv_received_flops: float = 0.0
+    kv_received_bytes: float = 0.0
+    kv_sent_tokens: int = 0
+    kv_sent_bytes: float = 0.0
     moe_active_experts: list[float] | None = None
     moe_measured: bool = False
     moe_imbalance: float | None = None
@@ -249,6 +254,24 @@ def _moe_measured(routing: Sequence[Sequence[int]]) -> tuple[list[float], float]
     return active, imbalance / max(len(routing), 1)
 
 
+def kv_transfer_cost(kv: KVTransferRecord, model: CostModel, out: IterationCost) -> None:
+    """Add a step's KV-connector traffic to `out`: local hits (positions [0, l)) save
+    lin·l + pairs(0, l); KV received for [l, l + r) saves lin·r + pairs(l, l + r), and its bytes are
+    r × the KV bytes per position (all layers, as the connector moves them); bytes sent likewise."""
+    lin, pairs = model._lin, model._pairs
+    kvw = model.byte_model.kv_bytes_per_token
+    for local, got in zip(kv.local_cached, kv.received):
+        if local:
+            out.hit_tokens += local
+            out.saved_flops += lin * local + pairs(0, local)
+        if got:
+            out.kv_received_tokens += got
+            out.kv_received_flops += lin * got + pairs(local, local + got)
+    out.kv_received_bytes = kvw * out.kv_received_tokens
+    out.kv_sent_tokens = kv.sent_tokens
+    out.kv_sent_bytes = kvw * kv.sent_tokens
+
+
 def cost_iteration(
     record: IterationRecord,
     model: CostModel,
@@ -345,6 +368,8 @@ def cost_iteration(
         kv_read_d += kv
         out.draft_tokens += drafts
         out.accepted_tokens += accepted
+    if record.kv is not None:
+        kv_transfer_cost(record.kv, model, out)
     pre_f += lm * pre_logits
     kept_f += lm * kept_logits
     drafter = record.drafter

@@ -80,12 +80,28 @@ class DrafterRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields
     proposed_tokens: NonNegInt = 0
 
 
+class KVTransferRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """KV that crossed a KV connector in this step (engines with one; vLLM's own PrefillStats).
+
+    Request i, whose prompt produced its first token this step, had positions [0, local_cached[i])
+    from the local prefix cache and [local_cached[i], local_cached[i] + received[i]) loaded through
+    the connector: neither was computed here.  `sent_tokens` are positions whose KV the connector
+    stored or sent for other engines in this step."""
+
+    req_ids: list[str] = msgspec.field(default_factory=list)
+    local_cached: list[NonNegInt] = msgspec.field(default_factory=list)
+    received: list[NonNegInt] = msgspec.field(default_factory=list)
+    sent_tokens: NonNegInt = 0
+
+
 class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """Everything the accounting needs about one engine step.
 
     `t_sched_s` is when `schedule()` returned this step and `t_end_s` when its output reached
     `update_from_output()` (monotonic seconds, one clock per engine).  `moe_routing`, when the
-    engine can measure it, is tokens routed to each expert, one list per MoE layer.
+    engine can measure it, is tokens routed to each expert, one list per MoE layer.  On an engine
+    with a KV connector `kv` says where cached prompt positions came from (and the batches' and
+    slices' `cached_tokens` stay 0: a first schedule cannot tell local hits from loaded KV).
     """
 
     step: NonNegInt
@@ -97,6 +113,7 @@ class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fiel
     engine: str = "0"
     prefill: PrefillBatch | None = None
     decode: DecodeBatch | None = None
+    kv: KVTransferRecord | None = None
 
     def all_slices(self) -> list[Slice]:
         """Every request's slice, the batches expanded (tests, tools; the accounting costs the batches
@@ -165,6 +182,9 @@ def _check_rules(rec: IterationRecord) -> IterationRecord:
             for r, k, a in zip(d.req_ids, d.draft_tokens, d.accepted_tokens):
                 if a > k:
                     raise RecordError(f"step {rec.step}: decode request {r}: accepted_tokens={a} > draft_tokens={k}")
+    kv = rec.kv
+    if kv is not None and not (len(kv.req_ids) == len(kv.local_cached) == len(kv.received)):
+        raise RecordError(f"step {rec.step}: kv columns differ in length")
     return rec
 
 

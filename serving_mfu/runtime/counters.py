@@ -43,6 +43,11 @@ class Counters:
     drafter_flops: float = 0.0
     hit_tokens: int = 0
     saved_flops: float = 0.0
+    kv_received_tokens: int = 0
+    kv_received_flops: float = 0.0
+    kv_received_bytes: float = 0.0
+    kv_sent_tokens: int = 0
+    kv_sent_bytes: float = 0.0
     moe_iterations: int = 0
     moe_measured_iterations: int = 0
     moe_imbalance_sum: float = 0.0
@@ -111,6 +116,12 @@ class Counters:
         self.drafter_flops += cost.drafter_flops
         self.hit_tokens += cost.hit_tokens
         self.saved_flops += cost.saved_flops
+        if cost.kv_received_tokens or cost.kv_sent_tokens:
+            self.kv_received_tokens += cost.kv_received_tokens
+            self.kv_received_flops += cost.kv_received_flops
+            self.kv_received_bytes += cost.kv_received_bytes
+            self.kv_sent_tokens += cost.kv_sent_tokens
+            self.kv_sent_bytes += cost.kv_sent_bytes
         if cost.moe_active_experts is not None:
             self.moe_iterations += 1
             acc = self.moe_active_experts_sum

@@ -63,6 +63,19 @@ class PrefixCacheReport(BaseModel):
     saved_flops: float = Field(description="FLOPs the cached prefixes would have cost")
 
 
+class KVTransferReport(BaseModel):
+    """KV that crossed the engines' KV connectors (disaggregated prefill/decode, offloading): prompt
+    positions neither computed here nor local prefix-cache hits, from vLLM's own PrefillStats."""
+
+    roles: list[str] = Field(default_factory=list, description="KV roles of the engines counted (producer, "
+                             "consumer, both, none)")
+    received_tokens: int = Field(default=0, description="prompt positions whose KV a connector loaded")
+    received_flops: float = Field(default=0.0, description="FLOPs those positions would have cost here")
+    received_bytes: float = Field(default=0.0, description="their KV bytes (all layers)")
+    sent_tokens: int = Field(default=0, description="positions whose KV a connector stored or sent")
+    sent_bytes: float = Field(default=0.0, description="their KV bytes (all layers)")
+
+
 class RecomputeReport(BaseModel):
     tokens: int
     flops: float
@@ -190,6 +203,8 @@ class MFUReport(BaseModel):
     peak: PeakReport
     model: ModelReport
     anomalies: AnomalyReport
+    kv_transfer: KVTransferReport = Field(default_factory=KVTransferReport, description="KV received and sent "
+                                          "through KV connectors (prefix_cache counts local hits only)")
     as_of: float | None = Field(default=None, description="wall-clock seconds: every step the engines finished "
                                 "before then is counted (null: an in-process tracker's report)")
     age_s: float | None = Field(default=None, description="seconds between as_of and this answer")
@@ -226,6 +241,7 @@ def build_report(
     wall_capacity_flops: float | None = None,
     wall_s: float | None = None,
     gpu: GpuUtilStatus | None = None,
+    kv_roles: list[str] | None = None,
 ) -> MFUReport:
     """Turn counters into the report.
 
@@ -233,7 +249,7 @@ def build_report(
     engines that spent them), so data-parallel engines aggregate correctly.  A live window
     passes its own `wall_s` and `wall_capacity_flops` (idle time at the end included).
     `gpu` is the engines' GPU-sampler status; the `gpu_util` section is always present (without a
-    status and without samples it says "not sampled").
+    status and without samples it says "not sampled").  `kv_roles`: the engines' KV roles.
     """
     wall = c.wall_s if wall_s is None else wall_s
     wall_cap = c.wall_capacity_flops if wall_capacity_flops is None else wall_capacity_flops
@@ -301,4 +317,8 @@ def build_report(
             counts=dict(c.anomalies),
         ),
         gpu_util=gpu_util_report(c, gpu),
+        kv_transfer=KVTransferReport(
+            roles=sorted(set(kv_roles or ["none"])), received_tokens=c.kv_received_tokens,
+            received_flops=c.kv_received_flops, received_bytes=c.kv_received_bytes,
+            sent_tokens=c.kv_sent_tokens, sent_bytes=c.kv_sent_bytes),
     )

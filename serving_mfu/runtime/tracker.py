@@ -51,6 +51,7 @@ class MFUTracker:
         max_window_s: float = 3600.0,
         recent_iterations: int = 1024,
         clock: Callable[[], float] | None = time.monotonic,
+        kv_role: str = "none",
     ):
         if time_split not in SPLIT_METHODS:
             raise ValueError(f"unknown time split {time_split!r}; choose one of {', '.join(SPLIT_METHODS)}")
@@ -59,6 +60,7 @@ class MFUTracker:
         if bucket_s <= 0 or max_window_s < bucket_s:
             raise ValueError("need 0 < bucket_s <= max_window_s")
         self.spec = spec
+        self.kv_role = kv_role  # the engine's KV-connector role, in its reports
         self.cost_model = CostModel(spec, kv_cache_dtype)
         self.peak = peak
         self.devices = devices
@@ -188,11 +190,13 @@ class MFUTracker:
     def report(self, window_s: float | None = None) -> MFUReport:
         """The report since start, or over the last `window_s` seconds."""
         if window_s is None:
-            return build_report(self.counters, self.peak_report(), self.model_report(), self.time_split)
+            return build_report(self.counters, self.peak_report(), self.model_report(), self.time_split,
+                                kv_roles=[self.kv_role])
         counters, wall = self.window_counters(window_s)
         return build_report(counters, self.peak_report(), self.model_report(), self.time_split,
                             window_s=window_s, wall_s=wall,
-                            wall_capacity_flops=wall * self._peak_total if self._peak_total else 0.0)
+                            wall_capacity_flops=wall * self._peak_total if self._peak_total else 0.0,
+                            kv_roles=[self.kv_role])
 
     def recent(self, limit: int = 100) -> list[dict]:
         """The last `limit` iterations' costs, newest last, as plain dicts."""

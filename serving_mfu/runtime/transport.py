@@ -54,6 +54,9 @@ class EngineSnapshot(BaseModel):
     model: ModelReport
     peak: PeakReport
     time_split: str
+    kv_role: str = Field(default="none", description="the engine's KV-connector role: producer, consumer, both "
+                         "or none")
+    kv_connector: str | None = Field(default=None, description="the KV connector's class name (null: none)")
     counters: dict[str, Any]
     history: list[tuple[float, dict[str, Any]]] = Field(default_factory=list,
                                                          description="(wall time, cumulative counters)")
@@ -89,6 +92,7 @@ class Totals(BaseModel):
     model: ModelReport
     time_split: str
     gpu: GpuUtilStatus | None = Field(default=None, description="the engines' GPU sampling (null: not reported)")
+    kv_roles: list[str] = Field(default_factory=list, description="the engines' KV-connector roles")
 
     def report_since(self, earlier: "Totals") -> MFUReport:
         """The report of what happened between `earlier` and this reading (e.g. one benchmark run)."""
@@ -96,7 +100,7 @@ class Totals(BaseModel):
         span = max(self.updated_at - earlier.updated_at, 0.0)
         cap = (self.peak.flops_per_s or 0.0) * self.peak.devices * span
         return build_report(diff, self.peak, self.model, self.time_split, window_s=span, wall_s=span,
-                            wall_capacity_flops=cap, gpu=self.gpu)
+                            wall_capacity_flops=cap, gpu=self.gpu, kv_roles=self.kv_roles)
 
 
 class LocalFiles:
@@ -118,7 +122,7 @@ class SnapshotWriter:
                  interval_s: float = 0.5, history_s: int = 60,
                  gpu_status: Callable[[], GpuUtilStatus | None] | None = None,
                  before_write: Callable[[], None] | None = None, clock: Callable[[], float] = time.time,
-                 files: "LocalFiles | None" = None):
+                 files: "LocalFiles | None" = None, kv_role: str = "none", kv_connector: str | None = None):
         self.source = source
         self.clock = clock  # wall seconds: started_at, updated_at and the history points
         self.before_write = before_write  # e.g. wait for the engine's pending steps to be accounted
@@ -129,7 +133,8 @@ class SnapshotWriter:
         self.path = self.dir / f"engine-{engine_id}.json"
         self.interval_s = interval_s
         self._static = dict(engine_id=engine_id, pid=os.getpid(), ppid=os.getppid(), started_at=clock(),
-                            model=model, peak=peak, time_split=time_split)
+                            model=model, peak=peak, time_split=time_split, kv_role=kv_role,
+                            kv_connector=kv_connector)
         # history points and iteration costs never change once made: each is serialized once
         self._history: deque[tuple[float, bytes]] = deque(maxlen=history_s)
         self._cost_json: dict[int, tuple[Any, str]] = {}
@@ -377,10 +382,11 @@ class SnapshotReader:
         model = snaps[0].model
         split = snaps[0].time_split
         gpu = aggregate_status([s.gpu for s in snaps])
+        roles = [s.kv_role for s in snaps]
         fresh = {"as_of": data_as_of(snaps)}
         fresh["age_s"] = max(now - fresh["as_of"], 0.0)
         if window_s is None:
-            return build_report(total, peak, model, split, gpu=gpu).model_copy(update=fresh)
+            return build_report(total, peak, model, split, gpu=gpu, kv_roles=roles).model_copy(update=fresh)
         base = self._baseline(snaps, now - window_s)
         if base is None:  # neither history nor ring reaches back: use the oldest point known
             oldest = min((s.history[0][0] for s in snaps if s.history), default=now)
@@ -389,7 +395,8 @@ class SnapshotReader:
         covered = max(now - t0, 0.0)
         capacity = sum(s.peak_total_flops() for s in snaps) * covered
         return build_report(total - counters, peak, model, split, window_s=covered,
-                            wall_s=covered, wall_capacity_flops=capacity, gpu=gpu).model_copy(update=fresh)
+                            wall_s=covered, wall_capacity_flops=capacity, gpu=gpu,
+                            kv_roles=roles).model_copy(update=fresh)
 
     def totals(self) -> "Totals | None":
         """Aggregated cumulative counters with the peak and model they go with; None if no engine."""
@@ -401,7 +408,8 @@ class SnapshotReader:
         return Totals(at=now, as_of=as_of, age_s=max(now - as_of, 0.0), engines=len(snaps),
                       counters=self._poll(snaps, now).to_dict(),
                       peak=aggregate_peak(snaps), model=snaps[0].model, time_split=snaps[0].time_split,
-                      updated_at=min(s.updated_at for s in snaps), gpu=aggregate_status([s.gpu for s in snaps]))
+                      updated_at=min(s.updated_at for s in snaps), gpu=aggregate_status([s.gpu for s in snaps]),
+                      kv_roles=sorted({s.kv_role for s in snaps}))
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The most recent iterations over all engines, newest last."""

@@ -1,7 +1,7 @@
 """Prometheus exposition: `serving_mfu_*` series read from the engines' snapshots at scrape time.
 
-Every engine is one series (labels `engine`, `model`; `phase` = prefill|decode where the
-figure is per phase).  Everything is a cumulative counter, denominators included: the
+Every engine is one series (labels `engine`, `model`, `kv_role` = producer|consumer|both|none;
+`phase` = prefill|decode where the figure is per phase).  Everything is a cumulative counter, denominators included: the
 `*_capacity_*` counters are seconds × peak × devices of the engine that spent them, so a
 utilization is a ratio of rates that stays right summed over data-parallel engines and
 nodes.  Per phase (drop `phase` from `by` for both phases over busy time, with the
@@ -24,8 +24,11 @@ serving_mfu.runtime.verdict): its MFU is not trustworthy; `serving_mfu:peak_cred
 is the one to alert on.
 
 deploy/prometheus/serving_mfu_rules.yml records these as `serving_mfu:<figure>:ratio_rate1m`
-(by model[, phase]), `serving_mfu_instance:…` (by instance too) and `serving_mfu_fleet:…`
-(all models together); deploy/grafana/serving_mfu_dashboard.json plots them.
+(by model[, phase]), `serving_mfu_instance:…` (by instance too), `serving_mfu_role:…` (by KV role:
+a disaggregated cluster's prefill pool and decode pool apart, e.g. `serving_mfu_role:mfu:ratio_rate1m
+{kv_role="producer", phase="prefill"}`; `serving_mfu_role:kv_received_flops_per_second:rate1m` is the
+work that KV loaded through connectors saved) and `serving_mfu_fleet:…` (all models together);
+deploy/grafana/serving_mfu_dashboard.json plots them.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from serving_mfu.runtime.verdict import peak_verdict
 log = logging.getLogger(__name__)
 
 PHASES = ("prefill", "decode")
-BASE_LABELS = ("engine", "model")
+BASE_LABELS = ("engine", "model", "kv_role")
 PEAK_LABELS = BASE_LABELS + ("device", "dtype", "source")
 SOURCE_MAX_CHARS = 64
 # Exposed at 0 until they happen, so that increase() sees the first one.
@@ -98,6 +101,14 @@ ENGINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("serving_mfu_discarded_flops", "FLOPs of discarded decode positions", "discarded_flops"),
     ("serving_mfu_prefix_cache_hit_tokens", "Prompt positions served by the prefix cache", "hit_tokens"),
     ("serving_mfu_prefix_cache_saved_flops", "FLOPs the prefix-cache hits would have cost", "saved_flops"),
+    ("serving_mfu_kv_received_tokens", "Prompt positions whose KV a KV connector loaded (not computed here, not "
+     "local prefix-cache hits)", "kv_received_tokens"),
+    ("serving_mfu_kv_received_flops", "FLOPs the positions loaded through a KV connector would have cost",
+     "kv_received_flops"),
+    ("serving_mfu_kv_received_bytes", "KV bytes loaded through a KV connector (all layers)", "kv_received_bytes"),
+    ("serving_mfu_kv_sent_tokens", "Positions whose KV a KV connector stored or sent for other engines",
+     "kv_sent_tokens"),
+    ("serving_mfu_kv_sent_bytes", "KV bytes stored or sent through a KV connector (all layers)", "kv_sent_bytes"),
     ("serving_mfu_recompute_tokens", "Positions recomputed after preemption", "recompute_tokens"),
     ("serving_mfu_recompute_flops", "FLOPs of recomputation after preemption", "recompute_flops"),
     ("serving_mfu_hfu_over_1_iterations", "Iterations with HFU > 1 (FLOP model, peak or clock is off)",
@@ -209,7 +220,7 @@ class MFUCollector:
         """(family, label values, value) of one engine; raises on a malformed snapshot."""
         known = Counters.__dataclass_fields__
         c = Counters.from_dict({k: v for k, v in snap.counters.items() if k in known})
-        base = (str(snap.engine_id), str(snap.model.name))
+        base = (str(snap.engine_id), str(snap.model.name), str(snap.kv_role))
         rows: list[tuple[str, tuple[str, ...], Any]] = []
         for name, _, field in PHASE_COUNTERS:
             for phase in PHASES:
