@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from serving_mfu.cost.drafter import FREE_METHODS
+from serving_mfu.model.dtypes import guess_storage_dtype
 from serving_mfu.model.quantization import weight_bits_and_compute_dtype
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.resolve import resolve_peak
@@ -35,6 +36,7 @@ class EngineInfo:
     draft_spec: ModelSpec | None
     kv_role: str = "none"  # producer | consumer | both | none (vLLM's kv_transfer_config.kv_role)
     kv_connector: str | None = None
+    kv_cache_dtype_note: str | None = None  # set when the KV-cache dtype was unknown and its width guessed
 
 
 KV_ROLES = {"kv_producer": "producer", "kv_consumer": "consumer", "kv_both": "both"}
@@ -74,7 +76,9 @@ def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
     pc = vllm_config.parallel_config
     devices = int(pc.tensor_parallel_size) * int(pc.pipeline_parallel_size)
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    kv = None if cache_dtype in ("auto", "None") else cache_dtype.split("_")[0]
+    kv, kv_note = None, None
+    if cache_dtype not in ("auto", "None"):  # an unknown one (newer than our table) is guessed, and said so
+        kv, kv_note = guess_storage_dtype(cache_dtype)
     peak, err = None, None
     try:
         peak = resolve_peak(compute, **settings.peak_inputs())
@@ -97,4 +101,5 @@ def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
     role, connector = kv_role(vllm_config)
     return EngineInfo(spec=spec, devices=devices, dp_rank=int(getattr(pc, "data_parallel_rank", 0) or 0),
                       kv_cache_dtype=kv, peak=peak, peak_error=err, spec_method=method, num_spec_tokens=k,
-                      draft_spec=draft, kv_role=role, kv_connector=connector)
+                      draft_spec=draft, kv_role=role, kv_connector=connector,
+                      kv_cache_dtype_note=kv_note)

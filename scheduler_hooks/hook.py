@@ -29,8 +29,7 @@ import numpy as np
 from scheduler_hooks.engine_info import EngineInfo, engine_info
 from serving_mfu.cost.accounting import CostModel
 from serving_mfu.cost.drafter import drafter_cost
-from serving_mfu.cost.records import (DecodeBatch, DrafterRecord, IterationRecord, KVTransferRecord, PrefillBatch,
-                                      Slice)
+from serving_mfu.cost.records import DecodeBatch, DrafterRecord, IterationRecord, KVTransferRecord, PrefillBatch, Slice
 from serving_mfu.runtime.gpu_util import sampler_for_engine
 from serving_mfu.runtime.report import ModelReport
 from serving_mfu.runtime.settings import Settings, load_settings
@@ -133,6 +132,8 @@ class MFUHook:
                               time_split=settings.time_split, kv_role=info.kv_role)
         for message in errors:
             tracker.note_anomaly("bad_setting", message)
+        if info.kv_cache_dtype_note:  # bytes use the guessed width; the engine is tracked all the same
+            tracker.note_anomaly("unknown_kv_cache_dtype", info.kv_cache_dtype_note)
         if info.peak is None:
             tracker.note_anomaly("missing_peak", info.peak_error or "no peak for this device; set "
                                  "SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS or SERVING_MFU_CALIBRATION")
@@ -446,7 +447,10 @@ class MFUHook:
             if p_ids else None
         decode = DecodeBatch(dec_ids, dec_n0, drafts, accepted, dec_delivered) if dec_ids else None
         drafter = None
-        if self.spec_method:
+        if self.spec_method and getattr(out, "skip_drafts", False):
+            # vLLM ≥ 0.33 (Model Runner V2): this step proposes no drafts
+            drafter = DrafterRecord(self.spec_method)
+        elif self.spec_method:
             if runs is not None:
                 runs += [(n0, e) for n0, e, p in zip(p_n0, map(add, p_n0, p_q), p_prompt) if e == p]
                 runs += zip(dec_n0, map(add, dec_n0, map(add, accepted or repeat(0), repeat(1))))

@@ -158,3 +158,66 @@ def test_scheduler_flavour_follows_async_scheduling(async_scheduling: bool, flav
     assert type(obj).__name__ == flavour
     assert isinstance(obj, MFUScheduler)
     assert isinstance(obj, AsyncScheduler) == async_scheduling
+
+
+def _hook_for(tmp_path, **engine_args):
+    """An MFUHook (accounting inline) from a real VllmConfig of the tiny model with `engine_args`."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from scheduler_hooks.hook import MFUHook
+    from serving_mfu.runtime.settings import Settings
+    from tests.engine_util import DEFAULT_PEAK, environ, model_path
+
+    config = EngineArgs(model=model_path(), enforce_eager=True, max_model_len=512, **engine_args).create_engine_config()
+
+    def build() -> MFUHook:
+        with environ(DEFAULT_PEAK):
+            return MFUHook.from_vllm_config(config, settings=Settings(dir=tmp_path, sync_accounting=True),
+                                            publish=False)
+    return config, build
+
+
+def test_unknown_kv_cache_dtype_is_guessed_and_counted_not_fatal(tmp_path) -> None:
+    """A KV-cache dtype newer than our table (vLLM 0.33's octave_*): the engine is still tracked, its KV
+    bytes at a stated guess of the width, and the anomaly says so."""
+    config, build = _hook_for(tmp_path)
+    object.__setattr__(config.cache_config, "cache_dtype", "octave_3bit")
+    hook = build()
+    try:
+        assert hook.tracker.cost_model.byte_model.kv_bytes_per_elem == 0.5  # 3 bits → the next width up, 4 bits
+        counts = hook.tracker.counters.anomalies
+        assert counts.get("unknown_kv_cache_dtype") == 1, counts
+        out = _step(hook, {"a": 10}, {"a": 0}, new={"a": 10})
+        hook.after_output(hook.before_output(None, out, SimpleNamespace(req_id_to_index={}, sampled_token_ids=[])),
+                          _result({"a": 1}))
+        report = hook.tracker.report()
+        assert report.prefill.tokens == 10 and report.prefill.bytes > 0
+    finally:
+        hook.close()
+
+
+def _step(hook, scheduled, before, new=None, **fields):
+    out = _out(scheduled, before, new)
+    for k, v in fields.items():
+        setattr(out, k, v)
+    hook.on_schedule(None, out)
+    return out
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_skip_drafts_proposes_nothing(tmp_path, skip: bool) -> None:
+    """vLLM 0.33 (Model Runner V2) marks steps whose drafts are skipped: no drafter work, no proposals."""
+    from tests.engine_util import NGRAM
+
+    _, build = _hook_for(tmp_path, speculative_config=NGRAM)
+    hook = build()
+    try:
+        out = _out({"a": 10}, {"a": 0}, new={"a": 10})
+        if skip:
+            out.skip_drafts = True
+        runner = SimpleNamespace(req_id_to_index={"a": 0}, sampled_token_ids=[[5]])
+        rec = hook.build_record(1, (0.0, 1e-3, out, runner, None), _result({"a": 1}))
+        assert rec.drafter is not None and rec.drafter.method == "ngram"
+        assert rec.drafter.proposed_tokens == (0 if skip else 3)  # the finished prompt drafts k=3 next
+    finally:
+        hook.close()

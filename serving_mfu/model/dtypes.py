@@ -7,6 +7,8 @@ and `dtype_bytes` for storage widths.
 
 from __future__ import annotations
 
+import re
+
 from serving_mfu.model.errors import ConfigError
 
 # short name → (bytes per element, spellings)
@@ -47,3 +49,26 @@ def dtype_bytes(name: str) -> float:
     if short is None:
         raise ConfigError(f"unknown dtype {name!r}; known: {', '.join(sorted(ALIASES))}")
     return _DTYPES[short][0]
+
+
+# a storage width → the short name of that width (for a guess to stand in for an unknown dtype)
+_BY_WIDTH = {4.0: "fp32", 2.0: "bf16", 1.0: "fp8", 0.5: "fp4"}
+
+
+def guess_storage_dtype(name: str) -> tuple[str, str | None]:
+    """A known short dtype for a storage dtype name, and None; for an unknown name (e.g. a KV-cache
+    dtype newer than this table) the nearest known width at or above the bit count the name gives
+    (`…3bit…` → fp4, 0.5 bytes), else 1 byte (fp8, today's usual quantized KV cache), and a sentence
+    saying so."""
+    key = _key(name)
+    short = ALIASES.get(key) or ALIASES.get(key.split("_")[0])  # fp8_inc, fp8_ds_mla: fp8 variants
+    if short is not None:
+        return short, None
+    m = re.search(r"(\d+)\s*(?:bit|b\b|_|$)", _key(name))
+    bits = int(m.group(1)) if m else None
+    if bits is not None and 1 <= bits <= 32:
+        width = next(w for w in sorted(_BY_WIDTH) if w * 8 >= bits)
+        why = f"{bits} bits in its name → {width:g} bytes"
+    else:
+        width, why = 1.0, "no width in its name → 1 byte, as fp8"
+    return _BY_WIDTH[width], f"unknown dtype {name!r}: assumed {why}"

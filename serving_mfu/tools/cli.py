@@ -177,6 +177,11 @@ def print_report(report, title: str = "serving-mfu") -> None:
                      + (f", imbalance {m.imbalance:.2f}" if m.imbalance else ""))
     lines.append(f"prefix cache: {report.prefix_cache.hit_tokens} hit tokens, saved "
                  f"{_si(report.prefix_cache.saved_flops, 'FLOPs')}; recompute: {report.recompute.tokens} tokens")
+    kv = report.kv_transfer
+    if kv.received_tokens or kv.sent_tokens or any(r != "none" for r in kv.roles):
+        lines.append(f"KV connector ({', '.join(kv.roles)}): received {kv.received_tokens} tokens "
+                     f"({_si(kv.received_bytes, 'B')}, saved {_si(kv.received_flops, 'FLOPs')}), sent "
+                     f"{kv.sent_tokens} tokens ({_si(kv.sent_bytes, 'B')})")
     pk = report.peak
     lines.append(f"peak: {_si(pk.flops_per_s, 'FLOP/s')} × {pk.devices} ({pk.dtype}, {pk.device}) — "
                  f"{escape(pk.source or 'no peak: MFU unavailable')}")
