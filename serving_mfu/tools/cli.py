@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from serving_mfu.model.spec import ConfigError, ModelSpec
+from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.serve.format import pct as _pct
 from serving_mfu.serve.format import peak_warning
 from serving_mfu.serve.format import si as _si
@@ -46,6 +47,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
     spec = ModelSpec.from_hf_config(args.config)
     breakdown = FlopModel(spec).slice_breakdown(args.new_tokens, args.context_len, args.logits_tokens)
+    if args.lora:
+        lf = lora_flops(load_adapter(args.lora), spec)
+        breakdown["lora"] = args.new_tokens * lf.per_token + args.logits_tokens * lf.per_logit
     out: dict[str, object] = {"total": sum(breakdown.values()), "breakdown": breakdown}
     par = Parallelism(args.tp, args.pp, args.ep)
     if par.devices > 1 or par.ep > 1:
@@ -361,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--context-len", type=_positive_int, required=True, help="c: KV context after the step (>= q)")
     f.add_argument("--logits-tokens", type=_non_negative_int, default=1,
                    help="positions producing logits (default 1; 0 for a prefill chunk that is not the last)")
+    f.add_argument("--lora", metavar="ADAPTER_DIR", help="a peft LoRA adapter (folder with adapter_config.json): "
+                   "adds its FLOPs as the `lora` component")
     f.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (adds per_device)")
     f.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
     f.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
