@@ -37,6 +37,7 @@ class EngineInfo:
     kv_role: str = "none"  # producer | consumer | both | none (vLLM's kv_transfer_config.kv_role)
     kv_connector: str | None = None
     kv_cache_dtype_note: str | None = None  # set when the KV-cache dtype was unknown and its width guessed
+    max_lora_rank: int | None = None  # --max-lora-rank with --enable-lora (None: LoRA off)
 
 
 KV_ROLES = {"kv_producer": "producer", "kv_consumer": "consumer", "kv_both": "both"}
@@ -58,6 +59,11 @@ def _config_dict(hf_config: Any) -> dict[str, Any]:
 
 def _torch_dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _max_lora_rank(vllm_config: Any) -> int | None:
+    lc = getattr(vllm_config, "lora_config", None)
+    return int(lc.max_lora_rank) if lc is not None else None
 
 
 def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
@@ -102,4 +108,4 @@ def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
     return EngineInfo(spec=spec, devices=devices, dp_rank=int(getattr(pc, "data_parallel_rank", 0) or 0),
                       kv_cache_dtype=kv, peak=peak, peak_error=err, spec_method=method, num_spec_tokens=k,
                       draft_spec=draft, kv_role=role, kv_connector=connector,
-                      kv_cache_dtype_note=kv_note)
+                      kv_cache_dtype_note=kv_note, max_lora_rank=_max_lora_rank(vllm_config))

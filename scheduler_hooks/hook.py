@@ -24,12 +24,22 @@ from itertools import compress, repeat
 from operator import add, attrgetter, ge, gt, itemgetter, le, lt
 from typing import Any, Callable
 
+import msgspec
 import numpy as np
 
 from scheduler_hooks.engine_info import EngineInfo, engine_info
 from serving_mfu.cost.accounting import CostModel
 from serving_mfu.cost.drafter import drafter_cost
-from serving_mfu.cost.records import DecodeBatch, DrafterRecord, IterationRecord, KVTransferRecord, PrefillBatch, Slice
+from serving_mfu.cost.records import (
+    DecodeBatch,
+    DrafterRecord,
+    IterationRecord,
+    KVTransferRecord,
+    LoRAUse,
+    PrefillBatch,
+    Slice,
+)
+from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.runtime.gpu_util import sampler_for_engine
 from serving_mfu.runtime.report import ModelReport
 from serving_mfu.runtime.settings import Settings, load_settings
@@ -86,6 +96,11 @@ class MFUHook:
         # with a KV connector a first schedule's computed positions may be local hits or loaded KV: both
         # are told apart at the request's first output (vLLM's PrefillStats), not at its first schedule
         self._kv = info.kv_role != "none"
+        # LoRA (--enable-lora): each request's adapter, from its NewRequestData.lora_request, and each
+        # adapter's FLOPs per position (its own ranks) and executed (vLLM's padded max_lora_rank)
+        self._lora_rank = info.max_lora_rank
+        self.lora_of: dict[str, int] = {}
+        self._adapters: dict[int, LoRAUse | None] = {}
         self.pending: dict[int, float] = {}  # id(SchedulerOutput) → t_sched, until its output comes
         # accounting-side state, in step order: high-water marks (explicit, and a plain decode's n0),
         # prompt lengths (its keys: every request seen), and the few requests still in their prompt or
@@ -272,7 +287,7 @@ class MFUHook:
         kv = self._kv
         finished = out.finished_req_ids
         if finished:
-            for d in (hwm, plain, prompts):
+            for d in (hwm, plain, prompts, self.lora_of):
                 if d:
                     _drain(map(d.pop, finished, repeat(None)))
             for st in (prefilling, recomputing):
@@ -292,6 +307,8 @@ class MFUHook:
         new = out.scheduled_new_reqs
         if new:
             ids = list(map(_REQ_ID, new))
+            if self._lora_rank is not None:
+                self._note_adapters(new)
             n0s = list(map(_COMPUTED, new))
             qs = list(map(nst.__getitem__, ids))
             try:
@@ -464,7 +481,39 @@ class MFUHook:
             n0s = [s.computed_before for s in slices] + p_n0 + dec_n0
             routing = moe_routing(runner_out, ids, qs, n0s, self._experts)
         return IterationRecord(step, t_sched, t_end, slices, drafter, routing, self.engine_id, prefill, decode,
-                               kv_transfer(out, result) if kv else None)
+                               kv_transfer(out, result) if kv else None,
+                               self._lora_uses(nst) if self.lora_of else None)
+
+    def _note_adapters(self, new: list) -> None:
+        """Remember the adapter of each new request that has one (its LoRARequest), loading the adapter's
+        config the first time it is seen; one that cannot be read counts an anomaly and adds no FLOPs."""
+        for nr in new:
+            lr = getattr(nr, "lora_request", None)
+            if lr is None:
+                continue
+            key = int(lr.lora_int_id)
+            self.lora_of[nr.req_id] = key
+            if key not in self._adapters:
+                name = str(getattr(lr, "lora_name", key))
+                try:
+                    adapter = load_adapter(lr.lora_path, name)
+                    useful = lora_flops(adapter, self.info.spec)
+                    executed = lora_flops(adapter, self.info.spec, rank=max(self._lora_rank, adapter.rank))
+                    self._adapters[key] = LoRAUse(name, [], useful.per_token, useful.per_logit,
+                                                  executed.per_token, executed.per_logit)
+                except Exception as exc:
+                    self._adapters[key] = None
+                    self.tracker.note_anomaly("lora_adapter_unreadable", f"adapter {name!r}: {exc}")
+
+    def _lora_uses(self, nst: dict) -> list[LoRAUse] | None:
+        """The step's scheduled requests grouped by adapter (requests without one are base-model work)."""
+        groups: dict[int, list[str]] = {}
+        lora_of = self.lora_of
+        for rid in (lora_of.keys() & nst.keys() if len(lora_of) < len(nst) else filter(lora_of.__contains__, nst)):
+            groups.setdefault(lora_of[rid], []).append(rid)
+        uses = [msgspec.structs.replace(a, req_ids=ids) for key, ids in groups.items()
+                if (a := self._adapters.get(key)) is not None]
+        return uses or None
 
     def _split_odd(self, ids: list, n0s: list, nst: dict, drafts: list | None, general: list) -> tuple[list, list]:
         """Decodes whose scheduled tokens are not 1 + their drafts go to the general slices."""

@@ -149,3 +149,21 @@ def test_batches_cost_what_their_slices_cost(case) -> None:
     assert got.prefill.useful_flops == flops["prefill"] and got.decode.useful_flops == flops["kept"]
     assert got.rejected_flops == flops["rejected"] and got.saved_flops == flops["saved"]
     assert got.discarded_flops == flops["discarded"]
+
+
+@given(slices(0))
+@settings(max_examples=400, deadline=None)
+def test_slice_positions_count_what_the_per_position_table_says(s: Slice) -> None:
+    """slice_positions (LoRA's per-class position counts) = the naive per-position classification."""
+    from collections import Counter as Count
+
+    from serving_mfu.cost.accounting import slice_positions
+    from tests.reference import classify
+
+    order = ("prefill", "recompute", "kept", "rejected", "discarded")
+    rows = classify(s)
+    positions = Count(cls for _, cls, _ in rows)
+    logits = Count(cls for _, cls, lg in rows if lg)
+    *counts, logit_counts = slice_positions(s)
+    assert tuple(counts) == tuple(positions[c] for c in order)
+    assert logit_counts == tuple(logits[c] for c in order)

@@ -20,7 +20,7 @@ import numpy as np
 
 from serving_mfu.cost.bytes import ByteModel
 from serving_mfu.cost.flops import FlopModel, causal_pairs
-from serving_mfu.cost.records import DecodeBatch, IterationRecord, KVTransferRecord, PrefillBatch
+from serving_mfu.cost.records import DecodeBatch, IterationRecord, KVTransferRecord, PrefillBatch, Slice
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
 
@@ -64,6 +64,9 @@ class IterationCost:
     kv_received_bytes: float = 0.0
     kv_sent_tokens: int = 0
     kv_sent_bytes: float = 0.0
+    lora_tokens: int = 0
+    lora_useful_flops: float = 0.0
+    lora_executed_flops: float = 0.0
     moe_active_experts: list[float] | None = None
     moe_measured: bool = False
     moe_imbalance: float | None = None
@@ -272,6 +275,57 @@ def kv_transfer_cost(kv: KVTransferRecord, model: CostModel, out: IterationCost)
     out.kv_sent_bytes = kvw * kv.sent_tokens
 
 
+def slice_positions(s: Slice) -> tuple[int, int, int, int, int, tuple[int, int, int, int, int]]:
+    """A slice's positions per class — prefill, recompute, kept, rejected, discarded (DESIGN §2) — and
+    its logit positions per class in the same order (the last 1 + drafts positions of a slice that
+    reaches the end of its prompt past its high-water mark)."""
+    q, n0, prompt, hwm, k = s.new_tokens, s.computed_before, s.prompt_len, s.hwm, s.draft_tokens
+    c = n0 + q
+    rej = k - s.accepted_tokens
+    rec = max(min(c, hwm) - n0, 0)
+    p_start = max(n0, hwm)
+    pre = max(min(c, prompt) - p_start, 0)
+    d_start = max(p_start, prompt)
+    kept = rejected = disc = 0
+    useful_end = kept_end = c - rej
+    if c > d_start:
+        if s.delivered_tokens is not None and d_start + s.delivered_tokens < kept_end:
+            useful_end = d_start + s.delivered_tokens
+        kept, rejected, disc = useful_end - d_start, rej, kept_end - useful_end
+    logits = [0, 0, 0, 0, 0]
+    if q and c >= prompt and c > hwm:
+        for pos in range(max(n0, c - 1 - k), c):
+            logits[0 if hwm <= pos < prompt else 1 if pos < hwm else 3 if pos >= kept_end
+                   else 4 if pos >= useful_end else 2] += 1
+    return pre, rec, kept, rejected, disc, tuple(logits)
+
+
+def lora_cost(record: IterationRecord, out: IterationCost) -> None:
+    """Add the step's LoRA adapter FLOPs to `out`, per phase: useful = the adapter's FLOPs per position
+    over prefill and kept positions (+ per logit at their logit positions); executed = the padded-rank
+    FLOPs over every position the step ran (recompute, rejected and discarded included)."""
+    uses = record.lora or ()
+    by_id = {s.req_id: s for s in record.all_slices()} if uses else {}
+    p, d = out.prefill, out.decode
+    for use in uses:
+        ft, fl, et, el = use.flops_per_token, use.flops_per_logit, use.executed_per_token, use.executed_per_logit
+        for rid in use.req_ids:
+            s = by_id.get(rid)
+            if s is None:
+                continue
+            pre, rec, kept, rej, disc, (l_pre, l_rec, l_kept, l_rej, l_disc) = slice_positions(s)
+            pu, du = ft * pre + fl * l_pre, ft * kept + fl * l_kept
+            pe = et * (pre + rec) + el * (l_pre + l_rec)
+            de = et * (kept + rej + disc) + el * (l_kept + l_rej + l_disc)
+            p.useful_flops += pu
+            p.executed_flops += pe
+            d.useful_flops += du
+            d.executed_flops += de
+            out.lora_tokens += pre + kept
+            out.lora_useful_flops += pu + du
+            out.lora_executed_flops += pe + de
+
+
 def cost_iteration(
     record: IterationRecord,
     model: CostModel,
@@ -383,6 +437,8 @@ def cost_iteration(
     out.rejected_tokens, out.rejected_flops = rej_t, rej_f
     out.discarded_tokens, out.discarded_flops = disc_t, disc_f
     out.drafter_flops = drafter_f
+    if record.lora:
+        lora_cost(record, out)
 
     # Bytes: weights (with the experts each subset of positions routes to), KV reads, KV writes.
     tokens_p, tokens_d = pre_t + rec_t, kept_t + rej_t + disc_t

@@ -94,6 +94,18 @@ class KVTransferRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fie
     sent_tokens: NonNegInt = 0
 
 
+class LoRAUse(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """The requests of this step that run one LoRA adapter, and its FLOPs per position and per logit
+    position: useful (the adapter's own ranks) and executed (the serving kernels' padded rank)."""
+
+    adapter: str
+    req_ids: list[str]
+    flops_per_token: NonNegInt
+    flops_per_logit: NonNegInt = 0
+    executed_per_token: NonNegInt = 0
+    executed_per_logit: NonNegInt = 0
+
+
 class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """Everything the accounting needs about one engine step.
 
@@ -114,6 +126,7 @@ class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fiel
     prefill: PrefillBatch | None = None
     decode: DecodeBatch | None = None
     kv: KVTransferRecord | None = None
+    lora: list[LoRAUse] | None = None
 
     def all_slices(self) -> list[Slice]:
         """Every request's slice, the batches expanded (tests, tools; the accounting costs the batches

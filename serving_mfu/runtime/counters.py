@@ -48,6 +48,9 @@ class Counters:
     kv_received_bytes: float = 0.0
     kv_sent_tokens: int = 0
     kv_sent_bytes: float = 0.0
+    lora_tokens: int = 0
+    lora_useful_flops: float = 0.0
+    lora_executed_flops: float = 0.0
     moe_iterations: int = 0
     moe_measured_iterations: int = 0
     moe_imbalance_sum: float = 0.0
@@ -122,6 +125,10 @@ class Counters:
             self.kv_received_bytes += cost.kv_received_bytes
             self.kv_sent_tokens += cost.kv_sent_tokens
             self.kv_sent_bytes += cost.kv_sent_bytes
+        if cost.lora_executed_flops:
+            self.lora_tokens += cost.lora_tokens
+            self.lora_useful_flops += cost.lora_useful_flops
+            self.lora_executed_flops += cost.lora_executed_flops
         if cost.moe_active_experts is not None:
             self.moe_iterations += 1
             acc = self.moe_active_experts_sum

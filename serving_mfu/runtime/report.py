@@ -76,6 +76,15 @@ class KVTransferReport(BaseModel):
     sent_bytes: float = Field(default=0.0, description="their KV bytes (all layers)")
 
 
+class LoRAReport(BaseModel):
+    """LoRA adapter work, part of the phases' figures: useful at each adapter's own ranks over the
+    positions users kept, executed at the serving kernels' padded rank (--max-lora-rank)."""
+
+    tokens: int = Field(default=0, description="useful positions of requests that ran an adapter")
+    useful_flops: float = Field(default=0.0, description="adapter FLOPs of those positions (in the phases' useful)")
+    executed_flops: float = Field(default=0.0, description="adapter FLOPs the kernels ran (in the phases' executed)")
+
+
 class RecomputeReport(BaseModel):
     tokens: int
     flops: float
@@ -205,6 +214,7 @@ class MFUReport(BaseModel):
     anomalies: AnomalyReport
     kv_transfer: KVTransferReport = Field(default_factory=KVTransferReport, description="KV received and sent "
                                           "through KV connectors (prefix_cache counts local hits only)")
+    lora: LoRAReport = Field(default_factory=LoRAReport, description="LoRA adapter work (included in the phases)")
     as_of: float | None = Field(default=None, description="wall-clock seconds: every step the engines finished "
                                 "before then is counted (null: an in-process tracker's report)")
     age_s: float | None = Field(default=None, description="seconds between as_of and this answer")
@@ -321,4 +331,5 @@ def build_report(
             roles=sorted(set(kv_roles or ["none"])), received_tokens=c.kv_received_tokens,
             received_flops=c.kv_received_flops, received_bytes=c.kv_received_bytes,
             sent_tokens=c.kv_sent_tokens, sent_bytes=c.kv_sent_bytes),
+        lora=LoRAReport(tokens=c.lora_tokens, useful_flops=c.lora_useful_flops, executed_flops=c.lora_executed_flops),
     )

@@ -109,6 +109,11 @@ ENGINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("serving_mfu_kv_sent_tokens", "Positions whose KV a KV connector stored or sent for other engines",
      "kv_sent_tokens"),
     ("serving_mfu_kv_sent_bytes", "KV bytes stored or sent through a KV connector (all layers)", "kv_sent_bytes"),
+    ("serving_mfu_lora_tokens", "Useful positions of requests that ran a LoRA adapter", "lora_tokens"),
+    ("serving_mfu_lora_useful_flops", "LoRA adapter FLOPs of useful positions (part of useful_flops)",
+     "lora_useful_flops"),
+    ("serving_mfu_lora_executed_flops", "LoRA adapter FLOPs the kernels ran at the padded rank (part of "
+     "executed_flops)", "lora_executed_flops"),
     ("serving_mfu_recompute_tokens", "Positions recomputed after preemption", "recompute_tokens"),
     ("serving_mfu_recompute_flops", "FLOPs of recomputation after preemption", "recompute_flops"),
     ("serving_mfu_hfu_over_1_iterations", "Iterations with HFU > 1 (FLOP model, peak or clock is off)",

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from serving_mfu.model.spec import ConfigError, ModelSpec
 from serving_mfu.model.lora import load_adapter, lora_flops
+from serving_mfu.model.spec import ConfigError, ModelSpec
 from serving_mfu.serve.format import pct as _pct
 from serving_mfu.serve.format import peak_warning
 from serving_mfu.serve.format import si as _si
