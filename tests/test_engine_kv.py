@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 
 from serving_mfu.tools.engine_models import CORPUS
-from tests.engine_util import assert_invariants, llm_engine, measured_generate
+from tests.engine_util import assert_invariants, measured_generate
 
 pytestmark = pytest.mark.engine
 
-BLOCK = 32  # the ExampleConnector stores whole blocks of the prompt but its last position
+BLOCK = 32  # the engine's block size: the ExampleConnector stores whole blocks of a prompt but its last position
 
 
 def _by_source(llm) -> dict[str, float]:
@@ -26,22 +26,18 @@ def _by_source(llm) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(connector_lora_engine):
     from vllm import SamplingParams
 
-    publish, store = tmp_path_factory.mktemp("publish"), tmp_path_factory.mktemp("kv-store")
-    kv = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-          "kv_connector_extra_config": {"shared_storage_path": str(store)}}
+    llm, publish, _ = connector_lora_engine
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     prompts = [CORPUS[i * 60: i * 60 + 200 + 17 * i] for i in range(4)]
-    with llm_engine(publish, kv_transfer_config=kv, enable_prefix_caching=False, block_size=BLOCK,
-                    max_num_seqs=4, max_model_len=512) as llm:
-        runs = []
-        for _ in range(2):  # the first computes and stores every prompt, the second loads them
-            before = _by_source(llm)
-            report, delta, outputs, _ = measured_generate(llm, publish, prompts, params)
-            after = _by_source(llm)
-            runs.append((report, delta, {k: after[k] - before.get(k, 0.0) for k in after}, outputs))
+    runs = []
+    for _ in range(2):  # the first computes and stores every prompt, the second loads them
+        before = _by_source(llm)
+        report, delta, outputs, _ = measured_generate(llm, publish, prompts, params)
+        after = _by_source(llm)
+        runs.append((report, delta, {k: after[k] - before.get(k, 0.0) for k in after}, outputs))
     return runs
 
 

@@ -9,7 +9,7 @@ import pytest
 from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.tools.engine_models import CORPUS
-from tests.engine_util import assert_invariants, llm_engine, model_path, vllm_counters
+from tests.engine_util import assert_invariants, model_path, vllm_counters
 
 pytestmark = pytest.mark.engine
 
@@ -17,7 +17,7 @@ RANK, MAX_RANK, OUT = 8, 16, 12
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, connector_lora_engine):
     peft = pytest.importorskip("peft")
     import torch
     import transformers
@@ -31,19 +31,17 @@ def run(tmp_path_factory):
     base = transformers.AutoModelForCausalLM.from_pretrained(model_path())
     config = peft.LoraConfig(r=RANK, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     peft.get_peft_model(base, config).save_pretrained(folder)
-    publish = tmp_path_factory.mktemp("publish")
-    prompts = [CORPUS[i * 70: i * 70 + 150 + 11 * i] for i in range(6)]
+    llm, publish, _ = connector_lora_engine  # its KV connector stores these prompts too: not counted here
+    prompts = [CORPUS[i * 70 + 1000: i * 70 + 1150 + 11 * i] for i in range(6)]
     adapter = LoRARequest("tiny-adapter", 1, str(folder))
     requests = [adapter if i % 2 else None for i in range(len(prompts))]  # base and adapter in one batch
     params = SamplingParams(max_tokens=OUT, temperature=0.0, ignore_eos=True)
-    with llm_engine(publish, enable_lora=True, max_lora_rank=MAX_RANK, max_loras=2, enable_prefix_caching=False,
-                    max_num_seqs=8, max_model_len=512) as llm:
-        llm.generate(prompts[:1], SamplingParams(max_tokens=2), lora_request=adapter, use_tqdm=False)  # load it
-        before = vllm_counters(llm)
-        with MFUMonitor(publish) as mon:
-            outputs = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
-        after = vllm_counters(llm)
-        report = mon.report()
+    llm.generate([CORPUS[:40]], SamplingParams(max_tokens=2), lora_request=adapter, use_tqdm=False)  # load it
+    before = vllm_counters(llm)
+    with MFUMonitor(publish) as mon:
+        outputs = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
+    after = vllm_counters(llm)
+    report = mon.report()
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     return report, delta, outputs, requests, folder
 
@@ -64,6 +62,7 @@ def test_adapter_work_counts_for_its_requests_only(run) -> None:
     assert report.lora.executed_flops == positions * padded.per_token == 2 * report.lora.useful_flops
     # the base model's counts are untouched: vLLM's own token counters
     assert report.prefill.tokens == delta["vllm:prompt_tokens"]
+    assert report.kv_transfer.received_tokens == 0  # prompts the engine's KV store has not seen
     assert report.decode.tokens == delta["vllm:generation_tokens"] - len(outputs)
     assert report.prefill.executed_flops > report.prefill.useful_flops  # the padded rank ran
     assert_invariants(report)
