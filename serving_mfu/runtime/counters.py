@@ -151,19 +151,19 @@ class Counters:
         self.anomalies[name] = self.anomalies.get(name, 0) + n
 
     def iadd(self, other: "Counters") -> None:
-        """Add `other` into this one, in place."""
-        for f in fields(self):
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            if isinstance(a, list):
-                if len(a) < len(b):
-                    a.extend([0.0] * (len(b) - len(a)))
-                for i, y in enumerate(b):
-                    a[i] += y
-            elif isinstance(a, dict):
-                for k, v in b.items():
-                    a[k] = a.get(k, 0) + v
-            else:
-                setattr(self, f.name, a + b)
+        """Add `other` into this one, in place (a bucket closing: once a second per engine)."""
+        for name in _SCALARS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in _LISTS:
+            a, b = getattr(self, name), getattr(other, name)
+            if len(a) < len(b):
+                a.extend([0.0] * (len(b) - len(a)))
+            for i, y in enumerate(b):
+                a[i] += y
+        for name in _DICTS:
+            a = getattr(self, name)
+            for k, v in getattr(other, name).items():
+                a[k] = a.get(k, 0) + v
 
     def _combine(self, other: "Counters", sign: int) -> "Counters":
         out = Counters()
@@ -202,3 +202,10 @@ class Counters:
         for k, v in data.items():
             setattr(out, k, list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
         return out
+
+
+# Counters' fields by kind, read once (iadd runs at every bucket close)
+_SCALARS = tuple(f.name for f in fields(Counters) if f.type in ("int", "float"))
+_LISTS = tuple(f.name for f in fields(Counters) if f.type.startswith("list"))
+_DICTS = tuple(f.name for f in fields(Counters) if f.type.startswith("dict"))
+assert len(_SCALARS) + len(_LISTS) + len(_DICTS) == len(fields(Counters)), "a Counters field of a new kind"
