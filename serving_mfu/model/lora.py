@@ -16,13 +16,12 @@ whole batch) — HFU is understated there, never overstated.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving_mfu.model.errors import ConfigError
-from serving_mfu.model.spec import LayerSpec, ModelSpec
+from serving_mfu.model.spec import LayerSpec, ModelSpec, read_json_object
 
 # module name → (d_in, d_out) of one layer; fused names are the sums of their parts
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "dense", "out_proj", "c_attn",
@@ -125,14 +124,5 @@ def lora_flops(adapter: LoRASpec, spec: ModelSpec, rank: int | None = None) -> L
 def load_adapter(source: str | Path, name: str | None = None) -> LoRASpec:
     """An adapter from its folder (adapter_config.json) or that file; ConfigError says what is wrong."""
     path = Path(source)
-    if path.is_dir():
-        path = path / "adapter_config.json"
-    if not path.is_file():
-        raise ConfigError(f"no LoRA adapter config at {path}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} does not hold a JSON object")
-    return LoRASpec.from_adapter_config(cfg, name or path.parent.name)
+    cfg = read_json_object(path, "adapter_config.json", "LoRA adapter config (adapter_config.json)")
+    return LoRASpec.from_adapter_config(cfg, name or (path.name if path.is_dir() else path.parent.name))

@@ -126,11 +126,15 @@ def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """Read a HF config from a dict, a config.json path or a model folder."""
     if isinstance(source, Mapping):
         return dict(source)
-    path = Path(source)
+    return read_json_object(Path(source), "config.json", "config")
+
+
+def read_json_object(path: Path, name: str, what: str) -> dict[str, Any]:
+    """The JSON object in `path` (or in `path/name` for a folder); ConfigError says what is wrong."""
     if path.is_dir():
-        path = path / "config.json"
+        path = path / name
     if not path.is_file():
-        raise ConfigError(f"no config found at {path}")
+        raise ConfigError(f"no {what} found at {path}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
