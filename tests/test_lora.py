@@ -7,18 +7,16 @@ import json
 import subprocess
 import sys
 
+import peft
 import pytest
+import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from serving_mfu.model.errors import ConfigError  # noqa: E402
-from serving_mfu.model.lora import LoRASpec, load_adapter, lora_flops  # noqa: E402
-from serving_mfu.model.spec import ModelSpec  # noqa: E402
-from serving_mfu.tools.tiny_models import TINY_CONFIGS  # noqa: E402
+from serving_mfu.model.errors import ConfigError
+from serving_mfu.model.lora import LoRASpec, load_adapter, lora_flops
+from serving_mfu.model.spec import ModelSpec
+from serving_mfu.tools.tiny_models import TINY_CONFIGS
 
 CASES = {
     "attention-and-mlp": dict(r=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
