@@ -506,10 +506,11 @@ class MFUHook:
                     self.tracker.note_anomaly("lora_adapter_unreadable", f"adapter {name!r}: {exc}")
 
     def _lora_uses(self, nst: dict) -> list[LoRAUse] | None:
-        """The step's scheduled requests grouped by adapter (requests without one are base-model work)."""
+        """The step's scheduled requests grouped by adapter, in schedule order (requests without one are
+        base-model work)."""
         groups: dict[int, list[str]] = {}
         lora_of = self.lora_of
-        for rid in (lora_of.keys() & nst.keys() if len(lora_of) < len(nst) else filter(lora_of.__contains__, nst)):
+        for rid in filter(lora_of.__contains__, nst):
             groups.setdefault(lora_of[rid], []).append(rid)
         uses = [msgspec.structs.replace(a, req_ids=ids) for key, ids in groups.items()
                 if (a := self._adapters.get(key)) is not None]

@@ -304,10 +304,9 @@ def lora_cost(record: IterationRecord, out: IterationCost) -> None:
     """Add the step's LoRA adapter FLOPs to `out`, per phase: useful = the adapter's FLOPs per position
     over prefill and kept positions (+ per logit at their logit positions); executed = the padded-rank
     FLOPs over every position the step ran (recompute, rejected and discarded included)."""
-    uses = record.lora or ()
-    by_id = {s.req_id: s for s in record.all_slices()} if uses else {}
+    by_id = {s.req_id: s for s in record.all_slices()}
     p, d = out.prefill, out.decode
-    for use in uses:
+    for use in record.lora or ():
         ft, fl, et, el = use.flops_per_token, use.flops_per_logit, use.executed_per_token, use.executed_per_logit
         for rid in use.req_ids:
             s = by_id.get(rid)

@@ -64,7 +64,7 @@ def guess_storage_dtype(name: str) -> tuple[str, str | None]:
     short = ALIASES.get(key) or ALIASES.get(key.split("_")[0])  # fp8_inc, fp8_ds_mla: fp8 variants
     if short is not None:
         return short, None
-    m = re.search(r"(\d+)\s*(?:bit|b\b|_|$)", _key(name))
+    m = re.search(r"(\d+)\s*(?:bit|b\b|_|$)", key)
     bits = int(m.group(1)) if m else None
     if bits is not None and 1 <= bits <= 32:
         width = next(w for w in sorted(_BY_WIDTH) if w * 8 >= bits)

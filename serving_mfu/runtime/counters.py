@@ -125,7 +125,7 @@ class Counters:
             self.kv_received_bytes += cost.kv_received_bytes
             self.kv_sent_tokens += cost.kv_sent_tokens
             self.kv_sent_bytes += cost.kv_sent_bytes
-        if cost.lora_executed_flops:
+        if cost.lora_tokens or cost.lora_executed_flops:
             self.lora_tokens += cost.lora_tokens
             self.lora_useful_flops += cost.lora_useful_flops
             self.lora_executed_flops += cost.lora_executed_flops
@@ -167,17 +167,16 @@ class Counters:
 
     def _combine(self, other: "Counters", sign: int) -> "Counters":
         out = Counters()
-        for f in fields(self):
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            if isinstance(a, list):
-                n = max(len(a), len(b))
-                a2, b2 = a + [0.0] * (n - len(a)), b + [0.0] * (n - len(b))
-                setattr(out, f.name, [x + sign * y for x, y in zip(a2, b2)])
-            elif isinstance(a, dict):
-                keys = set(a) | set(b)
-                setattr(out, f.name, {k: a.get(k, 0) + sign * b.get(k, 0) for k in sorted(keys)})
-            else:
-                setattr(out, f.name, a + sign * b)
+        for name in _SCALARS:
+            setattr(out, name, getattr(self, name) + sign * getattr(other, name))
+        for name in _LISTS:
+            a, b = getattr(self, name), getattr(other, name)
+            n = max(len(a), len(b))
+            a2, b2 = a + [0.0] * (n - len(a)), b + [0.0] * (n - len(b))
+            setattr(out, name, [x + sign * y for x, y in zip(a2, b2)])
+        for name in _DICTS:
+            a, b = getattr(self, name), getattr(other, name)
+            setattr(out, name, {k: a.get(k, 0) + sign * b.get(k, 0) for k in sorted(set(a) | set(b))})
         return out
 
     def __add__(self, other: "Counters") -> "Counters":
@@ -204,7 +203,7 @@ class Counters:
         return out
 
 
-# Counters' fields by kind, read once (iadd runs at every bucket close)
+# Counters' fields by kind, read once for iadd (every bucket close) and _combine
 _SCALARS = tuple(f.name for f in fields(Counters) if f.type in ("int", "float"))
 _LISTS = tuple(f.name for f in fields(Counters) if f.type.startswith("list"))
 _DICTS = tuple(f.name for f in fields(Counters) if f.type.startswith("dict"))
