@@ -35,20 +35,23 @@ async def open_loop(schedule: Iterable[tuple[float, RequestSpec]], issue: Issue,
 
 async def closed_loop(specs: Iterable[RequestSpec], issue: Issue, t0: float, workers: int,
                       total: int | None, stop_at_s: float | None = None) -> None:
-    """`workers` loops, each issuing its next request as soon as its previous one finished."""
+    """`workers` loops, each issuing its next request as soon as its previous one finished.
+    A closed loop has no schedule to be late for: `scheduled_at_s` is the issue instant."""
     source = iter(specs)
     counter = itertools.count()
 
     async def worker() -> None:
         while True:
-            now = time.perf_counter() - t0
-            if stop_at_s is not None and now >= stop_at_s:
+            if stop_at_s is not None and time.perf_counter() - t0 >= stop_at_s:
                 return
             index = next(counter)
             if total is not None and index >= total:
                 return
             spec = next(source, None)
             if spec is None:
+                return
+            now = time.perf_counter() - t0  # the issue instant: the stop rule and the record share it
+            if stop_at_s is not None and now >= stop_at_s:
                 return
             await issue(index, spec, now)
 

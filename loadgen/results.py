@@ -83,7 +83,7 @@ class RunResult(BaseModel):
     tpot_s: LatencyStats
     itl_s: LatencyStats = Field(description="per streamed chunk (several tokens per chunk under spec decoding)")
     e2e_s: LatencyStats
-    lateness_s: LatencyStats = Field(description="issued − scheduled: the generator's own delay")
+    lateness_s: LatencyStats = Field(description="issued − scheduled: the generator's own delay (0 in a closed loop, which has no schedule)")
     queue_wait_s: LatencyStats = Field(description="time waiting for a max_concurrency slot")
     request_throughput: float = Field(description="completed requests/s")
     output_throughput: float = Field(description="completion tokens/s")

@@ -74,7 +74,7 @@ async def _measure(config: RunConfig, sender: Sender, t0: float, progress: RunPr
     records: list[RequestRecord] = []
 
     async def issue(index: int, spec: RequestSpec, scheduled: float) -> None:
-        issued = time.perf_counter() - t0
+        issued = scheduled if closed else time.perf_counter() - t0  # closed: issued when scheduled
         rec = RequestRecord(index=index, scheduled_at_s=scheduled, issued_at_s=issued, sent_at_s=issued,
                             input_len=spec.input_len, output_len=spec.output_len)
         if slots is None:
