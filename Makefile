@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo bench clean
+.PHONY: setup prometheus test demo bench clean
 
 # Idempotent: re-runs only when pyproject.toml or this Makefile changed.
 $(STAMP): pyproject.toml Makefile
@@ -14,9 +14,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-setup: $(STAMP)
+# promtool and a Prometheus server: the suite checks the recording rules with both (Debian's
+# package, installed when missing and apt-get is usable as root; elsewhere install it yourself).
+prometheus:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's prometheus package (promtool and the server, for the rules tests)..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus >/dev/null) || echo "apt-get install prometheus failed: the Prometheus tests will fail"; \
+	else echo "promtool/prometheus not found and apt-get not usable: install Prometheus >= 2.40 on PATH," \
+	  "or set SERVING_MFU_SKIP_PROMETHEUS=1 to skip its tests"; fi
 
-test: $(STAMP)
+setup: $(STAMP) prometheus
+
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q --durations=15
 
 demo: $(STAMP)

@@ -37,3 +37,47 @@ def connector_lora_engine(tmp_path_factory):
     with llm_engine(publish, kv_transfer_config=kv, enable_prefix_caching=False, block_size=32, max_num_seqs=8,
                     max_model_len=512, enable_lora=True, max_lora_rank=16, max_loras=2) as llm:
         yield llm, publish, store
+
+
+FAIL_AT_STEP = 3  # the plugin server's hook raises once, after recording this step (test_endpoint checks it)
+
+
+@pytest.fixture(scope="session")
+def plugin_server(tmp_path_factory):
+    """vLLM's OpenAI server with the plugin, n-gram speculation and an injected hook fault, after 8 requests.
+    Shared by the endpoint, live-Prometheus, request-shape and `mfu-loadgen wrap` tests."""
+    import time
+
+    import httpx
+
+    from scheduler_hooks.server import VLLMServer
+    from serving_mfu.tools.engine_models import CORPUS
+    from tests.engine_util import DEFAULT_PEAK, NGRAM, model_path
+
+    tmp = tmp_path_factory.mktemp("server")
+    publish = tmp / "publish"
+    env = {**DEFAULT_PEAK, "SERVING_MFU_DIR": str(publish), "SERVING_MFU_FAIL_AT_STEP": str(FAIL_AT_STEP)}
+    with VLLMServer(model_path(), tmp / "server.log", env=env, speculative_config=NGRAM) as srv:
+        base = srv.base_url
+        prompts = [CORPUS[i * 90: i * 90 + 600] for i in range(3)] + ["the engine engine and the engine"]
+        for _ in range(2):
+            for p in prompts:
+                r = httpx.post(base + "/v1/completions", timeout=120, json={
+                    "model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+        time.sleep(1.5)  # let the engine publish its last snapshot
+        yield {"base": base, "publish": publish, "log": srv.log_path, "model": "tiny", "model_path": model_path()}
+
+
+@pytest.fixture(scope="session")
+def bpe512_server(tmp_path_factory):
+    """A second plugin server whose tokenizer (512 BPE tokens from the corpus alone) splits the load
+    generator's words into several tokens: request shapes must not depend on the tokenizer."""
+    from scheduler_hooks.server import VLLMServer
+    from tests.engine_util import DEFAULT_PEAK, model_path
+
+    tmp = tmp_path_factory.mktemp("server-bpe512")
+    path = model_path("tiny-llama-bpe512-engine")
+    env = {**DEFAULT_PEAK, "SERVING_MFU_DIR": str(tmp / "publish")}
+    with VLLMServer(path, tmp / "server.log", served_name="tiny-bpe512", env=env) as srv:
+        yield {"base": srv.base_url, "log": srv.log_path, "model": "tiny-bpe512", "model_path": path}

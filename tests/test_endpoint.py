@@ -12,13 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scheduler_hooks.server import VLLMServer, free_port, wait_http
+from scheduler_hooks.server import free_port, wait_http
 from serving_mfu.runtime.report import MFUReport
-from serving_mfu.tools.engine_models import CORPUS
-from tests.engine_util import DEFAULT_PEAK, NGRAM, assert_invariants, model_path
+from tests.conftest import FAIL_AT_STEP
+from tests.engine_util import assert_invariants
 
 pytestmark = pytest.mark.engine
-FAIL_AT_STEP = 3
 
 
 def _prom_value(text: str, name: str) -> float:
@@ -29,21 +28,9 @@ def _prom_value(text: str, name: str) -> float:
     return total
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    publish = tmp / "publish"
-    env = {**DEFAULT_PEAK, "SERVING_MFU_DIR": str(publish), "SERVING_MFU_FAIL_AT_STEP": str(FAIL_AT_STEP)}
-    with VLLMServer(model_path(), tmp / "server.log", env=env, speculative_config=NGRAM) as srv:
-        base = srv.base_url
-        prompts = [CORPUS[i * 90: i * 90 + 600] for i in range(3)] + ["the engine engine and the engine"]
-        for _ in range(2):
-            for p in prompts:
-                r = httpx.post(base + "/v1/completions", timeout=120, json={
-                    "model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
-                assert r.status_code == 200, r.text
-        time.sleep(1.5)  # let the engine publish its last snapshot
-        yield {"base": base, "publish": publish, "log": srv.log_path, "requests": 2 * len(prompts)}
+@pytest.fixture
+def server(plugin_server):
+    return plugin_server
 
 
 def test_report_served_with_its_schema(server) -> None:
@@ -62,11 +49,15 @@ def test_report_served_with_its_schema(server) -> None:
 
 
 def test_tokens_agree_with_vllm_prometheus_counters(server) -> None:
-    report = MFUReport.model_validate(httpx.get(server["base"] + "/metrics/mfu", timeout=10).json())
+    fresh = {"min_as_of": f"{time.time():.6f}", "timeout": "10"}  # every step finished so far (shared server)
+    report = MFUReport.model_validate(httpx.get(server["base"] + "/metrics/mfu", params=fresh, timeout=20).json())
     prom = httpx.get(server["base"] + "/metrics", timeout=10).text
     assert report.prefill.tokens + report.prefix_cache.hit_tokens == _prom_value(prom, "vllm:prompt_tokens_total")
     assert report.prefix_cache.hit_tokens == _prom_value(prom, "vllm:prefix_cache_hits_total")
-    assert report.decode.tokens == _prom_value(prom, "vllm:generation_tokens_total") - server["requests"]
+    # each finished prompt's first token is prefill's; the server is shared, so count its requests from vLLM
+    requests = _prom_value(prom, "vllm:request_success_total")
+    assert requests >= 8
+    assert report.decode.tokens == _prom_value(prom, "vllm:generation_tokens_total") - requests
     assert report.spec_decode.draft_tokens == _prom_value(prom, "vllm:spec_decode_num_draft_tokens_total")
     assert report.spec_decode.accepted_tokens == _prom_value(prom, "vllm:spec_decode_num_accepted_tokens_total")
     # our own series sit beside vLLM's

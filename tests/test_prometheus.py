@@ -30,6 +30,7 @@ from serving_mfu.runtime.tracker import MFUTracker  # noqa: E402
 from serving_mfu.runtime.transport import EngineSnapshot, aggregate_peak  # noqa: E402
 from serving_mfu.serve import prometheus as prom  # noqa: E402
 from serving_mfu.tools.tiny_models import TINY_CONFIGS  # noqa: E402
+from tests.prometheus_util import require  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "serving_mfu_rules.yml"
@@ -406,10 +407,16 @@ def test_dashboard_shape() -> None:
                 assert '$model' in t["expr"], t["expr"]
 
 
-# ---------------------------------------------------------------------------------------- promtool (optional)
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
+# ---------------------------------------------------------------------------------------- promtool
+def test_promtool_checks_the_rule_file() -> None:
+    check = subprocess.run([require("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"SUCCESS: {len(_rules())} rules found" in check.stdout, check.stdout
+
+
 def test_promtool_evaluates_the_rules_to_the_reports_mfu(engines: dict, tmp_path: Path) -> None:
     """Feed the two engines' counters to Prometheus as linear series; the recorded MFU equals the report's."""
+    promtool = require("promtool")
     before, after = scrape(FakeReader(engines["early"])), scrape(FakeReader(engines["late"]))
     steps = 20  # one sample every 15 s for 5 minutes, growing linearly from `before` to `after`
     series = []
@@ -465,12 +472,12 @@ def test_promtool_evaluates_the_rules_to_the_reports_mfu(engines: dict, tmp_path
     dash_rules = [{"record": f"dashboard_query_{i}", "expr": re.sub(r"\$\w+", lambda m: grafana[m.group()], e)}
                   for i, e in enumerate(_dashboard_exprs()) if not e.startswith("label_values(")]
     (tmp_path / "dash.yml").write_text(yaml.safe_dump({"groups": [{"name": "dash", "rules": dash_rules}]}))
-    check = subprocess.run(["promtool", "check", "rules", str(tmp_path / "dash.yml")], capture_output=True, text=True)
+    check = subprocess.run([promtool, "check", "rules", str(tmp_path / "dash.yml")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     shutil.copy(RULES, tmp_path / "rules.yml")
     (tmp_path / "test.yml").write_text(yaml.safe_dump({
         "rule_files": ["rules.yml"], "evaluation_interval": "15s",
         "tests": [{"interval": "15s", "input_series": series, "promql_expr_test": tests}]}))
-    result = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert math.isfinite(report.overall.mfu)

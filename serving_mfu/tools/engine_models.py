@@ -41,6 +41,16 @@ ENGINE_CONFIGS: dict[str, dict[str, Any]] = {
         "intermediate_size": 512,
         "hidden_act": "silu",
     },
+    # the same shapes with another tokenizer: 512 tokens learnt from the corpus alone, so the load
+    # generator's words are several tokens each (a server whose tokenizer the word list does not suit)
+    "tiny-llama-bpe512-engine": {
+        **_COMMON,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "intermediate_size": 512,
+        "hidden_act": "silu",
+        "vocab_size": 512,
+    },
     "tiny-qwen3-moe-engine": {
         **_COMMON,
         "model_type": "qwen3_moe",
@@ -74,7 +84,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def _train_tokenizer(out: Path, vocab_size: int) -> None:
+# what each model's tokenizer is trained on (default: the corpus and the load generator's words)
+TOKENIZER_TEXT: dict[str, str] = {"tiny-llama-bpe512-engine": "corpus"}
+
+
+def _train_tokenizer(out: Path, vocab_size: int, text: str = "corpus+words") -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,7 +99,8 @@ def _train_tokenizer(out: Path, vocab_size: int) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
 
-    tok.train_from_iterator([CORPUS, " ".join(WORDS.tolist()) * 8], trainer=trainer)
+    texts = [CORPUS] if text == "corpus" else [CORPUS, " ".join(WORDS.tolist()) * 8]
+    tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
@@ -107,8 +122,24 @@ def _build(name: str, out: Path) -> None:
             if p.dim() >= 2:
                 p.normal_(0.0, 1.0 if "embed" in pname else 0.05)
     model.save_pretrained(out, safe_serialization=True)
-    _train_tokenizer(out, cfg["vocab_size"])
-    (out / "serving_mfu_model.json").write_text(json.dumps({"name": name, "config": ENGINE_CONFIGS[name]}))
+    _train_tokenizer(out, cfg["vocab_size"], _tokenizer_text(name))
+    (out / "serving_mfu_model.json").write_text(json.dumps(_marker(name)))
+
+
+def _tokenizer_text(name: str) -> str:
+    return TOKENIZER_TEXT.get(name, "corpus+words")
+
+
+def _marker(name: str) -> dict[str, Any]:
+    """What a built folder records of its recipe: rebuilt when the recipe changes."""
+    return {"name": name, "config": ENGINE_CONFIGS[name], "tokenizer": _tokenizer_text(name)}
+
+
+def _built(marker: Path, name: str) -> bool:
+    if not marker.exists():
+        return False
+    got = json.loads(marker.read_text())
+    return got.get("config") == ENGINE_CONFIGS[name] and got.get("tokenizer", "corpus+words") == _tokenizer_text(name)
 
 
 def ensure_model(name: str = "tiny-llama-engine", root: str | Path | None = None) -> Path:
@@ -118,12 +149,12 @@ def ensure_model(name: str = "tiny-llama-engine", root: str | Path | None = None
     root = Path(root) if root else load_settings()[0].models_dir()
     out = root / name
     marker = out / "serving_mfu_model.json"
-    if marker.exists() and json.loads(marker.read_text()).get("config") == ENGINE_CONFIGS[name]:
+    if _built(marker, name):
         return out
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists() and json.loads(marker.read_text()).get("config") == ENGINE_CONFIGS[name]:
+        if _built(marker, name):
             return out
         tmp = root / f".{name}.tmp-{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)

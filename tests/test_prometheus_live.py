@@ -1,0 +1,151 @@
+"""A live Prometheus (DESIGN §8) scraping two real vLLM CPU servers with the plugin: the recording
+rules' prefill and decode MFU equal `/metrics/mfu`'s over the same window, the fleet figure is the
+capacity-weighted sum of the models' (never a mean of ratios), and every Grafana query parses and
+names series that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from serving_mfu.runtime.transport import Totals
+from serving_mfu.tools.engine_models import CORPUS
+from tests.prometheus_util import ROOT, PrometheusServer
+
+pytestmark = pytest.mark.engine
+DASHBOARD = ROOT / "deploy" / "grafana" / "serving_mfu_dashboard.json"
+NAME_TOKEN = re.compile(r"serving_mfu[_:][a-zA-Z0-9_:]*")
+# series only an MoE model, a GPU or a KV connector / LoRA engine produces (neither server here has them)
+CONDITIONAL = re.compile(r"serving_mfu_(moe_|gpu_|kv_|lora_)|serving_mfu_role:kv_")
+
+
+def _counters(base: str) -> Totals:
+    """The server's cumulative counters, covering every step finished before now."""
+    r = httpx.get(base + "/metrics/mfu/counters", params={"min_as_of": f"{time.time():.6f}", "timeout": "15"},
+                  timeout=30)
+    assert r.status_code == 200, r.text
+    return Totals.model_validate(r.json())
+
+
+def _load(server: dict, n: int = 6) -> None:
+    def one(i: int) -> None:
+        r = httpx.post(server["base"] + "/v1/completions", timeout=120, json={
+            "model": server["model"], "prompt": CORPUS[i * 70: i * 70 + 300], "max_tokens": 24,
+            "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(n)))
+
+
+def _by_model(vector: list[dict]) -> dict[tuple[str, str | None], float]:
+    return {(v["metric"].get("model"), v["metric"].get("phase")): float(v["value"][1]) for v in vector}
+
+
+@pytest.fixture(scope="module")
+def live(plugin_server, bpe512_server, tmp_path_factory):
+    """Prometheus scrapes both servers; flat counters (A), load on both at once, flat again (B)."""
+    servers = [plugin_server, bpe512_server]
+    targets = [s["base"].removeprefix("http://") for s in servers]
+    with PrometheusServer(targets, tmp_path_factory.mktemp("prometheus")) as prom:
+        # two scrapes of each server with the serving-mfu series before anything happens
+        prom.wait_for('count(count_over_time(serving_mfu_useful_flops_total{phase="decode"}[10s]) >= 2) == 2')
+        before = [_counters(s["base"]) for s in servers]
+        time.sleep(2.5)  # scrapes that see the flat counters A
+        t_load = time.time()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(_load, servers))
+        after = [_counters(s["base"]) for s in servers]
+        time.sleep(3.5)  # scrapes of B, then a rule evaluation over both
+        at = time.time()
+        assert at - t_load < 50, "load took too long for a 1m window to hold it with flat ends"
+        labels = {}
+        for s, target in zip(servers, targets):
+            got = prom.query(f'serving_mfu_useful_flops_total{{instance="{target}",phase="decode"}}', at)
+            assert len(got) == 1, got
+            labels[s["base"]] = got[0]["metric"]["model"]
+        yield {"prom": prom, "servers": servers, "targets": targets, "before": before, "after": after, "at": at,
+               "models": [labels[s["base"]] for s in servers]}
+
+
+def test_window_holds_the_load_with_flat_ends(live) -> None:
+    """Prometheus' 1m window at the check time starts on A and ends on B (else the comparison means nothing)."""
+    prom = live["prom"]
+    for target, a, b in zip(live["targets"], live["before"], live["after"]):
+        for phase in ("prefill", "decode"):
+            series = prom.query(f'serving_mfu_useful_flops_total{{instance="{target}",phase="{phase}"}}[1m]',
+                                live["at"])
+            values = [float(v) for _, v in series[0]["values"]]
+            want_a = a.counters[f"{phase}_useful_flops"]
+            want_b = b.counters[f"{phase}_useful_flops"]
+            assert want_b > want_a, (target, phase)
+            assert values[0] == pytest.approx(want_a, rel=1e-12) and values[-1] == pytest.approx(want_b, rel=1e-12)
+
+
+def test_recording_rules_equal_the_endpoint_over_the_same_window(live) -> None:
+    prom, at = live["prom"], live["at"]
+    mfu = _by_model(prom.query("serving_mfu:mfu:ratio_rate1m", at))
+    hfu = _by_model(prom.query("serving_mfu:hfu:ratio_rate1m", at))
+    busy = _by_model(prom.query("serving_mfu:busy_mfu:ratio_rate1m", at))
+    for model, a, b in zip(live["models"], live["before"], live["after"]):
+        report = b.report_since(a)
+        for phase in ("prefill", "decode"):
+            want = getattr(report, phase)
+            assert 0 < want.mfu <= want.hfu <= 1
+            assert mfu[(model, phase)] == pytest.approx(want.mfu, rel=1e-9), (model, phase)
+            assert hfu[(model, phase)] == pytest.approx(want.hfu, rel=1e-9), (model, phase)
+        assert busy[(model, None)] == pytest.approx(report.overall.mfu, rel=1e-9), model
+
+
+def test_fleet_mfu_is_the_capacity_weighted_sum_of_the_models(live) -> None:
+    """Two engines of different models: Σ useful rate / Σ capacity rate, which no mean of the two MFUs gives."""
+    prom, at = live["prom"], live["at"]
+    fleet = _by_model(prom.query("serving_mfu_fleet:mfu:ratio_rate1m", at))
+    useful = _by_model(prom.query("serving_mfu:useful_flops_per_second:rate1m", at))
+    capacity = _by_model(prom.query("serving_mfu:capacity_flops_per_second:rate1m", at))
+    reports = [b.report_since(a) for a, b in zip(live["before"], live["after"])]
+    for phase in ("prefill", "decode"):
+        u = sum(useful[(m, phase)] for m in live["models"])
+        c = sum(capacity[(m, phase)] for m in live["models"])
+        assert fleet[(None, phase)] == pytest.approx(u / c, rel=1e-9)
+        # against the endpoints: rate() divides each server's increase by its own sampled span (its scrape
+        # times), so weigh each engine's useful and capacity FLOPs by that server's factor rate / increase
+        weight = [capacity[(m, phase)] / (getattr(r, phase).useful_flops / getattr(r, phase).mfu)
+                  for m, r in zip(live["models"], reports)]
+        want = sum(w * getattr(r, phase).useful_flops for w, r in zip(weight, reports)) / sum(
+            w * getattr(r, phase).useful_flops / getattr(r, phase).mfu for w, r in zip(weight, reports))
+        assert fleet[(None, phase)] == pytest.approx(want, rel=1e-9)
+        mean = sum(getattr(r, phase).mfu for r in reports) / len(reports)
+        assert abs(mean / fleet[(None, phase)] - 1) > 1e-3, "the two engines' MFUs are too alike to tell"
+
+
+def _dashboard_queries() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    grafana = {"$__rate_interval": "1m", "$__range": "5m", "$model": ".*", "$instance": ".*"}
+    out = []
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            out.append(re.sub(r"\$\w+", lambda m: grafana.get(m.group(), ".*"), t["expr"]))
+    return out
+
+
+def test_every_dashboard_query_parses_and_names_live_series(live) -> None:
+    prom = live["prom"]
+    names = prom.names()
+    queries = _dashboard_queries()
+    assert len(queries) > 20
+    empty = []
+    for expr in queries:
+        result = prom.query(expr, live["at"])  # raises with Prometheus' own parse error
+        for name in NAME_TOKEN.findall(expr):
+            assert name in names or CONDITIONAL.match(name), f"{name} in {expr!r} is neither scraped nor recorded"
+        alarm = re.search(r"\) > 0\b", expr)  # shows only when something is wrong (e.g. HFU > 1 steps)
+        if not result and not alarm and not all(CONDITIONAL.match(n) for n in NAME_TOKEN.findall(expr)):
+            empty.append(expr)
+    # everything but the MoE / GPU / KV / LoRA panels and the alarms has data from these two servers
+    assert not empty, empty
