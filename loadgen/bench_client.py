@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from rich.table import Table
 
 from loadgen.config import LengthSpec, RunConfig
-from loadgen.runner import make_client, run_benchmark
+from loadgen.runner import make_session, run_benchmark
 from loadgen.stub import StubConfig
 from loadgen.stub_server import StubProcess, StubThread
 
@@ -51,10 +51,10 @@ def _config(url: str, rate: float, n: int, output_len: int) -> RunConfig:
 async def _measure(url: str, rate: float, duration_s: float, output_len: int) -> BenchPoint:
     n = max(2, int(rate * duration_s))
     config = _config(url, rate, n, output_len)
-    async with make_client(config) as client:
-        await run_benchmark(_config(url, rate, max(20, n // 10), output_len), client)  # warm connections
+    async with make_session(config) as session:
+        await run_benchmark(_config(url, rate, max(20, n // 10), output_len), session)  # warm connections
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        r = await run_benchmark(config, client)
+        r = await run_benchmark(config, session)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     return BenchPoint(requested_rate=rate, achieved_rate=r.achieved_rate, completed_rate=r.request_throughput,
                       lateness_p50_s=r.lateness_s.p50, lateness_p99_s=r.lateness_s.p99,

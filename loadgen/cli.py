@@ -26,8 +26,6 @@ def add_run_args(p: argparse.ArgumentParser, with_out: bool = True) -> None:
     g.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     g.add_argument("--request-timeout-s", type=float, default=600.0, help="whole-request deadline")
     g.add_argument("--max-connections", type=int, help="HTTP pool size (default: --max-concurrency or unlimited)")
-    g.add_argument("--http-transport", choices=["fast", "httpx"], default="fast",
-                   help="fast: lean keep-alive transport for http:// (default); httpx: httpx's own, honours proxies")
     g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="do not send vLLM's ignore_eos (for other servers; output lengths then vary)")
     g.add_argument("--temperature", type=float, default=0.0)
@@ -81,7 +79,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         output={"dist": a.output_dist, "mean": a.output_len, "spread": a.output_spread},
         prefix_len=a.prefix_len, num_prefixes=a.num_prefixes, seed=a.seed, warmup_requests=a.warmup_requests,
         ignore_eos=a.ignore_eos, temperature=a.temperature, extra_body=a.extra_body,
-        request_timeout_s=a.request_timeout_s, max_connections=a.max_connections, http_transport=a.http_transport,
+        request_timeout_s=a.request_timeout_s, max_connections=a.max_connections,
         slos={"ttft_s": a.slo_ttft_s, "tpot_s": a.slo_tpot_s, "e2e_s": a.slo_e2e_s},
         mfu=a.mfu, mfu_interval_s=a.mfu_interval_s, mfu_fresh_timeout_s=a.mfu_fresh_timeout_s, out=getattr(a, "out", None),
         requests_out=a.requests_out, quiet=a.quiet)

@@ -5,6 +5,7 @@ engine that streams several tokens per chunk, as with speculative decoding, give
 chunk); TPOT = (e2e − TTFT) / (completion_tokens − 1).  Token counts come from the server's
 `usage` (requested with `stream_options.include_usage`); without it, completion tokens fall
 back to the number of output chunks.  Every failure becomes a record, never an exception.
+HTTP is aiohttp's, as in `vllm bench serve`: one `aiohttp.ClientSession` shared by the run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import time
 from typing import Any
 
-import httpx
+import aiohttp
 
 from loadgen.config import RunConfig
 from loadgen.records import RequestRecord
@@ -46,10 +47,10 @@ def _is_output(choice: dict[str, Any]) -> bool:
 
 
 class Sender:
-    """Builds request bodies for one run and sends them through a shared client."""
+    """Builds request bodies for one run and sends them through a shared session."""
 
-    def __init__(self, client: httpx.AsyncClient, config: RunConfig):
-        self.client = client
+    def __init__(self, session: aiohttp.ClientSession, config: RunConfig):
+        self.session = session
         self.chat = config.endpoint == "chat"
         self.url = config.base_url.rstrip("/") + PATHS[config.endpoint]
         self.timeout_s = config.request_timeout_s
@@ -66,6 +67,8 @@ class Sender:
         if self.chat:
             messages = [{"role": "system", "content": spec.system}] if spec.system else []
             body["messages"] = messages + [{"role": "user", "content": spec.prompt}]
+        elif (token_ids := getattr(spec, "prompt_token_ids", None)) is not None:
+            body["prompt"] = token_ids  # exact-length prompt, its system prefix included
         else:
             body["prompt"] = f"{spec.system}\n{spec.prompt}" if spec.system else spec.prompt
         return body
@@ -80,10 +83,10 @@ class Sender:
             rec.ok = True
         except Failure as exc:
             rec.error, rec.error_detail = exc.kind, str(exc)[:300] or None
-        except (TimeoutError, httpx.TimeoutException) as exc:
+        except TimeoutError as exc:  # asyncio's, and aiohttp's ServerTimeoutError
             rec.error = "timeout"
             rec.error_detail = f"no complete answer within {self.timeout_s:g} s ({type(exc).__name__})"
-        except httpx.TransportError as exc:  # before the response headers: connect, reset, closed
+        except aiohttp.ClientConnectionError as exc:  # before the response headers: connect, reset, closed
             rec.error, rec.error_detail = "connection_error", f"{type(exc).__name__}: {exc}"[:300]
         except Exception as exc:  # a failing request is recorded, never crashes the run
             rec.error, rec.error_detail = "client_error", f"{type(exc).__name__}: {exc}"[:300]
@@ -98,16 +101,19 @@ class Sender:
         return rec
 
     async def _stream(self, spec: RequestSpec, rec: RequestRecord, sent: float) -> None:
-        async with self.client.stream("POST", self.url, json=self.body(spec)) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                raise Failure(f"http_{resp.status_code}", text)
+        async with self.session.post(self.url, json=self.body(spec)) as resp:
+            if resp.status != 200:
+                try:
+                    text = (await resp.read()).decode(errors="replace")
+                except aiohttp.ClientError as exc:  # the error body broke off: the status still says it all
+                    text = f"({type(exc).__name__} reading the body)"
+                raise Failure(f"http_{resp.status}", text)
             parser = SSEParser()
             last = sent
             finished = False
             itl = rec.itl_s
             try:
-                async for raw in resp.aiter_bytes():
+                async for raw in resp.content.iter_any():
                     now = time.perf_counter()
                     for data in parser.feed(raw):
                         if data == DONE:
@@ -134,9 +140,9 @@ class Sender:
                                 rec.chunks += 1
                             if choice.get("finish_reason"):
                                 rec.finish_reason = choice["finish_reason"]
-            except httpx.TimeoutException:
+            except TimeoutError:
                 raise
-            except httpx.TransportError as exc:  # the connection broke mid-stream
+            except aiohttp.ClientError as exc:  # the connection broke mid-stream (ClientPayloadError)
                 raise Failure("dropped_stream", f"{type(exc).__name__} after {rec.chunks} chunks: {exc}") from exc
             if parser.pending().startswith(b"data: [DONE]"):
                 finished = True

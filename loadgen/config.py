@@ -65,8 +65,6 @@ class RunConfig(BaseModel):
     extra_body: dict[str, Any] = Field(default_factory=dict, description="merged into every request body")
     request_timeout_s: float = Field(600.0, gt=0)
     max_connections: int | None = Field(None, ge=1, description="HTTP pool size; default: max_concurrency or unlimited")
-    http_transport: Literal["fast", "httpx"] = Field("fast", description="fast: loadgen.transport for http://; "
-                                                      "httpx: httpx's own (slower; honours proxy variables)")
     slos: SLOs = Field(default_factory=SLOs)
     mfu: bool = True
     mfu_interval_s: float = Field(1.0, gt=0)

@@ -4,7 +4,8 @@
 asking for data at least as new as that moment (`min_as_of`): the difference is exactly the
 run's work, whatever else the server did before, with no fixed wait for the engines to publish.  While the run
 goes, it reads the counters about once a second for a per-second time series.  A server
-without the serving-mfu plugin gives no MFU (None), never an error.
+without the serving-mfu plugin gives no MFU (None), never an error.  It reads through the run's
+aiohttp session, or its own (closed in `stop()`) when given none.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import time
 from typing import Callable
 
-import httpx
+import aiohttp
 from pydantic import BaseModel, Field
 
 from serving_mfu.runtime.report import MFUReport
@@ -58,10 +59,11 @@ def point(t_s: float, report: MFUReport) -> MFUPoint:
 class MFUProbe:
     """Brackets a run with counter readings; polls in between for the time series."""
 
-    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None, interval_s: float = 1.0,
+    def __init__(self, base_url: str, session: aiohttp.ClientSession | None = None, interval_s: float = 1.0,
                  fresh_timeout_s: float = 10.0, clock: Callable[[], float] = time.time):
         self.url = base_url.rstrip("/") + "/metrics/mfu/counters"
-        self.client = client
+        self.session = session
+        self._own_session = session is None
         self.interval_s = interval_s
         # the bracketing readings ask for data at least as new as the moment they are taken (min_as_of):
         # the server answers once the engines have published every step finished before then
@@ -74,36 +76,43 @@ class MFUProbe:
         self._points: list[MFUPoint] = []
         self._task: asyncio.Task | None = None
 
-    async def _read(self, client: httpx.AsyncClient, fresh: bool = False) -> Totals | None:
+    async def _read(self, session: aiohttp.ClientSession, fresh: bool = False) -> Totals | None:
+        """The server's counters, or None (with `self.error` set) on any failure: never raises."""
         params = {"min_as_of": f"{self.clock():.6f}", "timeout": f"{self.fresh_timeout_s:g}"} if fresh else None
+        timeout = aiohttp.ClientTimeout(total=self.fresh_timeout_s + 10)
         try:
-            r = await client.get(self.url, params=params, timeout=self.fresh_timeout_s + 10)
-        except httpx.HTTPError as exc:
+            async with session.get(self.url, params=params, timeout=timeout) as r:
+                body = await r.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.error = f"cannot read {self.url}: {exc!r}"
             return None
-        if r.status_code != 200:
-            self.error = f"{self.url} answered {r.status_code}: {r.text[:200]}"
+        if r.status != 200:
+            self.error = f"{self.url} answered {r.status}: {body[:200].decode(errors='replace')}"
             return None
-        return Totals.model_validate(r.json())
+        try:
+            return Totals.model_validate_json(body)
+        except ValueError as exc:  # pydantic's ValidationError included
+            self.error = f"{self.url} sent no counters: {exc!s:.200}"
+            return None
 
-    async def _client(self) -> httpx.AsyncClient:
-        if self.client is None:
-            self.client = httpx.AsyncClient()
-        return self.client
+    def _session(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(trust_env=False)
+        return self.session
 
     async def start(self) -> None:
-        client = await self._client()
-        self._start = await self._read(client, fresh=True)
+        session = self._session()
+        self._start = await self._read(session, fresh=True)
         self.available = self._start is not None
         self._t0 = time.monotonic()
         if self.available:
-            self._task = asyncio.create_task(self._poll(client))
+            self._task = asyncio.create_task(self._poll(session))
 
-    async def _poll(self, client: httpx.AsyncClient) -> None:
+    async def _poll(self, session: aiohttp.ClientSession) -> None:
         prev = self._start
         while True:
             await asyncio.sleep(self.interval_s)
-            now = await self._read(client)
+            now = await self._read(session)
             if now is None or prev is None:
                 continue
             if now.updated_at > prev.updated_at:
@@ -116,9 +125,14 @@ class MFUProbe:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if not self.available or self._start is None:
-            return None
-        end = await self._read(await self._client(), fresh=True)
+        try:
+            if not self.available or self._start is None:
+                return None
+            end = await self._read(self._session(), fresh=True)
+        finally:
+            if self._own_session and self.session is not None:
+                await self.session.close()
+                self.session = None
         if end is None:
             return None
         return RunMFU(report=end.report_since(self._start), series=self._points)

@@ -9,7 +9,7 @@ import math
 import time
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 
 from loadgen import arrivals, dispatch
@@ -20,7 +20,6 @@ from loadgen.progress import RunProgress
 from loadgen.records import RequestRecord
 from loadgen.results import MFUSection, RunResult
 from loadgen.stats import figures
-from loadgen.transport import FastTransport
 from loadgen.workload import RequestSpec, specs
 
 
@@ -36,16 +35,18 @@ def frozen_heap():
         gc.unfreeze()
 
 
-def make_client(config: RunConfig) -> httpx.AsyncClient:
-    """One shared client, its pool sized to the concurrency cap plus one for the MFU probe
-    (unlimited without a cap); the lean transport for http:// unless `http_transport="httpx"`."""
-    size = config.max_connections or (config.max_concurrency + 1 if config.max_concurrency else None)
-    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size or 1024)
-    timeout = httpx.Timeout(config.request_timeout_s, pool=None)
-    if config.http_transport == "httpx":
-        return httpx.AsyncClient(limits=limits, timeout=timeout)
-    transport = FastTransport(size, fallback=httpx.AsyncHTTPTransport(limits=limits))
-    return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
+# below uvicorn's (vLLM's) 5 s keep-alive: aiohttp never retries a POST on a connection the
+# server closed meanwhile, so it must not pick one the server is about to close
+KEEPALIVE_S = 4.0
+
+
+def make_session(config: RunConfig) -> aiohttp.ClientSession:
+    """One shared session, its pool sized to the concurrency cap plus one for the MFU probe
+    (unlimited without a cap); no proxy variables, deadlines set per request (`Sender`)."""
+    size = config.max_connections or (config.max_concurrency + 1 if config.max_concurrency else 0)
+    connector = aiohttp.TCPConnector(limit=size, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+                                 trust_env=False)
 
 
 async def _warmup(config: RunConfig, sender: Sender) -> None:
@@ -97,11 +98,11 @@ async def _measure(config: RunConfig, sender: Sender, t0: float, progress: RunPr
     return sorted(records, key=lambda r: r.index)
 
 
-async def _mfu_start(config: RunConfig, client: httpx.AsyncClient) -> tuple[MFUProbe | None, str | None]:
+async def _mfu_start(config: RunConfig, session: aiohttp.ClientSession) -> tuple[MFUProbe | None, str | None]:
     """The baseline counter reading, taken after the warm-up has been published."""
     if not config.mfu:
         return None, "disabled"
-    probe = MFUProbe(config.base_url, client, config.mfu_interval_s, config.mfu_fresh_timeout_s)
+    probe = MFUProbe(config.base_url, session, config.mfu_interval_s, config.mfu_fresh_timeout_s)
     try:
         await probe.start()  # data as new as now: the warm-up included, nothing of the run yet
     except Exception as exc:  # an odd /metrics/mfu/counters must not stop the load
@@ -121,15 +122,16 @@ async def _mfu_stop(probe: MFUProbe | None, error: str | None) -> tuple[MFUSecti
     return MFUSection.from_run(run_mfu), None
 
 
-async def run_benchmark(config: RunConfig, client: httpx.AsyncClient | None = None) -> RunResult:
-    """Run the load described by `config` against its server; write `out`/`requests_out` if set."""
+async def run_benchmark(config: RunConfig, session: aiohttp.ClientSession | None = None) -> RunResult:
+    """Run the load described by `config` against its server; write `out`/`requests_out` if set.
+    `session`: one to reuse (its connections kept warm across runs); else the run makes its own."""
     trace = arrivals.load_trace(config.trace_path) if config.arrival == "trace" else None
-    own = client is None
-    client = client or make_client(config)
+    own = session is None
+    session = session or make_session(config)
     try:
-        sender = Sender(client, config)
+        sender = Sender(session, config)
         await _warmup(config, sender)
-        probe, mfu_error = await _mfu_start(config, client)
+        probe, mfu_error = await _mfu_start(config, session)
         total = config.total_requests(len(trace) if trace else None)
         with frozen_heap(), RunProgress(total, "requests", enabled=False if config.quiet else None) as progress:
             started_at, t0 = time.time(), time.perf_counter()
@@ -138,7 +140,7 @@ async def run_benchmark(config: RunConfig, client: httpx.AsyncClient | None = No
         mfu, mfu_error = await _mfu_stop(probe, mfu_error)
     finally:
         if own:
-            await client.aclose()
+            await session.close()
     rate = None if config.arrival in ("closed", "trace") or math.isinf(config.request_rate) else config.request_rate
     result = RunResult(config=config, started_at=started_at, duration_s=duration_s,
                        warmup_requests=config.warmup_requests, requested_rate=rate, mfu=mfu, mfu_error=mfu_error,
@@ -160,7 +162,7 @@ def write_outputs(result: RunResult, records: list[RequestRecord], config: RunCo
 
 def run_sync(coro):
     """Run a coroutine on a fresh asyncio loop.  Not uvloop: its millisecond timers fire up to
-    1 ms early, issuing requests before their time; with the lean transport it saves no CPU."""
+    1 ms early, issuing requests before their time."""
     return asyncio.run(coro)
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
-import httpx
 import uvicorn
 
 from loadgen.stub import StubConfig, build_app
@@ -19,6 +20,16 @@ def uvicorn_config(app, log_level: str = "warning") -> uvicorn.Config:
     """Fast settings: httptools and uvloop where installed ("auto"), no access log, 1 s graceful shutdown."""
     return uvicorn.Config(app, loop="auto", http="auto", log_level=log_level, access_log=False,
                           timeout_graceful_shutdown=1, lifespan="off")
+
+
+def healthy(url: str) -> bool:
+    """Whether GET url/health answers 200 within 1 s (no proxy variables: the stub is local)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url + "/health", timeout=1) as r:
+            return r.status == 200
+    except (OSError, http.client.HTTPException):  # refused while starting, an HTTP error, a torn answer
+        return False
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -73,11 +84,9 @@ class StubProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the stub server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
+            if healthy(self.url):
+                return self
+            time.sleep(0.05)
         self.__exit__()
         raise RuntimeError("the stub server did not start within 30 s")
 

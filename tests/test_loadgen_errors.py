@@ -36,7 +36,7 @@ async def test_each_fault_is_recorded_by_kind(stub, tmp_path, endpoint):
     assert result.errors == {"http_500": 1, "http_429": 1, "dropped_stream": 2, "timeout": 1, "stream_error": 1}
     by_prompt = dict(zip(prompts, result.records))
     assert by_prompt["STUB_CUT here"].chunks == 2            # cut after two chunks, no [DONE]
-    assert "RemoteProtocolError" in by_prompt["STUB_ABORT here"].error_detail  # connection dropped
+    assert "ClientPayloadError" in by_prompt["STUB_ABORT here"].error_detail  # connection dropped mid-body
     assert "injected 500" in by_prompt["STUB_HTTP_500 please"].error_detail
     ok = [r for r in result.records if r.ok]
     assert [r.completion_tokens for r in ok] == [8, 8]
