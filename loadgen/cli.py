@@ -1,4 +1,4 @@
-"""`mfu-loadgen` (also `python -m loadgen`): run, sweep, stub, bench-client."""
+"""`mfu-loadgen` (also `python -m loadgen`): run, sweep, wrap, stub, bench-client."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def add_run_args(p: argparse.ArgumentParser, with_out: bool = True) -> None:
                    help="do not send vLLM's ignore_eos (for other servers; output lengths then vary)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--extra-body", type=json.loads, default={}, help="JSON object merged into every request body")
+    g.add_argument("--prompt-format", choices=["auto", "token-ids", "text"], default="auto",
+                   help="auto (default): token IDs of the served model, so --input-len N is exactly N tokens on any "
+                        "tokenizer (from the server's /tokenize or --tokenizer), text where that is impossible "
+                        "(chat, ShareGPT); token-ids: fail instead; text: words, about one token each")
+    g.add_argument("--tokenizer", help="local Hugging Face tokenizer for the token IDs (default: the server's /tokenize)")
     g = p.add_argument_group("traffic")
     g.add_argument("--num-prompts", type=int, help="measured requests (default 100; all of a trace)")
     g.add_argument("--duration", dest="duration_s", type=float, help="stop issuing after S seconds")
@@ -40,7 +45,7 @@ def add_run_args(p: argparse.ArgumentParser, with_out: bool = True) -> None:
     g.add_argument("--max-concurrency", type=int, help="cap on requests in flight; closed loop: its workers")
     g.add_argument("--trace", dest="trace_path", help="JSONL of {timestamp, [prompt|input_len], [output_len]}")
     g.add_argument("--trace-time-scale", type=float, default=1.0)
-    g.add_argument("--warmup-requests", type=int, default=0, help="sent first, excluded from all results")
+    g.add_argument("--warmup-requests", type=int, default=1, help="sent first, excluded from all results (default 1)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("workload")
     g.add_argument("--dataset", choices=["synthetic", "sharegpt", "shared-prefix", "repetitive"], default="synthetic")
@@ -79,6 +84,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         output={"dist": a.output_dist, "mean": a.output_len, "spread": a.output_spread},
         prefix_len=a.prefix_len, num_prefixes=a.num_prefixes, seed=a.seed, warmup_requests=a.warmup_requests,
         ignore_eos=a.ignore_eos, temperature=a.temperature, extra_body=a.extra_body,
+        prompt_format=a.prompt_format, tokenizer=a.tokenizer,
         request_timeout_s=a.request_timeout_s, max_connections=a.max_connections,
         slos={"ttft_s": a.slo_ttft_s, "tpot_s": a.slo_tpot_s, "e2e_s": a.slo_e2e_s},
         mfu=a.mfu, mfu_interval_s=a.mfu_interval_s, mfu_fresh_timeout_s=a.mfu_fresh_timeout_s, out=getattr(a, "out", None),
@@ -109,6 +115,17 @@ def parser() -> argparse.ArgumentParser:
             st.add_argument(flag, action="store_true", help=field.description)
         else:
             st.add_argument(flag, type=field.annotation, default=field.default, help=field.description)
+    wp = sub.add_parser("wrap", help="the MFU of any command (vllm bench serve, guidellm, a script) from the "
+                        "server's counters", description="Read the server's serving-mfu counters, run COMMAND, read "
+                        "them again once the engines have published past its end; print the per-phase MFU, write "
+                        "the `mfu` section to --out, exit with COMMAND's status.",
+                        usage="mfu-loadgen wrap --base-url URL [--out FILE] -- COMMAND [ARGS...]")
+    wp.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server with the serving-mfu plugin")
+    wp.add_argument("--out", help="JSON: the command, its status and timing, and the `mfu` section")
+    wp.add_argument("--mfu-interval-s", type=float, default=1.0, help="per-second series sampling")
+    wp.add_argument("--mfu-fresh-timeout-s", type=float, default=10.0,
+                    help="longest wait for the server's counters to cover the command's start and end")
+    wp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
     bc = sub.add_parser("bench-client", help="the generator's own rate accuracy and lateness against the stub")
     bc.add_argument("--rates", type=_floats, default=[200.0, 500.0, 1000.0])
     bc.add_argument("--duration-s", type=float, default=5.0, help="seconds per rate")
@@ -160,10 +177,30 @@ def _bench_client(a: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _wrap(a: argparse.Namespace, console: Console) -> int:
+    from rich.text import Text
+
+    from loadgen.runner import run_sync
+    from loadgen.summary import section_table, verdict_text
+    from loadgen.wrap import wrap, write
+    command = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    if not command:
+        raise ValueError("no command to run: mfu-loadgen wrap --base-url URL [--out FILE] -- COMMAND [ARGS...]")
+    result = run_sync(wrap(a.base_url, command, a.mfu_interval_s, a.mfu_fresh_timeout_s))
+    table = section_table(result.mfu, result.mfu_error, "the command")
+    console.print(Text(table) if isinstance(table, str) else table)
+    if result.mfu is not None and (line := verdict_text(result.mfu.peak)) is not None:
+        console.print(line)
+    if a.out:
+        write(result, a.out)
+        console.print(Text(f"wrote {a.out}"))
+    return result.returncode if result.returncode >= 0 else 128 - result.returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     console = Console()
-    commands = {"run": _run, "sweep": _sweep, "stub": _stub, "bench-client": _bench_client}
+    commands = {"run": _run, "sweep": _sweep, "stub": _stub, "bench-client": _bench_client, "wrap": _wrap}
     try:
         return commands[a.command](a, console)
     except (ValidationError, ValueError, OSError) as exc:

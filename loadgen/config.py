@@ -11,6 +11,7 @@ Arrival = Literal["poisson", "gamma", "constant", "closed", "trace"]
 Dataset = Literal["synthetic", "sharegpt", "shared-prefix", "repetitive"]
 LengthDist = Literal["fixed", "uniform", "normal", "lognormal"]
 Endpoint = Literal["completions", "chat"]
+PromptFormat = Literal["auto", "token-ids", "text"]
 
 
 class LengthSpec(BaseModel):
@@ -59,7 +60,12 @@ class RunConfig(BaseModel):
     prefix_len: int = Field(256, ge=0, description="shared-prefix: tokens of the common system prompt")
     num_prefixes: int = Field(1, ge=1, description="shared-prefix: distinct common prompts")
     seed: int = 0
-    warmup_requests: int = Field(0, ge=0)
+    warmup_requests: int = Field(1, ge=0, description="sent before the measured window, as vLLM's benchmark does")
+    prompt_format: PromptFormat = Field("auto", description="auto: token IDs of the served model where the "
+                                        "completions endpoint and /tokenize or `tokenizer` allow, else text; "
+                                        "token-ids: fail without them; text: words (≈ 1 token each)")
+    tokenizer: str | None = Field(None, description="a local Hugging Face tokenizer for the prompts' token IDs "
+                                  "(default: the server's /tokenize)")
     ignore_eos: bool = True
     temperature: float | None = 0.0
     extra_body: dict[str, Any] = Field(default_factory=dict, description="merged into every request body")
@@ -83,6 +89,8 @@ class RunConfig(BaseModel):
         if self.arrival in ("poisson", "gamma", "constant") and math.isinf(self.request_rate) \
                 and self.duration_s and not self.num_prompts:
             raise ValueError("an infinite request rate with a duration needs num_prompts (else it never ends)")
+        if self.prompt_format == "token-ids" and self.endpoint == "chat":
+            raise ValueError("prompt_format=token-ids needs the completions endpoint (chat messages are text)")
         if self.dataset == "sharegpt" and not self.dataset_path:
             raise ValueError("dataset=sharegpt needs dataset_path")
         return self

@@ -84,7 +84,7 @@ class MFUProbe:
             async with session.get(self.url, params=params, timeout=timeout) as r:
                 body = await r.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self.error = f"cannot read {self.url}: {exc!r}"
+            self.error = f"cannot read {self.url}: {type(exc).__name__}: {exc}"
             return None
         if r.status != 200:
             self.error = f"{self.url} answered {r.status}: {body[:200].decode(errors='replace')}"

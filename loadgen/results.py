@@ -78,6 +78,9 @@ class RunResult(BaseModel):
     completed: int
     failed: int
     warmup_requests: int
+    prompt_source: str | None = Field(None, description="what the prompts were: token IDs (and whose), or text")
+    prompt_len_mismatches: int | None = Field(None, description="completed requests whose server-reported "
+                                              "prompt_tokens ≠ the requested input_len (null: lengths estimated)")
     errors: dict[str, int] = Field(description="failed requests by kind")
     ttft_s: LatencyStats
     tpot_s: LatencyStats

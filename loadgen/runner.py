@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from loadgen import arrivals, dispatch
+from loadgen import arrivals, dispatch, vocab
 from loadgen.client import Sender
 from loadgen.config import RunConfig
 from loadgen.mfu import MFUProbe
@@ -49,12 +49,41 @@ def make_session(config: RunConfig) -> aiohttp.ClientSession:
                                  trust_env=False)
 
 
-async def _warmup(config: RunConfig, sender: Sender) -> None:
+TEXT_SOURCE = "text (≈ 1 token per word; the server's usage is the truth)"
+
+
+async def prompt_pool(config: RunConfig, session: aiohttp.ClientSession) -> tuple[vocab.TokenPool | None, str]:
+    """Where synthetic prompts' tokens come from, and how the results name it: the served model's own
+    token IDs (exact lengths) unless the endpoint, the data set or `prompt_format` says text."""
+    if config.dataset == "sharegpt":
+        return None, "data set text (lengths estimated at 4 characters per token; the server's usage is the truth)"
+    if config.prompt_format == "text" or config.endpoint == "chat":
+        return None, TEXT_SOURCE if config.endpoint != "chat" else TEXT_SOURCE + "; the chat template adds more"
+    if config.tokenizer:
+        pool = vocab.from_tokenizer(config.tokenizer)
+    else:
+        try:
+            pool = await vocab.from_server(session, config.base_url, config.model)
+        except ValueError as exc:
+            if config.prompt_format == "token-ids":
+                raise ValueError(f"prompt_format=token-ids: {exc}; give a tokenizer (--tokenizer)") from None
+            return None, f"{TEXT_SOURCE}; no token IDs: {exc}"
+    return pool, f"token IDs from {pool.source}"
+
+
+def length_mismatches(records: list[RequestRecord], config: RunConfig) -> int | None:
+    """Completed requests whose server-reported prompt length differs from the requested one."""
+    if config.dataset == "sharegpt":
+        return None
+    return sum(1 for r in records if r.ok and r.usage_from_server and r.prompt_tokens != r.input_len)
+
+
+async def _warmup(config: RunConfig, sender: Sender, pool: vocab.TokenPool | None) -> None:
     """Requests whose results are dropped, before the measured window (and its MFU baseline)."""
     n = config.warmup_requests
     if n == 0:
         return
-    source = specs(config, np.random.default_rng([config.seed, 2]))
+    source = specs(config, np.random.default_rng([config.seed, 2]), pool=pool)
     t0 = time.perf_counter()
 
     async def issue(index: int, spec: RequestSpec, scheduled: float) -> None:
@@ -66,10 +95,10 @@ async def _warmup(config: RunConfig, sender: Sender) -> None:
 
 
 async def _measure(config: RunConfig, sender: Sender, t0: float, progress: RunProgress,
-                   trace: list[arrivals.TraceEntry] | None) -> list[RequestRecord]:
+                   trace: list[arrivals.TraceEntry] | None, pool: vocab.TokenPool | None) -> list[RequestRecord]:
     total = config.total_requests(len(trace) if trace else None)
     trace = trace[:total] if trace else None
-    workload = specs(config, np.random.default_rng([config.seed, 1]), trace)
+    workload = specs(config, np.random.default_rng([config.seed, 1]), trace, pool)
     closed = config.arrival == "closed"
     slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency and not closed else None
     records: list[RequestRecord] = []
@@ -130,12 +159,13 @@ async def run_benchmark(config: RunConfig, session: aiohttp.ClientSession | None
     session = session or make_session(config)
     try:
         sender = Sender(session, config)
-        await _warmup(config, sender)
+        pool, prompt_source = await prompt_pool(config, session)
+        await _warmup(config, sender, pool)
         probe, mfu_error = await _mfu_start(config, session)
         total = config.total_requests(len(trace) if trace else None)
         with frozen_heap(), RunProgress(total, "requests", enabled=False if config.quiet else None) as progress:
             started_at, t0 = time.time(), time.perf_counter()
-            records = await _measure(config, sender, t0, progress, trace)
+            records = await _measure(config, sender, t0, progress, trace, pool)
         duration_s = time.perf_counter() - t0
         mfu, mfu_error = await _mfu_stop(probe, mfu_error)
     finally:
@@ -143,7 +173,9 @@ async def run_benchmark(config: RunConfig, session: aiohttp.ClientSession | None
             await session.close()
     rate = None if config.arrival in ("closed", "trace") or math.isinf(config.request_rate) else config.request_rate
     result = RunResult(config=config, started_at=started_at, duration_s=duration_s,
-                       warmup_requests=config.warmup_requests, requested_rate=rate, mfu=mfu, mfu_error=mfu_error,
+                       warmup_requests=config.warmup_requests, prompt_source=prompt_source,
+                       prompt_len_mismatches=length_mismatches(records, config),
+                       requested_rate=rate, mfu=mfu, mfu_error=mfu_error,
                        records=records, **figures(records, config.slos, duration_s))
     write_outputs(result, records, config)
     return result

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -178,6 +179,13 @@ def build_app(config: StubConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         return await complete(request, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        """vLLM's /tokenize shape: one ID per whitespace-separated word (the stub's token count)."""
+        body = await request.json()
+        tokens = [zlib.crc32(w.encode()) % 4000 + 10 for w in str(body.get("prompt", "")).split()]
+        return {"count": len(tokens), "max_model_len": 4096, "tokens": tokens}
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -8,7 +8,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from loadgen.results import LatencyStats, RunResult
+from loadgen.results import LatencyStats, MFUSection, RunResult
 from serving_mfu.runtime.report import PeakReport
 from serving_mfu.serve.format import ms as _ms
 from serving_mfu.serve.format import pct as _pct
@@ -53,15 +53,19 @@ def latency_table(r: RunResult) -> Table:
 
 
 def mfu_table(r: RunResult) -> Table | str:
-    if r.mfu is None:
-        return f"MFU: not available ({r.mfu_error})"
-    m = r.mfu
+    return section_table(r.mfu, r.mfu_error)
+
+
+def section_table(m: MFUSection | None, error: str | None, what: str = "the run") -> Table | str:
+    """Per-phase MFU, HFU, MBU, tokens and busy seconds of a run's `mfu` section (or why there is none)."""
+    if m is None:
+        return f"MFU: not available ({error})"
     if m.peak.flops_per_s:
         origin = (m.peak.source or "").split(" on ")[0].split(",")[0].split(":")[0][:48]
         peak = f"peak {m.peak.flops_per_s / 1e12:.3g} TFLOP/s × {m.peak.devices} ({m.peak.dtype}, {origin})"
     else:
         peak = "no peak known: utilization needs one"
-    t = Table(title=f"MFU of the run, from the server's counters — {peak}")
+    t = Table(title=f"MFU of {what}, from the server's counters — {peak}")
     for col in ("phase", "MFU", "HFU", "MBU", "tokens", "busy s"):
         t.add_column(col, justify="right" if col != "phase" else "left")
     for name, p in (("prefill", m.prefill), ("decode", m.decode), ("overall", m.overall)):

@@ -1,5 +1,5 @@
-"""What each request asks: prompt text and lengths, from synthetic distributions, a ShareGPT
-file, shared-prefix groups, repetitive text, or a replay trace."""
+"""What each request asks: prompt (token IDs of the served model, or text) and lengths, from
+synthetic distributions, a ShareGPT file, shared-prefix groups, repetitive text, or a replay trace."""
 
 from __future__ import annotations
 
@@ -14,16 +14,19 @@ import numpy as np
 from loadgen.arrivals import TraceEntry
 from loadgen.config import LengthSpec, RunConfig
 from loadgen.prompts import estimate_tokens, random_words, repetitive, shared_prefix
+from loadgen.vocab import TokenPool, draw, repetitive_ids
 
 
 @dataclass(slots=True)
 class RequestSpec:
-    """One request to send: `system` (shared prefix) goes before `prompt`; lengths in tokens."""
+    """One request to send: `system` (shared prefix) goes before `prompt`; lengths in tokens.
+    `prompt_token_ids` (shared prefix included), when set, is the prompt: exactly `input_len` tokens."""
 
     prompt: str
     input_len: int
     output_len: int
     system: str | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 def sample_lengths(spec: LengthSpec, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -61,6 +64,25 @@ def load_sharegpt(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def _synthetic_ids(config: RunConfig, rng: np.random.Generator, pool: TokenPool) -> Iterator[RequestSpec]:
+    """Token-ID prompts: exactly the sampled length (plus the shared prefix) on the served model."""
+    prefixes: dict[int, list[int]] = {}
+    while True:
+        ins = sample_lengths(config.input, rng, 1024)
+        outs = sample_lengths(config.output, rng, 1024)
+        for i, o in zip(ins.tolist(), outs.tolist()):
+            if config.dataset == "shared-prefix":
+                group = int(rng.integers(config.num_prefixes))
+                if group not in prefixes:
+                    prefixes[group] = draw(pool, np.random.default_rng([config.seed, group, 7919]), config.prefix_len)
+                ids = prefixes[group] + draw(pool, rng, i)
+                yield RequestSpec("", i + config.prefix_len, o, prompt_token_ids=ids)
+            elif config.dataset == "repetitive":
+                yield RequestSpec("", i, o, prompt_token_ids=repetitive_ids(pool, rng, i))
+            else:
+                yield RequestSpec("", i, o, prompt_token_ids=draw(pool, rng, i))
+
+
 def _synthetic(config: RunConfig, rng: np.random.Generator) -> Iterator[RequestSpec]:
     while True:
         ins = sample_lengths(config.input, rng, 1024)
@@ -86,21 +108,28 @@ def _sharegpt(config: RunConfig, rng: np.random.Generator) -> Iterator[RequestSp
             yield RequestSpec(prompt, estimate_tokens(prompt), out)
 
 
-def _trace(config: RunConfig, rng: np.random.Generator, entries: list[TraceEntry]) -> Iterator[RequestSpec]:
+def _trace(config: RunConfig, rng: np.random.Generator, entries: list[TraceEntry],
+           pool: TokenPool | None) -> Iterator[RequestSpec]:
     for e in entries:
         out = e.output_len or int(sample_lengths(config.output, rng, 1)[0])
         if e.prompt is not None:
             yield RequestSpec(e.prompt, e.input_len or estimate_tokens(e.prompt), out)
         else:
             n = e.input_len or int(sample_lengths(config.input, rng, 1)[0])
-            yield RequestSpec(random_words(rng, n), n, out)
+            if pool is not None:
+                yield RequestSpec("", n, out, prompt_token_ids=draw(pool, rng, n))
+            else:
+                yield RequestSpec(random_words(rng, n), n, out)
 
 
-def specs(config: RunConfig, rng: np.random.Generator,
-          trace: list[TraceEntry] | None = None) -> Iterator[RequestSpec]:
-    """Endless (finite for a trace) stream of requests for this run's workload."""
+def specs(config: RunConfig, rng: np.random.Generator, trace: list[TraceEntry] | None = None,
+          pool: TokenPool | None = None) -> Iterator[RequestSpec]:
+    """Endless (finite for a trace) stream of requests for this run's workload; synthetic prompts are
+    token IDs from `pool` when given (exact lengths), else word text (≈ one token per word)."""
     if trace is not None:
-        return _trace(config, rng, trace)
+        return _trace(config, rng, trace, pool)
     if config.dataset == "sharegpt":
         return _sharegpt(config, rng)
+    if pool is not None:
+        return _synthetic_ids(config, rng, pool)
     return _synthetic(config, rng)

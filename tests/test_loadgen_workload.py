@@ -103,3 +103,68 @@ def test_config_rejects_incomplete_modes():
         RunConfig(duration_s=3)
     assert RunConfig(duration_s=5, request_rate=2).total_requests() is None and RunConfig().total_requests() == 100
     assert RunConfig(num_prompts=3).total_requests(trace_len=10) == 3
+
+
+# ------------------------------------------------------------------------- token-ID prompts (exact lengths)
+@pytest.fixture(scope="module")
+def stub():
+    from loadgen.stub import StubConfig
+    from loadgen.stub_server import StubThread
+
+    with StubThread(StubConfig()) as s:
+        yield s
+
+
+def _pool():
+    from loadgen.vocab import TokenPool
+
+    return TokenPool(np.arange(100, 400, dtype=np.int64), "test")
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "shared-prefix", "repetitive"])
+def test_token_id_prompts_have_exactly_the_sampled_length(dataset):
+    config = RunConfig(dataset=dataset, input=LengthSpec(dist="uniform", mean=50, spread=0.8), prefix_len=24,
+                       num_prefixes=2)
+    got = list(itertools.islice(specs(config, np.random.default_rng(3), pool=_pool()), 200))
+    assert len({s.input_len for s in got}) > 20
+    for s in got:
+        assert len(s.prompt_token_ids) == s.input_len and set(s.prompt_token_ids) <= set(range(100, 400))
+    if dataset == "shared-prefix":
+        heads = {tuple(s.prompt_token_ids[:24]) for s in got}
+        assert len(heads) == 2  # one common prefix per group, then the request's own tokens
+        assert len({tuple(s.prompt_token_ids[24:30]) for s in got}) > 150
+    if dataset == "repetitive":
+        for s in got:
+            ids = s.prompt_token_ids
+            assert all(ids[i] == ids[i - 12] for i in range(12, len(ids)))
+    else:
+        assert len({tuple(s.prompt_token_ids[-8:]) for s in got}) == len(got)  # no two prompts alike
+
+
+def test_token_ids_are_the_completions_prompt_and_chat_keeps_text():
+    spec = next(specs(RunConfig(input=LengthSpec(mean=5)), np.random.default_rng(0), pool=_pool()))
+    assert Sender(None, RunConfig()).body(spec)["prompt"] == spec.prompt_token_ids
+    with pytest.raises(ValueError, match="completions endpoint"):
+        RunConfig(endpoint="chat", prompt_format="token-ids")
+
+
+async def test_prompt_source_says_what_was_sent(stub):
+    from loadgen.runner import TEXT_SOURCE, make_session, prompt_pool
+
+    config = RunConfig(base_url=stub.url, model="stub")
+    async with make_session(config) as session:
+        pool, source = await prompt_pool(config, session)
+        assert source == f"token IDs from {stub.url}/tokenize (stub)" and len(pool.ids) > 100
+        assert (await prompt_pool(config.model_copy(update={"prompt_format": "text"}), session)) == (None, TEXT_SOURCE)
+        nobody = config.model_copy(update={"base_url": "http://127.0.0.1:9"})
+        pool, source = await prompt_pool(nobody, session)  # auto: text, and why
+        assert pool is None and source.startswith(TEXT_SOURCE + "; no token IDs: cannot read http://127.0.0.1:9")
+        with pytest.raises(ValueError, match="give a tokenizer"):
+            await prompt_pool(nobody.model_copy(update={"prompt_format": "token-ids"}), session)
+
+
+def test_a_missing_tokenizer_is_a_clear_error(tmp_path):
+    from loadgen.vocab import from_tokenizer
+
+    with pytest.raises(ValueError, match="cannot load tokenizer"):
+        from_tokenizer(str(tmp_path / "nothing-here"))

@@ -1,0 +1,80 @@
+"""`mfu-loadgen wrap --base-url URL -- COMMAND…`: the MFU of any benchmark a user already runs.
+
+Reads the server's cumulative counters (data as new as that moment), runs the command with this
+process's stdin/stdout/stderr, reads them again once the engines have published every step that
+finished before the command ended, and reports the difference: the same `mfu` section a `run`
+result has.  The command's exit status is passed through; a server without the plugin gives no
+MFU and a reason, never a failed wrap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from loadgen.mfu import MFUProbe
+from loadgen.results import MFUSection
+
+
+class WrapResult(BaseModel):
+    """What `wrap` writes to `--out`: the command, its status and timing, and the server's MFU over it."""
+
+    command: list[str]
+    returncode: int = Field(description="the command's exit status (negative: killed by that signal)")
+    base_url: str
+    started_at: float = Field(description="unix seconds when the command started")
+    duration_s: float = Field(description="the command's wall-clock seconds")
+    mfu: MFUSection | None = Field(description="the server's report over the command's window (null: see mfu_error)")
+    mfu_error: str | None = None
+
+
+async def _run(command: list[str]) -> int:
+    proc = await asyncio.create_subprocess_exec(*command)
+    loop = asyncio.get_running_loop()
+    # Ctrl-C reaches the command too (same process group); wait for it to stop rather than dying first
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    try:
+        return await proc.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+async def wrap(base_url: str, command: list[str], interval_s: float = 1.0,
+               fresh_timeout_s: float = 10.0) -> WrapResult:
+    """Bracket `command` with counter readings of the server at `base_url`."""
+    if not command:
+        raise ValueError("nothing to run: give the command after `--`")
+    probe = MFUProbe(base_url, None, interval_s, fresh_timeout_s)
+    error = None
+    try:
+        await probe.start()
+    except Exception as exc:  # an odd endpoint must not stop the user's benchmark
+        error = f"{type(exc).__name__}: {exc}"
+    started_at, t0 = time.time(), time.perf_counter()
+    try:
+        returncode = await _run(command)
+    except OSError as exc:
+        await probe.stop()
+        raise ValueError(f"cannot run {command[0]!r}: {exc}") from exc
+    duration_s = time.perf_counter() - t0
+    section = None
+    try:
+        run = await probe.stop()
+        if run is not None:
+            section = MFUSection.from_run(run)
+        else:
+            error = error or probe.error or "the server has no serving-mfu counters"
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return WrapResult(command=command, returncode=returncode, base_url=base_url, started_at=started_at,
+                      duration_s=duration_s, mfu=section, mfu_error=error)
+
+
+def write(result: WrapResult, out: str | Path) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(result.model_dump_json(indent=2))
