@@ -82,8 +82,18 @@ def verdict_text(peak: PeakReport) -> Text | None:
     return Text(peak_warning(peak.verdict, peak.fix), style="bold red")
 
 
+def shape_text(r: RunResult) -> Text | None:
+    """A red line when prompts were not the requested length (the server's usage says so)."""
+    if not r.prompt_len_mismatches:
+        return None
+    return Text(f"{r.prompt_len_mismatches} of {r.completed} prompts were not the requested length (server's "
+                f"usage.prompt_tokens ≠ input_len): prompts were {r.prompt_source}", style="bold red")
+
+
 def render(r: RunResult) -> Group:
     parts = [overview_table(r), latency_table(r), mfu_table(r)]
+    if (shape := shape_text(r)) is not None:
+        parts.append(shape)
     if r.mfu is not None and (line := verdict_text(r.mfu.peak)) is not None:
         parts.append(line)
     return Group(*parts)

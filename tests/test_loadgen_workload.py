@@ -168,3 +168,21 @@ def test_a_missing_tokenizer_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="cannot load tokenizer"):
         from_tokenizer(str(tmp_path / "nothing-here"))
+
+
+async def test_a_prompt_length_mismatch_turns_the_summary_red(stub):
+    """The stub counts words: text of repeated lines is longer than asked, and the summary says so."""
+    from rich.console import Console
+
+    from loadgen.runner import run_benchmark
+    from loadgen.summary import print_summary
+
+    config = RunConfig(base_url=stub.url, model="stub", num_prompts=3, dataset="repetitive", prompt_format="text",
+                       input=LengthSpec(mean=40), output=LengthSpec(mean=2), mfu=False, quiet=True)
+    exact = await run_benchmark(config.model_copy(update={"prompt_format": "auto"}))
+    assert exact.prompt_len_mismatches == 0
+    r = await run_benchmark(config)
+    assert r.prompt_len_mismatches == 3
+    console = Console(record=True, width=200)
+    print_summary(r, console)
+    assert "3 of 3 prompts were not the requested length" in console.export_text()
