@@ -64,38 +64,39 @@ def load_sharegpt(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def _shapes(config: RunConfig, rng: np.random.Generator) -> Iterator[tuple[int, int, int | None]]:
+    """(input tokens, output tokens, shared-prefix group or None) of each synthetic request."""
+    while True:
+        ins = sample_lengths(config.input, rng, 1024)
+        outs = sample_lengths(config.output, rng, 1024)
+        for i, o in zip(ins.tolist(), outs.tolist()):
+            yield i, o, int(rng.integers(config.num_prefixes)) if config.dataset == "shared-prefix" else None
+
+
 def _synthetic_ids(config: RunConfig, rng: np.random.Generator, pool: TokenPool) -> Iterator[RequestSpec]:
     """Token-ID prompts: exactly the sampled length (plus the shared prefix) on the served model."""
     prefixes: dict[int, list[int]] = {}
-    while True:
-        ins = sample_lengths(config.input, rng, 1024)
-        outs = sample_lengths(config.output, rng, 1024)
-        for i, o in zip(ins.tolist(), outs.tolist()):
-            if config.dataset == "shared-prefix":
-                group = int(rng.integers(config.num_prefixes))
-                if group not in prefixes:
-                    prefixes[group] = draw(pool, np.random.default_rng([config.seed, group, 7919]), config.prefix_len)
-                ids = prefixes[group] + draw(pool, rng, i)
-                yield RequestSpec("", i + config.prefix_len, o, prompt_token_ids=ids)
-            elif config.dataset == "repetitive":
-                yield RequestSpec("", i, o, prompt_token_ids=repetitive_ids(pool, rng, i))
-            else:
-                yield RequestSpec("", i, o, prompt_token_ids=draw(pool, rng, i))
+    for i, o, group in _shapes(config, rng):
+        if group is not None:
+            if group not in prefixes:
+                prefixes[group] = draw(pool, np.random.default_rng([config.seed, group, 7919]), config.prefix_len)
+            yield RequestSpec("", i + config.prefix_len, o, prompt_token_ids=prefixes[group] + draw(pool, rng, i))
+        elif config.dataset == "repetitive":
+            yield RequestSpec("", i, o, prompt_token_ids=repetitive_ids(pool, rng, i))
+        else:
+            yield RequestSpec("", i, o, prompt_token_ids=draw(pool, rng, i))
 
 
 def _synthetic(config: RunConfig, rng: np.random.Generator) -> Iterator[RequestSpec]:
-    while True:
-        ins = sample_lengths(config.input, rng, 1024)
-        outs = sample_lengths(config.output, rng, 1024)
-        for i, o in zip(ins.tolist(), outs.tolist()):
-            if config.dataset == "shared-prefix":
-                group = int(rng.integers(config.num_prefixes))
-                system = shared_prefix(config.seed, group, config.prefix_len)
-                yield RequestSpec(random_words(rng, i), i + config.prefix_len, o, system=system)
-            elif config.dataset == "repetitive":
-                yield RequestSpec(repetitive(rng, i), i, o)
-            else:
-                yield RequestSpec(random_words(rng, i), i, o)
+    """Word-text prompts: about one token per word (exact only on a tokenizer the word list suits)."""
+    for i, o, group in _shapes(config, rng):
+        if group is not None:
+            system = shared_prefix(config.seed, group, config.prefix_len)
+            yield RequestSpec(random_words(rng, i), i + config.prefix_len, o, system=system)
+        elif config.dataset == "repetitive":
+            yield RequestSpec(repetitive(rng, i), i, o)
+        else:
+            yield RequestSpec(random_words(rng, i), i, o)
 
 
 def _sharegpt(config: RunConfig, rng: np.random.Generator) -> Iterator[RequestSpec]:
