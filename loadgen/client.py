@@ -67,8 +67,8 @@ class Sender:
         if self.chat:
             messages = [{"role": "system", "content": spec.system}] if spec.system else []
             body["messages"] = messages + [{"role": "user", "content": spec.prompt}]
-        elif (token_ids := getattr(spec, "prompt_token_ids", None)) is not None:
-            body["prompt"] = token_ids  # exact-length prompt, its system prefix included
+        elif spec.prompt_token_ids is not None:
+            body["prompt"] = spec.prompt_token_ids  # exact-length prompt, its system prefix included
         else:
             body["prompt"] = f"{spec.system}\n{spec.prompt}" if spec.system else spec.prompt
         return body
