@@ -17,7 +17,7 @@ module's *exclusive* count: the ops its own `forward` ran.  Then:
 - `…layers.{i}.mlp.experts`          -> routed experts (eager experts: one `F.linear` pair per
   expert hit, on the rows routed to it, i.e. `aten.mm`);
 - `…layers.{i}.mlp.shared_expert[s]`, `…mlp.shared_expert_gate` -> shared experts;
-- `…layers.{i}.mlp.{gate,up,down}_proj` -> dense MLP;
+- `…layers.{i}.mlp.{gate,up,down}_proj`, `…mlp.{c_fc,c_proj}` (StarCoder2) -> dense MLP;
 - `lm_head`                          -> LM head.
 
 Anything else that counts FLOPs lands in `other` (keyed by module path) so a new
@@ -159,7 +159,7 @@ def _classify(path: str) -> tuple[int | None, str | None]:
             return layer, "routed_experts"
         if sub in ("shared_expert", "shared_experts", "shared_expert_gate"):
             return layer, "shared_experts"
-        if sub in ("gate_proj", "up_proj", "down_proj") and len(parts) == 2:
+        if sub in ("gate_proj", "up_proj", "down_proj", "c_fc", "c_proj") and len(parts) == 2:
             return layer, "mlp"
     return layer, None
 

@@ -61,7 +61,7 @@ def _component_of(name: str) -> str:
     m = re.fullmatch(r"self_attn\.(\w+)\.weight", name)
     if m and m.group(1) in _ATTN_PROJ:
         return _ATTN_PROJ[m.group(1)]
-    if re.fullmatch(r"mlp\.(gate|up|down)_proj\.weight", name):
+    if re.fullmatch(r"mlp\.((gate|up|down)_proj|c_fc|c_proj)\.weight", name):  # c_*: StarCoder2's plain MLP
         return "mlp"
     if name in ("mlp.gate.weight", "mlp.router.weight"):
         return "router"
@@ -209,6 +209,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3_text": ("Gemma3TextConfig", dict(BASE, num_hidden_layers=7, head_dim=32, sliding_window=16)),
     "gemma3_text_pattern3": ("Gemma3TextConfig", dict(BASE, num_hidden_layers=7, head_dim=32,
                                                       sliding_window=16, sliding_window_pattern=3)),
+    "starcoder2": ("Starcoder2Config", dict(BASE, use_bias=True)),
+    "starcoder2_window": ("Starcoder2Config", dict(BASE, use_bias=True, sliding_window=16)),
     "mixtral": ("MixtralConfig", dict(BASE, num_local_experts=4, num_experts_per_tok=2)),
     "mixtral_window": ("MixtralConfig", dict(BASE, num_local_experts=4, num_experts_per_tok=1,
                                              sliding_window=16)),

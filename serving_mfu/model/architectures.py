@@ -136,6 +136,18 @@ def dense_decoder(cfg: Cfg) -> tuple[LayerSpec, ...]:
     return _dense(cfg, windows)
 
 
+@register("starcoder2")
+def starcoder2(cfg: Cfg) -> tuple[LayerSpec, ...]:
+    """StarCoder2: GQA attention, a plain 2-matrix GELU MLP (`c_fc`, `c_proj`), biases everywhere.
+
+    Executed form (vLLM `starcoder2.py`, transformers `modeling_starcoder2.py`): qkv, o, c_fc and
+    c_proj matmuls; a bias add is no matmul FLOP (torch's counter counts `addmm` as its `mm`).
+    Attention grows as q·c, or q·min(c, window) with `sliding_window`.
+    """
+    mlp = MLPSpec(int(cfg.need("intermediate_size")), gated=False)
+    return tuple(LayerSpec(cfg.mha(w), mlp=mlp) for w in cfg.layer_windows())
+
+
 def _moe_layers(
     cfg: Cfg,
     is_moe: Callable[[int], bool],
@@ -301,6 +313,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"head_dim": 128},
     "gpt_oss": {"head_dim": 64, "sliding_window": 128, "num_experts_per_tok": 4},
     "mistral": {"sliding_window": 4096},
+    "starcoder2": {"tie_word_embeddings": True},
     "deepseek_v3": {"first_k_dense_replace": 3, "n_shared_experts": 1, "n_routed_experts": 256,
                     "num_experts_per_tok": 8, "moe_intermediate_size": 2048},
     "deepseek_v2": {"n_shared_experts": 2},
