@@ -153,7 +153,7 @@ def _classify(path: str) -> tuple[int | None, str | None]:
         return layer, _ATTN_PROJ[parts[1]]
     if parts[0] in ("mlp", "block_sparse_moe") and len(parts) >= 2:
         sub = parts[1]
-        if sub == "gate" and len(parts) == 2:
+        if sub in ("gate", "router") and len(parts) == 2:  # router: Phi-MoE
             return layer, "router"
         if sub == "experts":
             return layer, "routed_experts"
@@ -171,7 +171,7 @@ def count_forward(model: torch.nn.Module, **inputs: Any) -> tuple[PhaseCount, An
     hooks = []
     for i, layer in enumerate(getattr(getattr(model, "model", None), "layers", [])):
         mlp = getattr(layer, "mlp", None)
-        gate = getattr(mlp, "gate", None)
+        gate = getattr(mlp, "gate", None) or getattr(mlp, "router", None)  # router: Phi-MoE
         if gate is not None and hasattr(mlp, "experts"):
             def hook(_mod, _inp, out, i=i):
                 routed[i] = out[-1].detach().clone()  # (tokens, top_k) expert indices

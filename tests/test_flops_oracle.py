@@ -37,7 +37,8 @@ if int(transformers.__version__.split(".")[0]) < 5:
 PROMPT_LENS = (7, 13)
 ALL_MODELS = tuple(TINY_CONFIGS)
 MLA = "tiny-deepseek-v3"
-MOE_MODELS = ("tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-mixtral")
+MOE_MODELS = ("tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-mixtral", "tiny-glm4-moe", "tiny-phimoe",
+              "tiny-minimax-m2")
 NON_WEIGHT = (ATTENTION_SCORES, LM_HEAD)
 
 MLA_DECODE_REASON = (

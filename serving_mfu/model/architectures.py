@@ -167,9 +167,13 @@ def _moe_layers(
     return tuple(layers)
 
 
-@register("mixtral")
+@register("mixtral", "phimoe", "minimax_m2")
 def mixtral(cfg: Cfg) -> tuple[LayerSpec, ...]:
-    """Mixtral: every layer MoE, experts of `intermediate_size`, no shared expert."""
+    """Mixtral, Phi-3.5-MoE (`phimoe`), MiniMax-M2: every layer MoE, top-k of `num_local_experts`
+    gated experts of `intermediate_size`, no shared expert; GQA attention (MiniMax-M2's own
+    `head_dim`), q·c or windowed.  Routing details (Phi-MoE's sparsemixer, MiniMax's score bias)
+    change which experts run, not how many.  Sources: transformers `modeling_{mixtral,phimoe,
+    minimax_m2}.py`; vLLM `mixtral.py`, `phimoe.py`, `minimax_m2.py`."""
     moe = MoESpec(
         num_experts=int(cfg.need("num_local_experts")),
         top_k=int(cfg.need("num_experts_per_tok")),
@@ -225,6 +229,23 @@ def gpt_oss(cfg: Cfg) -> tuple[LayerSpec, ...]:
         w = int(cfg.get("sliding_window", 128))
         windows = [w if (i + 1) % 2 else None for i in range(cfg.num_layers)]
     return _moe_layers(cfg, lambda i: True, moe, windows)
+
+
+@register("glm4_moe")
+def glm4_moe(cfg: Cfg) -> tuple[LayerSpec, ...]:
+    """GLM-4.5/4.6 MoE: GQA attention (own `head_dim`; partial RoPE costs no matmul); the first
+    `first_k_dense_replace` layers dense (`intermediate_size`), the rest `num_experts_per_tok` of
+    `n_routed_experts` experts of `moe_intermediate_size` plus `n_shared_experts` shared ones of
+    the same size.  Sources: transformers `modeling_glm4_moe.py` (Glm4MoeDecoderLayer), vLLM `glm4_moe.py`."""
+    expert = int(cfg.need("moe_intermediate_size"))
+    moe = MoESpec(
+        num_experts=int(cfg.first("n_routed_experts", "num_local_experts")),
+        top_k=int(cfg.need("num_experts_per_tok")),
+        expert_intermediate_size=expert,
+        shared_intermediate_size=int(cfg.get("n_shared_experts", 1)) * expert,
+    )
+    first_dense = int(cfg.get("first_k_dense_replace", 1))
+    return _moe_layers(cfg, lambda i: i >= first_dense, moe, cfg.layer_windows())
 
 
 @register("deepseek_v2", "deepseek_v3", "kimi_k2")
@@ -314,6 +335,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt_oss": {"head_dim": 64, "sliding_window": 128, "num_experts_per_tok": 4},
     "mistral": {"sliding_window": 4096},
     "starcoder2": {"tie_word_embeddings": True},
+    "minimax_m2": {"head_dim": 128},
     "deepseek_v3": {"first_k_dense_replace": 3, "n_shared_experts": 1, "n_routed_experts": 256,
                     "num_experts_per_tok": 8, "moe_intermediate_size": 2048},
     "deepseek_v2": {"n_shared_experts": 2},
