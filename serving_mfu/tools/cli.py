@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce = sub.add_parser("compare-estimators", help="FLOPs per token by serving-mfu, 2N, s² attention and vLLM's "
                                                     "estimator on public model shapes; oracle check of ours")
     ce.add_argument("--configs", help="comma-separated public configs (default: all): "
-                                      "llama-3-8b,llama-3-70b,qwen3-30b-a3b,mixtral-8x7b,deepseek-v3")
+                                      "llama-3-8b,llama-3-70b,qwen3-30b-a3b,mixtral-8x7b,glm-4.5-air,deepseek-v3")
     ce.add_argument("--points", help="NEW_TOKENS:CONTEXT,... (default 4096:4096,1:4096,1:32768)")
     ce.add_argument("--no-oracle", action="store_true", help="skip the FlopCounterMode check on scaled-down shapes")
     ce.add_argument("--no-vllm", action="store_true", help="leave vLLM's estimator out (n/a)")

@@ -34,6 +34,16 @@ PUBLIC_CONFIGS: dict[str, dict] = {
         "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
         "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     },
+    # zai-org/GLM-4.5-Air: 46 layers (the first dense), 96 query heads / 8 KV groups of 128, 128 experts
+    # top-8 of 1408 plus one shared of 1408 (Megatron-Bridge docs/models/llm/glm45.md, slime
+    # scripts/models/glm4.5-106B-A12B.sh); the MTP layer is not part of the main forward
+    "glm-4.5-air": {
+        "model_type": "glm4_moe", "hidden_size": 4096, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 46, "num_attention_heads": 96,
+        "num_key_value_heads": 8, "head_dim": 128, "n_routed_experts": 128, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "first_k_dense_replace": 1, "partial_rotary_factor": 0.5,
+        "vocab_size": 151552, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
     # deepseek-ai/DeepSeek-V3 config.json (MTP layer not part of the main forward)
     "deepseek-v3": {
         "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
