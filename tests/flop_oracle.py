@@ -47,7 +47,8 @@ _ATTN_PROJ = {
     "q_a_proj": "q_a_proj", "q_b_proj": "q_b_proj",
     "kv_a_proj_with_mqa": "kv_a_proj", "kv_a_proj": "kv_a_proj", "kv_b_proj": "kv_b_proj",
 }
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.(.+)$")  # transformer.h: GPT-2, GPT-BigCode
+QKV_FUSED = "qkv_fused"  # GPT-2's c_attn: q, k and v in one matmul, split by its output columns
 
 
 class UnattributedFlops(AssertionError):
@@ -147,10 +148,12 @@ def _classify(path: str) -> tuple[int | None, str | None]:
         return None, None
     layer, rest = int(m.group(1)), m.group(2)
     parts = rest.split(".")
-    if rest == "self_attn":
+    if rest in ("self_attn", "attn"):
         return layer, ATTENTION_SCORES
     if parts[0] == "self_attn" and len(parts) == 2 and parts[1] in _ATTN_PROJ:
         return layer, _ATTN_PROJ[parts[1]]
+    if parts[0] == "attn" and len(parts) == 2 and parts[1] in ("c_attn", "c_proj"):
+        return layer, QKV_FUSED if parts[1] == "c_attn" else "o_proj"
     if parts[0] in ("mlp", "block_sparse_moe") and len(parts) >= 2:
         sub = parts[1]
         if sub in ("gate", "router") and len(parts) == 2:  # router: Phi-MoE
@@ -162,6 +165,17 @@ def _classify(path: str) -> tuple[int | None, str | None]:
         if sub in ("gate_proj", "up_proj", "down_proj", "c_fc", "c_proj") and len(parts) == 2:
             return layer, "mlp"
     return layer, None
+
+
+def _split_fused(module: torch.nn.Module, flops: int) -> dict[str, int]:
+    """A fused q|k|v matmul's FLOPs by output column: q has the input's width E, k and v share the rest
+    equally (GPT-2: E each; GPT-BigCode multi-query: one head each).  Conv1D's weight is (in, out)."""
+    w = module.weight
+    e, out = (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+    kv = (out - e) // 2
+    assert e + 2 * kv == out and flops % out == 0, (type(module).__name__, tuple(w.shape), flops)
+    per_column = flops // out
+    return {"q_proj": per_column * e, "k_proj": per_column * kv, "v_proj": per_column * kv}
 
 
 def count_forward(model: torch.nn.Module, **inputs: Any) -> tuple[PhaseCount, Any]:
@@ -206,12 +220,14 @@ def count_forward(model: torch.nn.Module, **inputs: Any) -> tuple[PhaseCount, An
         if key == LM_HEAD:
             pc.lm_head += flops
             continue
-        pc.per_layer.setdefault(layer, {})
-        pc.per_layer[layer][key] = pc.per_layer[layer].get(key, 0) + flops
-        if key == ATTENTION_SCORES:
-            pc.attention_scores += flops
-        else:
-            pc.components[key] = pc.components.get(key, 0) + flops
+        parts = _split_fused(model.get_submodule(path), flops) if key == QKV_FUSED else {key: flops}
+        for key, flops in parts.items():
+            pc.per_layer.setdefault(layer, {})
+            pc.per_layer[layer][key] = pc.per_layer[layer].get(key, 0) + flops
+            if key == ATTENTION_SCORES:
+                pc.attention_scores += flops
+            else:
+                pc.components[key] = pc.components.get(key, 0) + flops
     pc.by_op = {k: dict(v) for k, v in by_op.items()}
     for i, idx in routed.items():
         pc.routed_pairs[i] = int(idx.numel())

@@ -96,10 +96,12 @@ def expected_per_layer(sp: ModelSpec, q: int, c: int) -> dict[int, dict[str, int
 def test_tiny_config_parses_exactly(name):
     sp = spec(name)
     assert not sp.approximate, sp.warnings
-    assert sp.num_layers == TINY_CONFIGS[name]["num_hidden_layers"]
+    cfg = TINY_CONFIGS[name]
+    assert sp.num_layers == cfg.get("num_hidden_layers", cfg.get("n_layer"))  # n_layer: GPT-2's name
     # Every layer of the HF model is MoE exactly where the spec says so.
     model = hf_model(name)
-    hf_moe = [hasattr(layer.mlp, "experts") for layer in model.model.layers]
+    layers = model.model.layers if hasattr(model, "model") else model.transformer.h
+    hf_moe = [hasattr(layer.mlp, "experts") for layer in layers]
     assert hf_moe == [layer.moe is not None for layer in sp.layers]
 
 
@@ -131,6 +133,15 @@ def test_tiny_configs_exercise_what_they_claim():
 
     mx = spec("tiny-mixtral")
     assert all(layer.moe is not None and layer.moe.num_experts == 4 for layer in mx.layers)
+
+    gpt2, bigcode, sc2 = spec("tiny-gpt2"), spec("tiny-gpt-bigcode"), spec("tiny-starcoder2")
+    assert gpt2.layers[0].attention.num_kv_heads == 4 and bigcode.layers[0].attention.num_kv_heads == 1
+    assert not any(layer.mlp.gated for s_ in (gpt2, bigcode, sc2) for layer in s_.layers)
+    assert gpt2.tie_word_embeddings and sc2.tie_word_embeddings
+
+    glm = spec("tiny-glm4-moe")
+    assert [layer.moe is not None for layer in glm.layers] == [False, True, True]
+    assert glm.layers[1].moe.shared_intermediate_size == 32 and glm.layers[0].mlp.intermediate_size == 96
 
 
 # --------------------------------------------------------------------------- the oracle itself

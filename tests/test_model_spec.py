@@ -738,3 +738,18 @@ def test_quantization_does_not_change_shapes() -> None:
     quant = ModelSpec.from_hf_config(dict(_hub_dict("deepseek_v3"),
                                           quantization_config={"quant_method": "fp8"}))
     assert quant == replace(plain, weight_bits=8.0, compute_dtype="fp8")
+
+
+@pytest.mark.parametrize("model_type,cls", [("gpt2", "GPT2Config"), ("gpt_bigcode", "GPTBigCodeConfig")])
+def test_gpt2_style_hub_config_matches_the_model_transformers_builds(model_type: str, cls: str) -> None:
+    """A config.json with GPT-2's own field names (n_embd, n_layer, …) or none at all: the weight
+    matmuls per layer equal the Conv1D / Linear weights transformers instantiates (GPT-2 small)."""
+    model = meta_model(getattr(transformers, cls)())
+    for raw in ({"model_type": model_type}, model.config.to_dict()):
+        spec = ModelSpec.from_hf_config(raw)
+        assert not spec.approximate and spec.num_layers == len(model.transformer.h) == 12
+        for i, block in enumerate(model.transformer.h):
+            weights = sum(p.numel() for n, p in block.named_parameters() if n.endswith("weight") and "ln" not in n)
+            stored, active = spec_components(spec, i)
+            assert sum(stored.values()) == sum(active.values()) == weights
+        assert spec.tie_word_embeddings and spec.vocab_size == model.config.vocab_size

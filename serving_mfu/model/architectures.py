@@ -136,6 +136,20 @@ def dense_decoder(cfg: Cfg) -> tuple[LayerSpec, ...]:
     return _dense(cfg, windows)
 
 
+@register("gpt2", "gpt_bigcode")
+def gpt2(cfg: Cfg) -> tuple[LayerSpec, ...]:
+    """GPT-2 and GPT-BigCode (StarCoder 1, SantaCoder): one fused `c_attn` matmul for q, k, v, then
+    `c_proj`; a plain 2-matrix GELU MLP of `n_inner` (default 4·`n_embd`); GPT-BigCode's
+    `multi_query` keeps one KV head.  Learned position embeddings are a lookup, no matmul; biases
+    are no matmul FLOPs.  Attention grows as q·c.  Sources: transformers `modeling_gpt2.py`,
+    `modeling_gpt_bigcode.py`; vLLM `gpt2.py`, `gpt_bigcode.py`."""
+    hidden, heads = cfg.hidden, int(cfg.need("num_attention_heads"))
+    kv = 1 if cfg.model_type == "gpt_bigcode" and cfg.get("multi_query", True) else heads
+    attn = AttentionSpec(heads, kv, hidden // heads, hidden // heads)
+    mlp = MLPSpec(int(cfg.get("intermediate_size", 4 * hidden)), gated=False)
+    return tuple(LayerSpec(attn, mlp=mlp) for _ in range(cfg.num_layers))
+
+
 @register("starcoder2")
 def starcoder2(cfg: Cfg) -> tuple[LayerSpec, ...]:
     """StarCoder2: GQA attention, a plain 2-matrix GELU MLP (`c_fc`, `c_proj`), biases everywhere.
@@ -335,6 +349,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt_oss": {"head_dim": 64, "sliding_window": 128, "num_experts_per_tok": 4},
     "mistral": {"sliding_window": 4096},
     "starcoder2": {"tie_word_embeddings": True},
+    "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "tie_word_embeddings": True},
+    "gpt_bigcode": {"n_embd": 768, "n_layer": 12, "n_head": 12, "multi_query": True, "vocab_size": 50257,
+                    "tie_word_embeddings": True},
     "minimax_m2": {"head_dim": 128},
     "deepseek_v3": {"first_k_dense_replace": 3, "n_shared_experts": 1, "n_routed_experts": 256,
                     "num_experts_per_tok": 8, "moe_intermediate_size": 2048},
@@ -342,11 +359,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# GPT-2-style field names (transformers' `attribute_map`), read as the standard ones.
+_GPT2_NAMES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+               "n_inner": "intermediate_size"}
+FIELD_NAMES: dict[str, dict[str, str]] = {"gpt2": _GPT2_NAMES, "gpt_bigcode": _GPT2_NAMES}
+
+
 def spec_from_config(raw: Mapping[str, Any]) -> ModelSpec:
     """Pick the architecture's parser and build the whole spec (dtypes, quantization, flags)."""
     data = _unwrap(dict(raw))
     model_type = ALIASES.get(str(data.get("model_type", "<none>")), str(data.get("model_type", "<none>")))
     data = {**DEFAULTS.get(model_type, {}), **data}
+    for old, new in FIELD_NAMES.get(model_type, {}).items():
+        if old in data and data.get(new) is None:
+            data[new] = data[old]
     cfg = Cfg(data)
     parser = PARSERS.get(model_type)
     warnings: list[str] = []
