@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from scheduler_hooks.server import CPU_MEMORY_FRACTION
 from serving_mfu.runtime.settings import Settings
 from serving_mfu.tools.engine_models import ensure_model
 from serving_mfu.tools.envutil import environ  # noqa: F401 (tests import it from here)
@@ -32,7 +33,7 @@ def llm_engine(publish_dir: Path, model: str = "tiny-llama-engine", env: dict[st
 
     settings = {"SERVING_MFU_DIR": str(publish_dir), **DEFAULT_PEAK, **(env or {})}
     args = dict(model=model_path(model), scheduler_cls="scheduler_hooks.MFUScheduler", enforce_eager=True,
-                gpu_memory_utilization=0.3, max_model_len=2048, disable_log_stats=False, seed=0)
+                gpu_memory_utilization=CPU_MEMORY_FRACTION, max_model_len=2048, disable_log_stats=False, seed=0)
     args.update(kwargs)
     with environ(settings):
         llm = LLM(**args)

@@ -46,6 +46,7 @@ from pydantic import BaseModel
 
 from scheduler_hooks.hook import MFUHook
 from scheduler_hooks.scheduler import MFUScheduler
+from scheduler_hooks.server import CPU_MEMORY_FRACTION
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.runtime.settings import Settings
 from serving_mfu.runtime.tracker import MFUTracker
@@ -330,7 +331,7 @@ def workload_prompts(model_path: str, requests: int, prompt_len: int) -> list[di
 def _engine_args(model_path: str, scheduler: str, max_model_len: int, max_num_seqs: int, kv_cache_mib: int,
                  **extra: Any) -> dict[str, Any]:
     return dict(model=model_path, scheduler_cls=scheduler, enforce_eager=True, seed=0,
-                gpu_memory_utilization=0.3, kv_cache_memory_bytes=kv_cache_mib << 20,
+                gpu_memory_utilization=CPU_MEMORY_FRACTION, kv_cache_memory_bytes=kv_cache_mib << 20,
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs, **extra)
 
 
