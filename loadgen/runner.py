@@ -19,7 +19,7 @@ from loadgen.mfu import MFUProbe
 from loadgen.progress import RunProgress
 from loadgen.records import RequestRecord
 from loadgen.results import MFUSection, RunResult
-from loadgen.stats import figures
+from loadgen.stats import figures, length_mismatches
 from loadgen.workload import RequestSpec, specs
 
 
@@ -47,35 +47,6 @@ def make_session(config: RunConfig) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=size, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
                                  trust_env=False)
-
-
-TEXT_SOURCE = "text (≈ 1 token per word; the server's usage is the truth)"
-
-
-async def prompt_pool(config: RunConfig, session: aiohttp.ClientSession) -> tuple[vocab.TokenPool | None, str]:
-    """Where synthetic prompts' tokens come from, and how the results name it: the served model's own
-    token IDs (exact lengths) unless the endpoint, the data set or `prompt_format` says text."""
-    if config.dataset == "sharegpt":
-        return None, "data set text (lengths estimated at 4 characters per token; the server's usage is the truth)"
-    if config.prompt_format == "text" or config.endpoint == "chat":
-        return None, TEXT_SOURCE if config.endpoint != "chat" else TEXT_SOURCE + "; the chat template adds more"
-    if config.tokenizer:
-        pool = vocab.from_tokenizer(config.tokenizer)
-    else:
-        try:
-            pool = await vocab.from_server(session, config.base_url, config.model)
-        except ValueError as exc:
-            if config.prompt_format == "token-ids":
-                raise ValueError(f"prompt_format=token-ids: {exc}; give a tokenizer (--tokenizer)") from None
-            return None, f"{TEXT_SOURCE}; no token IDs: {exc}"
-    return pool, f"token IDs from {pool.source}"
-
-
-def length_mismatches(records: list[RequestRecord], config: RunConfig) -> int | None:
-    """Completed requests whose server-reported prompt length differs from the requested one."""
-    if config.dataset == "sharegpt":
-        return None
-    return sum(1 for r in records if r.ok and r.usage_from_server and r.prompt_tokens != r.input_len)
 
 
 async def _warmup(config: RunConfig, sender: Sender, pool: vocab.TokenPool | None) -> None:
@@ -159,7 +130,7 @@ async def run_benchmark(config: RunConfig, session: aiohttp.ClientSession | None
     session = session or make_session(config)
     try:
         sender = Sender(session, config)
-        pool, prompt_source = await prompt_pool(config, session)
+        pool, prompt_source = await vocab.prompt_pool(config, session)
         await _warmup(config, sender, pool)
         probe, mfu_error = await _mfu_start(config, session)
         total = config.total_requests(len(trace) if trace else None)
@@ -174,7 +145,7 @@ async def run_benchmark(config: RunConfig, session: aiohttp.ClientSession | None
     rate = None if config.arrival in ("closed", "trace") or math.isinf(config.request_rate) else config.request_rate
     result = RunResult(config=config, started_at=started_at, duration_s=duration_s,
                        warmup_requests=config.warmup_requests, prompt_source=prompt_source,
-                       prompt_len_mismatches=length_mismatches(records, config),
+                       prompt_len_mismatches=length_mismatches(records, config.dataset != "sharegpt"),
                        requested_rate=rate, mfu=mfu, mfu_error=mfu_error,
                        records=records, **figures(records, config.slos, duration_s))
     write_outputs(result, records, config)

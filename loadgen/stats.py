@@ -59,6 +59,14 @@ def achieved_rate(records: Sequence[RequestRecord]) -> float | None:
     return (len(records) - 1) / span if span > 0 else math.inf
 
 
+def length_mismatches(records: Sequence[RequestRecord], exact: bool) -> int | None:
+    """Completed requests whose server-reported prompt length differs from the requested one
+    (None when the requested lengths were only estimates, e.g. data-set text)."""
+    if not exact:
+        return None
+    return sum(1 for r in records if r.ok and r.usage_from_server and r.prompt_tokens != r.input_len)
+
+
 def tokens(records: Sequence[RequestRecord], field: str) -> list[int]:
     return [getattr(r, field) for r in records if r.ok and getattr(r, field) is not None]
 

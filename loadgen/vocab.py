@@ -4,7 +4,7 @@ Text of N words is N tokens only on a tokenizer the word list suits (the project
 on any other tokenizer it is more.  Sent as token IDs, a prompt is exactly as long as asked on
 every model.  The IDs are those of ordinary words (`loadgen.prompts.WORDS`), read from the
 server's own `/tokenize` (vLLM's OpenAI server has it) or from a local tokenizer (`--tokenizer`),
-so prompts contain no special tokens.
+so prompts contain no special tokens.  `prompt_pool` picks the source for a run (or text, and says why).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.config import RunConfig
 from loadgen.prompts import WORDS
 
 TEXT = " " + " ".join(WORDS.tolist())
@@ -75,3 +76,25 @@ def repetitive_ids(pool: TokenPool, rng: np.random.Generator, n: int, period: in
     line = draw(pool, rng, period)
     reps = -(-n // period)
     return (line * reps)[:n]
+
+
+TEXT_SOURCE = "text (≈ 1 token per word; the server's usage is the truth)"
+
+
+async def prompt_pool(config: RunConfig, session: Any) -> tuple[TokenPool | None, str]:
+    """Where synthetic prompts' tokens come from, and how the results name it: the served model's own
+    token IDs (exact lengths) unless the endpoint, the data set or `prompt_format` says text."""
+    if config.dataset == "sharegpt":
+        return None, "data set text (lengths estimated at 4 characters per token; the server's usage is the truth)"
+    if config.prompt_format == "text" or config.endpoint == "chat":
+        return None, TEXT_SOURCE if config.endpoint != "chat" else TEXT_SOURCE + "; the chat template adds more"
+    if config.tokenizer:
+        pool = from_tokenizer(config.tokenizer)
+    else:
+        try:
+            pool = await from_server(session, config.base_url, config.model)
+        except ValueError as exc:
+            if config.prompt_format == "token-ids":
+                raise ValueError(f"prompt_format=token-ids: {exc}; give a tokenizer (--tokenizer)") from None
+            return None, f"{TEXT_SOURCE}; no token IDs: {exc}"
+    return pool, f"token IDs from {pool.source}"

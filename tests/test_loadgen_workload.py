@@ -149,7 +149,8 @@ def test_token_ids_are_the_completions_prompt_and_chat_keeps_text():
 
 
 async def test_prompt_source_says_what_was_sent(stub):
-    from loadgen.runner import TEXT_SOURCE, make_session, prompt_pool
+    from loadgen.runner import make_session
+    from loadgen.vocab import TEXT_SOURCE, prompt_pool
 
     config = RunConfig(base_url=stub.url, model="stub")
     async with make_session(config) as session:
