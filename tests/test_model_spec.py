@@ -753,3 +753,16 @@ def test_gpt2_style_hub_config_matches_the_model_transformers_builds(model_type:
             stored, active = spec_components(spec, i)
             assert sum(stored.values()) == sum(active.values()) == weights
         assert spec.tie_word_embeddings and spec.vocab_size == model.config.vocab_size
+
+
+def test_the_report_says_which_path_built_the_flop_model() -> None:
+    from serving_mfu.peaks.table import PeakSpec
+    from serving_mfu.runtime.tracker import MFUTracker
+
+    peak = PeakSpec(device="x", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")
+    known = ModelSpec.from_hf_config({"model_type": "starcoder2", **BASE})
+    unknown = ModelSpec.from_hf_config({"model_type": "not_a_family", **BASE})
+    assert (known.flop_model, unknown.flop_model) == ("formula", "approximate")
+    for spec in (known, unknown):
+        report = MFUTracker(spec, peak, devices=1, clock=None).model_report()
+        assert report.flop_model == spec.flop_model and report.approximate == (spec.flop_model == "approximate")

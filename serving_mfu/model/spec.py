@@ -114,6 +114,12 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return any(layer.moe is not None for layer in self.layers)
 
+    @property
+    def flop_model(self) -> str:
+        """Which path built this spec: `formula` (the model_type's registered parser) or `approximate`
+        (the generic dense/MoE reading of the standard fields, for a model_type without one)."""
+        return "approximate" if self.approximate else "formula"
+
     @classmethod
     def from_hf_config(cls, source: str | Path | Mapping[str, Any]) -> "ModelSpec":
         """Build a spec from a config.json path, a folder holding one, or an already-loaded dict."""

@@ -194,6 +194,9 @@ class ModelReport(BaseModel):
     name: str
     model_type: str
     approximate: bool
+    flop_model: Literal["formula", "approximate"] = Field(
+        "formula", description="formula: the model_type's registered FLOP formula (checked against torch's "
+        "FlopCounterMode); approximate: the generic reading of the standard config fields")
 
 
 class MFUReport(BaseModel):

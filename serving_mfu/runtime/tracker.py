@@ -185,7 +185,8 @@ class MFUTracker:
         )
 
     def model_report(self) -> ModelReport:
-        return ModelReport(name=self.spec.name, model_type=self.spec.model_type, approximate=self.spec.approximate)
+        return ModelReport(name=self.spec.name, model_type=self.spec.model_type, approximate=self.spec.approximate,
+                           flop_model=self.spec.flop_model)
 
     def report(self, window_s: float | None = None) -> MFUReport:
         """The report since start, or over the last `window_s` seconds."""

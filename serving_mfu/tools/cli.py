@@ -50,7 +50,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if args.lora:
         lf = lora_flops(load_adapter(args.lora), spec)
         breakdown["lora"] = args.new_tokens * lf.per_token + args.logits_tokens * lf.per_logit
-    out: dict[str, object] = {"total": sum(breakdown.values()), "breakdown": breakdown}
+    out: dict[str, object] = {"total": sum(breakdown.values()), "breakdown": breakdown, "flop_model": spec.flop_model}
     par = Parallelism(args.tp, args.pp, args.ep)
     if par.devices > 1 or par.ep > 1:
         per_dev = per_device_breakdown(breakdown, spec, par)
