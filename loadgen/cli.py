@@ -184,8 +184,6 @@ def _wrap(a: argparse.Namespace, console: Console) -> int:
     from loadgen.summary import section_table, verdict_text
     from loadgen.wrap import wrap, write
     command = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
-    if not command:
-        raise ValueError("no command to run: mfu-loadgen wrap --base-url URL [--out FILE] -- COMMAND [ARGS...]")
     result = run_sync(wrap(a.base_url, command, a.mfu_interval_s, a.mfu_fresh_timeout_s))
     table = section_table(result.mfu, result.mfu_error, "the command")
     console.print(Text(table) if isinstance(table, str) else table)

@@ -98,19 +98,19 @@ async def _measure(config: RunConfig, sender: Sender, t0: float, progress: RunPr
     return sorted(records, key=lambda r: r.index)
 
 
-async def _mfu_start(config: RunConfig, session: aiohttp.ClientSession) -> tuple[MFUProbe | None, str | None]:
-    """The baseline counter reading, taken after the warm-up has been published."""
-    if not config.mfu:
-        return None, "disabled"
-    probe = MFUProbe(config.base_url, session, config.mfu_interval_s, config.mfu_fresh_timeout_s)
+async def open_probe(base_url: str, session: aiohttp.ClientSession | None, interval_s: float,
+                     fresh_timeout_s: float) -> tuple[MFUProbe | None, str | None]:
+    """The baseline counter reading, data as new as now; (None, why) when it cannot be taken."""
+    probe = MFUProbe(base_url, session, interval_s, fresh_timeout_s)
     try:
-        await probe.start()  # data as new as now: the warm-up included, nothing of the run yet
+        await probe.start()
     except Exception as exc:  # an odd /metrics/mfu/counters must not stop the load
         return None, f"{type(exc).__name__}: {exc}"
     return probe, None
 
 
-async def _mfu_stop(probe: MFUProbe | None, error: str | None) -> tuple[MFUSection | None, str | None]:
+async def close_probe(probe: MFUProbe | None, error: str | None) -> tuple[MFUSection | None, str | None]:
+    """The `mfu` section since `open_probe`, data as new as now; (None, why) when there is none."""
     if probe is None:
         return None, error
     try:
@@ -132,13 +132,15 @@ async def run_benchmark(config: RunConfig, session: aiohttp.ClientSession | None
         sender = Sender(session, config)
         pool, prompt_source = await vocab.prompt_pool(config, session)
         await _warmup(config, sender, pool)
-        probe, mfu_error = await _mfu_start(config, session)
+        # after the warm-up has been published: the warm-up included, nothing of the run yet
+        probe, mfu_error = (await open_probe(config.base_url, session, config.mfu_interval_s,
+                                             config.mfu_fresh_timeout_s) if config.mfu else (None, "disabled"))
         total = config.total_requests(len(trace) if trace else None)
         with frozen_heap(), RunProgress(total, "requests", enabled=False if config.quiet else None) as progress:
             started_at, t0 = time.time(), time.perf_counter()
             records = await _measure(config, sender, t0, progress, trace, pool)
         duration_s = time.perf_counter() - t0
-        mfu, mfu_error = await _mfu_stop(probe, mfu_error)
+        mfu, mfu_error = await close_probe(probe, mfu_error)
     finally:
         if own:
             await session.close()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from loadgen.mfu import MFUProbe
 from loadgen.results import MFUSection
+from loadgen.runner import close_probe, open_probe
 
 
 class WrapResult(BaseModel):
@@ -47,29 +47,16 @@ async def wrap(base_url: str, command: list[str], interval_s: float = 1.0,
                fresh_timeout_s: float = 10.0) -> WrapResult:
     """Bracket `command` with counter readings of the server at `base_url`."""
     if not command:
-        raise ValueError("nothing to run: give the command after `--`")
-    probe = MFUProbe(base_url, None, interval_s, fresh_timeout_s)
-    error = None
-    try:
-        await probe.start()
-    except Exception as exc:  # an odd endpoint must not stop the user's benchmark
-        error = f"{type(exc).__name__}: {exc}"
+        raise ValueError("no command to run: mfu-loadgen wrap --base-url URL [--out FILE] -- COMMAND [ARGS...]")
+    probe, error = await open_probe(base_url, None, interval_s, fresh_timeout_s)
     started_at, t0 = time.time(), time.perf_counter()
     try:
         returncode = await _run(command)
     except OSError as exc:
-        await probe.stop()
+        await close_probe(probe, error)
         raise ValueError(f"cannot run {command[0]!r}: {exc}") from exc
     duration_s = time.perf_counter() - t0
-    section = None
-    try:
-        run = await probe.stop()
-        if run is not None:
-            section = MFUSection.from_run(run)
-        else:
-            error = error or probe.error or "the server has no serving-mfu counters"
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
+    section, error = await close_probe(probe, error)
     return WrapResult(command=command, returncode=returncode, base_url=base_url, started_at=started_at,
                       duration_s=duration_s, mfu=section, mfu_error=error)
 
