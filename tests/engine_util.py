@@ -45,6 +45,29 @@ def llm_engine(publish_dir: Path, model: str = "tiny-llama-engine", env: dict[st
         del llm
 
 
+# vLLM's token and request counters the tests hold the tracker's counts against
+SERVER_COUNTERS = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total",
+                   "vllm:generation_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
+                   "vllm:spec_decode_num_accepted_tokens_total")
+
+
+def prom_value(text: str, name: str) -> float:
+    """A counter of a Prometheus text exposition, summed over its label sets (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def server_counters(base_url: str, names: tuple[str, ...] = SERVER_COUNTERS) -> dict[str, float]:
+    """`names` as the server's `/metrics` shows them now."""
+    import httpx
+
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    return {name: prom_value(text, name) for name in names}
+
+
 def vllm_counters(llm: Any) -> dict[str, float]:
     """vLLM's own Prometheus counters for this LLM (name → value, summed over label sets)."""
     out: dict[str, float] = {}

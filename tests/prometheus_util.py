@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -17,6 +19,10 @@ from scheduler_hooks.server import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "serving_mfu_rules.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "serving_mfu_dashboard.json"
+NAME_TOKEN = re.compile(r"serving_mfu[_:][a-zA-Z0-9_:]*")
+# Grafana's variables as a query over the last minute of every model would fill them (a new one fails loudly)
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*"}
 MISSING = ("{name} not found: `make setup` installs Debian's prometheus package where apt-get is usable "
            "as root; elsewhere put Prometheus >= 2.40 on PATH (or set SERVING_MFU_SKIP_PROMETHEUS=1 to skip)")
 
@@ -29,6 +35,33 @@ def require(name: str) -> str:
             pytest.skip(f"{name} not installed and SERVING_MFU_SKIP_PROMETHEUS=1")
         pytest.fail(MISSING.format(name=name))
     return path
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the Grafana dashboard: panel targets and template-variable queries."""
+    exprs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, v in node.items():
+                if key in ("expr", "definition") and isinstance(v, str):
+                    exprs.append(v)
+                elif key == "query" and isinstance(v, str) and "serving_mfu" in v:
+                    exprs.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(DASHBOARD.read_text()))
+    return exprs
+
+
+def dashboard_queries() -> list[str]:
+    """The dashboard's queries as Prometheus receives them: variables filled in, `label_values()` left out."""
+    return [re.sub(r"\$\w+", lambda m: GRAFANA_VARIABLES[m.group()], e)
+            for e in dashboard_exprs() if not e.startswith("label_values(")]
 
 
 class PrometheusServer:

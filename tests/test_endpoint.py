@@ -15,17 +15,9 @@ import pytest
 from scheduler_hooks.server import free_port, wait_http
 from serving_mfu.runtime.report import MFUReport
 from tests.conftest import FAIL_AT_STEP
-from tests.engine_util import assert_invariants
+from tests.engine_util import SERVER_COUNTERS, assert_invariants, prom_value, server_counters
 
 pytestmark = pytest.mark.engine
-
-
-def _prom_value(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture
@@ -52,16 +44,16 @@ def test_tokens_agree_with_vllm_prometheus_counters(server) -> None:
     fresh = {"min_as_of": f"{time.time():.6f}", "timeout": "10"}  # every step finished so far (shared server)
     report = MFUReport.model_validate(httpx.get(server["base"] + "/metrics/mfu", params=fresh, timeout=20).json())
     prom = httpx.get(server["base"] + "/metrics", timeout=10).text
-    assert report.prefill.tokens + report.prefix_cache.hit_tokens == _prom_value(prom, "vllm:prompt_tokens_total")
-    assert report.prefix_cache.hit_tokens == _prom_value(prom, "vllm:prefix_cache_hits_total")
+    assert report.prefill.tokens + report.prefix_cache.hit_tokens == prom_value(prom, "vllm:prompt_tokens_total")
+    assert report.prefix_cache.hit_tokens == prom_value(prom, "vllm:prefix_cache_hits_total")
     # each finished prompt's first token is prefill's; the server is shared, so count its requests from vLLM
-    requests = _prom_value(prom, "vllm:request_success_total")
+    requests = prom_value(prom, "vllm:request_success_total")
     assert requests >= 8
-    assert report.decode.tokens == _prom_value(prom, "vllm:generation_tokens_total") - requests
-    assert report.spec_decode.draft_tokens == _prom_value(prom, "vllm:spec_decode_num_draft_tokens_total")
-    assert report.spec_decode.accepted_tokens == _prom_value(prom, "vllm:spec_decode_num_accepted_tokens_total")
+    assert report.decode.tokens == prom_value(prom, "vllm:generation_tokens_total") - requests
+    assert report.spec_decode.draft_tokens == prom_value(prom, "vllm:spec_decode_num_draft_tokens_total")
+    assert report.spec_decode.accepted_tokens == prom_value(prom, "vllm:spec_decode_num_accepted_tokens_total")
     # our own series sit beside vLLM's
-    assert _prom_value(prom, "serving_mfu_useful_flops_total") == pytest.approx(
+    assert prom_value(prom, "serving_mfu_useful_flops_total") == pytest.approx(
         report.prefill.useful_flops + report.decode.useful_flops)
 
 
@@ -131,21 +123,13 @@ def test_loadgen_run_against_the_real_server(server) -> None:
     from loadgen import LengthSpec, RunConfig, run_benchmark_sync
 
     base = server["base"]
-    names = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total",
-             "vllm:generation_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
-             "vllm:spec_decode_num_accepted_tokens_total")
-
-    def vllm_counters() -> dict[str, float]:
-        text = httpx.get(base + "/metrics", timeout=10).text
-        return {name: _prom_value(text, name) for name in names}
-
-    before = vllm_counters()
+    before = server_counters(base)
     result = run_benchmark_sync(RunConfig(base_url=base, model="tiny", num_prompts=8, request_rate=8.0,
                                           arrival="poisson", input=LengthSpec(mean=200), output=LengthSpec(mean=16),
                                           max_concurrency=4, quiet=True, seed=3,
                                           warmup_requests=0))  # vLLM's counters would count a warm-up too
-    after = vllm_counters()
-    delta = {name: after[name] - before[name] for name in names}
+    after = server_counters(base)
+    delta = {name: after[name] - before[name] for name in SERVER_COUNTERS}
     assert result.failed == 0
     assert result.completed == 8 == delta["vllm:request_success_total"]
     assert result.mfu is not None, result.mfu_error

@@ -8,27 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from loadgen.results import MFUSection
 from loadgen.wrap import WrapResult
+from tests.engine_util import SERVER_COUNTERS, server_counters
 
 pytestmark = pytest.mark.engine
 LOADGEN = str(Path(sys.executable).with_name("mfu-loadgen"))
-NAMES = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total",
-         "vllm:generation_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
-         "vllm:spec_decode_num_accepted_tokens_total")
-
-
-def _vllm_counters(base: str) -> dict[str, float]:
-    text = httpx.get(base + "/metrics", timeout=10).text
-    out = dict.fromkeys(NAMES, 0.0)
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +26,13 @@ def wrapped(plugin_server, tmp_path_factory):
              "--tokenizer", plugin_server["model_path"], "--dataset-name", "random", "--random-input-len", "48",
              "--random-output-len", "8", "--num-prompts", "6", "--request-rate", "inf", "--ignore-eos",
              "--save-result", "--result-dir", str(tmp), "--result-filename", "bench.json"]
-    before = _vllm_counters(base)
+    before = server_counters(base)
     proc = subprocess.run([LOADGEN, "wrap", "--base-url", base, "--out", str(tmp / "wrap.json"), "--", *bench],
                           capture_output=True, text=True, timeout=600)
-    after = _vllm_counters(base)
+    after = server_counters(base)
     return {"proc": proc, "bench": json.loads((tmp / "bench.json").read_text()) if proc.returncode == 0 else None,
             "wrap": WrapResult.model_validate_json((tmp / "wrap.json").read_text()),
-            "delta": {k: after[k] - before[k] for k in NAMES}}
+            "delta": {k: after[k] - before[k] for k in SERVER_COUNTERS}}
 
 
 def test_wrap_passes_the_benchmark_through_and_prints_the_mfu(wrapped) -> None:

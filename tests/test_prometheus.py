@@ -30,12 +30,7 @@ from serving_mfu.runtime.tracker import MFUTracker  # noqa: E402
 from serving_mfu.runtime.transport import EngineSnapshot, aggregate_peak  # noqa: E402
 from serving_mfu.serve import prometheus as prom  # noqa: E402
 from serving_mfu.tools.tiny_models import TINY_CONFIGS  # noqa: E402
-from tests.prometheus_util import require  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "deploy" / "prometheus" / "serving_mfu_rules.yml"
-DASHBOARD = ROOT / "deploy" / "grafana" / "serving_mfu_dashboard.json"
-NAME_TOKEN = re.compile(r"serving_mfu[_:][a-zA-Z0-9_:]*")
+from tests.prometheus_util import DASHBOARD, NAME_TOKEN, RULES, dashboard_exprs, dashboard_queries, require  # noqa: E402
 
 H100 = PeakSpec(device="h100-sxm", dtype="fp32", flops_per_s=4e13, bandwidth_bytes_per_s=3.35e12,
                 source="NVIDIA H100 Tensor Core GPU datasheet, https://example.invalid/h100 (dense figures)")
@@ -329,27 +324,6 @@ def _rules() -> list[dict]:
     return rules
 
 
-def _dashboard_exprs() -> list[str]:
-    dash = json.loads(DASHBOARD.read_text())
-    exprs = []
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            for key, v in node.items():
-                if key in ("expr", "definition") and isinstance(v, str):
-                    exprs.append(v)
-                elif key == "query" and isinstance(v, str) and "serving_mfu" in v:
-                    exprs.append(v)
-                else:
-                    walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(dash)
-    return exprs
-
-
 def _exposed_names() -> set[str]:
     suffixes = {"counter": ["_total"], "summary": ["_sum", "_count"], "info": ["_info"], "gauge": [""]}
     return {fam.name + s for fam in prom.MFUCollector(FakeReader([])).describe() for s in suffixes[fam.type]}
@@ -370,12 +344,12 @@ def test_rules_and_dashboard_use_only_existing_series(engines: dict) -> None:
     rendered = {k[0] for k in scrape(FakeReader(engines["late"]))}
     assert exposed - rendered <= {"serving_mfu_moe_active_experts_sum", "serving_mfu_moe_active_experts_count",
                                   "serving_mfu_moe_imbalance_ratio_sum", "serving_mfu_moe_imbalance_ratio_count"}
-    for source, exprs in (("rules", [r["expr"] for r in rules]), ("dashboard", _dashboard_exprs())):
+    for source, exprs in (("rules", [r["expr"] for r in rules]), ("dashboard", dashboard_exprs())):
         used = {t for e in exprs for t in NAME_TOKEN.findall(e)}
         assert used, source
         unknown = used - exposed - records
         assert not unknown, f"{source} uses series nobody produces: {sorted(unknown)}"
-    dashboard_used = {t for e in _dashboard_exprs() for t in NAME_TOKEN.findall(e)}
+    dashboard_used = {t for e in dashboard_exprs() for t in NAME_TOKEN.findall(e)}
     undocumented = {r for r in records if r not in dashboard_used and r not in (prom.__doc__ or "")}
     assert not undocumented, f"recording rules neither on the dashboard nor documented: {sorted(undocumented)}"
 
@@ -468,9 +442,7 @@ def test_promtool_evaluates_the_rules_to_the_reports_mfu(engines: dict, tmp_path
     tests.append({"expr": f"abs(sum(serving_mfu:wasted_flops_per_second:rate1m) * 300 / {waste!r} - 1)"
                           " < bool 1e-9", "eval_time": "4m", "exp_samples": [{"labels": "{}", "value": 1}]})
     # the dashboard's queries parse (as rules), with Grafana's variables filled in
-    grafana = {"$__rate_interval": "1m", "$model": ".*"}
-    dash_rules = [{"record": f"dashboard_query_{i}", "expr": re.sub(r"\$\w+", lambda m: grafana[m.group()], e)}
-                  for i, e in enumerate(_dashboard_exprs()) if not e.startswith("label_values(")]
+    dash_rules = [{"record": f"dashboard_query_{i}", "expr": e} for i, e in enumerate(dashboard_queries())]
     (tmp_path / "dash.yml").write_text(yaml.safe_dump({"groups": [{"name": "dash", "rules": dash_rules}]}))
     check = subprocess.run([promtool, "check", "rules", str(tmp_path / "dash.yml")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -5,7 +5,6 @@ names series that exist."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,11 +14,9 @@ import pytest
 
 from serving_mfu.runtime.transport import Totals
 from serving_mfu.tools.engine_models import CORPUS
-from tests.prometheus_util import ROOT, PrometheusServer
+from tests.prometheus_util import NAME_TOKEN, PrometheusServer, dashboard_queries
 
 pytestmark = pytest.mark.engine
-DASHBOARD = ROOT / "deploy" / "grafana" / "serving_mfu_dashboard.json"
-NAME_TOKEN = re.compile(r"serving_mfu[_:][a-zA-Z0-9_:]*")
 # series only an MoE model, a GPU or a KV connector / LoRA engine produces (neither server here has them)
 CONDITIONAL = re.compile(r"serving_mfu_(moe_|gpu_|kv_|lora_)|serving_mfu_role:kv_")
 
@@ -124,20 +121,10 @@ def test_fleet_mfu_is_the_capacity_weighted_sum_of_the_models(live) -> None:
         assert abs(mean / fleet[(None, phase)] - 1) > 1e-3, "the two engines' MFUs are too alike to tell"
 
 
-def _dashboard_queries() -> list[str]:
-    dash = json.loads(DASHBOARD.read_text())
-    grafana = {"$__rate_interval": "1m", "$__range": "5m", "$model": ".*", "$instance": ".*"}
-    out = []
-    for panel in dash["panels"]:
-        for t in panel.get("targets", []):
-            out.append(re.sub(r"\$\w+", lambda m: grafana.get(m.group(), ".*"), t["expr"]))
-    return out
-
-
 def test_every_dashboard_query_parses_and_names_live_series(live) -> None:
     prom = live["prom"]
     names = prom.names()
-    queries = _dashboard_queries()
+    queries = dashboard_queries()
     assert len(queries) > 20
     empty = []
     for expr in queries:
