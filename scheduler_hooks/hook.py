@@ -1,8 +1,8 @@
 """The engine-side recorder: turns vLLM's SchedulerOutput / ModelRunnerOutput into IterationRecords.
 
 It only reads scheduler state, never changes it.  On the engine thread it only captures, in O(1)
-per step (plus one `len` per sampled list on steps that verify drafts): `on_schedule` reads the
-clock, `before_output` stops it (DESIGN §5) and copies the sampled lengths, `after_output` hands
+per step (plus, with vLLM's stats off, one `len` per sampled list on steps that verify drafts):
+`on_schedule` reads the clock, `before_output` stops it (DESIGN §5), `after_output` hands
 the SchedulerOutput, the runner output and what update_from_output() returned to the accounting
 thread.  There `build_record` classifies every slice (high-water marks, prefix-cache credit,
 accepted and delivered tokens), costs the drafter and counts MoE routing, and the tracker costs
@@ -220,9 +220,12 @@ class MFUHook:
     #  - the EngineCoreOutputs update_from_output() returns: what reached each user (`new_token_ids`,
     #    already cut at stop tokens / max_tokens);
     #  - ModelRunnerOutput's routed-experts capture (numpy rows).
-    # Not safe: `sampled_token_ids`, whose lists update_from_output() trims in place at a stop, so
-    # their lengths (accepted drafts) are copied in before_output — only on steps with drafts — and
-    # Request objects, whose counters move on (never read).  Every request is first seen as a
+    # Not safe: `sampled_token_ids`, whose lists update_from_output() trims in place at a stop (only
+    # those of requests that stopped), and Request objects, whose counters move on (never read).  On
+    # draft steps an engine with stats on (`Scheduler.log_stats`, the API server's default) costs
+    # nothing here: the accounting thread reads the lengths (exact for every request that did not
+    # stop) and gives the accepted drafts the trim hid back from the step's SpecDecodingStats
+    # (`sampled_lengths`); with stats off, before_output copies one `len` per request.  Every request is first seen as a
     # NewRequestData: the hook starts with the scheduler.
     def _on_schedule(self, sched: Any, out: Any) -> None:
         """After `schedule()`: the clock (O(1))."""
@@ -233,15 +236,19 @@ class MFUHook:
                 pending.pop(next(iter(pending)))
 
     def _before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
-        """Before `update_from_output()`: stop the clock; copy the sampled lengths if drafts were verified."""
+        """Before `update_from_output()`: stop the clock; on draft steps of an engine with its stats off,
+        copy the sampled lengths (update_from_output() trims those of requests that stop)."""
         t_end = self.clock()
         t_sched = self.pending.pop(id(out), None)
         if t_sched is None:
             return None
         lengths = None
         if out.scheduled_spec_decode_tokens:
-            sampled = runner_out.sampled_token_ids
-            lengths = list(map(len, sampled)) if sampled else []
+            if getattr(sched, "log_stats", False):
+                lengths = FROM_STATS  # read on the accounting thread, completed by vLLM's SpecDecodingStats
+            else:
+                sampled = runner_out.sampled_token_ids
+                lengths = list(map(len, sampled)) if sampled else []
         return t_sched, t_end, out, runner_out, lengths
 
     def _after_output(self, token: tuple, result: Any = None) -> None:
@@ -282,6 +289,8 @@ class MFUHook:
         update over the decodes (their high-water marks) and, on draft steps, the accepted counts.
         """
         t_sched, t_end, out, runner_out, lengths = token
+        if lengths is FROM_STATS:
+            lengths = sampled_lengths(out, runner_out, result)
         hwm, plain, prompts = self.hwm, self.plain_before, self.prompt_lens
         prefilling, recomputing = self.prefilling, self.recomputing
         kv = self._kv
@@ -575,6 +584,55 @@ class MFUHook:
         self.writer.close()
         if self.trace is not None:
             self.trace.close()
+
+
+FROM_STATS: list = []  # `lengths` marker (compared by identity): read the sampled lengths on the accounting thread
+
+
+def sampled_lengths(out: Any, runner_out: Any, result: Any) -> list[int]:
+    """Tokens each request sampled in a draft-verifying step (1 + accepted drafts), read after
+    update_from_output(): exact for every request that did not stop; a request that stopped had its
+    list trimmed to what it delivered, and the accepted drafts the trim hid — vLLM's own
+    SpecDecodingStats.num_accepted_tokens less what the lists show — go back to the stopped requests
+    with drafts, each up to its drafts, in output order (only the rejected/discarded split among
+    requests that stopped in the same step depends on that order; their delivered tokens do not)."""
+    sampled = runner_out.sampled_token_ids
+    lengths = list(map(len, sampled)) if sampled else []
+    stats = _spec_stats(result)
+    if stats is None or not lengths:
+        return lengths
+    spec = out.scheduled_spec_decode_tokens
+    index = runner_out.req_id_to_index
+    rows = list(map(index.get, spec))
+    if None in rows:  # a request the runner did not run: not in the lists
+        rows = [i for i in rows if i is not None]
+    # vLLM: accepted = max(len(sampled) − 1, 0), counted only for requests that sampled something
+    seen = sum(map(max, map(add, map(lengths.__getitem__, rows), repeat(-1)), repeat(0)))
+    hidden = stats.num_accepted_tokens - seen
+    if hidden <= 0:
+        return lengths
+    for outputs in result.values():
+        for o in outputs.outputs:
+            if hidden <= 0:
+                return lengths
+            if o.finish_reason is None or o.request_id not in spec or index.get(o.request_id) is None:
+                continue
+            i = index[o.request_id]
+            room = len(spec[o.request_id]) + 1 - lengths[i]
+            if room > 0 and lengths[i]:
+                give = room if room < hidden else hidden
+                lengths[i] += give
+                hidden -= give
+    return lengths
+
+
+def _spec_stats(result: Any) -> Any:
+    """The step's SpecDecodingStats (vLLM attaches its SchedulerStats to one of the outputs), or None."""
+    for outputs in (result or {}).values():
+        stats = getattr(outputs, "scheduler_stats", None)
+        if stats is not None:
+            return stats.spec_decoding_stats
+    return None
 
 
 def _delivered_tokens(result: Any) -> int:

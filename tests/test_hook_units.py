@@ -221,3 +221,61 @@ def test_skip_drafts_proposes_nothing(tmp_path, skip: bool) -> None:
         assert rec.drafter.proposed_tokens == (0 if skip else 3)  # the finished prompt drafts k=3 next
     finally:
         hook.close()
+
+
+def _verify_step(hook, log_stats: bool):
+    """A step verifying k=3 drafts for four decodes, run through before_output → vLLM's trim →
+    after_output as update_from_output() does it: `a` accepts 2, `b` 0, and `c` and `d` accept all 3
+    but stop after their 2nd and 1st token (their sampled lists are trimmed in place to what they
+    delivered).  vLLM's SpecDecodingStats counts the accepted drafts before the trim (2+0+3+3)."""
+    scheduled = {"a": 4, "b": 4, "c": 4, "d": 4}
+    before = {"a": 20, "b": 30, "c": 40, "d": 50}
+    out = _step(hook, scheduled, before, scheduled_spec_decode_tokens={r: [9, 9, 9] for r in scheduled})
+    sampled = [[1, 2, 3], [1], [1, 2, 3, 4], [1, 2, 3, 4]]
+    runner = SimpleNamespace(req_ids=list(scheduled), req_id_to_index={r: i for i, r in enumerate(scheduled)},
+                             sampled_token_ids=sampled)
+    token = hook.before_output(SimpleNamespace(log_stats=log_stats), out, runner)
+    del sampled[2][2:]  # update_from_output(): `c` stopped after 2 tokens, `d` after 1
+    del sampled[3][1:]
+    outs = [SimpleNamespace(request_id=r, new_token_ids=list(toks), finish_reason="stop" if r in "cd" else None)
+            for r, toks in zip(scheduled, sampled)]
+    stats = SimpleNamespace(spec_decoding_stats=SimpleNamespace(num_accepted_tokens=2 + 0 + 3 + 3)) \
+        if log_stats else None
+    result = {0: SimpleNamespace(outputs=outs, scheduler_stats=stats)}
+    return hook.build_record(1, token, result)
+
+
+@pytest.mark.parametrize("log_stats", [False, True])
+def test_accepted_drafts_survive_a_stop_with_or_without_the_engine_copy(tmp_path, log_stats: bool) -> None:
+    """With vLLM's stats on, the engine thread copies nothing on a draft step; the accounting thread
+    reads the (trimmed) lengths and takes the accepted drafts a stop hid from SpecDecodingStats — the
+    record is the one the engine-thread copy gives: accepted 2, 0, 3, 3; delivered 3, 1, 2, 1."""
+    from tests.engine_util import NGRAM
+
+    _, build = _hook_for(tmp_path, speculative_config=NGRAM)
+    hook = build()
+    try:
+        slices = _verify_step(hook, log_stats).all_slices()
+        assert [s.req_id for s in slices] == ["a", "b", "c", "d"]
+        assert [s.accepted_tokens for s in slices] == [2, 0, 3, 3]
+        delivered = [1 + s.accepted_tokens if s.delivered_tokens is None else s.delivered_tokens for s in slices]
+        assert delivered == [3, 1, 2, 1]
+    finally:
+        hook.close()
+
+
+def test_engine_thread_copies_no_lengths_when_stats_are_on(tmp_path) -> None:
+    """The capture on a draft step is O(1) with stats on: the lengths are left for the accounting thread."""
+    from scheduler_hooks.hook import FROM_STATS
+    from tests.engine_util import NGRAM
+
+    _, build = _hook_for(tmp_path, speculative_config=NGRAM)
+    hook = build()
+    try:
+        out = _step(hook, {"a": 4}, {"a": 20}, scheduled_spec_decode_tokens={"a": [9, 9, 9]})
+        runner = SimpleNamespace(req_id_to_index={"a": 0}, sampled_token_ids=[[1, 2]])
+        assert hook.before_output(SimpleNamespace(log_stats=True), out, runner)[4] is FROM_STATS
+        out = _step(hook, {"a": 4}, {"a": 22}, scheduled_spec_decode_tokens={"a": [9, 9, 9]})
+        assert hook.before_output(SimpleNamespace(log_stats=False), out, runner)[4] == [2]
+    finally:
+        hook.close()

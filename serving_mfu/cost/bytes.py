@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from serving_mfu.cost.flops import keys_read
-from serving_mfu.model.components import COMPONENTS, RoutedExperts, expert_params
+from serving_mfu.model.components import RoutedExperts, expert_params, layer_matmuls
 from serving_mfu.model.dtypes import dtype_bytes
 from serving_mfu.model.spec import ModelSpec
 
@@ -32,11 +32,10 @@ class ByteModel:
         weight = spec.weight_bits / 8
         self.kv_bytes_per_elem = dtype_bytes(kv_cache_dtype) if kv_cache_dtype else act
         dense = 0.0
-        for name, comp in COMPONENTS.items():
-            if comp is RoutedExperts:
-                continue
-            width = act if comp.full_precision else weight
-            dense += width * sum(comp.stored_params(layer, spec) for layer in spec.layers)
+        for layer in spec.layers:
+            for name, _, stored, full_precision in layer_matmuls(layer, spec):
+                if name != RoutedExperts.name:
+                    dense += (act if full_precision else weight) * stored
         #: Weights every iteration reads in full (attention, dense MLPs, routers, shared experts).
         self.dense_weight_bytes: float = dense
         #: LM head weight, read when any position produces logits (kept at activation width).
@@ -51,6 +50,8 @@ class ByteModel:
         groups: dict[int | None, float] = {}
         for layer in spec.layers:
             a = layer.attention
+            if not a.num_heads:  # no softmax attention: no KV cache in this layer
+                continue
             if a.mla:
                 per_key = (a.kv_lora_rank + a.qk_rope_head_dim) * self.kv_bytes_per_elem
             else:

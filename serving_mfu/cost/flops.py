@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving_mfu.model.components import COMPONENTS
+from serving_mfu.model.components import layer_matmuls
 from serving_mfu.model.spec import ModelSpec
 
 ATTENTION_SCORES = "attention_scores"
@@ -53,16 +53,18 @@ class FlopModel:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         per_component: dict[str, int] = {}
-        for name, comp in COMPONENTS.items():
-            params = sum(comp.active_params(layer, spec) for layer in spec.layers)
-            if params:
-                per_component[name] = 2 * params
+        for layer in spec.layers:
+            for name, active, _, _ in layer_matmuls(layer, spec):
+                if active:
+                    per_component[name] = per_component.get(name, 0) + 2 * active
         #: FLOPs per token position of every weight component, summed over layers.
         self.linear_flops_per_token: dict[str, int] = per_component
         self.linear_flops_per_token_total: int = sum(per_component.values())
         groups: dict[int | None, list[int]] = {}
         for layer in spec.layers:
             a = layer.attention
+            if not a.num_heads:  # no softmax attention in this layer
+                continue
             entry = groups.setdefault(a.sliding_window, [0, 0])
             entry[0] += 2 * a.num_heads * (a.head_dim + a.v_head_dim)
             entry[1] += 1

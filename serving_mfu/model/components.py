@@ -9,7 +9,7 @@ LM head are not per-position weight matmuls and live in `flops.py`.  Elementwise
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 from serving_mfu.model.spec import LayerSpec, MLPSpec, ModelSpec, MoESpec
 
@@ -193,5 +193,22 @@ class SharedExperts(Component):
 
 def expert_params(layer: LayerSpec, spec: ModelSpec) -> int:
     """Parameters of one routed expert of a MoE layer (what routing to it makes the GPU read)."""
+    if layer.linear is not None:
+        return sum(lin.per_expert_params for lin in layer.linear if lin.component == RoutedExperts.name)
     moe = layer.moe
     return _mlp_params(spec.hidden_size, moe.expert_intermediate_size, moe.gated) if moe else 0
+
+
+def layer_matmuls(layer: LayerSpec, spec: ModelSpec) -> Iterator[tuple[str, int, int, bool]]:
+    """(component, active params, stored params, full precision) of each weight matmul of a layer:
+    the shapes read from its modules where the spec has them (derived), else each registered
+    component's formula.  The one place FLOP and byte models learn a layer's weights from."""
+    if layer.linear is not None:
+        for lin in layer.linear:
+            yield lin.component, lin.active_params, lin.stored_params, lin.full_precision
+        return
+    for name, comp in COMPONENTS.items():
+        active = comp.active_params(layer, spec)
+        stored = comp.stored_params(layer, spec)
+        if active or stored:
+            yield name, active, stored, comp.full_precision

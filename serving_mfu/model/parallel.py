@@ -36,7 +36,7 @@ class Parallelism:
 
 def kv_replication(spec: ModelSpec, tp: int) -> float:
     """Factor by which K/V projection work grows under TP: ceil(kv/tp)·tp / kv ≥ 1."""
-    kv = spec.layers[0].attention.num_kv_heads if spec.layers else 1
+    kv = next((layer.attention.num_kv_heads for layer in spec.layers if layer.attention.num_kv_heads), 1)
     per_rank = -(-kv // tp)
     return per_rank * tp / kv
 

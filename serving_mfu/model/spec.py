@@ -73,12 +73,31 @@ class MoESpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LinearSpec:
+    """Weight matmuls of one layer read from the model's own modules (the `derived` path), grouped
+    under a component name: parameters each token position is multiplied by (`active_params`),
+    parameters held (`stored_params`), and for routed experts the parameters of one expert."""
+
+    component: str
+    active_params: int
+    stored_params: int
+    full_precision: bool = False
+    per_expert_params: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class LayerSpec:
-    """One decoder layer: attention plus exactly one of a dense MLP or a MoE block."""
+    """One decoder layer: attention plus exactly one of a dense MLP or a MoE block.
+
+    `linear`, when set (derived specs), lists the layer's weight matmuls as read from its modules;
+    they replace the registry components' shapes (the attention spec then only sets the scores
+    and the KV cache).  `attention.num_heads == 0` marks a layer without softmax attention.
+    """
 
     attention: AttentionSpec
     mlp: MLPSpec | None = None
     moe: MoESpec | None = None
+    linear: tuple[LinearSpec, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +120,7 @@ class ModelSpec:
     approximate: bool = False
     warnings: tuple[str, ...] = field(default=())
     name: str = ""
+    derived: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -116,8 +136,11 @@ class ModelSpec:
 
     @property
     def flop_model(self) -> str:
-        """Which path built this spec: `formula` (the model_type's registered parser) or `approximate`
-        (the generic dense/MoE reading of the standard fields, for a model_type without one)."""
+        """Which path built this spec: `formula` (the model_type's registered parser), `derived`
+        (linear FLOPs exact from the model's modules built on the meta device, attention by the
+        standard rule) or `approximate` (the generic dense/MoE reading of the standard fields)."""
+        if self.derived:
+            return "derived"
         return "approximate" if self.approximate else "formula"
 
     @classmethod

@@ -330,7 +330,9 @@ def workload_prompts(model_path: str, requests: int, prompt_len: int) -> list[di
 
 def _engine_args(model_path: str, scheduler: str, max_model_len: int, max_num_seqs: int, kv_cache_mib: int,
                  **extra: Any) -> dict[str, Any]:
-    return dict(model=model_path, scheduler_cls=scheduler, enforce_eager=True, seed=0,
+    # stats on, as the API server runs (`LLM` turns them off): the hook then reads a draft step's
+    # accepted counts on the accounting thread, not the engine's
+    return dict(model=model_path, scheduler_cls=scheduler, enforce_eager=True, seed=0, disable_log_stats=False,
                 gpu_memory_utilization=CPU_MEMORY_FRACTION, kv_cache_memory_bytes=kv_cache_mib << 20,
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs, **extra)
 
