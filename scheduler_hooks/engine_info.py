@@ -18,6 +18,7 @@ from serving_mfu.model.quantization import weight_bits_and_compute_dtype
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.resolve import resolve_peak
 from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime.derived import load_spec
 from serving_mfu.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
     act = _torch_dtype_name(mc.dtype)
     cfg["torch_dtype"] = act
     cfg.setdefault("_name_or_path", str(mc.model))
-    spec = ModelSpec.from_hf_config(cfg)
+    spec = load_spec(cfg, hf_object=mc.hf_config)
     qcfg = cfg.get("quantization_config")
     if mc.quantization and not qcfg:
         qcfg = {"quant_method": mc.quantization}
@@ -101,7 +102,7 @@ def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
             try:
                 dcfg = _config_dict(dmc.hf_config)
                 dcfg["torch_dtype"] = act
-                draft = ModelSpec.from_hf_config(dcfg)
+                draft = load_spec(dcfg, hf_object=dmc.hf_config)
             except Exception as exc:
                 log.warning("serving-mfu: cannot read the draft model config (%s); drafter FLOPs are 0", exc)
     role, connector = kv_role(vllm_config)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: A decoder layer's module path: `model.layers.3`, `transformer.h.3`, `backbone.layers.3`, …
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?=\.|$)")
+#: Cross-attention (the decoder of an encoder-decoder): idle in a decoder-only forward.
+_CROSS = re.compile(r"(?:^|\.)(?:encoder_attn|crossattention|cross_attn|cross_attention)(?:\.|$)")
 #: Mixers that are not softmax attention (their class names may still say "Attention").
 _NOT_SOFTMAX = re.compile(r"Linear|Delta|Mamba|Mixer|ShortConv|Recurrent|Lightning|RWKV|Retention|SSM", re.I)
 #: Layer-type names (config `layer_types`) of layers with softmax attention.
@@ -52,15 +54,21 @@ class DerivationError(ValueError):
     """The model could not be built on the meta device or read (the reason is the message)."""
 
 
-def load_spec(source: str | Path | Mapping[str, Any] | Any) -> ModelSpec:
+def load_spec(source: str | Path | Mapping[str, Any] | Any, hf_object: Any = None) -> ModelSpec:
     """The best spec for a config (path, folder, dict or transformers config): the registered
-    formula, else linear FLOPs derived from the model's modules, else the generic reading."""
+    formula, else linear FLOPs derived from the model's modules, else the generic reading.
+    `hf_object`: the engine's own transformers config, built from when the derived path runs."""
     data = source.to_dict() if hasattr(source, "to_dict") else load_config(source)
-    spec = ModelSpec.from_hf_config(data)
+    try:
+        spec = ModelSpec.from_hf_config(data)
+    except ValueError as exc:  # the generic reading needs standard fields the modules may not
+        if has_formula(str(data.get("model_type", ""))):
+            raise
+        return derive_spec(hf_object or (source if hasattr(source, "to_dict") else data))
     if not spec.approximate:
         return spec
     try:
-        return derive_spec(source if hasattr(source, "to_dict") else data, base=spec)
+        return derive_spec(hf_object or (source if hasattr(source, "to_dict") else data), base=spec)
     except Exception as exc:  # keep the generic spec, and say why
         msg = f"derived path unavailable for {spec.model_type!r} ({exc}); the spec stays approximate"
         log.warning(msg)
@@ -140,10 +148,15 @@ def read_linear(model: torch.nn.Module, data: Mapping[str, Any]) -> tuple[dict[i
     full_precision: set[str] = set()
     n_layers = 0
     handled: list[str] = []  # expert containers already counted (their children are not read again)
+    stack = decoder_stack(model)
     for name, mod in model.named_modules():
         if id(mod) in skip or any(name.startswith(h + ".") for h in handled):
             continue
         m = _LAYER.search(name)
+        if m and name[:m.start()] != stack:  # another stack (a vision or audio encoder): not run on text
+            continue
+        if _CROSS.search(name):  # cross-attention: runs only with an encoder's output
+            continue
         layer = int(m.group(1)) if m else None
         if layer is not None:
             n_layers = max(n_layers, layer + 1)
@@ -177,6 +190,21 @@ def read_linear(model: torch.nn.Module, data: Mapping[str, Any]) -> tuple[dict[i
     per_layer = {i: [LinearSpec(c, a, s, c in full_precision, pe) for c, (a, s, pe) in comps.items()]
                  for i, comps in found.items()}
     return per_layer, n_layers
+
+
+def decoder_stack(model: torch.nn.Module) -> str:
+    """The path of the module holding the decoder layers (`model`, `transformer`, …): of the layer
+    stacks, the one with the most layers, the shortest path breaking ties (a vision tower's stack
+    sits deeper)."""
+    stacks: dict[str, int] = {}
+    for name, _ in model.named_modules():
+        m = _LAYER.search(name)
+        if m and m.end() == len(name):
+            prefix = name[:m.start()]
+            stacks[prefix] = max(stacks.get(prefix, 0), int(m.group(1)) + 1)
+    if not stacks:
+        raise DerivationError("no decoder layers found (module paths like `model.layers.<i>`)")
+    return min(stacks, key=lambda p: (-stacks[p], p.count("."), len(p)))
 
 
 def _matmul_weight(mod: torch.nn.Module) -> int | None:
@@ -263,9 +291,10 @@ def read_attention(model: torch.nn.Module, cfg: Cfg, n_layers: int) -> list[Atte
     types = cfg.get("layer_types")
     has_attention = [False] * n_layers
     windows: list[int | None] = [None] * n_layers
+    stack = decoder_stack(model)
     for name, mod in model.named_modules():
         m = _LAYER.search(name)
-        if not m or "." in name[m.end() + 1:] or not name[m.end() + 1:]:
+        if not m or name[:m.start()] != stack or "." in name[m.end() + 1:] or not name[m.end() + 1:]:
             continue
         cls = type(mod).__name__
         if cls.endswith(("Attention", "Attn")) and not _NOT_SOFTMAX.search(cls):

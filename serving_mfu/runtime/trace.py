@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 from serving_mfu.cost.records import IterationRecord, decode_record, encode_record
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime.derived import load_spec
 from serving_mfu.runtime.report import MFUReport
 from serving_mfu.runtime.tracker import MFUTracker
 
@@ -112,7 +113,7 @@ def replay(
     if spec is None:
         if header is None or header.hf_config is None:
             raise ValueError(f"{path}: the trace has no header with the model config; pass one (--config)")
-        spec = ModelSpec.from_hf_config(header.hf_config)
+        spec = load_spec(header.hf_config)
     peak = peak or (header.peak if header else None)
     devices = devices or (header.devices if header else 1)
     tracker = MFUTracker(spec, peak, devices, kv_cache_dtype=header.kv_cache_dtype if header else None,

@@ -44,8 +44,9 @@ def _print_json(obj: object) -> None:
 def cmd_flops(args: argparse.Namespace) -> int:
     from serving_mfu.cost.flops import FlopModel
     from serving_mfu.model.parallel import Parallelism, per_device_breakdown
+    from serving_mfu.runtime.derived import load_spec
 
-    spec = ModelSpec.from_hf_config(args.config)
+    spec = load_spec(args.config)
     breakdown = FlopModel(spec).slice_breakdown(args.new_tokens, args.context_len, args.logits_tokens)
     if args.lora:
         lf = lora_flops(load_adapter(args.lora), spec)
@@ -58,12 +59,13 @@ def cmd_flops(args: argparse.Namespace) -> int:
                              "tp": par.tp, "pp": par.pp, "ep": par.ep}
     if spec.approximate:
         out["approximate"] = True
+    if spec.warnings:
         out["warnings"] = list(spec.warnings)
     if args.json:
         _print_json(out)
         return 0
     table = Table(title=f"FLOPs of one forward: {args.new_tokens} new tokens, context {args.context_len}"
-                        f" ({spec.model_type}{', approximate' if spec.approximate else ''})")
+                        f" ({spec.model_type}, {spec.flop_model})")
     table.add_column("component")
     table.add_column("FLOPs", justify="right")
     table.add_column("share", justify="right")
@@ -79,7 +81,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def cmd_spec(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    spec = ModelSpec.from_hf_config(args.config)
+    from serving_mfu.runtime.derived import load_spec
+
+    spec = load_spec(args.config)
     _print_json(asdict(spec))
     return 0
 
@@ -202,14 +206,15 @@ def print_report(report, title: str = "serving-mfu") -> None:
 
 @command("replay")
 def cmd_replay(args: argparse.Namespace) -> int:
+    from serving_mfu.runtime.derived import load_spec
     from serving_mfu.runtime.trace import read_trace, replay
 
-    spec = ModelSpec.from_hf_config(args.config) if args.config else None
+    spec = load_spec(args.config) if args.config else None
     if spec is None:
         header, _ = read_trace(args.trace)
         if header is None or header.hf_config is None:
             raise ValueError(f"{args.trace}: no header with the model config; pass --config")
-        spec = ModelSpec.from_hf_config(header.hf_config)
+        spec = load_spec(header.hf_config)
     explicit = any(v is not None for v in (args.device, args.peak_flops, args.peak_bandwidth, args.calibration))
     peak = _peak_from_args(args, spec) if explicit else None
 
