@@ -225,8 +225,8 @@ class MFUHook:
     # draft steps an engine with stats on (`Scheduler.log_stats`, the API server's default) costs
     # nothing here: the accounting thread reads the lengths (exact for every request that did not
     # stop) and gives the accepted drafts the trim hid back from the step's SpecDecodingStats
-    # (`sampled_lengths`); with stats off, before_output copies one `len` per request.  Every request is first seen as a
-    # NewRequestData: the hook starts with the scheduler.
+    # (`sampled_lengths`); with stats off, before_output copies one `len` per request.  Every
+    # request is first seen as a NewRequestData: the hook starts with the scheduler.
     def _on_schedule(self, sched: Any, out: Any) -> None:
         """After `schedule()`: the clock (O(1))."""
         if out.total_num_scheduled_tokens:
@@ -615,9 +615,9 @@ def sampled_lengths(out: Any, runner_out: Any, result: Any) -> list[int]:
         for o in outputs.outputs:
             if hidden <= 0:
                 return lengths
-            if o.finish_reason is None or o.request_id not in spec or index.get(o.request_id) is None:
+            i = index.get(o.request_id)
+            if o.finish_reason is None or o.request_id not in spec or i is None:
                 continue
-            i = index[o.request_id]
             room = len(spec[o.request_id]) + 1 - lengths[i]
             if room > 0 and lengths[i]:
                 give = room if room < hidden else hidden

@@ -46,7 +46,7 @@ def tiny_config(model_type: str) -> Any:
     """A small config of `model_type` with the same wiring (see the module docstring)."""
     base = default_text_config(model_type)
     names = dict(getattr(base, "attribute_map", {}) or {})  # e.g. GPT-2: hidden_size -> n_embd
-    d = {k: v for k, v in base.to_dict().items()}
+    d = base.to_dict()
     for std, real in names.items():
         if real in d and std not in d:
             d[std] = d.pop(real)

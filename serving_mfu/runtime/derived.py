@@ -59,16 +59,17 @@ def load_spec(source: str | Path | Mapping[str, Any] | Any, hf_object: Any = Non
     formula, else linear FLOPs derived from the model's modules, else the generic reading.
     `hf_object`: the engine's own transformers config, built from when the derived path runs."""
     data = source.to_dict() if hasattr(source, "to_dict") else load_config(source)
+    target = hf_object or (source if hasattr(source, "to_dict") else data)  # what the derived path builds
     try:
         spec = ModelSpec.from_hf_config(data)
-    except ValueError as exc:  # the generic reading needs standard fields the modules may not
+    except ValueError:  # the generic reading needs standard fields the modules may not
         if has_formula(str(data.get("model_type", ""))):
             raise
-        return derive_spec(hf_object or (source if hasattr(source, "to_dict") else data))
+        return derive_spec(target)
     if not spec.approximate:
         return spec
     try:
-        return derive_spec(hf_object or (source if hasattr(source, "to_dict") else data), base=spec)
+        return derive_spec(target, base=spec)
     except Exception as exc:  # keep the generic spec, and say why
         msg = f"derived path unavailable for {spec.model_type!r} ({exc}); the spec stays approximate"
         log.warning(msg)
@@ -117,14 +118,14 @@ def derive_spec(source: Mapping[str, Any] | Any, base: ModelSpec | None = None) 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     data = _unwrap(text.to_dict())
     cfg = Cfg(data)
-    per_layer, n_layers = read_linear(model, data)
-    attention = read_attention(model, cfg, n_layers)
+    stack = decoder_stack(model)
+    out_emb = model.get_output_embeddings()
+    per_layer, n_layers = read_linear(model, data, stack, out_emb)
+    attention = read_attention(model, cfg, n_layers, stack)
     layers = []
     for i in range(n_layers):
         lin = tuple(per_layer.get(i, ()))
-        moe = _moe_of(lin, data)
-        layers.append(LayerSpec(attention[i], moe=moe, linear=lin))
-    out_emb = model.get_output_embeddings()
+        layers.append(LayerSpec(attention[i], moe=_moe_of(lin), linear=lin))
     hidden = int(out_emb.weight.shape[1]) if out_emb is not None else int(cfg.first("hidden_size", "d_model",
                                                                                     "n_embd"))
     vocab = int(out_emb.weight.shape[0]) if out_emb is not None else int(cfg.need("vocab_size"))
@@ -140,15 +141,15 @@ def derive_spec(source: Mapping[str, Any] | Any, base: ModelSpec | None = None) 
     return ModelSpec(**fields)
 
 
-def read_linear(model: torch.nn.Module, data: Mapping[str, Any]) -> tuple[dict[int, list[LinearSpec]], int]:
-    """Each decoder layer's weight matmuls by component, and the number of decoder layers."""
-    out_emb = model.get_output_embeddings()
+def read_linear(model: torch.nn.Module, data: Mapping[str, Any], stack: str,
+                out_emb: torch.nn.Module | None) -> tuple[dict[int, list[LinearSpec]], int]:
+    """Each decoder layer's weight matmuls by component, and the number of decoder layers, reading
+    only the layers of `stack` (`decoder_stack`) and leaving out the LM head `out_emb`."""
     skip = {id(out_emb)} if out_emb is not None else set()
     found: dict[int, dict[str, list[int]]] = {}  # layer -> component -> [active, stored, per expert]
     full_precision: set[str] = set()
     n_layers = 0
     handled: list[str] = []  # expert containers already counted (their children are not read again)
-    stack = decoder_stack(model)
     for name, mod in model.named_modules():
         if id(mod) in skip or any(name.startswith(h + ".") for h in handled):
             continue
@@ -164,7 +165,7 @@ def read_linear(model: torch.nn.Module, data: Mapping[str, Any]) -> tuple[dict[i
         entry = None
         experts = _expert_container(mod)
         if experts is not None:
-            e, per_expert, stored = experts
+            _, per_expert, stored = experts
             k = _top_k(model, name, data)
             entry = ("routed_experts", k * per_expert, stored, per_expert)
             handled.append(name)
@@ -209,9 +210,8 @@ def decoder_stack(model: torch.nn.Module) -> str:
 
 def _matmul_weight(mod: torch.nn.Module) -> int | None:
     """Weights per position of a module that multiplies its input by a 2-D weight, else None."""
-    if isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)) or "Norm" in type(mod).__name__:
-        return None
-    if "Embedding" in type(mod).__name__:
+    cls = type(mod).__name__
+    if isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)) or "Embedding" in cls or "Norm" in cls:
         return None
     w = mod._parameters.get("weight")
     if w is None or w.dim() != 2:
@@ -286,12 +286,11 @@ def _in_moe(head: str) -> bool:
     return head in ("mlp", "block_sparse_moe", "moe", "feed_forward", "ffn")
 
 
-def read_attention(model: torch.nn.Module, cfg: Cfg, n_layers: int) -> list[AttentionSpec]:
+def read_attention(model: torch.nn.Module, cfg: Cfg, n_layers: int, stack: str) -> list[AttentionSpec]:
     """Per layer: softmax attention with the config's heads and the layer's window, or none (heads 0)."""
     types = cfg.get("layer_types")
     has_attention = [False] * n_layers
     windows: list[int | None] = [None] * n_layers
-    stack = decoder_stack(model)
     for name, mod in model.named_modules():
         m = _LAYER.search(name)
         if not m or name[:m.start()] != stack or "." in name[m.end() + 1:] or not name[m.end() + 1:]:
@@ -320,7 +319,7 @@ def _softmax_type(layer_type: str) -> bool:
     return layer_type in _SOFTMAX_TYPES or ("attention" in layer_type and "linear" not in layer_type)
 
 
-def _moe_of(linear: tuple[LinearSpec, ...], data: Mapping[str, Any]) -> MoESpec | None:
+def _moe_of(linear: tuple[LinearSpec, ...]) -> MoESpec | None:
     """The MoE shape of a derived layer with routed experts (experts and top-k from its matmuls)."""
     for lin in linear:
         if lin.component == "routed_experts" and lin.per_expert_params:
