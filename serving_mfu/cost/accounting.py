@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import add, eq, mul
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from serving_mfu.cost.bytes import ByteModel
-from serving_mfu.cost.flops import FlopModel, causal_pairs
+from serving_mfu.cost.flops import FlopModel, KeyRule
 from serving_mfu.cost.records import DecodeBatch, IterationRecord, KVTransferRecord, PrefillBatch, Slice
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
@@ -84,62 +84,64 @@ class CostModel:
         self.flop_model = FlopModel(spec)
         self.byte_model = ByteModel(spec, kv_cache_dtype)
         self._lin = self.flop_model.linear_flops_per_token_total
-        self._groups = tuple((g.window, g.flops_per_pair) for g in self.flop_model.attention_groups)
+        self._groups = tuple((g.rule, g.flops_per_pair) for g in self.flop_model.attention_groups)
         self._lm = self.flop_model.lm_head_flops_per_logit
         kv = dict(self.byte_model.kv_groups)
-        #: (window, score FLOPs per (query, key) pair, KV bytes per key) per window group
-        self._batch_groups = tuple((w, f, kv.get(w, 0.0)) for w, f in self._groups)
+        #: (key rule, score FLOPs per (query, key) pair, KV bytes per key) per key-rule group
+        self._batch_groups = tuple((r, f, kv.get(r, 0.0)) for r, f in self._groups)
+        #: Recurrent/convolution state bytes every slice reads and writes (linear-attention, SSM layers).
+        self._state_bytes = self.byte_model.state_bytes_per_slice
 
     def _pairs(self, start: int, end: int) -> int:
         """Attention-score FLOPs of positions [start, end) (inlined hot-path version)."""
         total = 0
-        for window, coef in self._groups:
-            if window is None:
+        for rule, coef in self._groups:
+            if rule.full:
                 total += coef * ((end * (end + 1) - start * (start + 1)) // 2)
             else:
-                total += coef * (causal_pairs(end, window) - causal_pairs(start, window))
+                total += coef * (rule.pairs(end) - rule.pairs(start))
         return total
 
 
-def _range_pairs(window: int | None, starts: Sequence[int] | None, ends: Sequence[int]) -> int:
-    """Σ_i keys(e_i) − keys(s_i): causal (query, key) pairs of positions [s_i, e_i) under a window
+def _range_pairs(rule: KeyRule, starts: Sequence[int] | None, ends: Sequence[int]) -> int:
+    """Σ_i pairs(e_i) − pairs(s_i): causal (query, key) pairs of positions [s_i, e_i) under a key rule
     (starts None: all 0).
 
-    Without a window keys(n) = n(n + 1)/2, so the sum is (Σe² + Σe − Σs² − Σs)/2 (exact integers).
+    For full attention pairs(n) = n(n + 1)/2, so the sum is (Σe² + Σe − Σs² − Σs)/2 (exact integers).
     """
-    if window is None:
+    if rule.full:
         total = sum(map(mul, ends, ends)) + sum(ends)
         if starts is not None:
             total -= sum(map(mul, starts, starts)) + sum(starts)
         return total // 2
-    w = repeat(window)
-    total = sum(map(causal_pairs, ends, w))
-    return total - sum(map(causal_pairs, starts, w)) if starts is not None else total
+    total = sum(map(rule.pairs, ends))
+    return total - sum(map(rule.pairs, starts)) if starts is not None else total
 
 
 def prefill_batch_cost(b: PrefillBatch, model: CostModel) -> tuple[int, int, int, float, int, int]:
     """(tokens, FLOPs without logits, logit rows, KV bytes read, hit tokens, saved FLOPs) of a prefill batch.
 
     FLOPs = lin·Σq + Σ_groups coef·Σ_i [keys(n0_i + q_i) − keys(n0_i)] (flops.py); a request whose
-    chunk reaches the end of its prompt samples, one logit row; KV read = Σ_groups bytes·Σ keys read.
+    chunk reaches the end of its prompt samples, one logit row; KV read = Σ_groups bytes·Σ keys read
+    (+ each slice's recurrent state).
     """
     if len(b.new_tokens) >= NUMPY_MIN_BATCH:
         return _prefill_batch_cost_np(b, model)
     q, n0 = b.new_tokens, b.computed_before
     ends = list(map(add, n0, q))
     return _prefill_classes(model, _range_pairs, sum(q), n0, ends, sum(map(eq, ends, b.prompt_len)), b.cached_tokens,
-                            lambda w: sum(ends) if w is None else sum(map(min, ends, map(add, q, repeat(w - 1)))))
+                            q)
 
 
 def _prefill_classes(model: CostModel, pairs: Any, tokens: int, n0: Any, ends: Any, logits: int, cached: Any,
-                     kv_keys: Callable[[int | None], int]) -> tuple[int, int, int, float, int, int]:
+                     q: Any) -> tuple[int, int, int, float, int, int]:
     """The per-group arithmetic of `prefill_batch_cost`, over lists (`_range_pairs`) or arrays
-    (`_range_pairs_np`); `kv_keys(window)` is Σ keys read under that window."""
+    (`_range_pairs_np`); slice i reads `rule.keys_read(ends_i, q_i)` keys per group."""
     flops = model._lin * tokens
-    kv = 0.0
-    for window, coef, kv_bytes in model._batch_groups:
-        flops += coef * pairs(window, n0, ends)
-        kv += kv_bytes * kv_keys(window)
+    kv = model._state_bytes * len(ends)
+    for rule, coef, kv_bytes in model._batch_groups:
+        flops += coef * pairs(rule, n0, ends)
+        kv += kv_bytes * rule.keys_read_sum(ends, q)
     hit = saved = 0
     if cached is not None:
         hit = int(sum(cached))
@@ -156,16 +158,16 @@ def decode_batch_cost(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, 
     Request i runs [n0_i, n0_i + 1 + k_i) and keeps [n0_i, n0_i + 1 + a_i), of which the first
     u_i = min(delivered_i, 1 + a_i) reached the user (useful) and the rest were discarded.
     FLOPs of a class = lin·Σ(its positions) + Σ_groups coef·Σ_i [keys(e_i) − keys(s_i)] over its
-    ranges; without drafts or cuts the pairs are Σ min(n0_i + 1, W).
-    KV read = Σ_groups bytes·Σ_i min(n0_i + 1 + k_i, W + k_i).
+    ranges; without drafts or cuts the pairs are Σ_i keys of one query at n0_i (`last_keys_sum`).
+    KV read = Σ_groups bytes·Σ_i keys_read(n0_i + 1 + k_i, 1 + k_i) (+ each request's recurrent state).
     """
     n0 = b.computed_before
     n = len(n0)
     if b.draft_tokens is None and b.delivered_tokens is None:
-        kept_f, kv = 0, 0.0
+        kept_f, kv = 0, model._state_bytes * n
         total = sum(n0) + n
-        for window, coef, kv_bytes in model._batch_groups:
-            keys = total if window is None else sum(map(min, map(add, n0, repeat(1)), repeat(window)))
+        for rule, coef, kv_bytes in model._batch_groups:
+            keys = total if rule.full else rule.last_keys_sum(n0)
             kept_f += coef * keys
             kv += kv_bytes * keys
         return n, kept_f + model._lin * n, 0, 0, 0, 0, kv, 0, 0
@@ -179,26 +181,26 @@ def decode_batch_cost(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, 
     if b.delivered_tokens is not None:
         useful_end = list(map(min, kept_end, map(add, n0, b.delivered_tokens)))
     return _decode_classes(model, _range_pairs, n, sum(k), sum(a), sum(useful_end) - sum(n0), n0, useful_end,
-                           kept_end, end, lambda w: sum(end) if w is None else sum(map(min, end, map(add, k, repeat(w)))))
+                           kept_end, end, list(map(add, k, repeat(1))))
 
 
 def _decode_classes(model: CostModel, pairs: Any, n: int, drafts: int, accepted: int, kept_t: int, n0: Any,
-                    useful_end: Any, kept_end: Any, end: Any, kv_keys: Callable[[int | None], int]
+                    useful_end: Any, kept_end: Any, end: Any, q: Any
                     ) -> tuple[int, int, int, int, int, int, float, int, int]:
     """The per-class arithmetic of `decode_batch_cost` with drafts or cuts, over lists (`_range_pairs`)
-    or arrays (`_range_pairs_np`): useful [n0, u), discarded [u, kept), rejected [kept, end);
-    `kv_keys(window)` is Σ keys read under that window."""
+    or arrays (`_range_pairs_np`): useful [n0, u), discarded [u, kept), rejected [kept, end); request i
+    reads `rule.keys_read(end_i, q_i)` keys per group (q = 1 + drafts)."""
     disc_t = n + accepted - kept_t
     rej_t = drafts - accepted
     kept_f = rej_f = disc_f = 0
-    kv = 0.0
-    for window, coef, kv_bytes in model._batch_groups:
-        useful_pairs = pairs(window, n0, useful_end)
-        kept_pairs = pairs(window, n0, kept_end) if disc_t else useful_pairs
+    kv = model._state_bytes * n
+    for rule, coef, kv_bytes in model._batch_groups:
+        useful_pairs = pairs(rule, n0, useful_end)
+        kept_pairs = pairs(rule, n0, kept_end) if disc_t else useful_pairs
         kept_f += coef * useful_pairs
         disc_f += coef * (kept_pairs - useful_pairs)
-        rej_f += coef * (pairs(window, n0, end) - kept_pairs)
-        kv += kv_bytes * kv_keys(window)
+        rej_f += coef * (pairs(rule, n0, end) - kept_pairs)
+        kv += kv_bytes * rule.keys_read_sum(end, q)
     lin = model._lin
     return (kept_t, kept_f + lin * kept_t, rej_t, rej_f + lin * rej_t, disc_t, disc_f + lin * disc_t, kv,
             drafts, accepted)
@@ -210,14 +212,10 @@ def _decode_classes(model: CostModel, pairs: Any, n: int, drafts: int, accepted:
 NUMPY_MIN_BATCH = 64
 
 
-def _range_pairs_np(window: int | None, starts: np.ndarray | None, ends: np.ndarray) -> int:
+def _range_pairs_np(rule: KeyRule, starts: np.ndarray | None, ends: np.ndarray) -> int:
     """`_range_pairs` over int64 arrays (starts None: all 0)."""
-    def keys(n: np.ndarray) -> np.ndarray:
-        if window is None:
-            return n * (n + 1) // 2
-        return np.where(n <= window, n * (n + 1) // 2, window * (window + 1) // 2 + (n - window) * window)
-    total = keys(ends)
-    return int((total - keys(starts)).sum() if starts is not None else total.sum())
+    total = rule.pairs_np(ends)
+    return int((total - rule.pairs_np(starts)).sum() if starts is not None else total.sum())
 
 
 def _prefill_batch_cost_np(b: PrefillBatch, model: CostModel) -> tuple[int, int, int, float, int, int]:
@@ -228,8 +226,7 @@ def _prefill_batch_cost_np(b: PrefillBatch, model: CostModel) -> tuple[int, int,
     ends = n0 + q
     logits = int((ends == np.fromiter(b.prompt_len, np.int64, n)).sum())
     cached = np.fromiter(b.cached_tokens, np.int64, n) if b.cached_tokens else None
-    return _prefill_classes(model, _range_pairs_np, int(q.sum()), n0, ends, logits, cached,
-                            lambda w: int(ends.sum() if w is None else np.minimum(ends, q + (w - 1)).sum()))
+    return _prefill_classes(model, _range_pairs_np, int(q.sum()), n0, ends, logits, cached, q)
 
 
 def _decode_batch_cost_np(b: DecodeBatch, model: CostModel) -> tuple[int, int, int, int, int, int, float, int, int]:
@@ -243,8 +240,7 @@ def _decode_batch_cost_np(b: DecodeBatch, model: CostModel) -> tuple[int, int, i
     if b.delivered_tokens is not None:
         useful_end = np.minimum(kept_end, n0 + np.fromiter(b.delivered_tokens, np.int64, n))
     return _decode_classes(model, _range_pairs_np, n, int(k.sum()), int(a.sum()), int((useful_end - n0).sum()), n0,
-                           useful_end, kept_end, end,
-                           lambda w: int(end.sum() if w is None else np.minimum(end, k + w).sum()))
+                           useful_end, kept_end, end, k + 1)
 
 
 def _moe_measured(routing: Sequence[Sequence[int]]) -> tuple[list[float], float]:

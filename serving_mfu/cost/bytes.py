@@ -2,15 +2,17 @@
 
 Weights are read once per iteration (for MoE layers only the experts routed to in this
 iteration); the KV cache is read once per slice for every key it attends to and written
-for every new position.  Activations and embedding-row gathers are not counted.  MLA
-caches its compressed latent (`kv_lora_rank + d_rope` per position), as serving engines do.
+for every new position (a sparse-attention indexer's keys too, `indexer_head_dim` each).
+Linear-attention and state-space layers instead read and write their per-request state once
+per slice.  Activations and embedding-row gathers are not counted.  MLA caches its
+compressed latent (`kv_lora_rank + d_rope` per position), as serving engines do.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from serving_mfu.cost.flops import keys_read
+from serving_mfu.cost.flops import KeyRule, key_rule
 from serving_mfu.model.components import RoutedExperts, expert_params, layer_matmuls
 from serving_mfu.model.dtypes import dtype_bytes
 from serving_mfu.model.spec import ModelSpec
@@ -47,20 +49,27 @@ class ByteModel:
             (layer.moe.num_experts, layer.moe.top_k) for layer in moe_layers
         )
         self._uniform_moe = len(set(self.moe_shape)) == 1
-        groups: dict[int | None, float] = {}
+        groups: dict[KeyRule, float] = {}
+        state = 0
         for layer in spec.layers:
             a = layer.attention
+            state += a.state_elements
             if not a.num_heads:  # no softmax attention: no KV cache in this layer
                 continue
             if a.mla:
                 per_key = (a.kv_lora_rank + a.qk_rope_head_dim) * self.kv_bytes_per_elem
             else:
                 per_key = a.num_kv_heads * (a.head_dim + a.v_head_dim) * self.kv_bytes_per_elem
-            groups[a.sliding_window] = groups.get(a.sliding_window, 0.0) + per_key
-        #: (window, KV bytes per cached position summed over the group's layers).
-        self.kv_groups: tuple[tuple[int | None, float], ...] = tuple(groups.items())
+            rule = key_rule(a)
+            groups[rule] = groups.get(rule, 0.0) + per_key
+            if a.indexer_heads:  # the indexer's own key cache, read in full by every query
+                groups[KeyRule()] = groups.get(KeyRule(), 0.0) + a.indexer_head_dim * self.kv_bytes_per_elem
+        #: (key rule, KV bytes per cached position summed over the group's layers).
+        self.kv_groups: tuple[tuple[KeyRule, float], ...] = tuple(groups.items())
         #: KV bytes written per new position, all layers.
         self.kv_bytes_per_token: float = sum(b for _, b in self.kv_groups)
+        #: Recurrent and convolution state of one request, read and written once per slice (all layers).
+        self.state_bytes_per_slice: float = 2 * state * act
 
     def expected_experts(self, tokens: int) -> list[float]:
         """Expected distinct experts per MoE layer for `tokens` positions under uniform routing."""
@@ -78,5 +87,5 @@ class ByteModel:
         return total
 
     def kv_read_bytes(self, context_len: int, new_tokens: int) -> float:
-        """KV bytes one slice reads: each distinct key it attends to, once per layer."""
-        return sum(b * keys_read(context_len, new_tokens, w) for w, b in self.kv_groups)
+        """KV bytes one slice reads: each distinct key it attends to, once per layer (and its state)."""
+        return sum(b * r.keys_read(context_len, new_tokens) for r, b in self.kv_groups) + self.state_bytes_per_slice

@@ -31,8 +31,16 @@ class AttentionSpec:
     """One layer's attention.  MHA/GQA/MQA when `mla` is False; DeepSeek MLA otherwise.
 
     `head_dim` is the query/key width per head (for MLA `qk_nope_head_dim + qk_rope_head_dim`),
-    `v_head_dim` the value width per head.  `sliding_window` is the number of keys a query
-    sees (itself included); None means full causal attention.
+    `v_head_dim` the value width per head.  Which keys a query at position p attends to:
+    `sliding_window` W: the last W (itself included); `chunk_size` C (Llama 4's chunked local
+    attention): those of its own chunk, [⌊p/C⌋·C, p]; `top_k_keys` k (DeepSeek-V3.2's sparse
+    attention): at most k, picked by an indexer that scores every causal key with
+    `indexer_heads` heads of `indexer_head_dim`; none of these: all p + 1.
+
+    `num_heads == 0` marks a layer without softmax attention (a linear-attention or state-space
+    mixer): no scores, no KV cache; instead it keeps `state_elements` per request (recurrent and
+    convolution state, read and written once per step) and runs `state_flops_per_token` of
+    matmuls on that state per position, the same at any context.
     """
 
     num_heads: int
@@ -45,6 +53,12 @@ class AttentionSpec:
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     qk_nope_head_dim: int = 0
+    chunk_size: int | None = None
+    top_k_keys: int | None = None
+    indexer_heads: int = 0
+    indexer_head_dim: int = 0
+    state_elements: int = 0
+    state_flops_per_token: int = 0
 
 
 @dataclass(frozen=True, slots=True)
