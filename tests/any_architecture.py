@@ -15,9 +15,10 @@ import warnings
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-LINEAR_OPS = ("aten.mm", "aten.addmm")
+LINEAR_OPS = ("aten.mm", "aten.addmm", "aten.convolution")
 VOCAB = 512
 WIDTH = 128
 LAYERS = 6
@@ -154,13 +155,32 @@ def build(config: Any, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+class _ConvPadding(TorchDispatchMode):
+    """Convolution FLOPs beyond the first `tokens` outputs of each 1-D convolution call: transformers
+    runs a causal short convolution with `padding = kernel − 1` (or pads its input) and keeps the first
+    L of its L + kernel − 1 outputs; a serving kernel computes only those L."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.tokens, self.padded_flops = tokens, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default and out.dim() == 3 and out.shape[-1] > self.tokens:
+            batch, extra = out.shape[0], out.shape[-1] - self.tokens
+            self.padded_flops += 2 * batch * args[1].numel() * extra
+        return out
+
+
 def oracle_linear_flops(model: torch.nn.Module, tokens: int = 8, seed: int = 0) -> int:
-    """Weight-matmul FLOPs (`mm`/`addmm`, the LM head left out) of a forward over `tokens` random
-    tokens, counted by FlopCounterMode."""
+    """Weight FLOPs (`mm`/`addmm` and the mixers' causal short convolutions over the positions they
+    keep, `_ConvPadding`; the LM head left out) of a forward over `tokens` random tokens, counted by
+    FlopCounterMode."""
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, min(vocab, VOCAB), (1, tokens), generator=torch.Generator().manual_seed(seed))
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter, warnings.catch_warnings():
+    padding = _ConvPadding(tokens)
+    with torch.no_grad(), counter, padding, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model(input_ids=ids, use_cache=False)
     counts = counter.get_flop_counts()
@@ -170,4 +190,22 @@ def oracle_linear_flops(model: torch.nn.Module, tokens: int = 8, seed: int = 0) 
     lm_flops = 0
     if lm_name is not None:
         lm_flops = sum(int(v) for op, v in counts.get(f"{root}.{lm_name}", {}).items() if str(op) in LINEAR_OPS)
-    return sum(int(v) for op, v in counts["Global"].items() if str(op) in LINEAR_OPS) - lm_flops
+    return sum(int(v) for op, v in counts["Global"].items() if str(op) in LINEAR_OPS) - lm_flops - padding.padded_flops
+
+
+def oracle_decode_counts(model: torch.nn.Module, context: int, seed: int = 0) -> dict[str, dict[str, int]]:
+    """FlopCounterMode's counts (module path → op → FLOPs; "Global" for all) of one decode step at
+    `context` positions already cached: a prefill of `context` random tokens with the cache on, then
+    one token through transformers' recurrent / cached path."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(vocab, VOCAB), (1, context + 1), generator=gen)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache = model(input_ids=ids[:, :context], use_cache=True).past_key_values
+        with counter:
+            model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True)
+    root = type(model).__name__
+    return {("Global" if k == "Global" else k.removeprefix(root + ".")): {str(op): int(v) for op, v in ops.items()}
+            for k, ops in counter.get_flop_counts().items()}

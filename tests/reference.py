@@ -2,7 +2,7 @@
 
 Each position is classified on its own by the table of DESIGN §2 and costed on its own:
 its weight matmuls (2 × active params, summed layer by layer from the spec), its attention
-scores (it attends to min(p + 1, W) keys in each layer), and its logits.
+scores (the keys it sees in each layer, listed one by one), and its logits.
 """
 
 from __future__ import annotations
@@ -41,13 +41,28 @@ def per_position_linear_flops(spec: ModelSpec) -> int:
     return total
 
 
+def keys_seen(a, p: int) -> int:
+    """Keys position p (0-based) attends to in a layer, listed one by one from the rule's definition."""
+    if a.top_k_keys:
+        seen = list(range(p + 1))[-a.top_k_keys:]  # any k of the causal keys: count only
+    elif a.chunk_size:
+        seen = [j for j in range(p + 1) if j // a.chunk_size == p // a.chunk_size]
+    elif a.sliding_window:
+        seen = [j for j in range(p + 1) if p - j < a.sliding_window]
+    else:
+        seen = list(range(p + 1))
+    return len(seen)
+
+
 def position_attention_flops(spec: ModelSpec, p: int) -> int:
-    """Score FLOPs of position p (0-based): in each layer 2·heads·(d_qk + d_v)·min(p + 1, W)."""
+    """Score FLOPs of position p (0-based): in each layer 2·heads·(d_qk + d_v)·keys_seen(p), an
+    indexer's 2·H_I·(d_I + 1) for every causal key, and a recurrent layer's state matmuls."""
     total = 0
     for layer in spec.layers:
         a = layer.attention
-        keys = p + 1 if a.sliding_window is None else min(p + 1, a.sliding_window)
-        total += 2 * a.num_heads * (a.head_dim + a.v_head_dim) * keys
+        total += 2 * a.num_heads * (a.head_dim + a.v_head_dim) * keys_seen(a, p)
+        total += 2 * a.indexer_heads * (a.indexer_head_dim + 1) * (p + 1)
+        total += a.state_flops_per_token
     return total
 
 

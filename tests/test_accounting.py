@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from serving_mfu.cost.accounting import CostModel, cost_iteration
@@ -25,6 +27,23 @@ MOE = {
     "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 300,
     "decoder_sparse_step": 1, "mlp_only_layers": [1], "torch_dtype": "bfloat16",
 }
+
+
+
+def _kinds() -> ModelSpec:
+    """Every key rule in one model: full, sliding (8), chunked (16, Llama 4), top-k sparse (24, with
+    a DeepSeek-V3.2-style indexer) and a recurrent layer without softmax attention (state only)."""
+    base = ModelSpec.from_hf_config(dict(LLAMA, num_hidden_layers=5))
+    a = base.layers[0].attention
+    rules = [{}, dict(sliding_window=8), dict(chunk_size=16), dict(top_k_keys=24, indexer_heads=2, indexer_head_dim=16),
+             dict(num_heads=0, num_kv_heads=0, head_dim=0, v_head_dim=0, state_elements=4096,
+                  state_flops_per_token=2 * 512 * 16)]
+    layers = tuple(dataclasses.replace(layer, attention=dataclasses.replace(a, **r))
+                   for layer, r in zip(base.layers, rules))
+    return dataclasses.replace(base, layers=layers)
+
+
+KINDS = _kinds()
 
 
 @pytest.fixture(scope="module")

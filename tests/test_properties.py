@@ -12,10 +12,11 @@ from serving_mfu.cost.records import IterationRecord, Slice
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
 from tests.reference import reference_costs
-from tests.test_accounting import GEMMA2, LLAMA, MOE
+from tests.test_accounting import GEMMA2, KINDS, LLAMA, MOE
 
 MODELS = {name: CostModel(ModelSpec.from_hf_config(cfg)) for name, cfg in
           (("llama", LLAMA), ("gemma2", GEMMA2), ("moe", MOE))}
+MODELS["kinds"] = CostModel(KINDS)
 
 
 @st.composite
@@ -97,7 +98,8 @@ def test_split_alone(busy, f_p, f_d, b_p, b_d, extra, peak, bw) -> None:
 @st.composite
 def batched_iterations(draw):
     """An iteration as the engine hook builds it: a prefill batch, a decode batch (with or without
-    drafts) and a few general slices, on a model with or without sliding windows."""
+    drafts) and a few general slices, on a model with or without sliding windows (or with every key
+    rule and a recurrent layer, `kinds`)."""
     from serving_mfu.cost.records import DecodeBatch, PrefillBatch
 
     prefill = decode = None

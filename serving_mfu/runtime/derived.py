@@ -9,14 +9,21 @@ memory, no weights), and every weight matmul is read off its modules (DESIGN §3
   expert MLPs holds E experts of which each position runs `top_k` (from the block, its router
   or the config): `2·top_k·params(one expert)`;
 - any other module holding a 2-D `weight` it multiplies by (e.g. a `TopKRouter`) counts as a
-  linear of that shape; embeddings, norms and convolutions do not (no matmul per position);
+  linear of that shape; a causal `nn.Conv1d` (the short convolution of Mamba and linear-attention
+  mixers) costs `2·weights` per position, `conv`; embeddings and norms cost nothing;
 - the LM head is not read here (it is `2·hidden·vocab` per logit position, as for every spec);
   matmuls outside the layers (e.g. per-layer-input projections) land in layer 0 as
   `outside_layers`.
 
 Attention follows the standard rule from the head counts: a layer holding a softmax-attention
 module (not a linear-attention / state-space mixer) attends with the config's heads, KV heads,
-head_dim and its sliding window; other layers have no attention scores and no KV cache.
+head_dim and its key rule (sliding window, Llama 4's chunks from `layer_types`, DeepSeek-V3.2's
+top-k with its indexer's heads); MLA (`kv_lora_rank`) with the module's own widths.  Other layers
+have no attention scores and no KV cache; a state-space or linear-attention mixer keeps its
+recurrent and convolution state per request, and a Mamba mixer's readout `y = C·h` is a matmul on
+that state (2·d_inner·N per position, `recurrent_state`).  The rest of a recurrent update
+(decays, the delta rule's products in its recurrent form) is elementwise and, as elsewhere,
+not counted.
 `load_spec` tries the formula registry first, then this path, then the generic reading
 (`approximate`), and says in `ModelSpec.warnings` why a path was passed over.
 """
@@ -174,7 +181,8 @@ def read_linear(model: torch.nn.Module, data: Mapping[str, Any], stack: str,
             if w is None:
                 continue
             params = int(w)
-            comp = _component(rel, name) if layer is not None else "outside_layers"
+            comp = "outside_layers" if layer is None else "conv" if isinstance(mod, torch.nn.Conv1d) \
+                else _component(rel, name)
             entry = (comp, params, params, 0)
             if comp == "router":
                 full_precision.add(comp)
@@ -214,6 +222,8 @@ def _matmul_weight(mod: torch.nn.Module) -> int | None:
     if isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)) or "Embedding" in cls or "Norm" in cls:
         return None
     w = mod._parameters.get("weight")
+    if isinstance(mod, torch.nn.Conv1d) and w is not None:  # out × in/groups × kernel per position
+        return int(w.numel())
     if w is None or w.dim() != 2:
         return None
     return int(w.shape[0]) * int(w.shape[1])
@@ -287,31 +297,79 @@ def _in_moe(head: str) -> bool:
 
 
 def read_attention(model: torch.nn.Module, cfg: Cfg, n_layers: int, stack: str) -> list[AttentionSpec]:
-    """Per layer: softmax attention with the config's heads and the layer's window, or none (heads 0)."""
+    """Per layer: softmax attention with the config's heads and the layer's key rule, or none (heads 0)
+    with the state of its mixer."""
     types = cfg.get("layer_types")
-    has_attention = [False] * n_layers
-    windows: list[int | None] = [None] * n_layers
+    prefix = type(model).__name__.removesuffix("ForCausalLM")  # "KimiLinear…Attention" is still softmax
+    softmax: list[torch.nn.Module | None] = [None] * n_layers
+    state: list[tuple[int, int]] = [(0, 0)] * n_layers
     for name, mod in model.named_modules():
         m = _LAYER.search(name)
         if not m or name[:m.start()] != stack or "." in name[m.end() + 1:] or not name[m.end() + 1:]:
             continue
-        cls = type(mod).__name__
+        i = int(m.group(1))
+        if i >= n_layers:
+            continue
+        cls = type(mod).__name__.removeprefix(prefix)
         if cls.endswith(("Attention", "Attn")) and not _NOT_SOFTMAX.search(cls):
-            i = int(m.group(1))
-            if i < n_layers:
-                has_attention[i] = True
-                w = getattr(mod, "sliding_window", None)
-                windows[i] = int(w) if isinstance(w, int) and w > 0 else None
+            softmax[i] = mod
+        elif _NOT_SOFTMAX.search(cls):
+            elements, flops = _mixer_state(mod)
+            state[i] = (state[i][0] + elements, state[i][1] + flops)
     if isinstance(types, list) and len(types) >= n_layers:
-        has_attention = [a and _softmax_type(str(t)) for a, t in zip(has_attention, types)]
+        softmax = [a if a is not None and _softmax_type(str(t)) else None for a, t in zip(softmax, types)]
     heads = int(cfg.first("num_attention_heads", "n_head", "num_heads", default=0) or 0)
-    if not heads:
-        return [AttentionSpec(0, 0, 0, 0)] * n_layers
     kv = int(cfg.first("num_key_value_heads", "num_kv_heads", "n_head_kv", default=heads) or heads)
     hidden = int(cfg.first("hidden_size", "d_model", "n_embd"))
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    return [AttentionSpec(heads, kv, head_dim, head_dim, sliding_window=w) if a else AttentionSpec(0, 0, 0, 0)
-            for a, w in zip(has_attention, windows)]
+    head_dim = int(cfg.get("head_dim") or (hidden // heads if heads else 0))
+    chunk = cfg.get("attention_chunk_size")
+    out = []
+    for i, mod in enumerate(softmax):
+        own = dict(state_elements=state[i][0], state_flops_per_token=state[i][1])  # a hybrid layer has both
+        if mod is None or not heads:
+            out.append(AttentionSpec(0, 0, 0, 0, **own))
+            continue
+        w = getattr(mod, "sliding_window", None)
+        rule: dict[str, Any] = dict(sliding_window=int(w) if isinstance(w, int) and w > 0 else None, **own)
+        if isinstance(types, list) and i < len(types) and types[i] == "chunked_attention" and isinstance(chunk, int):
+            rule.update(sliding_window=None, chunk_size=chunk)
+        indexer = getattr(mod, "indexer", None)
+        if indexer is not None and isinstance(getattr(indexer, "index_topk", None), int):
+            rule.update(top_k_keys=indexer.index_topk, indexer_heads=int(indexer.n_heads),
+                        indexer_head_dim=int(indexer.head_dim))
+        if isinstance(getattr(mod, "kv_lora_rank", None), int) and mod.kv_lora_rank:
+            n = int(getattr(mod, "num_heads", heads))
+            rope, nope = int(mod.qk_rope_head_dim), int(mod.qk_nope_head_dim)
+            out.append(AttentionSpec(n, n, rope + nope, int(mod.v_head_dim), mla=True,
+                                     q_lora_rank=getattr(mod, "q_lora_rank", None) or None,
+                                     kv_lora_rank=int(mod.kv_lora_rank), qk_rope_head_dim=rope,
+                                     qk_nope_head_dim=nope, **rule))
+        else:
+            d = int(getattr(mod, "head_dim", head_dim) or head_dim)
+            out.append(AttentionSpec(heads, kv, d, d, **rule))
+    return out
+
+
+def _mixer_state(mod: torch.nn.Module) -> tuple[int, int]:
+    """(state elements per request, state matmul FLOPs per position) of a linear-attention or
+    state-space mixer: its convolution's last kernel − 1 inputs per channel, plus the recurrent state —
+    Mamba d_inner × N (readout y = C·h: 2·d_inner·N per position), gated DeltaNet H_v × d_k × d_v,
+    Kimi delta attention H × d × d (their recurrent readouts are elementwise products and sums)."""
+    elements = 0
+    for sub in mod.modules():
+        if isinstance(sub, torch.nn.Conv1d):
+            elements += int(sub.weight.shape[0]) * (int(sub.kernel_size[0]) - 1)
+    n = getattr(mod, "ssm_state_size", None)
+    d_inner = getattr(mod, "intermediate_size", None)
+    if isinstance(n, int) and isinstance(d_inner, int):
+        return elements + d_inner * n, 2 * d_inner * n
+    hv, dk, dv = (getattr(mod, a, None) for a in ("num_v_heads", "head_k_dim", "head_v_dim"))
+    if all(isinstance(x, int) for x in (hv, dk, dv)):
+        return elements + hv * dk * dv, 0
+    h, d = getattr(mod, "num_heads", None), getattr(mod, "head_dim", None)
+    if isinstance(h, int) and isinstance(d, int):
+        return elements + h * d * d, 0
+    return elements, 0
 
 
 def _softmax_type(layer_type: str) -> bool:
