@@ -172,10 +172,11 @@ class _ConvPadding(TorchDispatchMode):
         return out
 
 
-def oracle_linear_flops(model: torch.nn.Module, tokens: int = 8, seed: int = 0) -> int:
+def oracle_linear_flops(model: torch.nn.Module, tokens: int = 8, seed: int = 0, dense_experts: float = 0.0) -> int:
     """Weight FLOPs (`mm`/`addmm` and the mixers' causal short convolutions over the positions they
     keep, `_ConvPadding`; the LM head left out) of a forward over `tokens` random tokens, counted by
-    FlopCounterMode."""
+    FlopCounterMode.  `dense_experts` = top_k / E for a model whose reference code runs every expert
+    on every token with `bmm` (Llama 4): that share of the experts' `bmm` is what a server runs."""
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, min(vocab, VOCAB), (1, tokens), generator=torch.Generator().manual_seed(seed))
     counter = FlopCounterMode(display=False)
@@ -190,7 +191,9 @@ def oracle_linear_flops(model: torch.nn.Module, tokens: int = 8, seed: int = 0) 
     lm_flops = 0
     if lm_name is not None:
         lm_flops = sum(int(v) for op, v in counts.get(f"{root}.{lm_name}", {}).items() if str(op) in LINEAR_OPS)
-    return sum(int(v) for op, v in counts["Global"].items() if str(op) in LINEAR_OPS) - lm_flops - padding.padded_flops
+    experts = sum(int(ops.get(torch.ops.aten.bmm, 0)) for name, ops in counts.items() if name.endswith(".experts"))
+    total = sum(int(v) for op, v in counts["Global"].items() if str(op) in LINEAR_OPS) - lm_flops - padding.padded_flops
+    return total + round(dense_experts * experts)
 
 
 def oracle_decode_counts(model: torch.nn.Module, context: int, seed: int = 0) -> dict[str, dict[str, int]]:
