@@ -365,8 +365,10 @@ _GPT2_NAMES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head"
 FIELD_NAMES: dict[str, dict[str, str]] = {"gpt2": _GPT2_NAMES, "gpt_bigcode": _GPT2_NAMES}
 
 
-def spec_from_config(raw: Mapping[str, Any]) -> ModelSpec:
-    """Pick the architecture's parser and build the whole spec (dtypes, quantization, flags)."""
+def spec_from_config(raw: Mapping[str, Any], warn: bool = True) -> ModelSpec:
+    """Pick the architecture's parser and build the whole spec (dtypes, quantization, flags);
+    `warn=False` leaves logging the generic reading's warning to the caller (`load_spec`, which
+    may replace it by the derived path)."""
     data = _unwrap(dict(raw))
     model_type = ALIASES.get(str(data.get("model_type", "<none>")), str(data.get("model_type", "<none>")))
     data = {**DEFAULTS.get(model_type, {}), **data}
@@ -384,7 +386,8 @@ def spec_from_config(raw: Mapping[str, Any]) -> ModelSpec:
                f"{'MoE' if cfg.first('num_experts', 'num_local_experts', 'n_routed_experts', default=0) else 'dense'}"
                " decoder spec from the standard fields (approximate)")
         warnings.append(msg)
-        log.warning(msg)
+        if warn:
+            log.warning(msg)
     layers = parser(cfg)
     act_dtype = str(cfg.get("torch_dtype", cfg.get("dtype", "bfloat16"))).removeprefix("torch.")
     if act_dtype in ("auto", "None"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Iterator
 
-from serving_mfu.model.spec import LayerSpec, MLPSpec, ModelSpec, MoESpec
+from serving_mfu.model.spec import LayerSpec, MixerSpec, MLPSpec, ModelSpec, MoESpec
 
 COMPONENTS: dict[str, type["Component"]] = {}
 
@@ -44,7 +44,8 @@ def _mlp_params(hidden: int, intermediate: int, gated: bool) -> int:
 
 
 class QProj(Component):
-    """Query projection: h × heads·d_qk (MHA/GQA, or MLA without a query LoRA)."""
+    """Query projection: h × heads·d_qk (MHA/GQA, or MLA without a query LoRA); with an output gate
+    (Qwen3-Next, Qwen3.5: `q_proj` emits query and gate, transformers `modeling_qwen3_next.py`) twice that."""
 
     name = "q_proj"
 
@@ -53,7 +54,7 @@ class QProj(Component):
         a = layer.attention
         if a.mla and a.q_lora_rank:
             return 0
-        return spec.hidden_size * a.num_heads * a.head_dim
+        return spec.hidden_size * a.num_heads * a.head_dim * (2 if a.output_gate else 1)
 
 
 class QAProj(Component):
@@ -132,6 +133,56 @@ class OProj(Component):
     def active_params(layer: LayerSpec, spec: ModelSpec) -> int:
         a = layer.attention
         return a.num_heads * a.v_head_dim * spec.hidden_size
+
+
+class Indexer(Component):
+    """DeepSeek-V3.2's lightning indexer: `wq_b` q_lora_rank × H_I·d_I (from the query latent), `wk`
+    h × d_I, `weights_proj` h × H_I (transformers `modeling_deepseek_v32.py` DeepseekV32Indexer;
+    vLLM `deepseek_v2.py` Indexer).  Its scoring of every key is in flops.py."""
+
+    name = "indexer"
+
+    @staticmethod
+    def active_params(layer: LayerSpec, spec: ModelSpec) -> int:
+        a = layer.attention
+        if not a.indexer_heads:
+            return 0
+        q_in = a.q_lora_rank or spec.hidden_size
+        return q_in * a.indexer_heads * a.indexer_head_dim + spec.hidden_size * (a.indexer_head_dim + a.indexer_heads)
+
+
+class MixerIn(Component):
+    """A linear-attention / state-space mixer's input projections, h × in_features (gated DeltaNet:
+    q, k, v, z, b, a; Mamba-2: z, x, B, C, dt)."""
+
+    name = "mixer_in"
+
+    @staticmethod
+    def active_params(layer: LayerSpec, spec: ModelSpec) -> int:
+        m: MixerSpec | None = layer.mixer
+        return spec.hidden_size * m.in_features if m else 0
+
+
+class MixerConv(Component):
+    """The mixer's causal depthwise convolution: conv_channels × kernel weights, one output per position."""
+
+    name = "mixer_conv"
+
+    @staticmethod
+    def active_params(layer: LayerSpec, spec: ModelSpec) -> int:
+        m = layer.mixer
+        return m.conv_channels * m.conv_kernel if m else 0
+
+
+class MixerOut(Component):
+    """The mixer's output projection: inner × h."""
+
+    name = "mixer_out"
+
+    @staticmethod
+    def active_params(layer: LayerSpec, spec: ModelSpec) -> int:
+        m = layer.mixer
+        return m.inner * spec.hidden_size if m else 0
 
 
 class DenseMLP(Component):

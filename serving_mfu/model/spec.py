@@ -37,6 +37,9 @@ class AttentionSpec:
     attention): at most k, picked by an indexer that scores every causal key with
     `indexer_heads` heads of `indexer_head_dim`; none of these: all p + 1.
 
+    `output_gate` (Qwen3-Next / Qwen3.5 gated attention): q_proj also produces a sigmoid gate of the
+    attention output, heads·head_dim more columns.
+
     `num_heads == 0` marks a layer without softmax attention (a linear-attention or state-space
     mixer): no scores, no KV cache; instead it keeps `state_elements` per request (recurrent and
     convolution state, read and written once per step) and runs `state_flops_per_token` of
@@ -59,6 +62,7 @@ class AttentionSpec:
     indexer_head_dim: int = 0
     state_elements: int = 0
     state_flops_per_token: int = 0
+    output_gate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,20 @@ class MoESpec:
 
 
 @dataclass(frozen=True, slots=True)
+class MixerSpec:
+    """A linear-attention or state-space mixer's weight shapes (the layer's `attention` then has
+    heads 0 and carries the mixer's state): an input projection `hidden → in_features`, a causal
+    depthwise convolution over `conv_channels` with `conv_kernel` taps, an output projection
+    `inner → hidden`.  `kind` names the family (`gated_deltanet`, `mamba2`)."""
+
+    kind: str
+    in_features: int
+    conv_channels: int
+    conv_kernel: int
+    inner: int
+
+
+@dataclass(frozen=True, slots=True)
 class LinearSpec:
     """Weight matmuls of one layer read from the model's own modules (the `derived` path), grouped
     under a component name: parameters each token position is multiplied by (`active_params`),
@@ -101,7 +119,8 @@ class LinearSpec:
 
 @dataclass(frozen=True, slots=True)
 class LayerSpec:
-    """One decoder layer: attention plus exactly one of a dense MLP or a MoE block.
+    """One decoder layer: attention (or a linear-attention / state-space `mixer`) plus exactly one of
+    a dense MLP or a MoE block.
 
     `linear`, when set (derived specs), lists the layer's weight matmuls as read from its modules;
     they replace the registry components' shapes (the attention spec then only sets the scores
@@ -112,6 +131,7 @@ class LayerSpec:
     mlp: MLPSpec | None = None
     moe: MoESpec | None = None
     linear: tuple[LinearSpec, ...] | None = None
+    mixer: MixerSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import torch
 
-from serving_mfu.model.architectures import ALIASES, PARSERS, Cfg, _unwrap
+from serving_mfu.model.architectures import ALIASES, PARSERS, Cfg, _unwrap, spec_from_config
 from serving_mfu.model.spec import AttentionSpec, LayerSpec, LinearSpec, ModelSpec, MoESpec, load_config
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def load_spec(source: str | Path | Mapping[str, Any] | Any, hf_object: Any = Non
     data = source.to_dict() if hasattr(source, "to_dict") else load_config(source)
     target = hf_object or (source if hasattr(source, "to_dict") else data)  # what the derived path builds
     try:
-        spec = ModelSpec.from_hf_config(data)
+        spec = spec_from_config(data, warn=False)
     except ValueError:  # the generic reading needs standard fields the modules may not
         if has_formula(str(data.get("model_type", ""))):
             raise
@@ -79,7 +79,8 @@ def load_spec(source: str | Path | Mapping[str, Any] | Any, hf_object: Any = Non
         return derive_spec(target, base=spec)
     except Exception as exc:  # keep the generic spec, and say why
         msg = f"derived path unavailable for {spec.model_type!r} ({exc}); the spec stays approximate"
-        log.warning(msg)
+        for line in spec.warnings + (msg,):
+            log.warning(line)
         return dataclasses.replace(spec, warnings=spec.warnings + (msg,))
 
 
