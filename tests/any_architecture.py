@@ -126,6 +126,10 @@ def tiny_config(model_type: str) -> Any:
             d["mamba_n_heads"] = max(1, int(expand * hidden) // d["mamba_d_head"])
             if isinstance(d.get("mamba_n_groups"), int) and d["mamba_n_heads"] % d["mamba_n_groups"]:
                 d["mamba_n_groups"] = 1
+        if isinstance(d.get("mamba_num_heads"), int) and isinstance(d.get("mamba_head_dim"), int):  # Nemotron-H
+            d["mamba_num_heads"] = max(1, int((d.get("expand") or 2) * hidden) // d["mamba_head_dim"])
+            if isinstance(d.get("n_groups"), int) and d["mamba_num_heads"] % d["n_groups"]:
+                d["n_groups"] = 1
     for std, real in names.items():  # back to the config class's own names
         if std in d:
             d[real] = d.pop(std)

@@ -26,8 +26,15 @@ def per_position_linear_flops(spec: ModelSpec) -> int:
                 a.qk_nope_head_dim + a.v_head_dim)
             total += 2 * (q + kv)
         else:
-            total += 2 * (h * a.num_heads * a.head_dim + h * a.num_kv_heads * (a.head_dim + a.v_head_dim))
+            q = h * a.num_heads * a.head_dim * (2 if a.output_gate else 1)  # a gated q_proj also emits the gate
+            total += 2 * (q + h * a.num_kv_heads * (a.head_dim + a.v_head_dim))
         total += 2 * a.num_heads * a.v_head_dim * h
+        if a.indexer_heads:  # wq_b from the query latent, wk and the head weights from the hidden state
+            total += 2 * ((a.q_lora_rank or h) * a.indexer_heads * a.indexer_head_dim
+                          + h * a.indexer_head_dim + h * a.indexer_heads)
+        if layer.mixer:
+            m = layer.mixer
+            total += 2 * (h * m.in_features + m.conv_channels * m.conv_kernel + m.inner * h)
         if layer.mlp:
             total += 2 * (3 if layer.mlp.gated else 2) * h * layer.mlp.intermediate_size
         if layer.moe:

@@ -28,7 +28,7 @@ EXCLUDED = {
     "gemma4_unified_assistant": _UPSTREAM, "hunyuan_v1_dense": _UPSTREAM, "hunyuan_v1_moe": _UPSTREAM,
     "lfm2_moe": _UPSTREAM, "mllama": _UPSTREAM, "musicgen": _UPSTREAM, "musicgen_melody": _UPSTREAM,
     "qwen4_exp": _UPSTREAM, "qwen4_exp_text": _UPSTREAM, "reformer": _UPSTREAM, "zamba": _UPSTREAM,
-    "codegen": _SHRINK, "inkling_text": _SHRINK, "nemotron_h": _SHRINK, "zamba2": _SHRINK,
+    "codegen": _SHRINK, "inkling_text": _SHRINK, "zamba2": _SHRINK,
     "xmod": "its forward needs a language set first (set_default_language)",
     "blt": "byte-level patches: no hidden_size in the text config",
     "xlm": "its layers are not under a `layers.<i>` / `h.<i>` path",
@@ -74,7 +74,7 @@ def _check(model_type: str) -> tuple[int, int]:
 def test_the_loop_covers_hybrids_moe_and_most_types() -> None:
     checked = [t for t in TYPES if t not in EXCLUDED]
     assert len(checked) >= 100 and len(TYPES) >= 130
-    for t in ("qwen3_next", "jamba", "granitemoehybrid", "falcon_h1", "deepseek_v32", "llama4_text", "mixtral"):
+    for t in ("qwen3_next", "jamba", "granitemoehybrid", "falcon_h1", "nemotron_h", "deepseek_v32", "llama4_text", "mixtral"):
         assert t in TYPES or has_formula(t), t
     assert not set(EXCLUDED) - set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), "stale exclusions"
 

@@ -126,6 +126,9 @@ class Comparison(BaseModel):
     rows: list[ComparisonRow]
     oracle: list[OracleCheck] | None = None
     oracle_skipped: str | None = None
+    oracle_elsewhere: dict[str, str] = Field(
+        default_factory=dict, description="models whose attention the scaled-down square relation cannot check, "
+                                          "and where their formula is held to FlopCounterMode instead")
 
 
 # ------------------------------------------------------------------------------- estimates
@@ -222,6 +225,7 @@ def compare_estimators(
         raise ValueError(f"the oracle's prompt needs at least 2 tokens, got {prompt_len}")
     vllm_ok = use_vllm and _vllm_importable()
     rows = [row for name in names for row in compare_model(name, points, use_vllm=vllm_ok)]
+    elsewhere = {name: why for name in names if (why := oracle_elsewhere(PUBLIC_CONFIGS[name]))}
     checks, skipped = None, None
     if oracle:
         try:
@@ -230,9 +234,28 @@ def compare_estimators(
         except Exception as exc:  # pragma: no cover - torch/transformers are dev dependencies
             skipped = f"torch/transformers not importable: {exc}"
         else:
-            checks = [oracle_check(name, prompt_len) for name in names]
+            checks = [oracle_check(name, prompt_len) for name in names if name not in elsewhere]
     return Comparison(points=[tuple(p) for p in points], vllm_available=vllm_ok, rows=rows, oracle=checks,
-                      oracle_skipped=skipped)
+                      oracle_skipped=skipped, oracle_elsewhere=elsewhere)
+
+
+def oracle_elsewhere(config: Mapping[str, Any]) -> str | None:
+    """Why the scaled-down oracle does not apply to a config (None where it does): layers whose keys are
+    not full or windowed, or that are linear-attention / state-space mixers, need their own oracle
+    (tests/test_families.py holds those formulas to FlopCounterMode on tiny copies of their configs)."""
+    spec = ModelSpec.from_hf_config(config)
+    kinds = set()
+    for layer in spec.layers:
+        a = layer.attention
+        if layer.mixer is not None or not a.num_heads:
+            kinds.add("linear attention / SSM")
+        if a.chunk_size:
+            kinds.add("chunked attention")
+        if a.top_k_keys:
+            kinds.add("top-k sparse attention")
+    if not kinds:
+        return None
+    return f"{', '.join(sorted(kinds))}: held to FlopCounterMode in tests/test_families.py"
 
 
 # ------------------------------------------------------------------------------- scaled-down shapes
@@ -462,6 +485,9 @@ def oracle_markdown(cmp: Comparison) -> str:
     if notes:
         lines.append("")
         lines.append("¹ " + notes[0] + ".")
+    if cmp.oracle_elsewhere:
+        lines.append("")
+        lines.extend(f"{name}: {why}." for name, why in cmp.oracle_elsewhere.items())
     return "\n".join(lines)
 
 
@@ -518,3 +544,5 @@ def print_comparison(cmp: Comparison, console: Any) -> None:
     console.print(o_t)
     for n in notes:
         console.print(f"¹ {n}")
+    for name, why in cmp.oracle_elsewhere.items():
+        console.print(f"{name}: {why}")

@@ -54,4 +54,35 @@ PUBLIC_CONFIGS: dict[str, dict] = {
         "v_head_dim": 128, "vocab_size": 129280, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     },
+    # deepseek-ai/DeepSeek-V3.2-Exp: DeepSeek-V3's shape plus DeepSeek Sparse Attention's indexer
+    # (config.json index_n_heads 64, index_head_dim 128, index_topk 2048; transformers DeepseekV32Config defaults)
+    "deepseek-v3.2": {
+        "model_type": "deepseek_v32", "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,
+        "vocab_size": 129280, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    # meta-llama/Llama-4-Scout-17B-16E text_config (transformers Llama4TextConfig defaults are this model):
+    # MoE on every layer, 16 experts top-1 + one shared, chunked attention (8192) on 3 of every 4 layers
+    "llama-4-scout": {
+        "model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192,
+        "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+        "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 16, "num_experts_per_tok": 1,
+        "interleave_moe_layer_step": 1, "attention_chunk_size": 8192, "vocab_size": 202048,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    # Qwen/Qwen3-Next-80B-A3B-Instruct config.json: 3 of every 4 layers gated DeltaNet, the 4th gated
+    # full attention; 512 experts top-10 plus a shared one
+    "qwen3-next-80b-a3b": {
+        "model_type": "qwen3_next", "hidden_size": 2048, "intermediate_size": 5120,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_hidden_layers": 48,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "num_experts": 512,
+        "num_experts_per_tok": 10, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "full_attention_interval": 4, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+        "vocab_size": 151936, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
 }
