@@ -29,8 +29,8 @@ from serving_mfu.tools.compare import (
     compare_estimators,
     comparison_markdown,
     oracle_check,
-    parse_points,
     oracle_elsewhere,
+    parse_points,
     rel_error,
     scaled_down_config,
 )
