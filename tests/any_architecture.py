@@ -118,6 +118,8 @@ def tiny_config(model_type: str) -> Any:
             elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v) \
                     and key.endswith(("_layers", "_layer_ids", "_layer_idx", "_indices")):
                 d[key] = [x for x in v if x < LAYERS]
+        if isinstance(d.get("num_kv_shared_layers"), int) and d["num_kv_shared_layers"]:  # Gemma-3n: the last
+            d["num_kv_shared_layers"] = 1  # the last layer reuses an earlier layer's KV (the first 5 hold both kinds)
     hidden = d.get("hidden_size")
     if isinstance(hidden, int) and "hidden_size" in small:
         # Mamba-2 mixers: heads × head width must equal expand × hidden

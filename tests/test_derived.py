@@ -121,3 +121,28 @@ def test_chunked_attention_sees_the_keys_transformers_mask_lets_through() -> Non
     rule = FlopModel(spec).attention_groups
     chunked = next(g for g in rule if g.rule.kind == "chunk")
     assert [chunked.rule.pairs(p + 1) - chunked.rule.pairs(p) for p in range(70)] == seen
+
+
+# Published sizes (billions of parameters, total and active per token) of the models transformers'
+# default configs describe: Qwen3-Next-80B-A3B (its config docstring names it), DeepSeek-V3.2 (671B,
+# 37B activated: DeepSeek-V3 report), Llama 4 Scout (109B, 17B active: Meta's model card), Jamba
+# v0.1 (52B, 12B active: arXiv 2403.19887), Kimi-Linear-48B-A3B.
+PUBLISHED = {"qwen3_next": (80, 3), "deepseek_v32": (671, 37), "llama4_text": (109, 17), "jamba": (52, 12),
+             "kimi_linear": (48, 3)}
+
+
+@pytest.mark.parametrize("model_type", sorted(PUBLISHED))
+def test_full_size_default_configs_build_on_meta_and_match_published_sizes(model_type: str) -> None:
+    """The derived path on a full-size config costs no memory (meta device) and its weights add up to
+    the vendor's published total and active counts (rounded figures: total within 3 %, active between
+    0.9 × without and 1.1 × with the embeddings)."""
+    from serving_mfu.model.components import layer_matmuls
+    from tests.any_architecture import default_text_config
+
+    spec = derive_spec(default_text_config(model_type))
+    active = sum(a for layer in spec.layers for _, a, _, _ in layer_matmuls(layer, spec))
+    stored = sum(s for layer in spec.layers for _, _, s, _ in layer_matmuls(layer, spec))
+    emb = spec.hidden_size * spec.vocab_size * (1 if spec.tie_word_embeddings else 2)
+    total_b, active_b = PUBLISHED[model_type]
+    assert abs((stored + emb) / 1e9 - total_b) / total_b < 0.03
+    assert 0.9 * active / 1e9 <= active_b <= 1.1 * (active + emb) / 1e9

@@ -24,7 +24,7 @@ _SHRINK = "the tiny copy breaks an invariant of its forward (tests/any_architect
 #: model_type → why its derived FLOPs are not checked against FlopCounterMode here.
 EXCLUDED = {
     "big_bird": _UPSTREAM, "cohere_compass_text": _UPSTREAM, "dbrx": _UPSTREAM, "dots1": _UPSTREAM,
-    "emu3": _UPSTREAM, "gemma3n": _UPSTREAM, "gemma3n_text": _UPSTREAM, "gemma4_assistant": _UPSTREAM,
+    "emu3": _UPSTREAM, "gemma4_assistant": _UPSTREAM,
     "gemma4_unified_assistant": _UPSTREAM, "hunyuan_v1_dense": _UPSTREAM, "hunyuan_v1_moe": _UPSTREAM,
     "lfm2_moe": _UPSTREAM, "mllama": _UPSTREAM, "musicgen": _UPSTREAM, "musicgen_melody": _UPSTREAM,
     "qwen4_exp": _UPSTREAM, "qwen4_exp_text": _UPSTREAM, "reformer": _UPSTREAM, "zamba": _UPSTREAM,
@@ -40,6 +40,11 @@ EXCLUDED = {
     "deepseek_v4": "+38 %: hyper-connection and compressor modules that run on fewer positions (not read yet)",
     "hy_v4": "−0.7 %: matmuls of activations by activations (no weights) counted by the oracle",
     "zaya": "−0.26 %: matmuls of activations by activations (no weights) counted by the oracle",
+}
+#: model_type → why its derived FLOPs are within 0.1 % of the oracle but not equal (all others: equal).
+NEAR = {
+    "gemma3n": "−0.008 %: AltUp mixes its 4 hidden-state copies with per-token coefficient matmuls (no weights)",
+    "gemma3n_text": "−0.008 %: AltUp mixes its 4 hidden-state copies with per-token coefficient matmuls (no weights)",
 }
 #: Reference code that runs every expert on every token with bmm: the server's share (top_k / E).
 DENSE_EXPERTS = {"llama4", "llama4_text"}
@@ -90,4 +95,7 @@ def test_derived_linear_flops_of_every_architecture(model_type: str) -> None:
         return
     ours, oracle = _check(model_type)
     assert oracle > 0
-    assert ours == oracle
+    if model_type in NEAR:
+        assert ours != oracle and abs(ours - oracle) <= 1e-3 * oracle, NEAR[model_type]
+    else:
+        assert ours == oracle
