@@ -37,7 +37,9 @@ EXCLUDED = {
     "prophetnet": "runs n-gram prediction streams beside the main stream",
     "hrm_text": "runs its weight-shared layers for several cycles per token",
     "git": "a visual projection on the text path",
-    "deepseek_v4": "+38 %: hyper-connection and compressor modules that run on fewer positions (not read yet)",
+    "deepseek_v4": "compressed attention (compress_rates 4 and 128: a compressor on every 4th / 128th position), "
+                   "a grouped o_a_proj run as bmm and hyper-connection mixing: a key rule and an oracle of its own, "
+                   "not written yet",
     "hy_v4": "−0.7 %: matmuls of activations by activations (no weights) counted by the oracle",
     "zaya": "−0.26 %: matmuls of activations by activations (no weights) counted by the oracle",
 }
