@@ -214,8 +214,8 @@ NUMPY_MIN_BATCH = 64
 
 def _range_pairs_np(rule: KeyRule, starts: np.ndarray | None, ends: np.ndarray) -> int:
     """`_range_pairs` over int64 arrays (starts None: all 0)."""
-    total = rule.pairs_np(ends)
-    return int((total - rule.pairs_np(starts)).sum() if starts is not None else total.sum())
+    total = rule.pairs(ends)
+    return int((total - rule.pairs(starts)).sum() if starts is not None else total.sum())
 
 
 def _prefill_batch_cost_np(b: PrefillBatch, model: CostModel) -> tuple[int, int, int, float, int, int]:

@@ -66,25 +66,16 @@ class KeyRule:
     def full(self) -> bool:
         return self.kind == FULL
 
-    def pairs(self, n: int) -> int:
-        """(query, key) pairs of the first n positions: Σ_{p<n} keys(p)."""
+    def pairs(self, n: Any) -> Any:
+        """(query, key) pairs of the first n positions, Σ_{p<n} keys(p), for an int or an int64 array."""
         if self.kind == FULL:
             return n * (n + 1) // 2
         w = self.size
         if self.kind == CHUNK:
             r = n % w
             return (n - r) // w * (w * (w + 1) // 2) + r * (r + 1) // 2
-        return n * (n + 1) // 2 if n <= w else w * (w + 1) // 2 + (n - w) * w
-
-    def pairs_np(self, n: np.ndarray) -> np.ndarray:
-        """`pairs` over an int64 array."""
-        if self.kind == FULL:
-            return n * (n + 1) // 2
-        w = self.size
-        if self.kind == CHUNK:
-            r = n % w
-            return (n - r) // w * (w * (w + 1) // 2) + r * (r + 1) // 2
-        return np.where(n <= w, n * (n + 1) // 2, w * (w + 1) // 2 + (n - w) * w)
+        m = np.minimum(n, w) if isinstance(n, np.ndarray) else min(n, w)  # window or top-k: min(p + 1, w) each
+        return m * (m + 1) // 2 + (n - m) * w
 
     def keys_read(self, context_len: int, new_tokens: int) -> int:
         """Distinct keys a slice of q positions ending at context c reads: full c; window
