@@ -72,6 +72,7 @@ def test_both_estimators_timed_on_the_same_iterations(run) -> None:
     for g in a["groups"]:
         assert g["ours_us"] > 0 and g["vllm_us"] > 0 and g["vllm_live_us"] > 0
         assert g["engine_cpu_us"] > 0 and g["accounting_cpu_us"] > 0
+        assert 0 < g["engine_hot_us"] < g["ours_us"]  # the capture callbacks are part of the whole replay
         assert g["live_cpu_us"] == pytest.approx(g["engine_cpu_us"] + g["accounting_cpu_us"])
         assert g["live_over_vllm"] == pytest.approx(g["live_cpu_us"] / g["vllm_live_us"])
         assert g["ours_over_vllm"] == pytest.approx(g["ours_us"] / g["vllm_us"])
@@ -91,6 +92,8 @@ def test_both_estimators_timed_on_the_same_iterations(run) -> None:
     assert set(a["engine_growth"]) <= {g["kind"] for g in at}
     for kind, growth in a["engine_growth"].items():
         assert growth == pytest.approx(rows[(kind, 8)]["engine_cpu_us"] / rows[(kind, 1)]["engine_cpu_us"])
+    for kind, growth in a["engine_hot_growth"].items():
+        assert growth == pytest.approx(rows[(kind, 8)]["engine_hot_us"] / rows[(kind, 1)]["engine_hot_us"])
 
 
 def test_replay_reproduces_the_engine_and_estimates_agree(run) -> None:
