@@ -467,6 +467,8 @@ class CapturedIteration:
     runner_out: Any = None  # ModelRunnerOutput
     result: Any = None  # what update_from_output returned (EngineCoreOutputs by client)
     sampled_lengths: list[int] | None = None  # len of each sampled list before vLLM trimmed them
+    trimmed_lengths: list[int] | None = None  # and after (what the accounting thread reads with stats on)
+    log_stats: bool = False  # the scheduler's log_stats: which path the hook's before_output took
     record: Any = None  # the IterationRecord the engine's hook produced
     vllm_cpu_ns: int = 0  # CPU time of vLLM's estimator on the same step, on the engine thread, live
     engine_cpu_ns: int = 0  # CPU time (time.thread_time) of the three callbacks on the engine thread
@@ -514,6 +516,7 @@ class _Capture:
             cap = self._pending.pop(id(out), None)
             if cap is not None:
                 cap.runner_out = runner_out
+                cap.log_stats = bool(getattr(sched, "log_stats", False))
                 sampled = runner_out.sampled_token_ids
                 cap.sampled_lengths = list(map(len, sampled)) if sampled else None
         elif kind == "after":
@@ -521,6 +524,8 @@ class _Capture:
             cap = self._tokens.pop(id(token), None)
             if cap is not None:
                 cap.result = result
+                sampled = cap.runner_out.sampled_token_ids if cap.runner_out is not None else None
+                cap.trimmed_lengths = list(map(len, sampled)) if sampled else None
                 self._by_step[self._hook.step + 1] = cap  # the step number the hook is about to give it
         self._cap = cap
         self._w0 = time.perf_counter_ns()
@@ -691,9 +696,11 @@ class _RunnerOut:
             req_ids, req_id_to_index, sampled_token_ids, aux
 
 
-def _prepare(it: CapturedIteration, routing: tuple[int, int, int] | None, rng: Any) -> tuple[None, Any]:
-    """No scheduler (the hook reads nothing from it) and a runner output whose sampled lists have the
-    lengths the engine's hook saw (vLLM trims them in place once it applies a step).  With `routing`
+def _prepare(it: CapturedIteration, routing: tuple[int, int, int] | None, rng: Any) -> tuple[Any, Any]:
+    """A scheduler stand-in with the engine's `log_stats` (the one field the hook reads from it) and a
+    runner output whose sampled lists have the lengths the engine's hook read: with stats on, as the
+    accounting thread found them after vLLM trimmed them in place; with stats off, as before_output
+    copied them.  With `routing`
     (layers, experts, top_k) every scheduled request gets routed-expert rows for its step's positions,
     as vLLM's capture hands them over (AuxRequestOutput, [tokens, layers, top_k])."""
     runner_out = it.runner_out
@@ -707,9 +714,18 @@ def _prepare(it: CapturedIteration, routing: tuple[int, int, int] | None, rng: A
         before.update(zip(out.scheduled_cached_reqs.req_ids, out.scheduled_cached_reqs.num_computed_tokens))
         aux = {rid: AuxRequestOutput(before[rid], rng.integers(0, experts, size=(q, layers, top_k), dtype="int32"))
                for rid, q in out.num_scheduled_tokens.items()}
-    lengths = it.sampled_lengths
+    lengths = it.trimmed_lengths if it.log_stats else it.sampled_lengths
     sampled = [[0] * n for n in lengths] if lengths is not None else runner_out.sampled_token_ids
-    return None, _RunnerOut(runner_out.req_ids, runner_out.req_id_to_index, sampled, aux)
+    return _Scheduler(it.log_stats), _RunnerOut(runner_out.req_ids, runner_out.req_id_to_index, sampled, aux)
+
+
+class _Scheduler:
+    """The Scheduler field the hook reads (`log_stats`: which path a draft step's capture takes)."""
+
+    __slots__ = ("log_stats",)
+
+    def __init__(self, log_stats: bool):
+        self.log_stats = log_stats
 
 
 def replay_ours(hook: Any, prepared: list, iterations: list[CapturedIteration],
