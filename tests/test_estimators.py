@@ -209,3 +209,19 @@ def test_vllm_perf_returns_none_without_vllm(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="serving_mfu.tools.estimators"):
         assert vllm_perf_flops(cfg, 1, 10) is None
     assert "not importable" in caplog.text
+
+
+def test_vllm_perf_leaves_transformers_config_classes_as_they_were() -> None:
+    """vLLM renames DeepseekV3Config to "deepseek_v32" when it loads a V3.2 config; after our call every
+    DeepSeek-V3 config still says deepseek_v3 and AutoConfig still maps deepseek_v32 to its own class."""
+    pytest.importorskip("vllm")
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
+
+    before = CONFIG_MAPPING["deepseek_v32"]
+    assert vllm_perf_flops(PUBLIC_CONFIGS["deepseek-v3.2"], 1, 4096) is not None
+    assert transformers.DeepseekV3Config.model_type == "deepseek_v3"
+    assert transformers.DeepseekV3Config().to_dict()["model_type"] == "deepseek_v3"
+    assert CONFIG_MAPPING["deepseek_v32"] is before

@@ -37,13 +37,14 @@ What vLLM's estimator does differently from DESIGN §3 (line numbers: vllm 0.32 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +236,38 @@ def _vllm_model_metrics(config_json: str) -> Any:
         return exc
 
 
+@contextlib.contextmanager
+def _transformers_registry_kept(model_type: str) -> Iterator[None]:
+    """Undo what loading a config of `model_type` through vLLM does to transformers in this process:
+    vLLM registers its own config class for some model types and renames that class
+    (`_register_config_class` sets e.g. `DeepseekV3Config.model_type = "deepseek_v32"`,
+    vllm/transformers_utils/config.py, 0.32), after which every DeepSeek-V3 config in the process says
+    it is a V3.2.  That class's `model_type` and AutoConfig's registrations are put back as they were."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        from vllm.transformers_utils.config import _CONFIG_REGISTRY
+    except ImportError:  # another vLLM layout: AutoConfig's registrations are still put back
+        _CONFIG_REGISTRY = {}
+    cls = _CONFIG_REGISTRY[model_type] if model_type in _CONFIG_REGISTRY else None
+    own = cls.__dict__.get("model_type") if cls is not None else None
+    extra = dict(CONFIG_MAPPING._extra_content)
+    try:
+        yield
+    finally:
+        if cls is not None and cls.__dict__.get("model_type") != own:
+            cls.model_type = own
+        CONFIG_MAPPING._extra_content.clear()
+        CONFIG_MAPPING._extra_content.update(extra)
+
+
 def _build_vllm_model_metrics(config_json: str) -> Any:
     """Build vLLM's `ModelMetrics` from a real `VllmConfig` (ModelConfig over a temp config.json)."""
     from vllm.config import ModelConfig, VllmConfig
     from vllm.v1.metrics.perf import ModelMetrics
 
-    with tempfile.TemporaryDirectory(prefix="serving_mfu_vllm_cfg_") as folder:
+    model_type = str(json.loads(config_json).get("model_type", ""))
+    with tempfile.TemporaryDirectory(prefix="serving_mfu_vllm_cfg_") as folder, _transformers_registry_kept(model_type):
         with open(os.path.join(folder, "config.json"), "w") as f:
             f.write(config_json)
         model_config = ModelConfig(model=folder, skip_tokenizer_init=True)
