@@ -49,6 +49,14 @@ def live(plugin_server, bpe512_server, tmp_path_factory):
     """Prometheus scrapes both servers; flat counters (A), load on both at once, flat again (B)."""
     servers = [plugin_server, bpe512_server]
     targets = [s["base"].removeprefix("http://") for s in servers]
+    # The same load once before A: rate() extrapolates a counter's increase to the window's start, but no
+    # further back than where the counter would reach zero (Prometheus' extrapolatedRate: durationToZero
+    # = sampled span × first value / increase).  A counter that was near zero at A (a server that had
+    # decoded little before) would be extrapolated less than its partner and the ratio of two rates would
+    # no longer be the ratio of the two increases; with each counter at A at least about its increase,
+    # the zero point lies farther back than the window's start for every series.
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(_load, servers))
     # A first, then Prometheus: the engines may still be publishing the end of earlier tests' work (the
     # time split of a step can land in a later snapshot than its FLOPs), so every sample in the window
     # must come after the counters settled; checked by reading them again once Prometheus has them.
@@ -86,6 +94,8 @@ def test_window_holds_the_load_with_flat_ends(live) -> None:
                 series = prom.query(f'serving_mfu_{kind}_flops_total{{instance="{target}",phase="{phase}"}}[1m]',
                                     live["at"])
                 values = [float(v) for _, v in series[0]["values"]]
+                # a counter that ever went down would read to rate() as a reset and inflate its increase
+                assert all(x <= y for x, y in zip(values, values[1:])), (target, phase, kind, "not monotonic", values)
                 want_a = a.counters[f"{phase}_{kind}_flops"]
                 want_b = b.counters[f"{phase}_{kind}_flops"]
                 assert want_b > want_a, (target, phase, kind)
