@@ -34,20 +34,6 @@ LM_HEAD = "lm_head"
 RECURRENT_STATE = "recurrent_state"
 
 
-def causal_pairs(n: int, window: int | None) -> int:
-    """Σ_{j=1..n} min(j, W): (query, key) pairs of the first n positions, causal, window W."""
-    if window is None or n <= window:
-        return n * (n + 1) // 2
-    return window * (window + 1) // 2 + (n - window) * window
-
-
-def keys_read(context_len: int, new_tokens: int, window: int | None) -> int:
-    """Distinct keys a slice of q positions ending at context c attends to: c, or min(c, W + q − 1)."""
-    if window is None:
-        return context_len
-    return min(context_len, window + new_tokens - 1)
-
-
 FULL, WINDOW, CHUNK, TOP_K = "full", "window", "chunk", "top_k"
 
 
@@ -116,6 +102,11 @@ class KeyRule:
         return sum(map(min, map(add, n0, repeat(1)), repeat(self.size)))
 
 
+def causal_pairs(n: int, window: int | None) -> int:
+    """Σ_{j=1..n} min(j, W): (query, key) pairs of the first n positions, causal, window W (None: full)."""
+    return (KeyRule(WINDOW, window) if window else KeyRule()).pairs(n)
+
+
 def key_rule(a: AttentionSpec) -> KeyRule:
     """The key rule of a layer's softmax attention (a sparse layer's window is its top-k)."""
     if a.top_k_keys:
@@ -170,8 +161,7 @@ class FlopModel:
             for name, active, _, _ in layer_matmuls(layer, spec):
                 if active:
                     per_component[name] = per_component.get(name, 0) + 2 * active
-        for layer in spec.layers:  # linear-attention / state-space layers: matmuls on the state, per position
-            state = layer.attention.state_flops_per_token
+            state = layer.attention.state_flops_per_token  # linear-attention / SSM: matmuls on the state
             if state:
                 per_component[RECURRENT_STATE] = per_component.get(RECURRENT_STATE, 0) + state
         #: FLOPs per token position of every weight component (and of the recurrent state), summed over layers.
