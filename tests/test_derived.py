@@ -37,23 +37,10 @@ def test_derived_linear_flops_equal_flop_counter(model_type: str) -> None:
 DECODE_FAMILIES = ("qwen3_next", "qwen3_5_text", "jamba", "falcon_h1", "kimi_linear", "deepseek_v32")
 
 
-@pytest.fixture(scope="module")
-def decode_models() -> dict:
-    return {}
-
-
-def _model(cache: dict, model_type: str, **overrides):
-    if model_type not in cache:
-        config = tiny_config(model_type)
-        for k, v in overrides.items():
-            setattr(config, k, v)
-        cache[model_type] = (config, build(config))
-    return cache[model_type]
-
-
 @pytest.mark.parametrize("model_type", DECODE_FAMILIES)
-def test_decode_attention_and_state_equal_flop_counter_at_two_contexts(model_type: str, decode_models: dict) -> None:
-    config, model = _model(decode_models, model_type)
+def test_decode_attention_and_state_equal_flop_counter_at_two_contexts(model_type: str) -> None:
+    config = tiny_config(model_type)
+    model = build(config)
     fm = FlopModel(derive_spec(config))
     per_token = []
     for context in (64, 512):
@@ -72,7 +59,8 @@ def test_recurrent_layers_cost_the_same_per_token_at_any_context() -> None:
     add state matmuls per token and state bytes per step, independent of the context."""
     from serving_mfu.cost.bytes import ByteModel
 
-    spec = derive_spec(tiny_config("jamba"))
+    config = tiny_config("jamba")
+    spec = derive_spec(config)
     fm, bm = FlopModel(spec), ByteModel(spec)
     attn = [i for i, layer in enumerate(spec.layers) if layer.attention.num_heads]
     a = spec.layers[attn[0]].attention
@@ -82,14 +70,10 @@ def test_recurrent_layers_cost_the_same_per_token_at_any_context() -> None:
     assert bm.kv_read_bytes(1025, 1) - bm.kv_read_bytes(65, 1) == kv_per_key * (1024 - 64)
     mamba = [layer.attention for layer in spec.layers if not layer.attention.num_heads]
     # Jamba's Mamba mixer: d_inner × N recurrent state and (kernel − 1) inputs per channel of its convolution
-    d_inner = config_int(spec, "mamba_expand") * spec.hidden_size
-    n, kernel = config_int(spec, "mamba_d_state"), config_int(spec, "mamba_d_conv")
+    d_inner = config.mamba_expand * spec.hidden_size
+    n, kernel = config.mamba_d_state, config.mamba_d_conv
     assert all(m.state_elements == d_inner * n + d_inner * (kernel - 1) for m in mamba)
     assert bm.state_bytes_per_slice == 2 * 2 * sum(m.state_elements for m in mamba)  # read + write, bf16
-
-
-def config_int(spec, name: str) -> int:
-    return int(getattr(tiny_config(spec.model_type), name))
 
 
 def test_sparse_attention_attends_top_k_keys_and_its_indexer_scores_all() -> None:
