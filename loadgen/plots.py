@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from loadgen.results import SweepSummary  # noqa: E402
+from serving_mfu.files import write_figure
 
 LABELS = {"request_rate": "request rate (req/s)", "concurrency": "concurrency (requests in flight)"}
 
@@ -34,7 +35,7 @@ def plot_mfu(summary: SweepSummary, path: str | Path) -> None:
     if all(p.utilization.get("prefill_mfu") is None for p in summary.points):
         fig.suptitle("no MFU: the server has no /metrics/mfu/counters")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -55,5 +56,5 @@ def plot_latency(summary: SweepSummary, path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_figure(fig, path, dpi=100)
     plt.close(fig)

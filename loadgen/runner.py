@@ -21,6 +21,7 @@ from loadgen.records import RequestRecord
 from loadgen.results import MFUSection, RunResult
 from loadgen.stats import figures, length_mismatches
 from loadgen.workload import RequestSpec, specs
+from serving_mfu.files import open_own_for_writing, write_atomic
 
 
 @contextlib.contextmanager
@@ -157,10 +158,10 @@ async def run_benchmark(config: RunConfig, session: aiohttp.ClientSession | None
 def write_outputs(result: RunResult, records: list[RequestRecord], config: RunConfig) -> None:
     if config.out:
         Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.out).write_text(result.model_dump_json(indent=2))
+        write_atomic(Path(config.out), result.model_dump_json(indent=2))
     if config.requests_out:
         Path(config.requests_out).parent.mkdir(parents=True, exist_ok=True)
-        with open(config.requests_out, "w") as f:
+        with open_own_for_writing(Path(config.requests_out)) as f:
             for rec in records:
                 f.write(rec.model_dump_json() + "\n")
 

@@ -13,6 +13,7 @@ from loadgen.config import RunConfig
 from loadgen.plots import plot_latency, plot_mfu
 from loadgen.results import Mode, RunResult, SweepPoint, SweepSummary
 from loadgen.runner import run_benchmark
+from serving_mfu.files import write_atomic
 
 
 def point_config(base: RunConfig, mode: Mode, load: float, out_dir: Path) -> RunConfig:
@@ -48,7 +49,7 @@ async def run_sweep(base: RunConfig, mode: Mode, loads: list[float], out_dir: st
         results.append(result)
         points.append(summarize_point(load, config, result))
     summary = SweepSummary(mode=mode, points=points)
-    (out / "summary.json").write_text(summary.model_dump_json(indent=2))
+    write_atomic(out / "summary.json", summary.model_dump_json(indent=2))
     if plots:
         plot_mfu(summary, out / "mfu_vs_load.png")
         plot_latency(summary, out / "latency_vs_load.png")

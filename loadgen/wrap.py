@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from loadgen.results import MFUSection
 from loadgen.runner import close_probe, open_probe
+from serving_mfu.files import write_atomic
 
 
 class WrapResult(BaseModel):
@@ -64,4 +65,4 @@ async def wrap(base_url: str, command: list[str], interval_s: float = 1.0,
 def write(result: WrapResult, out: str | Path) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(result.model_dump_json(indent=2))
+    write_atomic(path, result.model_dump_json(indent=2))

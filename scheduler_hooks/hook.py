@@ -158,7 +158,10 @@ class MFUHook:
         if settings.trace:
             header = TraceHeader(hf_config=vllm_config.model_config.hf_config.to_dict(), peak=info.peak,
                                  devices=info.devices, kv_cache_dtype=info.kv_cache_dtype)
-            trace = TraceWriter(settings.trace, header)
+            try:
+                trace = TraceWriter(settings.trace, header)
+            except OSError as exc:  # a link or another user's file at the path, or no such folder: no trace
+                tracker.note_anomaly("trace_refused", f"SERVING_MFU_TRACE={settings.trace}: {exc}")
 
         def writer(hook: "MFUHook") -> Any:
             if not publish:

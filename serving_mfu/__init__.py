@@ -4,6 +4,7 @@ Layers, each importing only those below it (README, "Architecture"):
   model/    a model's shape from its config         cost/   FLOPs, bytes, classification, time split
   peaks/    datasheet table, ISA peak, calibration   runtime/ records, counters, tracker, snapshots, report
   serve/    HTTP API, Prometheus, monitor, formats   tools/  CLI, demo, benches, analysis (never imported here)
+  files.py  (beneath them all) private folders, exclusive temporaries, no links followed (DESIGN §10)
 """
 
 from serving_mfu.cost.accounting import CostModel

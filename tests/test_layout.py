@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("serving_mfu", "scheduler_hooks", "loadgen")
 # Lower imports nothing higher.  loadgen and scheduler_hooks sit on serve/runtime; tools on everything.
-RANK = {"serving_mfu.model": 0, "serving_mfu.cost": 1, "serving_mfu.peaks": 2, "serving_mfu.runtime": 3,
-        "serving_mfu.serve": 4, "loadgen": 5, "scheduler_hooks": 5, "serving_mfu.tools": 6, "serving_mfu": 6}
+# files.py (private folders, safe writes) sits beneath them all.
+RANK = {"serving_mfu.files": 0, "serving_mfu.model": 0, "serving_mfu.cost": 1, "serving_mfu.peaks": 2,
+        "serving_mfu.runtime": 3, "serving_mfu.serve": 4, "loadgen": 5, "scheduler_hooks": 5, "serving_mfu.tools": 6, "serving_mfu": 6}
 # CLI entry points import their subcommands lazily (so `--help` does not load vLLM and torch), and
 # `scheduler_hooks.MFUScheduler` is resolved on first use (so the endpoint plugin loads without the scheduler).
 LAZY_OK = {"serving_mfu/tools/cli.py", "loadgen/cli.py", "scheduler_hooks/__init__.py"}

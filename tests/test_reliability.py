@@ -19,7 +19,7 @@ from serving_mfu.cost.records import DecodeBatch, IterationRecord
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
 from serving_mfu.runtime.tracker import MFUTracker
-from serving_mfu.runtime.transport import SnapshotReader, SnapshotWriter
+from serving_mfu.runtime.transport import LocalFiles, SnapshotReader, SnapshotWriter
 from serving_mfu.serve.api import build_app
 from tests.test_accounting import LLAMA
 
@@ -124,7 +124,7 @@ def test_folder_deleted_mid_run_is_recreated_with_totals_intact(tmp_path) -> Non
     assert writer.write_errors == 0  # recreated on the spot, not counted as a lost write
 
 
-class _FailingFiles:
+class _FailingFiles(LocalFiles):
     """A filesystem seam whose writes fail with `err` until `healthy` is set (EACCES, ENOSPC)."""
 
     def __init__(self, err: int) -> None:
@@ -132,11 +132,11 @@ class _FailingFiles:
         self.healthy = False
         self.failures = 0
 
-    def write_bytes(self, path: Path, data: bytes) -> None:
+    def write_atomic(self, path: Path, data: bytes) -> None:
         if not self.healthy:
             self.failures += 1
             raise OSError(self.err, f"injected {errno.errorcode[self.err]}", str(path))
-        path.write_bytes(data)
+        super().write_atomic(path, data)
 
 
 @pytest.mark.parametrize("err,text", [(errno.EACCES, "EACCES"), (errno.ENOSPC, "ENOSPC")])
@@ -180,8 +180,19 @@ def test_min_as_of_waits_for_data_that_new_and_says_when_there_is_none(tmp_path)
     time.sleep(0.5)
     r = client.get("/metrics/mfu/counters", params={"min_as_of": later, "timeout": 0.3})
     assert r.status_code == 503 and "older than min_as_of" in r.json()["detail"]
-    r = client.get("/metrics/mfu", params={"min_as_of": time.time() + 3600})
-    assert r.status_code == 503 and "in the future" in r.json()["detail"]
+    # beyond the server's clock plus its 1 s skew allowance no data can ever answer: a client error naming
+    # the server's time, on both endpoints, whatever the timeout
+    for path in ("/metrics/mfu", "/metrics/mfu/counters"):
+        asked = time.time() + 3600
+        r = client.get(path, params={"min_as_of": asked, "timeout": 0})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["query", "min_as_of"]
+        server_time = float(detail["msg"].split("server's time is ")[1].split(")")[0])
+        assert abs(server_time - time.time()) < 5
+    # within the allowance it is "not yet" (503), as before
+    r = client.get("/metrics/mfu", params={"min_as_of": time.time() + 0.5, "timeout": 0})
+    assert r.status_code == 503 and "older than min_as_of" in r.json()["detail"]
     r = client.get("/metrics/mfu", params={"timeout": 31})
     assert r.status_code == 422 and "timeout" in r.text
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
+from serving_mfu.files import folder_refusal, read_own, write_atomic
 from serving_mfu.peaks.cpu import machine_isa_peak, machine_key, read_machine
 from serving_mfu.peaks.spec import KernelResult, PeakSpec, normalize_dtype
 from serving_mfu.peaks.table import canonical_device, peak_json
@@ -49,11 +51,11 @@ class CalibrationFileError(ValueError):
 
 # ------------------------------------------------------------------------------ files and cache
 def save_calibration(peak: PeakSpec, path: str | Path) -> Path:
-    """Write `peak` as JSON to `path` (parent folders created); returns the path."""
+    """Write `peak` as JSON to `path` (parent folders created; a fresh temporary renamed over it, so a
+    symlink planted at `path` is replaced, not written through); returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(peak.model_dump_json(indent=2) + "\n")
-    return p
+    return write_atomic(p, peak.model_dump_json(indent=2) + "\n")
 
 
 def load_calibration(path: str | Path) -> PeakSpec:
@@ -63,6 +65,11 @@ def load_calibration(path: str | Path) -> PeakSpec:
         text = p.read_text()
     except OSError as exc:
         raise CalibrationFileError(f"cannot read calibration file {str(p)!r}: {exc}") from exc
+    return parse_calibration(text, p)
+
+
+def parse_calibration(text: str | bytes, p: Path) -> PeakSpec:
+    """A calibration JSON's PeakSpec; CalibrationFileError names the file `p` and what is wrong."""
     try:
         return PeakSpec.model_validate_json(text)
     except ValidationError as exc:
@@ -82,15 +89,25 @@ def cache_path(dtype: str, cache_dir: Path, key: str | None = None) -> Path:
 
 
 def cached_calibration(dtype: str, cache_dir: Path) -> tuple[PeakSpec, Path] | None:
-    """This machine's cached CPU calibration for `dtype`, or None (absent, or unreadable: logged)."""
+    """This machine's cached CPU calibration for `dtype`, or None (absent, unreadable, or not trusted:
+    a link, another user's file, or a folder others may write to; logged)."""
     try:
         path = cache_path(dtype, cache_dir)
     except OSError:
         return None
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
+    # the cache sets the engine's peak: a file another user could have planted or swapped is not trusted
+    refusal = folder_refusal(path.parent, "calibration cache folder", "Fix: chmod go-w {folder}, or set "
+                             "SERVING_MFU_CACHE_DIR to a folder of your own.")
     try:
-        return load_calibration(path), path
+        if refusal is not None:
+            raise CalibrationFileError(refusal)
+        try:
+            text = read_own(path)
+        except OSError as exc:
+            raise CalibrationFileError(f"cannot read calibration file {str(path)!r}: {exc}") from exc
+        return parse_calibration(text, path), path
     except CalibrationFileError as exc:
         logging.getLogger(__name__).warning("serving-mfu: ignoring the cached calibration: %s", exc)
         return None

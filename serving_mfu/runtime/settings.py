@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True, env_ignore_empty=True)
 
     dir: Path | None = Field(None, description="folder engines publish snapshots to and readers read "
-                             "(default: serving-mfu-<uid> in the temp folder)")
+                             "(default: $XDG_RUNTIME_DIR/serving-mfu, else serving-mfu-<uid> in the temp "
+                             "folder; it must be owned by this user and writable by no one else)")
     time_split: Literal["shapley", "flop_proportional"] = Field(
         "shapley", description="how a mixed iteration's time is split between prefill and decode")
     trace: Path | None = Field(None, description="also write every iteration record to this JSONL trace")
@@ -49,8 +50,14 @@ class Settings(BaseSettings):
         return PREFIX + field.upper()
 
     def snapshot_dir(self) -> Path:
-        """Where engines publish: `dir`, else a per-user folder under the temp dir."""
-        return self.dir if self.dir else Path(tempfile.gettempdir()) / f"serving-mfu-{os.getuid()}"
+        """Where engines publish: `dir`, else $XDG_RUNTIME_DIR/serving-mfu (a per-user tmpfs, 0700 by the
+        login manager), else serving-mfu-<uid> in the temp dir.  Either way it must be private (DESIGN §10)."""
+        if self.dir:
+            return self.dir
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if runtime and os.path.isabs(runtime):
+            return Path(runtime) / "serving-mfu"
+        return Path(tempfile.gettempdir()) / f"serving-mfu-{os.geteuid()}"
 
     def calibration_cache_dir(self) -> Path:
         """`cache_dir`, else $XDG_CACHE_HOME/serving-mfu or ~/.cache/serving-mfu."""

@@ -13,6 +13,7 @@ from typing import IO, Any, Iterator
 from pydantic import BaseModel, Field, ValidationError
 
 from serving_mfu.cost.records import IterationRecord, decode_record, encode_record
+from serving_mfu.files import open_own_for_writing
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
 from serving_mfu.runtime.derived import load_spec
@@ -78,7 +79,8 @@ class TraceWriter:
 
     def __init__(self, path: str | Path, header: TraceHeader | None = None):
         # line-buffered: an engine killed at shutdown still leaves every finished line on disk
-        self._fh: IO[str] = Path(path).open("w", buffering=1)
+        # never through a link planted at the path, never into another user's file (DESIGN §10)
+        self._fh: IO[str] = open_own_for_writing(Path(path), buffering=1)
         if header is not None:
             self._fh.write(json.dumps({"header": header.model_dump(mode="json")}) + "\n")
 

@@ -1,7 +1,8 @@
 """Engine → reader transport: each engine publishes cumulative snapshots; readers add them up.
 
 An engine process (one per data-parallel rank) writes `engine-<pid>-<rank>.json` into a
-shared folder, atomically (temp file + rename), from a background thread at most every
+private folder (ours, mode 0700; a folder another user owns or may write to is refused: DESIGN §10),
+atomically (a fresh exclusive temporary renamed over it), from a background thread at most every
 `interval_s`: its cumulative counters, one cumulative point per second for the last
 `history_s` seconds, and its recent iterations.  Because every snapshot is cumulative, a
 dropped or late write loses no totals, and a reader that starts late or restarts reads the
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections import deque
@@ -24,6 +26,7 @@ from typing import Any, Callable
 import msgspec
 from pydantic import BaseModel, Field
 
+from serving_mfu.files import FolderRefused, ForeignFile, folder_refusal, private_folder, read_own, write_atomic
 from serving_mfu.runtime.counters import Counters
 from serving_mfu.runtime.gpu_util import aggregate_status
 from serving_mfu.runtime.report import GpuUtilStatus, MFUReport, ModelReport, PeakReport, build_report
@@ -33,6 +36,10 @@ from serving_mfu.runtime.tracker import COST_ADAPTER
 log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = "serving-mfu-snapshot/1"
+
+
+FOLDER_FIX = ("Fix: set SERVING_MFU_DIR to a folder of your own with mode 0700 (the same for the engines and the "
+              "API server), or make this one yours: chown {user} {folder} && chmod 700 {folder}.")
 
 
 def default_dir() -> Path:
@@ -106,12 +113,11 @@ class Totals(BaseModel):
 class LocalFiles:
     """The writer's file system (a seam: tests inject EACCES or ENOSPC, which root cannot provoke)."""
 
-    def write_bytes(self, path: Path, data: bytes) -> None:
-        try:
-            path.write_bytes(data)
-        except OSError:
-            path.unlink(missing_ok=True)  # a half-written temp file (disk full) is not left behind
-            raise
+    def private_folder(self, path: Path) -> Path:
+        return private_folder(path, "snapshot folder", FOLDER_FIX)
+
+    def write_atomic(self, path: Path, data: bytes) -> None:
+        write_atomic(path, data, mode=0o600)
 
 
 class SnapshotWriter:
@@ -142,6 +148,7 @@ class SnapshotWriter:
         self._write_lock = threading.Lock()  # the publisher thread and close()/write_now() callers
         self._stop = threading.Event()
         self.write_errors = 0
+        self._logged: set[str] = set()
         self.last_error: str | None = None  # the latest failed write, "<folder>: <error>" (None once one succeeds)
         self._thread = threading.Thread(target=self._run, name="serving-mfu-writer", daemon=True)
         self._thread.start()
@@ -184,26 +191,18 @@ class SnapshotWriter:
         except Exception as exc:  # never let publishing hurt the engine: the next write carries every total
             self.write_errors += 1
             self.last_error = f"{self.dir}: {exc}"
-            if self.write_errors == 1:
-                log.warning("serving-mfu: cannot write %s: %s (further errors are counted; totals are kept and "
-                            "published once a write succeeds)", self.path, exc)
+            kind = type(exc).__name__
+            if kind not in self._logged:  # once per kind of error: a refused folder after a full disk is news
+                self._logged.add(kind)
+                log.log(logging.ERROR if isinstance(exc, FolderRefused) else logging.WARNING,
+                        "serving-mfu: cannot publish %s: %s (further errors are counted; totals are kept and "
+                        "published once a write succeeds)", self.path, exc)
 
     def _publish(self, text: bytes) -> None:
-        """Temp file + rename; a folder that is gone (a temp-folder cleaner) is made again first."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        for attempt in (0, 1):
-            try:
-                self.files.write_bytes(tmp, text)
-                break
-            except FileNotFoundError:
-                if attempt:
-                    raise
-                self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        """Into a private folder (made 0700 if missing, e.g. after a temp-folder cleaner; refused if another
+        user owns it or may write to it), as a fresh exclusive temporary renamed over the file."""
+        self.files.private_folder(self.dir)
+        self.files.write_atomic(self.path, text)
 
     def _recent_json(self, recent: list) -> list[str]:
         """JSON of each recent iteration (dicts as given; IterationCost objects serialized once)."""
@@ -253,6 +252,8 @@ class SnapshotReader:
         self._last: dict[str, EngineSnapshot] = {}
         self._retired: dict[str, Counters] = {}  # engines gone: their last counters, kept in the totals
         self.read_errors = 0
+        self.refused: str | None = None  # why the folder is not trusted (folder_refusal), as of the last read
+        self.foreign_files: set[str] = set()  # snapshot names ever skipped as links or other users' files
 
     def snapshots(self) -> list[EngineSnapshot]:
         """Current snapshots of the live engines this reader follows.
@@ -263,12 +264,24 @@ class SnapshotReader:
         new id.  Files of engines that were dead before this reader saw them are left out.
         """
         live = []
+        refusal = folder_refusal(self.dir, "snapshot folder", FOLDER_FIX)
+        if refusal is not None:  # nothing in it is trusted, and nothing followed is retired for it
+            if refusal != self.refused:
+                log.error("serving-mfu: %s", refusal)
+            self.refused = refusal
+            return live
+        self.refused = None
         if not self.dir.is_dir():
             return live
         for path in sorted(self.dir.glob("engine-*.json")):
             try:
-                snap = EngineSnapshot.model_validate_json(path.read_text())
-            except (OSError, ValueError) as exc:  # half-written by an old writer, foreign, or gone meanwhile
+                snap = EngineSnapshot.model_validate_json(read_own(path))
+            except ForeignFile as exc:  # a link or another user's file: never added to the totals
+                if path.name not in self.foreign_files:
+                    self.foreign_files.add(path.name)
+                    log.warning("serving-mfu: ignoring %s (anomaly foreign_files)", exc)
+                continue
+            except (OSError, ValueError) as exc:  # half-written by an old writer, or gone meanwhile
                 self.read_errors += 1
                 log.debug("serving-mfu: skipping unreadable %s: %s", path, exc)
                 continue
@@ -301,27 +314,34 @@ class SnapshotReader:
 
     def retired_counters(self) -> Counters:
         """The summed last counters of engines this reader followed that have gone, with an
-        `engines_gone` anomaly per engine."""
+        `engines_gone` anomaly per engine, and a `foreign_files` anomaly per snapshot name this reader has
+        skipped as a link or another user's file (both only grow, as Prometheus counters must)."""
         total = Counters()
         for c in list(self._retired.values()):
             total = total + c
         if self._retired:
             total.count_anomaly("engines_gone", len(self._retired))
+        if self.foreign_files:
+            total.count_anomaly("foreign_files", len(self.foreign_files))
         return total
 
     def folder_problem(self) -> str | None:
-        """Why no engine could have published here, if the folder says so: missing, not a folder, or not
-        writable (probed with a file, as the engines write; root passes permission bits but not these)."""
+        """Why no engine could have published here, if the folder says so: refused (another user owns it or
+        may write to it), missing, not a folder, or not writable (probed with an exclusive temporary, as the
+        engines write; root passes permission bits but not these)."""
+        refusal = folder_refusal(self.dir, "snapshot folder", FOLDER_FIX)
+        if refusal is not None:
+            return refusal
         try:
             mode = os.stat(self.dir).st_mode
         except OSError as exc:
             return f"the snapshot folder {self.dir} cannot be used: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
         if not stat.S_ISDIR(mode):
             return f"the snapshot folder {self.dir} is not a directory"
-        probe = self.dir / f".probe-{os.getpid()}-{threading.get_ident()}"
         try:
-            probe.write_bytes(b"")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=self.dir, prefix=".probe-")
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             return f"the snapshot folder {self.dir} is not writable: {exc}"
         return None

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -45,31 +45,35 @@ def _reader(request: Request) -> SnapshotReader:
 
 
 MAX_WAIT_S = 30.0
+CLOCK_SKEW_S = 1.0  # how far past the server's clock a client's min_as_of may be (clients read their own clock)
 
 
-def _fresh_params(request: Request) -> tuple[float | None, float]:
+def _fresh_params(request: Request, clock: Callable[[], float] = time.time) -> tuple[float | None, float]:
+    """min_as_of and timeout; a min_as_of past the server's clock plus CLOCK_SKEW_S is a BadParameter (422):
+    no data can satisfy it now, however long the client waits."""
     q = request.query_params
     min_as_of = parse_number("min_as_of", q.get("min_as_of"), 0, 1e12, False)
     timeout = parse_number("timeout", q.get("timeout"), 0, MAX_WAIT_S, False)
+    now = clock()
+    if min_as_of is not None and min_as_of > now + CLOCK_SKEW_S:
+        raise BadParameter("min_as_of", q["min_as_of"], f"at most the server's clock plus {CLOCK_SKEW_S:g} s "
+                           f"(the server's time is {now:.3f}): no data can be newer than now")
     return min_as_of, timeout or 0.0
 
 
 def _fresh_enough(reader: SnapshotReader, read: Callable[[], Any], min_as_of: float | None, timeout: float) -> Any:
     """`read()` once its data is as new as `min_as_of`, polling the snapshots for up to `timeout` seconds;
     a 503 that says how old the data is otherwise (engines publish about every 0.5 s)."""
-    if min_as_of is not None and min_as_of > time.time() + 1.0:
-        raise HTTPException(503, f"min_as_of={min_as_of:.3f} is in the future (now {time.time():.3f}): no data can "
-                                 "be that new yet")
     deadline = time.monotonic() + timeout
     while True:
         answer = read()
         if answer is None:
             if time.monotonic() >= deadline:
-                raise HTTPException(503, _no_engine(reader))
+                raise NotYet(_no_engine(reader))
         elif min_as_of is None or answer.as_of >= min_as_of:
             return answer
         elif time.monotonic() >= deadline:
-            raise HTTPException(503, f"the newest complete data is as of {answer.as_of:.3f} ({answer.age_s:.2f} s "
+            raise NotYet(f"the newest complete data is as of {answer.as_of:.3f} ({answer.age_s:.2f} s "
                                      f"old), older than min_as_of={min_as_of:.3f}: engines publish about every "
                                      f"0.5 s; retry, or wait longer with timeout (up to {MAX_WAIT_S:g} s)")
         time.sleep(0.05)
@@ -78,11 +82,21 @@ def _fresh_enough(reader: SnapshotReader, read: Callable[[], Any], min_as_of: fl
 def _no_engine(reader: SnapshotReader) -> str:
     """The 503 text: what is wrong with the snapshot folder if something is, else how engines publish."""
     problem = reader.folder_problem()
+    if problem is not None and "Fix:" in problem:  # a refused folder: its message names owner, mode and fix
+        return f"no engine has published: {problem}"
     if problem is not None:
         return (f"no engine has published: {problem} (engines write their snapshots there; set SERVING_MFU_DIR "
-                f"to a writable folder, the same for the engines and this server)")
+                f"to a writable folder of your own, the same for the engines and this server)")
     return (f"no engine with the serving-mfu scheduler has published to {reader.dir} yet: start vLLM with "
             f"--scheduler-cls scheduler_hooks.MFUScheduler (and the same SERVING_MFU_DIR as this server)")
+
+
+class NotYet(RuntimeError):
+    """No data to answer with yet (503).  Answered as our own JSON, `{"detail": ...}`, on every server:
+    vLLM's error handler would rewrite an HTTPException and blank the folder's path out of the message."""
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(self)})
 
 
 class BadParameter(ValueError):
@@ -120,6 +134,12 @@ def _param(name: str, kind: str, description: str, **bounds: float) -> dict[str,
             "schema": {"type": kind, **bounds}}
 
 
+UNPROCESSABLE = ("a parameter outside what is accepted (the detail names it and what is accepted), including a "
+                 "min_as_of later than the server's clock plus the skew allowance")
+UNAVAILABLE = ("not yet: no engine has published (the detail says why, e.g. a snapshot folder refused because "
+               "another user owns it or may write to it, and the fix), or no data as new as min_as_of within timeout")
+
+
 def build_router() -> APIRouter:
     router = APIRouter(tags=["serving-mfu"])
     window_doc = (f"report only the last WINDOW seconds: a number in (0, {MAX_WINDOW_S:g}]; omit for totals "
@@ -127,15 +147,15 @@ def build_router() -> APIRouter:
     limit_doc = f"how many of the latest iterations: an integer in [1, {MAX_ITERATIONS}] (default 100)"
 
     fresh_doc = ("answer only with data at least this new: wall-clock seconds (e.g. when a client's run ended); "
-                 "every step the engines finished before then is counted")
+                 "every step the engines finished before then is counted.  At most the server's clock plus "
+                 f"{CLOCK_SKEW_S:g} s: a later time is a 422 naming the server's time")
     timeout_doc = f"how long to wait for data as new as min_as_of: seconds in [0, {MAX_WAIT_S:g}] (default 0)"
     fresh_params = [_param("min_as_of", "number", fresh_doc, minimum=0, maximum=1e12),
                     _param("timeout", "number", timeout_doc, minimum=0, maximum=MAX_WAIT_S)]
 
     @router.get("/metrics/mfu", response_model=MFUReport,
                 summary="Prefill / decode MFU, HFU and MBU since start or over a window",
-                responses={422: {"description": "a parameter outside what is accepted"},
-                           503: {"description": "no engine has published, or no data as new as min_as_of"}},
+                responses={422: {"description": UNPROCESSABLE}, 503: {"description": UNAVAILABLE}},
                 openapi_extra={"parameters": [_param("window", "number", window_doc, exclusiveMinimum=0,
                                                      maximum=MAX_WINDOW_S)] + fresh_params})
     def mfu(request: Request) -> Any:
@@ -143,23 +163,22 @@ def build_router() -> APIRouter:
             window = parse_number("window", request.query_params.get("window"), 0, MAX_WINDOW_S, False,
                                   low_inclusive=False)
             fresh = _fresh_params(request)
-        except BadParameter as exc:
+            reader = _reader(request)
+            return _fresh_enough(reader, lambda: reader.report(window), *fresh)
+        except (BadParameter, NotYet) as exc:
             return exc.response()
-        reader = _reader(request)
-        return _fresh_enough(reader, lambda: reader.report(window), *fresh)
 
     @router.get("/metrics/mfu/counters", response_model=Totals,
                 summary="Raw cumulative counters over all engines (subtract two readings for any interval)",
-                responses={422: {"description": "a parameter outside what is accepted"},
-                           503: {"description": "no engine has published, or no data as new as min_as_of"}},
+                responses={422: {"description": UNPROCESSABLE}, 503: {"description": UNAVAILABLE}},
                 openapi_extra={"parameters": fresh_params})
     def counters(request: Request) -> Any:
         try:
             fresh = _fresh_params(request)
-        except BadParameter as exc:
+            reader = _reader(request)
+            return _fresh_enough(reader, reader.totals, *fresh)
+        except (BadParameter, NotYet) as exc:
             return exc.response()
-        reader = _reader(request)
-        return _fresh_enough(reader, reader.totals, *fresh)
 
     @router.get("/metrics/mfu/iterations", response_model=IterationsResponse,
                 summary="The most recent iterations, with their per-phase FLOPs, bytes and time",

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from serving_mfu.files import write_figure
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
 from serving_mfu.runtime.trace import TraceLineError, read_trace
@@ -628,7 +629,7 @@ def write_readme_figures(results_dir: str | Path, out_dir: str | Path = "docs/fi
     for name in names:
         fig = makers[name]()
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=100)
+        write_figure(fig, path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths

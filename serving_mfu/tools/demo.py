@@ -30,6 +30,7 @@ from rich.table import Table
 
 from loadgen import LengthSpec, RunConfig, run_benchmark_sync, run_sweep
 from scheduler_hooks.server import VLLMServer
+from serving_mfu.files import write_atomic, write_figure
 from serving_mfu.peaks.calibrate import cache_path, cached_calibration, calibrate, save_calibration
 from serving_mfu.runtime.settings import read_settings
 from serving_mfu.serve.format import ms, pct, peak_warning
@@ -160,7 +161,7 @@ def plot(results: list[ScenarioResult], out_dir: Path) -> list[Path]:
     fig.suptitle("serving-mfu demo: prefill vs decode, by scenario")
     fig.tight_layout()
     paths.append(out_dir / "phase_utilization.png")
-    fig.savefig(paths[-1], dpi=110)
+    write_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -180,7 +181,7 @@ def plot(results: list[ScenarioResult], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out_dir / "mfu_timeseries.png")
-    fig.savefig(paths[-1], dpi=110)
+    write_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
     return paths
 
@@ -283,7 +284,7 @@ def run_demo(out_dir: Path, model: str | None = None, short: bool = False, conso
     demo = DemoResult(model=model, moe_model=moe_model, peak_flops_per_s=peak.get("flops_per_s"),
                       peak_source=peak.get("source"), isa_flops_per_s=peak.get("isa_flops_per_s"),
                       scenarios=results, seconds=time.monotonic() - started)
-    (out_dir / "results.json").write_text(demo.model_dump_json(indent=2))
+    write_atomic(out_dir / "results.json", demo.model_dump_json(indent=2))
     pngs = plot(results, out_dir)
     console.print(f"results: {out_dir / 'results.json'}; plots: {', '.join(str(p) for p in pngs)}; "
                   f"{demo.seconds:.0f} s in all")
