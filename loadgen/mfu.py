@@ -18,8 +18,8 @@ from typing import Callable
 import aiohttp
 from pydantic import BaseModel, Field
 
-from serving_mfu.runtime.report import MFUReport
-from serving_mfu.runtime.transport import Totals
+from serving_mfu.schema.report import MFUReport
+from serving_mfu.schema.snapshot import Totals
 
 
 class MFUPoint(BaseModel):

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from loadgen.config import RunConfig
 from loadgen.mfu import MFUPoint, RunMFU
 from loadgen.records import RequestRecord
-from serving_mfu.runtime.report import (
+from serving_mfu.schema.report import (
     AnomalyReport,
     GpuUtilReport,
     ModelReport,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from serving_mfu.runtime.counters import Counters
-from serving_mfu.runtime.report import ModelReport, PeakReport
-from serving_mfu.runtime.transport import Totals
+from serving_mfu.cost.counters import Counters
+from serving_mfu.schema.report import ModelReport, PeakReport
+from serving_mfu.schema.snapshot import Totals
 
 
 class FakeEngine:
@@ -57,5 +57,5 @@ class FakeEngine:
 
     def totals(self) -> Totals:
         now = time.time()
-        return Totals(at=now, updated_at=now, engines=1, counters=self.counters.to_dict(), peak=self.peak,
+        return Totals(at=now, updated_at=now, engines=1, counters=self.counters.copy(), peak=self.peak,
                       model=self.model, time_split="stub")

@@ -9,10 +9,10 @@ from rich.table import Table
 from rich.text import Text
 
 from loadgen.results import LatencyStats, MFUSection, RunResult
-from serving_mfu.runtime.report import PeakReport
-from serving_mfu.serve.format import ms as _ms
-from serving_mfu.serve.format import pct as _pct
-from serving_mfu.serve.format import peak_warning
+from serving_mfu.format import ms as _ms
+from serving_mfu.format import pct as _pct
+from serving_mfu.format import peak_warning
+from serving_mfu.schema.report import PeakReport
 
 
 def _num(x: float | None, fmt: str = ".2f") -> str:

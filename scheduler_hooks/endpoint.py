@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from serving_mfu.runtime.transport import SnapshotReader
+from serving_mfu.runtime.aggregate import SnapshotReader
 from serving_mfu.serve.api import build_router, mount_first
 from serving_mfu.serve.prometheus import register
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from serving_mfu.cost.drafter import FREE_METHODS
+from serving_mfu.derived import load_spec
 from serving_mfu.model.dtypes import guess_storage_dtype
 from serving_mfu.model.quantization import weight_bits_and_compute_dtype
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.resolve import resolve_peak
 from serving_mfu.peaks.spec import PeakSpec
-from serving_mfu.runtime.derived import load_spec
 from serving_mfu.runtime.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -41,11 +41,11 @@ from serving_mfu.cost.records import (
 )
 from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.runtime.gpu_util import sampler_for_engine
-from serving_mfu.runtime.report import ModelReport
+from serving_mfu.runtime.publish import SnapshotWriter
 from serving_mfu.runtime.settings import Settings, load_settings
 from serving_mfu.runtime.trace import TraceHeader, TraceWriter
 from serving_mfu.runtime.tracker import MFUTracker
-from serving_mfu.runtime.transport import SnapshotWriter
+from serving_mfu.schema.report import ModelReport
 
 log = logging.getLogger("serving_mfu.hook")
 _NEW_TOKEN_IDS = attrgetter("new_token_ids")
@@ -471,30 +471,35 @@ class MFUHook:
                 runs.append((n0 if n0 > mark else mark, kept_end))
             if end >= prompt:
                 n_drafting += 1
-            slices.append(Slice(rid, q, n0, prompt, mark, 0 if kv else cached, k, a, delivered))
-        prefill = PrefillBatch(p_ids, p_q, p_n0, p_prompt, p_cached if any(p_cached) and not kv else None) \
-            if p_ids else None
-        decode = DecodeBatch(dec_ids, dec_n0, drafts, accepted, dec_delivered) if dec_ids else None
+            slices.append(Slice(req_id=rid, new_tokens=q, computed_before=n0, prompt_len=prompt, hwm=mark,
+                                cached_tokens=0 if kv else cached, draft_tokens=k, accepted_tokens=a,
+                                delivered_tokens=delivered))
+        prefill = PrefillBatch(req_ids=p_ids, new_tokens=p_q, computed_before=p_n0, prompt_len=p_prompt,
+                               cached_tokens=p_cached if any(p_cached) and not kv else None) if p_ids else None
+        decode = DecodeBatch(req_ids=dec_ids, computed_before=dec_n0, draft_tokens=drafts, accepted_tokens=accepted,
+                             delivered_tokens=dec_delivered) if dec_ids else None
         drafter = None
         if self.spec_method and getattr(out, "skip_drafts", False):
             # vLLM ≥ 0.33 (Model Runner V2): this step proposes no drafts
-            drafter = DrafterRecord(self.spec_method)
+            drafter = DrafterRecord(method=self.spec_method)
         elif self.spec_method:
             if runs is not None:
                 runs += [(n0, e) for n0, e, p in zip(p_n0, map(add, p_n0, p_q), p_prompt) if e == p]
                 runs += zip(dec_n0, map(add, dec_n0, map(add, accepted or repeat(0), repeat(1))))
                 n_drafting = len(runs)
             flops, bytes_ = (0.0, 0.0) if runs is None else drafter_cost(self.draft_model, self.num_spec_tokens, runs)
-            drafter = DrafterRecord(self.spec_method, flops, bytes_, self.num_spec_tokens * n_drafting)
+            drafter = DrafterRecord(method=self.spec_method, flops=flops, bytes=bytes_,
+                                    proposed_tokens=self.num_spec_tokens * n_drafting)
         routing = None
         if self._is_moe and getattr(runner_out, "aux_output_connector_output", None):
             ids = [s.req_id for s in slices] + p_ids + dec_ids
             qs = [s.new_tokens for s in slices] + p_q + (list(map(add, drafts, repeat(1))) if drafts else [1] * n_dec)
             n0s = [s.computed_before for s in slices] + p_n0 + dec_n0
             routing = moe_routing(runner_out, ids, qs, n0s, self._experts)
-        return IterationRecord(step, t_sched, t_end, slices, drafter, routing, self.engine_id, prefill, decode,
-                               kv_transfer(out, result) if kv else None,
-                               self._lora_uses(nst) if self.lora_of else None)
+        return IterationRecord(step=step, t_sched_s=t_sched, t_end_s=t_end, slices=slices, drafter=drafter,
+                               moe_routing=routing, engine=self.engine_id, prefill=prefill, decode=decode,
+                               kv=kv_transfer(out, result) if kv else None,
+                               lora=self._lora_uses(nst) if self.lora_of else None)
 
     def _note_adapters(self, new: list) -> None:
         """Remember the adapter of each new request that has one (its LoRARequest), loading the adapter's
@@ -511,8 +516,10 @@ class MFUHook:
                     adapter = load_adapter(lr.lora_path, name)
                     useful = lora_flops(adapter, self.info.spec)
                     executed = lora_flops(adapter, self.info.spec, rank=max(self._lora_rank, adapter.rank))
-                    self._adapters[key] = LoRAUse(name, [], useful.per_token, useful.per_logit,
-                                                  executed.per_token, executed.per_logit)
+                    self._adapters[key] = LoRAUse(adapter=name, req_ids=[], flops_per_token=useful.per_token,
+                                                  flops_per_logit=useful.per_logit,
+                                                  executed_per_token=executed.per_token,
+                                                  executed_per_logit=executed.per_logit)
                 except Exception as exc:
                     self._adapters[key] = None
                     self.tracker.note_anomaly("lora_adapter_unreadable", f"adapter {name!r}: {exc}")
@@ -685,7 +692,7 @@ def kv_transfer(out: Any, result: Any) -> KVTransferRecord | None:
             sent += len(meta.slot_mapping)
     if not ids and not sent:
         return None
-    return KVTransferRecord(ids, local, got, sent)
+    return KVTransferRecord(req_ids=ids, local_cached=local, received=got, sent_tokens=sent)
 
 
 def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], experts: int) -> list[list[int]] | None:

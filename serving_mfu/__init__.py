@@ -12,8 +12,8 @@ from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch,
 from serving_mfu.model import ConfigError, ModelSpec
 from serving_mfu.peaks.resolve import resolve_peak
 from serving_mfu.peaks.spec import PeakSpec
-from serving_mfu.runtime.report import MFUReport
 from serving_mfu.runtime.tracker import MFUTracker
+from serving_mfu.schema.report import MFUReport
 
 __all__ = ["ConfigError", "CostModel", "DecodeBatch", "IterationRecord", "MFUReport", "MFUTracker", "ModelSpec",
            "PeakSpec", "PrefillBatch", "Slice", "resolve_peak"]

@@ -50,8 +50,8 @@ def plugin_server(tmp_path_factory):
 
     import httpx
 
-    from scheduler_hooks.server import VLLMServer
     from serving_mfu.tools.engine_models import CORPUS
+    from serving_mfu.tools.server import VLLMServer
     from tests.engine_util import DEFAULT_PEAK, NGRAM, model_path
 
     tmp = tmp_path_factory.mktemp("server")
@@ -73,7 +73,7 @@ def plugin_server(tmp_path_factory):
 def bpe512_server(tmp_path_factory):
     """A second plugin server whose tokenizer (512 BPE tokens from the corpus alone) splits the load
     generator's words into several tokens: request shapes must not depend on the tokenizer."""
-    from scheduler_hooks.server import VLLMServer
+    from serving_mfu.tools.server import VLLMServer
     from tests.engine_util import DEFAULT_PEAK, model_path
 
     tmp = tmp_path_factory.mktemp("server-bpe512")

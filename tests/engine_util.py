@@ -7,10 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from scheduler_hooks.server import CPU_MEMORY_FRACTION
 from serving_mfu.runtime.settings import Settings
 from serving_mfu.tools.engine_models import ensure_model
 from serving_mfu.tools.envutil import environ  # noqa: F401 (tests import it from here)
+from serving_mfu.tools.server import CPU_MEMORY_FRACTION
 
 MODELS_ROOT = Settings().models_dir()
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}

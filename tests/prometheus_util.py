@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from scheduler_hooks.server import free_port, wait_http
+from serving_mfu.tools.server import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "serving_mfu_rules.yml"

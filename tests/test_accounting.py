@@ -212,6 +212,31 @@ def test_bad_slices_are_rejected_with_clear_messages() -> None:
             decode_record(bad)
 
 
+def test_records_are_keyword_only() -> None:
+    """Every record refuses positional fields, so a reordered field can never silently take another's value."""
+    import msgspec
+
+    from serving_mfu.cost import records
+
+    positional = {
+        records.Slice: ("a", 1, 0, 1),
+        records.PrefillBatch: (["a"], [1], [0], [1]),
+        records.DecodeBatch: (["a"], [1]),
+        records.DrafterRecord: ("eagle",),
+        records.KVTransferRecord: (["a"], [0], [1]),
+        records.LoRAUse: ("x", ["a"], 1),
+        records.IterationRecord: (0, 0.0, 1.0, []),
+    }
+    structs = {c for c in vars(records).values()
+               if isinstance(c, type) and issubclass(c, msgspec.Struct) and c is not msgspec.Struct}
+    assert structs == set(positional)  # a new record type must be listed (and keyword-only) too
+    for cls, args in positional.items():
+        assert cls.__match_args__ == (), cls.__name__  # msgspec leaves keyword-only fields out
+        with pytest.raises(TypeError, match="positional"):
+            cls(*args)
+    assert Slice(req_id="a", new_tokens=1, computed_before=0, prompt_len=1).new_tokens == 1
+
+
 def test_busy_time_excludes_idle_and_overlap() -> None:
     # synchronous: scheduled after the previous step ended → busy from t_sched
     assert busy_and_wall_s(10.0, 10.5, 9.0) == (0.5, 1.5)
@@ -245,7 +270,7 @@ def test_tracker_windows_and_never_raising() -> None:
 def test_data_parallel_engines_aggregate_by_capacity() -> None:
     """Two engines' counters add up; MFU divides by each engine's own seconds × peak × devices."""
     from serving_mfu.peaks.spec import PeakSpec
-    from serving_mfu.runtime.report import build_report
+    from serving_mfu.schema.report import build_report
 
     spec = ModelSpec.from_hf_config(LLAMA)
     peak = PeakSpec(device="t", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")

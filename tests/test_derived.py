@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from serving_mfu.cost.flops import RECURRENT_STATE, FlopModel
-from serving_mfu.runtime.derived import derive_spec
+from serving_mfu.derived import derive_spec
 from tests.any_architecture import build, oracle_decode_counts, oracle_linear_flops, tiny_config
 
 TOKENS = 8

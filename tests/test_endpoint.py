@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scheduler_hooks.server import free_port, wait_http
-from serving_mfu.runtime.report import MFUReport
+from serving_mfu.schema.report import MFUReport
+from serving_mfu.tools.server import free_port, wait_http
 from tests.conftest import FAIL_AT_STEP
 from tests.engine_util import SERVER_COUNTERS, assert_invariants, prom_value, server_counters
 

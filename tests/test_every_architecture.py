@@ -11,7 +11,7 @@ import warnings
 import pytest
 
 from serving_mfu.cost.flops import RECURRENT_STATE, FlopModel
-from serving_mfu.runtime.derived import derive_spec, has_formula
+from serving_mfu.derived import derive_spec, has_formula
 from tests.any_architecture import build, oracle_linear_flops, tiny_config
 
 transformers = pytest.importorskip("transformers")

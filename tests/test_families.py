@@ -7,8 +7,8 @@ import pytest
 
 from serving_mfu.cost.bytes import ByteModel
 from serving_mfu.cost.flops import RECURRENT_STATE, FlopModel, key_rule
+from serving_mfu.derived import derive_spec, has_formula
 from serving_mfu.model.spec import ModelSpec
-from serving_mfu.runtime.derived import derive_spec, has_formula
 from tests.any_architecture import build, oracle_decode_counts, oracle_linear_flops, tiny_config
 
 TOKENS = 8

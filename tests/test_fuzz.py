@@ -10,7 +10,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from serving_mfu.runtime.transport import SnapshotReader
+from serving_mfu.runtime.aggregate import SnapshotReader
 from serving_mfu.serve.api import CLOCK_SKEW_S, build_app
 from tests.test_reliability import _tracker, _writer
 

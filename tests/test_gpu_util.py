@@ -12,10 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from serving_mfu.cost.counters import Counters
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
 from serving_mfu.runtime import gpu_util as gu
-from serving_mfu.runtime.counters import Counters
+from serving_mfu.runtime.aggregate import SnapshotReader
 from serving_mfu.runtime.gpu_util import (
     GpuUtilSampler,
     aggregate_status,
@@ -23,10 +24,11 @@ from serving_mfu.runtime.gpu_util import (
     parse_interval,
     sampler_for_engine,
 )
-from serving_mfu.runtime.report import GPU_UTIL_NOTE, GpuUtilStatus, MFUReport, gpu_util_report
+from serving_mfu.runtime.publish import SnapshotWriter
 from serving_mfu.runtime.settings import Settings
 from serving_mfu.runtime.tracker import MFUTracker
-from serving_mfu.runtime.transport import EngineSnapshot, SnapshotReader, SnapshotWriter, Totals
+from serving_mfu.schema.report import GPU_UTIL_NOTE, GpuUtilStatus, MFUReport, ModelReport, PeakReport, gpu_util_report
+from serving_mfu.schema.snapshot import EngineSnapshot, Totals, decode_snapshot, encode_snapshot
 from tests.test_accounting import LLAMA
 
 PEAK = PeakSpec(device="t", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")
@@ -383,7 +385,7 @@ def test_real_hook_on_the_cpu_engine_publishes_the_reason(tmp_path) -> None:
         assert hook.gpu._thread is None
     finally:
         hook.close()
-    snap = EngineSnapshot.model_validate_json(hook.writer.path.read_text())
+    snap = decode_snapshot(hook.writer.path.read_bytes())
     assert snap.gpu is not None and snap.gpu.available is False and snap.gpu.reason
     report = SnapshotReader(tmp_path).report()
     assert report.gpu_util.available is False and report.gpu_util.reason == snap.gpu.reason
@@ -449,17 +451,17 @@ def test_totals_report_since_gives_the_interval_mean_over_engines(tmp_path) -> N
 def test_reader_window_uses_the_engines_history(tmp_path) -> None:
     now = time.time()
 
-    def c(sampled: float, util: float) -> dict:
-        return {**Counters().to_dict(), "gpu_sampled_s": sampled, "gpu_util_s": util}
+    def c(sampled: float, util: float) -> Counters:
+        return Counters(gpu_sampled_s=sampled, gpu_util_s=util)
 
     status = GpuUtilStatus(available=True, devices=1, sm_active_devices=0, sm_active_reason="no GPM here",
                            interval_s=0.1, device_names=["A10"])
     snap = EngineSnapshot(engine_id="e1", pid=os.getpid(), ppid=os.getppid(), started_at=now - 100, updated_at=now,
-                          model={"name": "m", "model_type": "llama", "approximate": False},
-                          peak=PEAK.model_dump() | {"devices": 1}, time_split="shapley",
+                          model=ModelReport(name="m", model_type="llama", approximate=False),
+                          peak=PeakReport(**PEAK.model_dump(), devices=1), time_split="shapley",
                           counters=c(90, 30), history=[(now - 30, c(60, 10)), (now - 12, c(78, 18)),
                                                        (now - 5, c(85, 25))], gpu=status)
-    (tmp_path / "engine-e1.json").write_text(snap.model_dump_json())
+    (tmp_path / "engine-e1.json").write_bytes(encode_snapshot(snap))
     reader = SnapshotReader(tmp_path)
     window = reader.report(window_s=10).gpu_util  # baseline: the history point 12 s ago
     assert window.gpu_util == pytest.approx((30 - 18) / (90 - 78))

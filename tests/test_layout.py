@@ -13,8 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("serving_mfu", "scheduler_hooks", "loadgen")
 # Lower imports nothing higher.  loadgen and scheduler_hooks sit on serve/runtime; tools on everything.
-# files.py (private folders, safe writes) sits beneath them all.
-RANK = {"serving_mfu.files": 0, "serving_mfu.model": 0, "serving_mfu.cost": 1, "serving_mfu.peaks": 2,
+# files.py (private folders, safe writes) and format.py (figures as text) sit beneath them all; derived.py
+# (a model's FLOPs read off its modules, torch imported lazily) beside model/.
+RANK = {"serving_mfu.files": 0, "serving_mfu.format": 0, "serving_mfu.model": 0, "serving_mfu.derived": 1,
+        "serving_mfu.cost": 1, "serving_mfu.peaks": 2, "serving_mfu.schema": 2,
         "serving_mfu.runtime": 3, "serving_mfu.serve": 4, "loadgen": 5, "scheduler_hooks": 5, "serving_mfu.tools": 6, "serving_mfu": 6}
 # CLI entry points import their subcommands lazily (so `--help` does not load vLLM and torch), and
 # `scheduler_hooks.MFUScheduler` is resolved on first use (so the endpoint plugin loads without the scheduler).

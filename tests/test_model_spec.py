@@ -651,6 +651,47 @@ def test_known_types_are_not_approximate() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Registries refuse a duplicate instead of silently replacing the first
+# --------------------------------------------------------------------------------------------
+
+
+def test_parser_registry_refuses_a_duplicate_model_type(monkeypatch: Any) -> None:
+    from serving_mfu.model import architectures
+
+    def other_parser(cfg: Any) -> tuple:
+        return ()
+
+    before = dict(architectures.PARSERS)
+    with pytest.raises(ValueError) as exc:
+        architectures.register("brand_new_lm", "llama")(other_parser)
+    msg = str(exc.value)
+    assert "'llama'" in msg and "architectures.dense_decoder" in msg and "other_parser" in msg
+    with pytest.raises(ValueError, match="'twice'"):  # the same name twice in one registration
+        architectures.register("twice", "twice")(other_parser)
+    assert architectures.PARSERS == before  # a refused registration registers none of its names
+    monkeypatch.setattr(architectures, "PARSERS", dict(before))
+    assert architectures.register("brand_new_lm")(other_parser) is other_parser
+    assert architectures.PARSERS["brand_new_lm"] is other_parser
+    with pytest.raises(ValueError, match="'brand_new_lm'"):  # even the same parser again
+        architectures.register("brand_new_lm")(other_parser)
+
+
+def test_component_registry_refuses_a_duplicate_name() -> None:
+    from serving_mfu.model.components import Component, QProj
+
+    before = dict(COMPONENTS)
+    with pytest.raises(ValueError) as exc:
+        class Again(Component):
+            name = "q_proj"
+    msg = str(exc.value)
+    assert "'q_proj'" in msg and "components.QProj" in msg and "Again" in msg
+    with pytest.raises(ValueError, match="'q_proj'"):
+        class Inherited(QProj):  # a subclass without a name of its own
+            pass
+    assert COMPONENTS == before
+
+
+# --------------------------------------------------------------------------------------------
 # dtype and quantization
 # --------------------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ import math
 import re
 import shutil
 import subprocess
-from dataclasses import fields
 from pathlib import Path
 
 import msgspec
@@ -21,13 +20,14 @@ yaml = pytest.importorskip("yaml")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from serving_mfu.cost.counters import COUNTERS, Counters  # noqa: E402
 from serving_mfu.cost.records import DrafterRecord, IterationRecord, KVTransferRecord, Slice  # noqa: E402
 from serving_mfu.model.spec import ModelSpec  # noqa: E402
 from serving_mfu.peaks.table import PeakSpec  # noqa: E402
-from serving_mfu.runtime.counters import Counters  # noqa: E402
-from serving_mfu.runtime.report import build_report  # noqa: E402
+from serving_mfu.runtime.aggregate import aggregate_peak  # noqa: E402
 from serving_mfu.runtime.tracker import MFUTracker  # noqa: E402
-from serving_mfu.runtime.transport import EngineSnapshot, aggregate_peak  # noqa: E402
+from serving_mfu.schema.report import build_report  # noqa: E402
+from serving_mfu.schema.snapshot import EngineSnapshot, decode_snapshot, encode_snapshot  # noqa: E402
 from serving_mfu.serve import prometheus as prom  # noqa: E402
 from serving_mfu.tools.tiny_models import TINY_CONFIGS  # noqa: E402
 from tests.prometheus_util import DASHBOARD, NAME_TOKEN, RULES, dashboard_exprs, dashboard_queries, require  # noqa: E402
@@ -69,7 +69,7 @@ def _snapshot(tracker: MFUTracker, engine_id: str, pid: int) -> EngineSnapshot:
     counters, recent = tracker.snapshot()
     return EngineSnapshot(engine_id=engine_id, pid=pid, ppid=1, started_at=1000.0, updated_at=1010.0 + pid,
                           model=tracker.model_report(), peak=tracker.peak_report(),
-                          time_split=tracker.time_split, counters=counters.to_dict(), recent=recent,
+                          time_split=tracker.time_split, counters=counters, recent=recent,
                           kv_role=tracker.kv_role)
 
 
@@ -77,12 +77,12 @@ class FakeReader:
     def __init__(self, snaps: list[EngineSnapshot]):
         self.snaps = snaps
 
-    def snapshots(self) -> list[EngineSnapshot]:
+    def refresh(self) -> list[EngineSnapshot]:
         return self.snaps
 
 
 class RaisingReader:
-    def snapshots(self) -> list[EngineSnapshot]:
+    def refresh(self) -> list[EngineSnapshot]:
         raise OSError("snapshot folder vanished")
 
 
@@ -102,7 +102,8 @@ def engines() -> dict:
         early.append(_snapshot(tracker, ids[i], 101 * (i + 1)))
         for rec in recs[1:]:
             if rec.step == 2:
-                kv = KVTransferRecord(["d"], [16], [32]) if i else KVTransferRecord(sent_tokens=48)
+                kv = (KVTransferRecord(req_ids=["d"], local_cached=[16], received=[32]) if i
+                      else KVTransferRecord(sent_tokens=48))
                 rec = msgspec.structs.replace(rec, kv=kv)
             tracker.record(rec)
         tracker.note_anomaly("hook_error", "test")
@@ -133,7 +134,7 @@ def total(samples: dict, name: str, **match: str) -> float:
 def test_series_equal_the_counters(engines: dict) -> None:
     samples = scrape(FakeReader(engines["late"]))
     for snap in engines["late"]:
-        c = Counters.from_dict(snap.counters)
+        c = snap.counters
         base = {"engine": snap.engine_id, "model": "org/tiny-llama", "kv_role": snap.kv_role}
         for phase in prom.PHASES:
             lab = {**base, "phase": phase}
@@ -173,8 +174,9 @@ def test_series_equal_the_counters(engines: dict) -> None:
         assert value(samples, "serving_mfu_anomalies_total", **base, kind="hook_error") == 1
         assert value(samples, "serving_mfu_anomalies_total", **base, kind="accounting_error") == 0  # seeded
         # every table entry, phase or not, is the field it names
-        for name, _, field in prom.ENGINE_COUNTERS:
-            assert value(samples, name + "_total", **base) == getattr(c, field)
+        for row in COUNTERS:
+            if row.prom and not row.phased:
+                assert value(samples, row.prom + "_total", **base) == getattr(c, row.name)
         peak = snap.peak
         plab = {**base, "device": peak.device, "dtype": "fp32", "source": prom.source_label(peak.source)}
         assert value(samples, "serving_mfu_peak_flops_per_second", **plab) == peak.flops_per_s
@@ -188,7 +190,7 @@ def test_series_equal_the_counters(engines: dict) -> None:
 
 
 def test_every_counter_field_is_exposed() -> None:
-    assert prom.counter_fields() == {f.name for f in fields(Counters)}
+    assert prom.counter_fields() == set(Counters.__struct_fields__)
 
 
 def test_source_label_is_short_and_keeps_the_provenance() -> None:
@@ -210,8 +212,8 @@ def test_rule_style_mfu_equals_the_report(engines: dict) -> None:
     def rate(name: str, **match: str) -> float:  # increase over the window; the window length cancels
         return total(after, name, **match) - total(before, name, **match)
 
-    diff = sum((Counters.from_dict(s.counters) for s in engines["late"]), Counters()) - sum(
-        (Counters.from_dict(s.counters) for s in engines["early"]), Counters())
+    diff = sum((s.counters for s in engines["late"]), Counters()) - sum(
+        (s.counters for s in engines["early"]), Counters())
     report = build_report(diff, aggregate_peak(engines["late"]), engines["late"][0].model, "shapley")
     for phase in prom.PHASES:
         want = getattr(report, phase)
@@ -279,22 +281,26 @@ def test_a_failing_reader_never_breaks_the_endpoint(caplog: pytest.LogCaptureFix
 
 def test_a_bad_snapshot_is_skipped_and_the_others_exposed(engines: dict) -> None:
     good = engines["late"][0]
-    bad = good.model_copy(update={"engine_id": "999-9", "counters": {**good.counters, "busy_s": None}})
+    bad = msgspec.structs.replace(good, engine_id="999-9", counters=msgspec.structs.replace(good.counters, busy_s=None))
     samples = scrape(FakeReader([bad, good, good]))  # the duplicate is read once
     assert value(samples, "serving_mfu_engines") == 1
     assert value(samples, "serving_mfu_collector_errors_total") == 1
     engines_seen = {dict(k[1]).get("engine") for k in samples if k[0] == "serving_mfu_busy_seconds_total"}
     assert engines_seen == {good.engine_id}
-    # a field an older or newer engine has and this reader lacks is ignored, a missing one is 0
-    odd = good.model_copy(update={"counters": {"busy_s": 1.5, "field_from_the_future": 7}})
-    samples = scrape(FakeReader([odd]))
-    assert value(samples, "serving_mfu_busy_seconds_total", engine=good.engine_id, model="org/tiny-llama", kv_role=good.kv_role) == 1.5
+    # a counter this reader does not know is a file of another format: refused when read, naming the field
+    data = json.loads(encode_snapshot(good))
+    data["counters"]["field_from_the_future"] = 7
+    with pytest.raises(ValueError, match="field_from_the_future"):
+        decode_snapshot(json.dumps(data))
+    data["format"] = "serving-mfu-snapshot/1"
+    with pytest.raises(ValueError, match="snapshot format 'serving-mfu-snapshot/1'"):
+        decode_snapshot(json.dumps(data))
 
 
 def test_no_peak_exposes_no_peak_gauge(engines: dict) -> None:
     snap = engines["late"][0]
-    nopeak = snap.model_copy(update={"peak": snap.peak.model_copy(update={"flops_per_s": None,
-                                                                          "bandwidth_bytes_per_s": None})})
+    nopeak = msgspec.structs.replace(snap, peak=snap.peak.model_copy(update={"flops_per_s": None,
+                                                                             "bandwidth_bytes_per_s": None}))
     samples = scrape(FakeReader([nopeak]))
     assert not [k for k in samples if k[0] == "serving_mfu_peak_flops_per_second"]
     assert [k for k in samples if k[0] == "serving_mfu_devices"]
@@ -405,8 +411,8 @@ def test_promtool_evaluates_the_rules_to_the_reports_mfu(engines: dict, tmp_path
         else:
             values = f"{v1!r}x{steps}"
         series.append({"series": f"{name}{{{lab}}}", "values": values})
-    diff = sum((Counters.from_dict(s.counters) for s in engines["late"]), Counters()) - sum(
-        (Counters.from_dict(s.counters) for s in engines["early"]), Counters())
+    diff = sum((s.counters for s in engines["late"]), Counters()) - sum(
+        (s.counters for s in engines["early"]), Counters())
     report = build_report(diff, aggregate_peak(engines["late"]), engines["late"][0].model, "shapley")
     model = 'model="org/tiny-llama"'
     checks = {f'serving_mfu:mfu:ratio_rate1m{{{model},phase="{p}"}}': getattr(report, p).mfu for p in prom.PHASES}
@@ -424,12 +430,12 @@ def test_promtool_evaluates_the_rules_to_the_reports_mfu(engines: dict, tmp_path
                    report.overall.useful_flops / 300 / (report.peak.flops_per_s * report.peak.devices),
                f"serving_mfu:busy:ratio_rate1m{{{model}}}": report.overall.busy_s / 300 / 2}
     for snap, early in zip(engines["late"], engines["early"]):  # one engine per instance here
-        d = Counters.from_dict(snap.counters) - Counters.from_dict(early.counters)
+        d = snap.counters - early.counters
         useful = d.prefill_useful_flops + d.decode_useful_flops
         checks[f'serving_mfu_instance:busy_mfu:ratio_rate1m{{instance="node-{snap.engine_id[:3]}",{model}}}'] = (
             useful / d.busy_capacity_flops)
     for snap, early in zip(engines["late"], engines["early"]):  # one engine per KV role: each role's own MFU
-        d = Counters.from_dict(snap.counters) - Counters.from_dict(early.counters)
+        d = snap.counters - early.counters
         for p in prom.PHASES:
             checks[f'serving_mfu_role:mfu:ratio_rate1m{{kv_role="{snap.kv_role}",{model},phase="{p}"}}'] = (
                 getattr(d, f"{p}_useful_flops") / getattr(d, f"{p}_capacity_flops"))

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serving_mfu.runtime.transport import Totals
+from serving_mfu.schema.snapshot import Totals
 from serving_mfu.tools.engine_models import CORPUS
 from tests.prometheus_util import NAME_TOKEN, PrometheusServer, dashboard_queries
 
@@ -66,8 +66,9 @@ def live(plugin_server, bpe512_server, tmp_path_factory):
         # two scrapes of each server with the serving-mfu series before anything happens
         prom.wait_for('count(count_over_time(serving_mfu_useful_flops_total{phase="decode"}[10s]) >= 2) == 2')
         settled = [_counters(s["base"]) for s in servers]
-        flops = [{k: v for k, v in a.counters.items() if k.endswith("_flops")} for a in before]
-        assert [{k: a.counters[k] for k in f} for a, f in zip(settled, flops)] == flops, "counters moved while idle"
+        flops = [{k: v for k, v in a.counters.to_dict().items() if k.endswith("_flops")} for a in before]
+        assert [{k: getattr(a.counters, k) for k in f} for a, f in zip(settled, flops)] == flops, \
+            "counters moved while idle"
         time.sleep(2.5)  # scrapes that see the flat counters A
         t_load = time.time()
         with ThreadPoolExecutor(2) as pool:

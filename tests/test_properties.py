@@ -109,7 +109,8 @@ def batched_iterations(draw):
         n0 = [draw(st.integers(0, p - 1)) for p in prompts]
         q = [draw(st.integers(1, p - s)) for p, s in zip(prompts, n0)]
         cached = [draw(st.integers(0, s)) for s in n0] if draw(st.booleans()) else None
-        prefill = PrefillBatch([f"p{i}" for i in range(n)], q, n0, prompts, cached)
+        prefill = PrefillBatch(req_ids=[f"p{i}" for i in range(n)], new_tokens=q, computed_before=n0,
+                               prompt_len=prompts, cached_tokens=cached)
     m = draw(st.integers(0, 40)) if draw(st.booleans()) else draw(st.integers(64, 160))  # numpy path from 64
     if m:
         n0 = [draw(st.integers(1, 5000)) for _ in range(m)]
@@ -119,9 +120,11 @@ def batched_iterations(draw):
             a = [draw(st.integers(0, x)) for x in k]
         if draw(st.booleans()):  # a stop cut some requests short
             delivered = [draw(st.integers(0, 1 + (a[i] if a else 0))) for i in range(m)]
-        decode = DecodeBatch([f"d{i}" for i in range(m)], n0, k, a, delivered)
+        decode = DecodeBatch(req_ids=[f"d{i}" for i in range(m)], computed_before=n0, draft_tokens=k,
+                             accepted_tokens=a, delivered_tokens=delivered)
     items = [draw(slices(i)) for i in range(draw(st.integers(0, 3)))]
-    return draw(st.sampled_from(sorted(MODELS))), IterationRecord(0, 0.0, 0.01, items, prefill=prefill, decode=decode)
+    return draw(st.sampled_from(sorted(MODELS))), IterationRecord(step=0, t_sched_s=0.0, t_end_s=0.01, slices=items,
+                                                                  prefill=prefill, decode=decode)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

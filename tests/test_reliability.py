@@ -18,8 +18,9 @@ from fastapi.testclient import TestClient
 from serving_mfu.cost.records import DecodeBatch, IterationRecord
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime.aggregate import SnapshotReader
+from serving_mfu.runtime.publish import LocalFiles, SnapshotWriter
 from serving_mfu.runtime.tracker import MFUTracker
-from serving_mfu.runtime.transport import LocalFiles, SnapshotReader, SnapshotWriter
 from serving_mfu.serve.api import build_app
 from tests.test_accounting import LLAMA
 
@@ -31,7 +32,8 @@ def _tracker(steps: int, start: int = 0, tracker: MFUTracker | None = None) -> M
     now = time.monotonic()
     for step in range(start, start + steps):
         tracker.record(IterationRecord(step=step, t_sched_s=now + step * 0.01, t_end_s=now + step * 0.01 + 0.005,
-                                       slices=[], decode=DecodeBatch(["a", "b"], [50 + step, 70 + step])))
+                                       slices=[], decode=DecodeBatch(req_ids=["a", "b"],
+                                                                     computed_before=[50 + step, 70 + step])))
     return tracker
 
 
@@ -120,7 +122,7 @@ def test_folder_deleted_mid_run_is_recreated_with_totals_intact(tmp_path) -> Non
     writer.write_now()
     writer.close()
     totals = SnapshotReader(folder).totals()
-    assert totals is not None and totals.counters["decode_tokens"] == 34 == tracker.counters.decode_tokens
+    assert totals is not None and totals.counters.decode_tokens == 34 == tracker.counters.decode_tokens
     assert writer.write_errors == 0  # recreated on the spot, not counted as a lost write
 
 
@@ -154,7 +156,7 @@ def test_write_faults_lose_no_totals_once_cleared(tmp_path, err: int, text: str)
     files.healthy = True
     writer.write_now()
     writer.close()
-    assert SnapshotReader(tmp_path).totals().counters["decode_tokens"] == 24 == tracker.counters.decode_tokens
+    assert SnapshotReader(tmp_path).totals().counters.decode_tokens == 24 == tracker.counters.decode_tokens
 
 
 def test_min_as_of_waits_for_data_that_new_and_says_when_there_is_none(tmp_path) -> None:
@@ -228,7 +230,7 @@ def test_an_engine_restart_never_takes_totals_backwards(tmp_path) -> None:
     wa.write_now()
     wa.close()
     reader = SnapshotReader(tmp_path)
-    before = reader.totals().counters["decode_tokens"]
+    before = reader.totals().counters.decode_tokens
     assert before == 20
     path = tmp_path / "engine-e1.json"
     snap = json_.loads(path.read_text())
@@ -240,14 +242,14 @@ def test_an_engine_restart_never_takes_totals_backwards(tmp_path) -> None:
     wb.write_now()
     wb.close()
     after = reader.totals()
-    assert after.engines == 1 and after.counters["decode_tokens"] == 20 + 6
+    assert after.engines == 1 and after.counters.decode_tokens == 20 + 6
     report = reader.report()
     assert report.decode.tokens == 26 and report.anomalies.counts.get("engines_gone") == 1
     # a reader that starts after e1 died never saw it: its stale file is left out
-    assert SnapshotReader(tmp_path).totals().counters["decode_tokens"] == 6
+    assert SnapshotReader(tmp_path).totals().counters.decode_tokens == 6
     # a foreign or half-written file in the folder is skipped and counted, not fatal
     (tmp_path / "engine-junk.json").write_text('{"format": "serving-mfu-snapshot/1", "engine_id": ')
-    assert reader.totals().counters["decode_tokens"] == 26 and reader.read_errors >= 1
+    assert reader.totals().counters.decode_tokens == 26 and reader.read_errors >= 1
 
 
 def test_an_engine_that_stops_publishing_is_aged_out(tmp_path) -> None:

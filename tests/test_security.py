@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from serving_mfu.files import FolderRefused, ForeignFile, folder_refusal, private_folder, read_own, write_atomic
 from serving_mfu.peaks.calibrate import cache_path, cached_calibration, save_calibration
 from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime.aggregate import SnapshotReader
 from serving_mfu.runtime.settings import Settings
 from serving_mfu.runtime.trace import TraceWriter
-from serving_mfu.runtime.transport import SnapshotReader
 from serving_mfu.serve.api import build_app
 from tests.engine_util import prom_value
 from tests.test_reliability import _tracker, _writer
@@ -110,7 +110,7 @@ def test_a_refused_folder_is_logged_once(tmp_path, caplog) -> None:
     folder.mkdir()
     os.chmod(folder, 0o777)
     writer = _writer(_tracker(3), folder)
-    with caplog.at_level(logging.WARNING, logger="serving_mfu.runtime.transport"):
+    with caplog.at_level(logging.WARNING, logger="serving_mfu.runtime.publish"):
         for _ in range(5):
             writer.write_now()
     writer.close()
@@ -132,7 +132,7 @@ def test_the_writer_never_writes_through_a_link(tmp_path, victim) -> None:
     assert victim.read_text() == "precious\n"
     snap = folder / "engine-e1.json"
     assert not snap.is_symlink() and stat.S_IMODE(snap.stat().st_mode) == 0o600
-    assert SnapshotReader(folder).totals().counters["decode_tokens"] == 8
+    assert SnapshotReader(folder).totals().counters.decode_tokens == 8
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]
 
 
@@ -161,10 +161,10 @@ def test_the_reader_skips_links_and_other_users_files(tmp_path) -> None:
         read_own(planted)
     reader = SnapshotReader(folder)
     totals = reader.totals()
-    assert totals.engines == 1 and totals.counters["decode_tokens"] == 10  # neither copy is added
-    assert totals.counters["anomalies"]["foreign_files"] == 2
+    assert totals.engines == 1 and totals.counters.decode_tokens == 10  # neither copy is added
+    assert totals.counters.anomalies["foreign_files"] == 2
     reader.totals()
-    assert reader.totals().counters["anomalies"]["foreign_files"] == 2  # counted once per file, not per read
+    assert reader.totals().counters.anomalies["foreign_files"] == 2  # counted once per file, not per read
 
 
 @ROOT_ONLY
@@ -210,7 +210,7 @@ def test_a_planted_calibration_cache_is_not_trusted(tmp_path, caplog) -> None:
 def _as_nobody(shared: str, root_owned: str, out) -> None:
     """Child process: drop to `nobody`, then publish as an engine would (everything imported first: the
     interpreter lives under /root, which nobody cannot read)."""
-    from serving_mfu.runtime import transport  # noqa: F401  (imported while still root)
+    from serving_mfu.runtime import aggregate, publish  # noqa: F401  (imported while still root)
 
     os.setgroups([])
     os.setgid(NOBODY)

@@ -11,8 +11,9 @@ import pytest
 from serving_mfu.cost.records import IterationRecord, Slice
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
+from serving_mfu.runtime.aggregate import SnapshotReader
+from serving_mfu.runtime.publish import SnapshotWriter
 from serving_mfu.runtime.tracker import MFUTracker
-from serving_mfu.runtime.transport import SnapshotReader, SnapshotWriter
 from tests.test_accounting import LLAMA
 
 PEAK = PeakSpec(device="t", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")
@@ -66,7 +67,7 @@ def test_dead_and_malformed_engine_files_are_skipped(tmp_path) -> None:
     (tmp_path / "engine-dead.json").write_text(json.dumps(data))
     (tmp_path / "engine-bad.json").write_text("{not json")
     reader = SnapshotReader(tmp_path)
-    assert [s.engine_id for s in reader.snapshots()] == ["e1"]
+    assert [s.engine_id for s in reader.refresh()] == ["e1"]
     assert reader.read_errors == 1
     assert reader.report().decode.tokens == 2
 
@@ -74,7 +75,7 @@ def test_dead_and_malformed_engine_files_are_skipped(tmp_path) -> None:
 def test_parent_pid_prefers_own_engines(tmp_path) -> None:
     _, writer = _engine(tmp_path, "e1", devices=1, steps=1)
     writer.close()
-    assert SnapshotReader(tmp_path, parent_pid=os.getppid()).snapshots()[0].engine_id == "e1"
+    assert SnapshotReader(tmp_path, parent_pid=os.getppid()).refresh()[0].engine_id == "e1"
 
 
 def test_totals_difference_is_the_interval(tmp_path) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from serving_mfu.cost.counters import Counters
 from serving_mfu.peaks.spec import PeakSpec
-from serving_mfu.runtime.counters import Counters
 from serving_mfu.runtime.tracker import MFUTracker
-from serving_mfu.runtime.verdict import TOLERATED_SHARE, fix_for, peak_verdict
+from serving_mfu.schema.verdict import TOLERATED_SHARE, fix_for, peak_verdict
 from tests.test_prometheus import FakeReader, _snapshot, _spec, _steps, scrape
 
 

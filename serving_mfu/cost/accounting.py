@@ -11,7 +11,6 @@ decode-kept work is useful.  Prefix-cache hits are neither: they are reported as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from itertools import repeat
 from operator import add, eq, mul
 from typing import Any, Sequence
@@ -19,61 +18,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from serving_mfu.cost.bytes import ByteModel
+from serving_mfu.cost.counters import IterationCost, PhaseCost  # noqa: F401 - PhaseCost re-exported
 from serving_mfu.cost.flops import FlopModel, KeyRule
 from serving_mfu.cost.records import DecodeBatch, IterationRecord, KVTransferRecord, PrefillBatch, Slice
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
-
-
-@dataclass(slots=True)
-class PhaseCost:
-    """One phase's share of an iteration."""
-
-    useful_flops: float = 0.0
-    executed_flops: float = 0.0
-    bytes: float = 0.0
-    tokens: int = 0
-    time_s: float = 0.0
-
-
-@dataclass(slots=True)
-class IterationCost:
-    """Everything the tracker accumulates from one iteration."""
-
-    step: int
-    engine: str
-    t_end_s: float
-    busy_s: float
-    wall_s: float
-    prefill: PhaseCost = field(default_factory=PhaseCost)
-    decode: PhaseCost = field(default_factory=PhaseCost)
-    mixed: bool = False
-    recompute_tokens: int = 0
-    recompute_flops: float = 0.0
-    rejected_tokens: int = 0
-    rejected_flops: float = 0.0
-    discarded_tokens: int = 0
-    discarded_flops: float = 0.0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    drafter_flops: float = 0.0
-    hit_tokens: int = 0
-    saved_flops: float = 0.0
-    kv_received_tokens: int = 0
-    kv_received_flops: float = 0.0
-    kv_received_bytes: float = 0.0
-    kv_sent_tokens: int = 0
-    kv_sent_bytes: float = 0.0
-    lora_tokens: int = 0
-    lora_useful_flops: float = 0.0
-    lora_executed_flops: float = 0.0
-    moe_active_experts: list[float] | None = None
-    moe_measured: bool = False
-    moe_imbalance: float | None = None
-    hfu: float | None = None
-    hfu_over_1: bool = False
-    time_repaired_s: float = 0.0
-    anomalies: list[str] = field(default_factory=list)
 
 
 class CostModel:

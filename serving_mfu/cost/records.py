@@ -21,7 +21,7 @@ class RecordError(ValueError):
     """A record that breaks a type, a bound or a cross-field rule; the message says which."""
 
 
-class Slice(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+class Slice(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, kw_only=True):
     """One request's share of an iteration: `new_tokens` positions after `computed_before`.
 
     `hwm` is how many positions of this request were computed *and kept* before this step:
@@ -44,7 +44,7 @@ class Slice(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     delivered_tokens: NonNegInt | None = None
 
 
-class PrefillBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+class PrefillBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, kw_only=True):
     """First-time prompt positions of many requests, one list per field (the common prefill case,
     costed in closed form): request i computes positions [computed_before[i], computed_before[i] +
     new_tokens[i]), none below its high-water mark and none past prompt_len[i]; cached_tokens[i] are
@@ -57,7 +57,7 @@ class PrefillBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=
     cached_tokens: list[NonNegInt] | None = None
 
 
-class DecodeBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+class DecodeBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, kw_only=True):
     """Decode slices of many requests, one list per field (the common decode case, costed in closed
     form): request i runs positions [computed_before[i], computed_before[i] + 1 + draft_tokens[i]),
     all past its prompt and its high-water mark; the first 1 + accepted_tokens[i] are kept, the
@@ -71,7 +71,7 @@ class DecodeBatch(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=T
     delivered_tokens: list[NonNegInt] | None = None
 
 
-class DrafterRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+class DrafterRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, kw_only=True):
     """The speculative drafter's work in this step: method and its modelled FLOPs and bytes."""
 
     method: str
@@ -80,7 +80,7 @@ class DrafterRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields
     proposed_tokens: NonNegInt = 0
 
 
-class KVTransferRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+class KVTransferRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, kw_only=True):
     """KV that crossed a KV connector in this step (engines with one; vLLM's own PrefillStats).
 
     Request i, whose prompt produced its first token this step, had positions [0, local_cached[i])
@@ -94,7 +94,7 @@ class KVTransferRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fie
     sent_tokens: NonNegInt = 0
 
 
-class LoRAUse(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+class LoRAUse(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, kw_only=True):
     """The requests of this step that run one LoRA adapter, and its FLOPs per position and per logit
     position: useful (the adapter's own ranks) and executed (the serving kernels' padded rank)."""
 
@@ -106,7 +106,7 @@ class LoRAUse(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True)
     executed_per_logit: NonNegInt = 0
 
 
-class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, kw_only=True):
     """Everything the accounting needs about one engine step.
 
     `t_sched_s` is when `schedule()` returned this step and `t_end_s` when its output reached
@@ -136,13 +136,15 @@ class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fiel
         p = self.prefill
         if p is not None:
             cached = p.cached_tokens or [0] * len(p.req_ids)
-            out += [Slice(r, q, n0, prompt, n0 - c, c)
+            out += [Slice(req_id=r, new_tokens=q, computed_before=n0, prompt_len=prompt, hwm=n0 - c, cached_tokens=c)
                     for r, q, n0, prompt, c in zip(p.req_ids, p.new_tokens, p.computed_before, p.prompt_len, cached)]
         d = self.decode
         if d is not None:
             zeros = [0] * len(d.req_ids)
             delivered = d.delivered_tokens or [None] * len(d.req_ids)
-            out += [Slice(r, 1 + k, n0, n0, n0, 0, k, a, None if got is None or got >= 1 + a else got)
+            out += [Slice(req_id=r, new_tokens=1 + k, computed_before=n0, prompt_len=n0, hwm=n0, cached_tokens=0,
+                          draft_tokens=k, accepted_tokens=a,
+                          delivered_tokens=None if got is None or got >= 1 + a else got)
                     for r, n0, k, a, got in zip(d.req_ids, d.computed_before, d.draft_tokens or zeros,
                                                 d.accepted_tokens or zeros, delivered)]
         return out

@@ -30,12 +30,24 @@ Parser = Callable[["Cfg"], tuple[LayerSpec, ...]]
 PARSERS: dict[str, Parser] = {}
 
 
+def _where(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
 def register(*model_types: str) -> Callable[[Parser], Parser]:
-    """Register a layer parser for one or more `model_type` names."""
+    """Register a layer parser for one or more `model_type` names.  A name already registered (or
+    given twice) raises ValueError naming it and both parsers, and registers none of the names: a
+    model type that reads as another belongs in `ALIASES`, not in a second registration."""
 
     def deco(fn: Parser) -> Parser:
+        new: dict[str, Parser] = {}
         for name in model_types:
-            PARSERS[name] = fn
+            prior = PARSERS[name] if name in PARSERS else new.get(name)
+            if prior is not None:
+                raise ValueError(f"duplicate parser registration for model_type {name!r}: already registered to "
+                                 f"{_where(prior)}, refusing {_where(fn)}")
+            new[name] = fn
+        PARSERS.update(new)
         return fn
 
     return deco

@@ -17,7 +17,8 @@ COMPONENTS: dict[str, type["Component"]] = {}
 
 
 class Component:
-    """A weight matmul of one decoder layer; subclasses register themselves by `name`."""
+    """A weight matmul of one decoder layer; subclasses register themselves by `name`, which must be
+    their own (a name already registered, e.g. one inherited, raises ValueError naming both classes)."""
 
     name: ClassVar[str]
     # Read at activation width even when the linear weights are quantized (router, gates).
@@ -25,6 +26,10 @@ class Component:
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
+        prior = COMPONENTS.get(cls.name)
+        if prior is not None:
+            raise ValueError(f"duplicate component name {cls.name!r}: already registered by "
+                             f"{prior.__module__}.{prior.__qualname__}, refusing {cls.__module__}.{cls.__qualname__}")
         COMPONENTS[cls.name] = cls
 
     @staticmethod

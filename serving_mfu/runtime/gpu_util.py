@@ -36,9 +36,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from serving_mfu.runtime.counters import Counters
-from serving_mfu.runtime.report import GpuUtilStatus
+from serving_mfu.cost.counters import Counters
 from serving_mfu.runtime.settings import Settings, load_settings
+from serving_mfu.schema.report import GpuUtilStatus
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from typing import IO, Any, Iterator
 from pydantic import BaseModel, Field, ValidationError
 
 from serving_mfu.cost.records import IterationRecord, decode_record, encode_record
+from serving_mfu.derived import load_spec
 from serving_mfu.files import open_own_for_writing
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
-from serving_mfu.runtime.derived import load_spec
-from serving_mfu.runtime.report import MFUReport
 from serving_mfu.runtime.tracker import MFUTracker
+from serving_mfu.schema.report import MFUReport
 
 TRACE_FORMAT = "serving-mfu-trace/1"
 

@@ -18,11 +18,11 @@ from typing import Callable
 from pydantic import TypeAdapter
 
 from serving_mfu.cost.accounting import CostModel, IterationCost, cost_iteration
+from serving_mfu.cost.counters import Counters
 from serving_mfu.cost.records import IterationRecord
 from serving_mfu.cost.time_split import SPLIT_METHODS
 from serving_mfu.model.spec import ModelSpec
-from serving_mfu.runtime.counters import Counters
-from serving_mfu.runtime.report import MFUReport, ModelReport, PeakReport, build_report
+from serving_mfu.schema.report import MFUReport, ModelReport, PeakReport, build_report
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from serving_mfu.runtime.report import MFUReport
-from serving_mfu.runtime.transport import SnapshotReader, Totals
+from serving_mfu.runtime.aggregate import SnapshotReader
+from serving_mfu.schema.report import MFUReport
+from serving_mfu.schema.snapshot import Totals
 from serving_mfu.serve.prometheus import register
 
 MAX_WINDOW_S = 3600.0

@@ -13,8 +13,9 @@ import os
 import time
 from pathlib import Path
 
-from serving_mfu.runtime.report import MFUReport
-from serving_mfu.runtime.transport import SnapshotReader, Totals
+from serving_mfu.runtime.aggregate import SnapshotReader
+from serving_mfu.schema.report import MFUReport
+from serving_mfu.schema.snapshot import Totals
 
 
 class MFUMonitor:

@@ -20,7 +20,7 @@ Wall MFU divides by the clock (idle included, 0 when idle), like the live window
 at iteration ends, so trailing idle time counts only once the next iteration ends).  An
 engine without a peak adds FLOPs but no capacity: watch `serving_mfu_anomalies_total`.
 `serving_mfu_peak_credible` is 0 for an engine whose executed work exceeded its peak (HFU > 1,
-serving_mfu.runtime.verdict): its MFU is not trustworthy; `serving_mfu:peak_credible:min` (by model)
+serving_mfu.schema.verdict): its MFU is not trustworthy; `serving_mfu:peak_credible:min` (by model)
 is the one to alert on.
 
 deploy/prometheus/serving_mfu_rules.yml records these as `serving_mfu:<figure>:ratio_rate1m`
@@ -48,103 +48,32 @@ from prometheus_client.metrics_core import (
     SummaryMetricFamily,
 )
 
-from serving_mfu.runtime.counters import Counters
-from serving_mfu.runtime.transport import EngineSnapshot
-from serving_mfu.runtime.verdict import peak_verdict
+from serving_mfu.cost.counters import PHASES, TYPES, CounterTypes
+from serving_mfu.schema.snapshot import EngineSnapshot
+from serving_mfu.schema.verdict import peak_verdict
 
 log = logging.getLogger(__name__)
 
-PHASES = ("prefill", "decode")
 BASE_LABELS = ("engine", "model", "kv_role")
 PEAK_LABELS = BASE_LABELS + ("device", "dtype", "source")
 SOURCE_MAX_CHARS = 64
 # Exposed at 0 until they happen, so that increase() sees the first one.
 KNOWN_ANOMALIES = ("accounting_error", "hook_errors", "missing_peak", "moe_routing_shape_mismatch")
 
-# Counter families (name without `_total`, help, Counters field — or one field per phase).
-PHASE_COUNTERS: tuple[tuple[str, str, str], ...] = (
-    ("serving_mfu_useful_flops", "FLOPs of work the users kept (first-time prompt positions, accepted "
-     "decode positions)", "{phase}_useful_flops"),
-    ("serving_mfu_executed_flops", "FLOPs the hardware executed (useful + recompute, rejected, discarded, "
-     "drafter)", "{phase}_executed_flops"),
-    ("serving_mfu_moved_bytes", "Bytes moved to and from device memory (weights, KV reads and writes)",
-     "{phase}_bytes"),
-    ("serving_mfu_tokens", "Useful positions: first-time prompt positions (prefill), kept positions (decode)",
-     "{phase}_tokens"),
-    ("serving_mfu_attributed_seconds", "Busy seconds attributed to the phase (mixed iterations split by "
-     "the time-split model)", "{phase}_time_s"),
-    ("serving_mfu_capacity_flops", "Peak FLOPs over the phase's seconds: seconds x peak FLOP/s x devices "
-     "(MFU/HFU denominator)", "{phase}_capacity_flops"),
-    ("serving_mfu_capacity_bytes", "Peak bytes over the phase's seconds: seconds x bandwidth x devices "
-     "(MBU denominator)", "{phase}_capacity_bytes"),
-)
-ENGINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
-    ("serving_mfu_busy_seconds", "Busy seconds (iteration time, idle excluded)", "busy_s"),
-    ("serving_mfu_wall_seconds", "Wall seconds between iteration ends (idle included)", "wall_s"),
-    ("serving_mfu_mixed_busy_seconds", "Busy seconds of mixed prefill+decode iterations (modelled split)",
-     "mixed_busy_s"),
-    ("serving_mfu_busy_capacity_flops", "Peak FLOPs over busy seconds (overall MFU/HFU denominator)",
-     "busy_capacity_flops"),
-    ("serving_mfu_wall_capacity_flops", "Peak FLOPs over wall seconds, accrued at iteration ends",
-     "wall_capacity_flops"),
-    ("serving_mfu_busy_capacity_bytes", "Peak bytes over busy seconds (overall MBU denominator)",
-     "busy_capacity_bytes"),
-    ("serving_mfu_iterations", "Engine iterations accounted", "iterations"),
-    ("serving_mfu_mixed_iterations", "Iterations that mixed prefill and decode", "mixed_iterations"),
-    ("serving_mfu_spec_draft_tokens", "Speculative draft tokens verified", "draft_tokens"),
-    ("serving_mfu_spec_accepted_tokens", "Speculative draft tokens accepted", "accepted_tokens"),
-    ("serving_mfu_spec_rejected_tokens", "Speculative positions rejected (KV rolled back)", "rejected_tokens"),
-    ("serving_mfu_spec_rejected_flops", "FLOPs of rejected speculative positions", "rejected_flops"),
-    ("serving_mfu_spec_drafter_flops", "FLOPs of the speculative drafter", "drafter_flops"),
-    ("serving_mfu_discarded_tokens", "Kept decode positions never delivered (stop or max_tokens inside a "
-     "verify step)", "discarded_tokens"),
-    ("serving_mfu_discarded_flops", "FLOPs of discarded decode positions", "discarded_flops"),
-    ("serving_mfu_prefix_cache_hit_tokens", "Prompt positions served by the prefix cache", "hit_tokens"),
-    ("serving_mfu_prefix_cache_saved_flops", "FLOPs the prefix-cache hits would have cost", "saved_flops"),
-    ("serving_mfu_kv_received_tokens", "Prompt positions whose KV a KV connector loaded (not computed here, not "
-     "local prefix-cache hits)", "kv_received_tokens"),
-    ("serving_mfu_kv_received_flops", "FLOPs the positions loaded through a KV connector would have cost",
-     "kv_received_flops"),
-    ("serving_mfu_kv_received_bytes", "KV bytes loaded through a KV connector (all layers)", "kv_received_bytes"),
-    ("serving_mfu_kv_sent_tokens", "Positions whose KV a KV connector stored or sent for other engines",
-     "kv_sent_tokens"),
-    ("serving_mfu_kv_sent_bytes", "KV bytes stored or sent through a KV connector (all layers)", "kv_sent_bytes"),
-    ("serving_mfu_lora_tokens", "Useful positions of requests that ran a LoRA adapter", "lora_tokens"),
-    ("serving_mfu_lora_useful_flops", "LoRA adapter FLOPs of useful positions (part of useful_flops)",
-     "lora_useful_flops"),
-    ("serving_mfu_lora_executed_flops", "LoRA adapter FLOPs the kernels ran at the padded rank (part of "
-     "executed_flops)", "lora_executed_flops"),
-    ("serving_mfu_recompute_tokens", "Positions recomputed after preemption", "recompute_tokens"),
-    ("serving_mfu_recompute_flops", "FLOPs of recomputation after preemption", "recompute_flops"),
-    ("serving_mfu_hfu_over_1_iterations", "Iterations with HFU > 1 (FLOP model, peak or clock is off)",
-     "hfu_over_1_iterations"),
-    ("serving_mfu_repaired_iterations", "Mixed iterations whose split moved time to keep a phase at HFU <= 1",
-     "repaired_iterations"),
-    ("serving_mfu_repaired_seconds", "Seconds moved between phases by those repairs", "time_repaired_s"),
-    ("serving_mfu_gpu_sampled_seconds", "Device-seconds over which NVML GPU-Util was sampled (summed over "
-     "devices)", "gpu_sampled_s"),
-    ("serving_mfu_gpu_util_seconds", "GPU-Util x sampled seconds: device-seconds with a kernel running; "
-     "GPU-Util = rate(this) / rate(serving_mfu_gpu_sampled_seconds_total)", "gpu_util_s"),
-    ("serving_mfu_gpu_sm_sampled_seconds", "Device-seconds over which SM activity (NVML GPM) was sampled",
-     "gpu_sm_sampled_s"),
-    ("serving_mfu_gpu_sm_active_seconds", "SM activity x sampled seconds; SM activity = rate(this) / "
-     "rate(serving_mfu_gpu_sm_sampled_seconds_total)", "gpu_sm_active_s"),
-    ("serving_mfu_gpu_sample_errors", "NVML reads of the GPU sampler that failed", "gpu_sample_errors"),
-)
-# Counters fields exposed some other way (summaries, the anomalies family).
-OTHER_FIELDS = frozenset({"moe_iterations", "moe_measured_iterations", "moe_imbalance_sum",
-                          "moe_active_experts_sum", "anomalies"})
+# Counter families come from the table (serving_mfu.cost.counters.COUNTERS: each row with a `prom` name is
+# one family, with a `phase` label when the row is phased); the MoE sums are summaries, anomalies a family.
+STRUCTURED_FIELDS = frozenset({"moe_active_experts_sum", "anomalies"})
+SUMMARY_FIELDS = frozenset({"moe_iterations", "moe_measured_iterations", "moe_imbalance_sum"})
 
 
-def counter_fields() -> set[str]:
-    """Every Counters field this module exposes."""
-    names = {f for _, _, f in ENGINE_COUNTERS} | set(OTHER_FIELDS)
-    names |= {f.format(phase=p) for _, _, f in PHASE_COUNTERS for p in PHASES}
-    return names
+def counter_fields(types: CounterTypes = TYPES) -> set[str]:
+    """Every Counters field this module exposes (a table row with a Prometheus family, or a summary's)."""
+    names = {n for r in types.rows if r.prom for n in r.names()}
+    return names | SUMMARY_FIELDS | STRUCTURED_FIELDS
 
 
 class SnapshotSource(Protocol):
-    def snapshots(self) -> list[EngineSnapshot]: ...
+    def refresh(self) -> list[EngineSnapshot]: ...
 
 
 def _unit(name: str) -> str:
@@ -160,21 +89,21 @@ def source_label(source: str | None) -> str:
 
 
 class MFUCollector:
-    """Custom collector: reads `reader.snapshots()` on every scrape; never raises."""
+    """Custom collector: reads `reader.refresh()` on every scrape; never raises."""
 
-    def __init__(self, reader: SnapshotSource):
+    def __init__(self, reader: SnapshotSource, types: CounterTypes = TYPES):
         self.reader = reader
+        self.types = types  # the counter table and the Counters type it makes
         self.errors = 0
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ families
-    @staticmethod
-    def _families() -> dict[str, Metric]:
+    def _families(self) -> dict[str, Metric]:
         fams: dict[str, Metric] = {}
-        for name, doc, _ in PHASE_COUNTERS:
-            fams[name] = CounterMetricFamily(name, doc, labels=BASE_LABELS + ("phase",), unit=_unit(name))
-        for name, doc, _ in ENGINE_COUNTERS:
-            fams[name] = CounterMetricFamily(name, doc, labels=BASE_LABELS, unit=_unit(name))
+        for row in self.types.rows:
+            if row.prom:
+                labels = BASE_LABELS + ("phase",) if row.phased else BASE_LABELS
+                fams[row.prom] = CounterMetricFamily(row.prom, row.help, labels=labels, unit=_unit(row.prom))
         fams["serving_mfu_anomalies"] = CounterMetricFamily(
             "serving_mfu_anomalies", "Anomalies by kind (accounting errors, missing peak, hook errors...)",
             labels=BASE_LABELS + ("kind",))
@@ -220,18 +149,19 @@ class MFUCollector:
                                    value=self.errors)
 
     # ------------------------------------------------------------------ samples
-    @staticmethod
-    def _rows(snap: EngineSnapshot) -> list[tuple[str, tuple[str, ...], Any]]:
+    def _rows(self, snap: EngineSnapshot) -> list[tuple[str, tuple[str, ...], Any]]:
         """(family, label values, value) of one engine; raises on a malformed snapshot."""
-        known = Counters.__dataclass_fields__
-        c = Counters.from_dict({k: v for k, v in snap.counters.items() if k in known})
+        c = snap.counters
         base = (str(snap.engine_id), str(snap.model.name), str(snap.kv_role))
         rows: list[tuple[str, tuple[str, ...], Any]] = []
-        for name, _, field in PHASE_COUNTERS:
-            for phase in PHASES:
-                rows.append((name, base + (phase,), float(getattr(c, field.format(phase=phase)))))
-        for name, _, field in ENGINE_COUNTERS:
-            rows.append((name, base, float(getattr(c, field))))
+        for row in self.types.rows:
+            if not row.prom:
+                continue
+            if row.phased:
+                for phase, name in zip(PHASES, row.names()):
+                    rows.append((row.prom, base + (phase,), float(getattr(c, name))))
+            else:
+                rows.append((row.prom, base, float(getattr(c, row.name))))
         for kind, n in sorted({**dict.fromkeys(KNOWN_ANOMALIES, 0), **c.anomalies}.items()):
             rows.append(("serving_mfu_anomalies", base + (str(kind),), float(n)))
         if c.moe_iterations:
@@ -277,7 +207,7 @@ class MFUCollector:
             yield self._errors_family()
             return
         try:
-            snaps = list(self.reader.snapshots())
+            snaps = list(self.reader.refresh())
         except Exception as exc:
             self._error("reading snapshots", exc)
             snaps = None

@@ -26,11 +26,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from serving_mfu.files import write_figure
+from serving_mfu.format import pct as _pct
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
 from serving_mfu.runtime.trace import TraceLineError, read_trace
 from serving_mfu.runtime.tracker import MFUTracker
-from serving_mfu.serve.format import pct as _pct
 from serving_mfu.tools.compare import ESTIMATORS, point_label
 
 PHASES = ("prefill", "decode")

@@ -46,13 +46,13 @@ from pydantic import BaseModel
 
 from scheduler_hooks.hook import MFUHook
 from scheduler_hooks.scheduler import MFUScheduler
-from scheduler_hooks.server import CPU_MEMORY_FRACTION
+from serving_mfu.format import si
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.runtime.settings import Settings
 from serving_mfu.runtime.tracker import MFUTracker
-from serving_mfu.serve.format import si
 from serving_mfu.tools.engine_models import CORPUS, ensure_model
 from serving_mfu.tools.envutil import environ as _environ
+from serving_mfu.tools.server import CPU_MEMORY_FRACTION
 
 HOOKED_SCHEDULER = "scheduler_hooks.MFUScheduler"
 PLAIN_SCHEDULER = "vllm.v1.core.sched.scheduler.Scheduler"
@@ -363,6 +363,113 @@ def _variant_stats(variant: str, scheduler: str, values: list[float]) -> Variant
 
 
 # ----------------------------------------------------------------------------- 1. throughput
+_SCHEDULERS = {"plain": PLAIN_SCHEDULER, "hooked": HOOKED_SCHEDULER}
+
+
+class _ThroughputBench:
+    """One plain-vs-hooked comparison: the workload, the engines alive, their start times and the timed runs.
+
+    `mode` starts as "concurrent" (both engines kept alive) and becomes "restarted" (one engine per run)
+    when asked to or when the second engine does not fit beside the first.
+    """
+
+    def __init__(self, model_path: str, requests: int, prompt_len: int, output_len: int, kv_cache_mib: int,
+                 steps: _Steps, concurrent: bool, min_run_s: float):
+        from vllm import LLM, SamplingParams
+
+        self.llm_cls = LLM
+        self.model_path, self.requests, self.kv_cache_mib = model_path, requests, kv_cache_mib
+        self.steps, self.min_run_s = steps, min_run_s
+        self.prompts = workload_prompts(model_path, requests, prompt_len)
+        self.params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        self.max_len = prompt_len + output_len + 64
+        self.starts: dict[str, list[float]] = {"plain": [], "hooked": []}
+        self.runs: list[ThroughputRun] = []
+        self.engines: dict[str, Any] = {}
+        self.warm: list[float] = []
+        self.rounds = 0
+        self.mode: Literal["concurrent", "restarted"] = "concurrent" if concurrent else "restarted"
+
+    def start(self, variant: str) -> tuple[Any, float]:
+        """A fresh engine with the variant's scheduler (prefix caching off), and how long it took to start."""
+        t0 = time.perf_counter()
+        llm = self.llm_cls(**_engine_args(self.model_path, _SCHEDULERS[variant], self.max_len, max(self.requests, 1),
+                                          self.kv_cache_mib, enable_prefix_caching=False))
+        return llm, time.perf_counter() - t0
+
+    def warm_up(self, variant: str, llm: Any) -> None:
+        """Two untimed rounds; the second one's time (kept in `warm`) sizes `rounds`."""
+        with self.steps.step(f"warm-up, {variant}"):
+            _generate(llm, self.prompts, self.params)  # the first round carries one-off costs
+            self.warm.append(_generate(llm, self.prompts, self.params)[0])
+
+    def rounds_for(self, seconds: float) -> int:
+        """Workload rounds per timed run so that a run of `seconds` per round lasts at least `min_run_s`."""
+        return max(1, math.ceil(self.min_run_s / max(seconds, 1e-6)))
+
+    def start_both(self) -> None:
+        """Start and warm up both engines; if the second does not fit, stop the first and switch to restarted."""
+        try:
+            for variant in ("plain", "hooked"):
+                with self.steps.step(f"starting the {variant} engine"):
+                    self.engines[variant], dt = self.start(variant)
+                    self.starts[variant].append(dt)
+        except Exception as exc:  # the second engine does not fit beside the first: one at a time
+            self.steps.check()
+            if not self.engines:
+                raise
+            print(f"bench-overhead: two engines do not fit at once ({exc!r}); restarting per run",
+                  file=sys.stderr)
+            for llm in self.engines.values():
+                _shutdown(llm)
+            self.engines.clear()
+            self.mode = "restarted"
+        else:
+            for variant in ("plain", "hooked"):
+                self.warm_up(variant, self.engines[variant])
+            self.rounds = self.rounds_for(min(self.warm))
+
+    def timed_run(self, rep: int, repeats: int, variant: str) -> None:
+        """One timed run of one variant, kept in `runs`; when restarted, its engine is started and stopped here."""
+        llm = self.engines.get(variant)
+        if self.mode == "restarted":
+            with self.steps.step(f"starting the {variant} engine (run {rep + 1})"):
+                llm, dt = self.start(variant)
+                self.engines[variant] = llm
+                self.starts[variant].append(dt)
+            self.warm_up(variant, llm)
+            self.rounds = self.rounds or self.rounds_for(self.warm[-1])
+        with self.steps.step(f"run {rep + 1}/{repeats}, {variant} ({self.rounds} rounds)"):
+            dt, tokens = 0.0, 0
+            for _ in range(self.rounds):
+                d, k = _generate(llm, self.prompts, self.params)
+                dt, tokens = dt + d, tokens + k
+        self.runs.append(ThroughputRun(variant=variant, repeat=rep, rounds=self.rounds, seconds=dt,
+                                       output_tokens=tokens, tokens_per_s=tokens / dt))
+        if self.mode == "restarted":
+            _shutdown(self.engines.pop(variant))
+
+    def shut_down(self) -> None:
+        """Stop re-raising Ctrl-C, then stop every engine still alive; never raises."""
+        self.steps.disarm()
+        for llm in self.engines.values():
+            _shutdown(llm)
+        self.engines.clear()
+        gc.collect()
+
+    def result(self, prompt_len: int, output_len: int, repeats: int) -> ThroughputResult:
+        """Per-variant statistics of the timed runs and the hooked / plain ratios, per repetition and overall."""
+        plain = [r.tokens_per_s for r in self.runs if r.variant == "plain"]
+        hooked = [r.tokens_per_s for r in self.runs if r.variant == "hooked"]
+        ps, hs = _variant_stats("plain", PLAIN_SCHEDULER, plain), _variant_stats("hooked", HOOKED_SCHEDULER, hooked)
+        per_rep = [h / p for p, h in zip(plain, hooked)]
+        return ThroughputResult(requests=self.requests, prompt_tokens=prompt_len, output_tokens_per_request=output_len,
+                                repeats=repeats, rounds_per_run=self.rounds, min_run_s=self.min_run_s,
+                                engines=self.mode, engine_start_s=self.starts, runs=self.runs, plain=ps, hooked=hs,
+                                ratio=hs.mean_tokens_per_s / ps.mean_tokens_per_s, ratio_per_repeat=per_rep,
+                                ratio_min=min(per_rep), ratio_max=max(per_rep))
+
+
 def bench_throughput(model_path: str, requests: int, prompt_len: int, output_len: int, repeats: int,
                      kv_cache_mib: int, steps: _Steps, concurrent: bool = True,
                      min_run_s: float = 5.0) -> ThroughputResult:
@@ -372,89 +479,16 @@ def bench_throughput(model_path: str, requests: int, prompt_len: int, output_len
     from the warm-up) so that it lasts at least `min_run_s`: one round of the default workload
     takes a fraction of a second on the tiny model, too short to time.
     """
-    from vllm import LLM, SamplingParams
-
-    prompts = workload_prompts(model_path, requests, prompt_len)
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    schedulers = {"plain": PLAIN_SCHEDULER, "hooked": HOOKED_SCHEDULER}
-    max_len = prompt_len + output_len + 64
-
-    def start(variant: str) -> tuple[Any, float]:
-        t0 = time.perf_counter()
-        llm = LLM(**_engine_args(model_path, schedulers[variant], max_len, max(requests, 1), kv_cache_mib,
-                                 enable_prefix_caching=False))
-        return llm, time.perf_counter() - t0
-
-    starts: dict[str, list[float]] = {"plain": [], "hooked": []}
-    runs: list[ThroughputRun] = []
-    engines: dict[str, Any] = {}
-    warm: list[float] = []
-    rounds = 0
-
-    def warm_up(variant: str, llm: Any) -> None:
-        with steps.step(f"warm-up, {variant}"):
-            _generate(llm, prompts, params)  # the first round carries one-off costs
-            warm.append(_generate(llm, prompts, params)[0])
-
-    def rounds_for(seconds: float) -> int:
-        return max(1, math.ceil(min_run_s / max(seconds, 1e-6)))
-
-    mode: Literal["concurrent", "restarted"] = "concurrent" if concurrent else "restarted"
+    bench = _ThroughputBench(model_path, requests, prompt_len, output_len, kv_cache_mib, steps, concurrent, min_run_s)
     try:
         if concurrent:
-            try:
-                for variant in ("plain", "hooked"):
-                    with steps.step(f"starting the {variant} engine"):
-                        engines[variant], dt = start(variant)
-                        starts[variant].append(dt)
-            except Exception as exc:  # the second engine does not fit beside the first: one at a time
-                steps.check()
-                if not engines:
-                    raise
-                print(f"bench-overhead: two engines do not fit at once ({exc!r}); restarting per run",
-                      file=sys.stderr)
-                for llm in engines.values():
-                    _shutdown(llm)
-                engines.clear()
-                mode = "restarted"
-            else:
-                for variant in ("plain", "hooked"):
-                    warm_up(variant, engines[variant])
-                rounds = rounds_for(min(warm))
+            bench.start_both()
         for rep in range(repeats):
             for variant in ("plain", "hooked"):
-                llm = engines.get(variant)
-                if mode == "restarted":
-                    with steps.step(f"starting the {variant} engine (run {rep + 1})"):
-                        llm, dt = start(variant)
-                        engines[variant] = llm
-                        starts[variant].append(dt)
-                    warm_up(variant, llm)
-                    rounds = rounds or rounds_for(warm[-1])
-                with steps.step(f"run {rep + 1}/{repeats}, {variant} ({rounds} rounds)"):
-                    dt, tokens = 0.0, 0
-                    for _ in range(rounds):
-                        d, k = _generate(llm, prompts, params)
-                        dt, tokens = dt + d, tokens + k
-                runs.append(ThroughputRun(variant=variant, repeat=rep, rounds=rounds, seconds=dt,
-                                          output_tokens=tokens, tokens_per_s=tokens / dt))
-                if mode == "restarted":
-                    _shutdown(engines.pop(variant))
+                bench.timed_run(rep, repeats, variant)
     finally:
-        steps.disarm()
-        for llm in engines.values():
-            _shutdown(llm)
-        engines.clear()
-        gc.collect()
-    plain = [r.tokens_per_s for r in runs if r.variant == "plain"]
-    hooked = [r.tokens_per_s for r in runs if r.variant == "hooked"]
-    ps, hs = _variant_stats("plain", PLAIN_SCHEDULER, plain), _variant_stats("hooked", HOOKED_SCHEDULER, hooked)
-    per_rep = [h / p for p, h in zip(plain, hooked)]
-    return ThroughputResult(requests=requests, prompt_tokens=prompt_len, output_tokens_per_request=output_len,
-                            repeats=repeats, rounds_per_run=rounds, min_run_s=min_run_s, engines=mode,
-                            engine_start_s=starts, runs=runs, plain=ps, hooked=hs,
-                            ratio=hs.mean_tokens_per_s / ps.mean_tokens_per_s, ratio_per_repeat=per_rep,
-                            ratio_min=min(per_rep), ratio_max=max(per_rep))
+        bench.shut_down()
+    return bench.result(prompt_len, output_len, repeats)
 
 
 # ----------------------------------------------------------------------------- 2. capture
@@ -1007,13 +1041,29 @@ def _si(x: float) -> str:
 
 def print_overhead(report: OverheadReport, console: Any) -> None:
     """The tables people read; `--json` prints the report model instead."""
-    from rich.table import Table
+    _print_machine(report, console)
+    _print_throughput(report.throughput, console)
+    a = report.accounting
+    if a is None:
+        return
+    _print_accounting(a, console)
+    _print_targets(a, report.throughput, console)
+    _print_totals(a, report.wall_s, console)
 
-    m, t = report.machine, report.throughput
+
+def _print_machine(report: OverheadReport, console: Any) -> None:
+    """Which machine, software, model and peak the numbers below come from."""
+    m = report.machine
     console.print(f"machine: {m.cpu_model}, {m.usable_cores}/{m.logical_cores} cores, "
                   f"{m.memory_gib} GiB; python {m.python}, vllm {m.vllm}, torch {m.torch}"
                   + (f", {m.accelerator}" if m.accelerator else ""))
     console.print(f"model: {report.model}; peak: {report.peak}")
+
+
+def _print_throughput(t: ThroughputResult, console: Any) -> None:
+    """The plain / hooked throughput table, then the hooked / plain ratio and the engines' start times."""
+    from rich.table import Table
+
     table = Table(title=f"throughput: {t.requests} requests × {t.prompt_tokens} prompt + "
                         f"{t.output_tokens_per_request} output tokens, greedy; {t.repeats} runs each of "
                         f"{t.rounds_per_run} rounds, alternating; engines {t.engines}")
@@ -1028,9 +1078,12 @@ def print_overhead(report: OverheadReport, console: Any) -> None:
     console.print(f"hooked / plain = [bold]{t.ratio:.3f}[/bold] (per repetition "
                   f"{', '.join(f'{r:.3f}' for r in t.ratio_per_repeat)}; range {t.ratio_min:.3f}–{t.ratio_max:.3f})"
                   f"; engine start {starts}")
-    a = report.accounting
-    if a is None:
-        return
+
+
+def _print_accounting(a: AccountingResult, console: Any) -> None:
+    """The per-kind, per-batch accounting cost table (requested batches only) and what its columns measure."""
+    from rich.table import Table
+
     table = Table(title=f"accounting cost per step on the same {a.iterations} SchedulerOutputs, engines "
                         f"{', '.join(a.engines)} (offline: median of {a.passes} passes; live: thread CPU time)")
     for col in ("kind", "batch", "steps", "vLLM µs", "ours µs", "×", "hot µs", "live vLLM", "engine µs", "acct µs",
@@ -1053,6 +1106,10 @@ def print_overhead(report: OverheadReport, console: Any) -> None:
                   "where vLLM calls it; engine µs = our three callbacks on the engine thread; acct µs = building "
                   "and costing the record on the accounting thread; live × = (engine + acct) / live vLLM.  Rows at "
                   "other batch sizes (waves filling up or draining) are in --json.")
+
+
+def _print_targets(a: AccountingResult, t: ThroughputResult, console: Any) -> None:
+    """Targets 1 to 3 (live CPU vs vLLM's estimator, engine-thread growth with batch, throughput): met or not."""
     small, large = a.engine_growth_batches
     if a.worst_live_over_vllm is not None:
         met = a.worst_live_over_vllm <= 0.5
@@ -1068,11 +1125,14 @@ def print_overhead(report: OverheadReport, console: Any) -> None:
                       + " — " + ("[green]met[/green]" if met else f"[red]not met ({worst_kind})[/red]")
                       + "; the same callbacks in the hot loop: "
                       + ", ".join(f"{k} {v:.2f}×" for k, v in sorted(a.engine_hot_growth.items())))
-    t = report.throughput
     console.print(f"target 3, hooked / plain throughput ≥ 0.99: {t.ratio:.3f} (range {t.ratio_min:.3f}–"
                   f"{t.ratio_max:.3f} over {t.repeats} alternating runs)"
                   + ("" if t.ratio_min >= 0.99 or t.ratio_max - t.ratio_min < 0.02 else
                      " — within this machine's run-to-run spread; targets 1 and 2 are the gate"))
+
+
+def _print_totals(a: AccountingResult, wall_s: float, console: Any) -> None:
+    """What each side computed over the captured steps, whether the replay matched the engine, and the wall time."""
     o, v = a.ours_totals, a.vllm_totals
     console.print(f"ours (MFUHook → MFUTracker): prefill useful/executed {_si(o.get('prefill_useful_flops', 0))}/"
                   f"{_si(o.get('prefill_executed_flops', 0))}FLOPs, decode {_si(o.get('decode_useful_flops', 0))}/"
@@ -1083,10 +1143,10 @@ def print_overhead(report: OverheadReport, console: Any) -> None:
     console.print(f"vLLM (ModelMetrics.get_step_perf_stats_per_gpu): {_si(v['flops_per_gpu'])}FLOPs, "
                   f"{_si(v['read_bytes_per_gpu'])}B read, {_si(v['write_bytes_per_gpu'])}B written — totals only")
     starts = ", ".join(f"{k} {v:.0f} s" for k, v in a.engine_start_s.items())
-    console.print(f"replay reproduces the engine's records: "
+    console.print("replay reproduces the engine's records: "
                   + ", ".join(f"{k} {v}" for k, v in a.replay_matches_engine.items())
                   + f"; scheduler found at {a.scheduler_path} (in-process engines, start {starts}); "
-                  f"whole benchmark {report.wall_s:.0f} s")
+                  f"whole benchmark {wall_s:.0f} s")
 
 
 def _ratio(x: float | None, limit: float | None = None) -> str:

@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from serving_mfu.format import pct as _pct
+from serving_mfu.format import peak_warning
+from serving_mfu.format import si as _si
 from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.model.spec import ConfigError, ModelSpec
-from serving_mfu.serve.format import pct as _pct
-from serving_mfu.serve.format import peak_warning
-from serving_mfu.serve.format import si as _si
 
 console = Console()
 err_console = Console(stderr=True)
@@ -43,8 +43,8 @@ def _print_json(obj: object) -> None:
 @command("flops")
 def cmd_flops(args: argparse.Namespace) -> int:
     from serving_mfu.cost.flops import FlopModel
+    from serving_mfu.derived import load_spec
     from serving_mfu.model.parallel import Parallelism, per_device_breakdown
-    from serving_mfu.runtime.derived import load_spec
 
     spec = load_spec(args.config)
     breakdown = FlopModel(spec).slice_breakdown(args.new_tokens, args.context_len, args.logits_tokens)
@@ -81,10 +81,28 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def cmd_spec(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from serving_mfu.runtime.derived import load_spec
+    from serving_mfu.derived import load_spec
 
     spec = load_spec(args.config)
     _print_json(asdict(spec))
+    return 0
+
+
+@command("counters")
+def cmd_counters(args: argparse.Namespace) -> int:
+    from serving_mfu.cost.counters import COUNTERS, docs_table
+
+    if args.markdown:
+        print(docs_table(), end="")
+        return 0
+    table = Table(title="serving-mfu counters (serving_mfu.cost.counters.COUNTERS)")
+    for col in ("counter", "unit", "per phase", "report", "Prometheus"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("what it counts", overflow="fold")
+    for r in COUNTERS:
+        table.add_row(r.name, r.unit, "yes" if r.phased else "", r.report or "—",
+                      f"{r.prom}_total" if r.prom else "—", r.help)
+    console.print(table)
     return 0
 
 
@@ -206,7 +224,7 @@ def print_report(report, title: str = "serving-mfu") -> None:
 
 @command("replay")
 def cmd_replay(args: argparse.Namespace) -> int:
-    from serving_mfu.runtime.derived import load_spec
+    from serving_mfu.derived import load_spec
     from serving_mfu.runtime.trace import read_trace, replay
 
     spec = load_spec(args.config) if args.config else None
@@ -273,7 +291,7 @@ def cmd_bench_accounting(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serving_mfu.runtime.transport import SnapshotReader
+    from serving_mfu.runtime.aggregate import SnapshotReader
     from serving_mfu.serve.api import build_app
 
     app = build_app(lambda: SnapshotReader(args.dir))
@@ -360,10 +378,8 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serving-mfu", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """`flops` and `spec`: what the FLOP model computes for one config."""
     f = sub.add_parser("flops", help="FLOPs of one forward pass over one slice, by component")
     f.add_argument("config", help="config.json or a folder holding one")
     f.add_argument("--new-tokens", type=_positive_int, required=True, help="q: new positions in the slice")
@@ -380,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("spec", help="print the parsed model spec as JSON")
     s.add_argument("config")
 
+    c = sub.add_parser("counters", help="every counter: unit, report field, Prometheus series (the counter table)")
+    c.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/counters.md")
+
+
+def _add_peak_commands(sub: argparse._SubParsersAction) -> None:
+    """`peak` and `calibrate`: the datasheet peak, and a measured one."""
     k = sub.add_parser("peak", help="datasheet peak FLOP/s and bandwidth of a device")
     k.add_argument("--device")
     k.add_argument("--dtype")
@@ -396,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-vllm", action="store_true", help="leave out vLLM's CPU GEMM (saves importing vLLM)")
     c.add_argument("--json", action="store_true")
 
+
+def _add_replay_command(sub: argparse._SubParsersAction) -> None:
+    """`replay`: an iteration trace turned into the MFU report, with the peak flags `_peak_from_args` reads."""
     r = sub.add_parser("replay", help="replay an iteration trace (JSONL) and print the MFU report")
     r.add_argument("trace")
     r.add_argument("--config", help="model config (default: the trace header's)")
@@ -409,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--time-split", default="shapley", choices=["shapley", "flop_proportional"])
     r.add_argument("--json", action="store_true")
 
+
+def _add_in_process_bench_commands(sub: argparse._SubParsersAction) -> None:
+    """`bench-soak` and `bench-accounting`: in-process benchmarks that start no engine."""
     k = sub.add_parser("bench-soak", help="a long in-process run through tracker, writer and reader: peak RSS, "
                                           "snapshot size and publish latency at 10^4, 10^5, 10^6 iterations")
     k.add_argument("--iterations", type=_positive_int, default=1_000_000)
@@ -421,11 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=200)
     b.add_argument("--json", action="store_true")
 
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    """`serve`: the standalone metrics server over the engines' snapshots."""
     v = sub.add_parser("serve", help="standalone /metrics/mfu and Prometheus /metrics over the engines' snapshots")
     v.add_argument("--dir", help="snapshot folder (default: $SERVING_MFU_DIR or the per-user temp folder)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8801)
 
+
+def _add_bench_overhead_command(sub: argparse._SubParsersAction) -> None:
+    """`bench-overhead`: the engine benchmark's many knobs, one per `bench_overhead` argument."""
     o = sub.add_parser("bench-overhead", help="engine throughput with and without the hook; per-iteration cost "
                                               "of our accounting vs vLLM's ModelMetrics on the same steps")
     o.add_argument("--model", help="local model folder (default: the embedded tiny model)")
@@ -447,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start and stop an engine per run instead of keeping both alive")
     o.add_argument("--json", action="store_true")
 
+
+def _add_showcase_commands(sub: argparse._SubParsersAction) -> None:
+    """`example`, `compare-estimators` and `demo`: the worked example, estimator comparison and end-to-end demo."""
     sub.add_parser("example", help="the README's worked example (Llama-3-70B at 4k context) as markdown")
     ce = sub.add_parser("compare-estimators", help="FLOPs per token by serving-mfu, 2N, s² attention and vLLM's "
                                                     "estimator on public model shapes; oracle check of ours")
@@ -458,11 +495,27 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--prompt-len", type=int, default=13, help="oracle prefill length (default 13)")
     ce.add_argument("--markdown", action="store_true", help="print the README's markdown tables")
     ce.add_argument("--json", action="store_true")
-    d = sub.add_parser("demo", help="end-to-end demo: vLLM + the plugin + five load scenarios (one on MoE), prefill/decode MFU")
+    d = sub.add_parser("demo", help="end-to-end demo: vLLM + the plugin + five load scenarios (one on MoE), "
+                                    "prefill/decode MFU")
     d.add_argument("--out-dir", default="demo-results", help="results JSON, plots, server log (default demo-results/)")
     d.add_argument("--recalibrate", action="store_true", help="measure the CPU peak again instead of using the cache")
     d.add_argument("--model", help="serve this model instead of the embedded tiny one (on a GPU machine)")
     d.add_argument("--short", action="store_true", help="a quicker, smaller run (used by the test suite)")
+
+
+# The subcommands in the order `serving-mfu --help` lists them.
+_SUBCOMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_model_commands, _add_peak_commands, _add_replay_command, _add_in_process_bench_commands,
+    _add_serve_command, _add_bench_overhead_command, _add_showcase_commands,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `serving-mfu` parser: each group of subcommands is added by its own `_add_*` function."""
+    p = argparse.ArgumentParser(prog="serving-mfu", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for add_group in _SUBCOMMAND_GROUPS:
+        add_group(sub)
     return p
 
 

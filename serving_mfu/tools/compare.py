@@ -39,9 +39,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from pydantic import BaseModel, Field
 
 from serving_mfu.cost.flops import ATTENTION_SCORES, LM_HEAD, FlopModel
+from serving_mfu.format import giga as _g
+from serving_mfu.format import signed_pct as _err
 from serving_mfu.model.spec import ModelSpec
-from serving_mfu.serve.format import giga as _g
-from serving_mfu.serve.format import signed_pct as _err
 from serving_mfu.tools.estimators import s2_attention_flops, six_nd_flops, vllm_perf_flops
 from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 from serving_mfu.tools.tiny_models import build_hf_model

@@ -29,13 +29,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from loadgen import LengthSpec, RunConfig, run_benchmark_sync, run_sweep
-from scheduler_hooks.server import VLLMServer
 from serving_mfu.files import write_atomic, write_figure
+from serving_mfu.format import ms, pct, peak_warning
 from serving_mfu.peaks.calibrate import cache_path, cached_calibration, calibrate, save_calibration
 from serving_mfu.runtime.settings import read_settings
-from serving_mfu.serve.format import ms, pct, peak_warning
 from serving_mfu.tools.engine_models import ensure_model
 from serving_mfu.tools.progress import calibration_progress
+from serving_mfu.tools.server import VLLMServer
 
 # prompt_lookup_min=1: drafts from single-token matches, so sampled decoding rejects many of them.
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 1}

@@ -23,8 +23,9 @@ from pydantic import BaseModel
 from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.table import lookup_peak
+from serving_mfu.runtime.aggregate import SnapshotReader
+from serving_mfu.runtime.publish import SnapshotWriter
 from serving_mfu.runtime.tracker import MFUTracker
-from serving_mfu.runtime.transport import SnapshotReader, SnapshotWriter
 from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 
 
@@ -75,10 +76,11 @@ def soak(iterations: int = 1_000_000, batch: int = 64, checkpoints: tuple[int, .
                 clock += 0.02
                 prefill = None
                 if step % 8 == 0:  # a prompt chunk of a new request
-                    prefill = PrefillBatch([f"p{step}"], [256], [0], [1024])
+                    prefill = PrefillBatch(req_ids=[f"p{step}"], new_tokens=[256], computed_before=[0],
+                                           prompt_len=[1024])
                 ctx = [c + 1 if c < 8192 else 100 for c in ctx]  # long requests finish, new ones start short
-                tracker.record(IterationRecord(step, clock - 0.015, clock, [], prefill=prefill,
-                                               decode=DecodeBatch(ids, ctx)))
+                tracker.record(IterationRecord(step=step, t_sched_s=clock - 0.015, t_end_s=clock, slices=[],
+                                               prefill=prefill, decode=DecodeBatch(req_ids=ids, computed_before=ctx)))
                 writer.mark_dirty()
                 if step % read_every == 0:
                     reader.totals()
@@ -94,8 +96,8 @@ def soak(iterations: int = 1_000_000, batch: int = 64, checkpoints: tuple[int, .
                         iterations=n, wall_s=time.perf_counter() - t0, peak_rss_mib=_peak_rss_mib(),
                         snapshot_bytes=Path(writer.path).stat().st_size, publishes=len(publish_s),
                         snapshot_read_ms_p50=statistics.median(ms), publish_ms=publish_ms,
-                        reader_matches=totals is not None and totals.counters["decode_tokens"] == counters.decode_tokens
-                        and totals.counters["iterations"] == counters.iterations == n))
+                        reader_matches=totals is not None and totals.counters.decode_tokens == counters.decode_tokens
+                        and totals.counters.iterations == counters.iterations == n))
                 if step % 1000 == 0:
                     bar.update(task, completed=n)
         writer.close()

@@ -7,10 +7,10 @@ so the documentation cannot drift from the code.
 from __future__ import annotations
 
 from serving_mfu.cost.flops import FlopModel
+from serving_mfu.format import giga as _g
+from serving_mfu.format import signed_pct
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.table import lookup_peak
-from serving_mfu.serve.format import giga as _g
-from serving_mfu.serve.format import signed_pct
 from serving_mfu.tools.estimators import s2_attention_flops, six_nd_flops, vllm_perf_flops
 from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 

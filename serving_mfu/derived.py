@@ -35,12 +35,13 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from serving_mfu.model.architectures import ALIASES, PARSERS, Cfg, _unwrap, spec_from_config
 from serving_mfu.model.spec import AttentionSpec, LayerSpec, LinearSpec, ModelSpec, MoESpec, load_config
+
+if TYPE_CHECKING:  # torch is imported where a model is read, never at import
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def hf_config(source: Mapping[str, Any] | Any) -> Any:
 
 def meta_model(config: Any) -> torch.nn.Module:
     """The causal LM for `config`, built on the meta device (shapes only, no memory)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"), warnings.catch_warnings():
@@ -153,6 +155,7 @@ def read_linear(model: torch.nn.Module, data: Mapping[str, Any], stack: str,
                 out_emb: torch.nn.Module | None) -> tuple[dict[int, list[LinearSpec]], int]:
     """Each decoder layer's weight matmuls by component, and the number of decoder layers, reading
     only the layers of `stack` (`decoder_stack`) and leaving out the LM head `out_emb`."""
+    import torch
     skip = {id(out_emb)} if out_emb is not None else set()
     found: dict[int, dict[str, list[int]]] = {}  # layer -> component -> [active, stored, per expert]
     full_precision: set[str] = set()
@@ -219,6 +222,7 @@ def decoder_stack(model: torch.nn.Module) -> str:
 
 def _matmul_weight(mod: torch.nn.Module) -> int | None:
     """Weights per position of a module that multiplies its input by a 2-D weight, else None."""
+    import torch
     cls = type(mod).__name__
     if isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)) or "Embedding" in cls or "Norm" in cls:
         return None
@@ -233,6 +237,7 @@ def _matmul_weight(mod: torch.nn.Module) -> int | None:
 def _expert_container(mod: torch.nn.Module) -> tuple[int, int, int] | None:
     """(experts, params of one, params of all) of a module holding routed experts, else None:
     transformers' fused `…Experts` ([E, …] weights), or a ModuleList of expert MLPs named experts."""
+    import torch
     cls = type(mod).__name__
     if isinstance(mod, torch.nn.ModuleList):
         return None
@@ -257,6 +262,7 @@ def _is_moe_block(mod: torch.nn.Module) -> bool:
 def _top_k(model: torch.nn.Module, name: str, data: Mapping[str, Any]) -> int:
     """Experts each position runs in the expert container `name`: from the container, its block or
     the block's router (transformers keeps `top_k` there), else the config."""
+    import torch
     parts = name.split(".")
     candidates = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts), len(parts) - 2, -1)]
     block = candidates[-1]
@@ -356,6 +362,7 @@ def _mixer_state(mod: torch.nn.Module) -> tuple[int, int]:
     state-space mixer: its convolution's last kernel − 1 inputs per channel, plus the recurrent state —
     Mamba d_inner × N (readout y = C·h: 2·d_inner·N per position), gated DeltaNet H_v × d_k × d_v,
     Kimi delta attention H × d × d (their recurrent readouts are elementwise products and sums)."""
+    import torch
     elements = 0
     for sub in mod.modules():
         if isinstance(sub, torch.nn.Conv1d):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from serving_mfu.runtime.counters import Counters
+from serving_mfu.cost.counters import Counters
 
 TOLERATED_SHARE = 0.01  # iterations with HFU > 1, as a share of all, before the verdict turns
 EPS = 1e-9
