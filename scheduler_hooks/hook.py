@@ -42,6 +42,7 @@ from serving_mfu.cost.records import (
 from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.runtime.gpu_util import sampler_for_engine
 from serving_mfu.runtime.publish import SnapshotWriter
+from serving_mfu.runtime.seams import Clock, Observer, Publisher, Sampler
 from serving_mfu.runtime.settings import Settings, load_settings
 from serving_mfu.runtime.trace import TraceHeader, TraceWriter
 from serving_mfu.runtime.tracker import MFUTracker
@@ -80,9 +81,9 @@ class MFUHook:
     so tests and benchmarks give their own; `from_vllm_config` wires the engine's defaults.
     """
 
-    def __init__(self, info: EngineInfo, settings: Settings, tracker: MFUTracker, sampler: Any,
-                 writer_factory: Callable[["MFUHook"], Any], trace: TraceWriter | None = None,
-                 clock: Callable[[], float] = time.monotonic, engine_id: str | None = None):
+    def __init__(self, info: EngineInfo, settings: Settings, tracker: MFUTracker, sampler: Sampler,
+                 writer_factory: Callable[["MFUHook"], Publisher], trace: TraceWriter | None = None,
+                 clock: Clock = time.monotonic, engine_id: str | None = None):
         self.info = info
         self.settings = settings
         self.clock = clock
@@ -120,7 +121,7 @@ class MFUHook:
         self._queue: queue.Queue | None = None if self.sync else queue.Queue(maxsize=10_000)
         self.gpu = sampler
         self.trace = trace
-        self.observer: Any = None  # see "engine callbacks"
+        self.observer: Observer | None = None  # see "engine callbacks"
         self._accountant: threading.Thread | None = None  # before the writer, whose thread calls flush()
         try:
             self.writer = writer_factory(self)
@@ -134,7 +135,7 @@ class MFUHook:
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any, settings: Settings | None = None,
-                         clock: Callable[[], float] = time.monotonic, publish: bool = True,
+                         clock: Clock = time.monotonic, publish: bool = True,
                          tracker_cls: type[MFUTracker] = MFUTracker) -> "MFUHook":
         """The hook as the engine builds it: settings from SERVING_MFU_* (a bad value is counted and
         ignored), the tracker, a snapshot writer publishing to `settings.dir` (`publish=False`: a writer
@@ -163,7 +164,7 @@ class MFUHook:
             except OSError as exc:  # a link or another user's file at the path, or no such folder: no trace
                 tracker.note_anomaly("trace_refused", f"SERVING_MFU_TRACE={settings.trace}: {exc}")
 
-        def writer(hook: "MFUHook") -> Any:
+        def writer(hook: "MFUHook") -> Publisher:
             if not publish:
                 return NullWriter()
             return SnapshotWriter(hook._snapshot, hook.engine_id, model, tracker.peak_report(), tracker.time_split,

@@ -1,10 +1,14 @@
 """serving-mfu: Model FLOPs Utilization of LLM inference serving, separately for prefill and decode.
 
-Layers, each importing only those below it (README, "Architecture"):
-  model/    a model's shape from its config         cost/   FLOPs, bytes, classification, time split
-  peaks/    datasheet table, ISA peak, calibration   runtime/ records, counters, tracker, snapshots, report
-  serve/    HTTP API, Prometheus, monitor, formats   tools/  CLI, demo, benches, analysis (never imported here)
-  files.py  (beneath them all) private folders, exclusive temporaries, no links followed (DESIGN §10)
+Layers, each importing only those below it (README, "Architecture"; tests/test_layout.py enforces it):
+  files.py  private folders, safe writes          format.py  figures as text (tools, loadgen)
+  model/    a model's shape from its config       derived.py a model's FLOPs read off its modules (torch, lazily)
+  cost/     counters, FLOPs, bytes, classes, time split
+  peaks/    datasheet table, ISA peak, calibration
+  schema/   the report, the verdict, the snapshot (what crosses a boundary)
+  runtime/  settings, tracker, GPU sampler, traces; publish → collect → aggregate
+  serve/    HTTP API, Prometheus, monitor
+  tools/    CLI, demo, server launcher, benches, analysis (never imported here)
 """
 
 from serving_mfu.cost.accounting import CostModel

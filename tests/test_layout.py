@@ -126,3 +126,31 @@ def test_the_plugin_does_not_import_the_tools():
             "'loadgen', 'httpx'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_package_says_what_it_holds_and_the_layer_map_names_every_layer():
+    """Each package opens with a docstring; serving_mfu/__init__'s map names every layer RANK knows."""
+    missing = [str(p.relative_to(ROOT)) for p in ROOT.glob("*/**/__init__.py")
+               if p.parts[len(ROOT.parts)] in PACKAGES and not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, missing
+    layer_map = ast.get_docstring(ast.parse((ROOT / "serving_mfu" / "__init__.py").read_text()))
+    for layer in RANK:
+        if layer.startswith("serving_mfu."):
+            name = layer.split(".")[1]
+            assert f"{name}/" in layer_map or f"{name}.py" in layer_map, f"{layer} is not in the layer map"
+
+
+MAX_FUNCTION_LINES = 80
+LONG_OK = {"scheduler_hooks/hook.py:build_record"}  # redesigned as capture → ledger → classify by a later issue
+
+
+def test_no_function_is_over_80_lines():
+    long = []
+    for mod, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                key = f"{path.relative_to(ROOT)}:{node.name}"
+                if lines > MAX_FUNCTION_LINES and key not in LONG_OK:
+                    long.append(f"{key} ({lines} lines)")
+    assert not long, long

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from serving_mfu.cost.counters import Counters
+from serving_mfu.cost.counters import COUNTERS, Counters
 from serving_mfu.runtime.settings import Settings, load_settings
 from serving_mfu.schema.report import GpuUtilStatus
 
@@ -47,8 +47,8 @@ ENV_DEVICES = "SERVING_MFU_GPU_DEVICES"
 DEFAULT_INTERVAL_S = 0.1
 GPM_MIN_INTERVAL_S = 0.1  # GPM metrics need samples at least ~100 ms apart to be meaningful
 
-# The Counters fields this module fills (cumulative device-seconds; errors a count).
-COUNTER_FIELDS = ("gpu_sampled_s", "gpu_util_s", "gpu_sm_sampled_s", "gpu_sm_active_s", "gpu_sample_errors")
+# The Counters fields this module fills: the counter table's rows that no step adds to (device-seconds; errors).
+COUNTER_FIELDS = tuple(r.name for r in COUNTERS if r.step is None)
 
 
 def _err(exc: BaseException) -> str:
