@@ -1,15 +1,15 @@
-# serving-mfu: `make demo` runs the main job, `make test` the whole suite. Both set up .venv first.
+# serving-mfu: `make demo` runs the main job, `make test` the whole suite and the docs build. Both set up .venv first.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup prometheus test demo bench clean
+.PHONY: setup prometheus test docs demo bench clean
 
 # Idempotent: re-runs only when pyproject.toml or this Makefile changed.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "torch==2.13.0+cpu" -e ".[cpu,dev,tools,notebook]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check "torch==2.13.0+cpu" -e ".[cpu,dev,tools,notebook,docs]"
 	@# The registry's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` with CPU torch.
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
@@ -27,8 +27,12 @@ prometheus:
 
 setup: $(STAMP) prometheus
 
-test: $(STAMP) prometheus
+test: $(STAMP) prometheus docs
 	$(BIN)/python -m pytest -q --durations=15
+
+# The docs site into build/site; strict: a broken link, anchor or reference fails the build.
+docs: $(STAMP)
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 demo: $(STAMP)
 	$(BIN)/serving-mfu demo
@@ -37,4 +41,4 @@ bench: $(STAMP)
 	$(BIN)/serving-mfu bench-accounting
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis demo-results
+	rm -rf $(VENV) .pytest_cache .hypothesis demo-results build

@@ -153,7 +153,8 @@ class MFUHook:
         if info.peak is None:
             tracker.note_anomaly("missing_peak", info.peak_error or "no peak for this device; set "
                                  "SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS or SERVING_MFU_CALIBRATION")
-        model = ModelReport(name=info.spec.name, model_type=info.spec.model_type, approximate=info.spec.approximate)
+        model = ModelReport(name=info.spec.name, model_type=info.spec.model_type, approximate=info.spec.approximate,
+                            flop_model=info.spec.flop_model)
         sampler = sampler_for_engine(getattr(vllm_config, "parallel_config", None), settings=settings)
         trace = None
         if settings.trace:

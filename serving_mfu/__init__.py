@@ -1,6 +1,6 @@
 """serving-mfu: Model FLOPs Utilization of LLM inference serving, separately for prefill and decode.
 
-Layers, each importing only those below it (README, "Architecture"; tests/test_layout.py enforces it):
+Layers, each importing only those below it (docs/architecture.md; tests/test_layout.py enforces it):
   files.py  private folders, safe writes          format.py  figures as text (tools, loadgen)
   model/    a model's shape from its config       derived.py a model's FLOPs read off its modules (torch, lazily)
   cost/     counters, FLOPs, bytes, classes, time split

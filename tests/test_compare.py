@@ -38,7 +38,7 @@ from serving_mfu.tools.estimators import s2_attention_flops, six_nd_flops, vllm_
 from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 
 EXE = str(Path(sys.executable).with_name("serving-mfu"))
-README = Path(__file__).resolve().parents[1] / "README.md"
+ESTIMATORS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "estimators.md"
 #: Shapes the scaled-down oracle checks (the others' attention kinds are checked in test_families.py).
 PLAIN = [n for n, cfg in PUBLIC_CONFIGS.items() if oracle_elsewhere(cfg) is None]
 POINTS = ((4096, 4096), (1, 4096), (512, 8192))
@@ -90,7 +90,7 @@ def test_estimates_and_relative_errors_from_the_numbers(name: str) -> None:
 
 
 def test_known_gaps_have_the_expected_sign() -> None:
-    """What the README says the table shows: 2N undercounts a long decode, the textbook s²
+    """What docs/estimators.md says the table shows: 2N undercounts a long decode, the textbook s²
     overcounts a dense prefill (no causal discount), vLLM's estimator overcounts prefill."""
     rows = {(r.model, r.new_tokens, r.context_len): r for r in comparison().rows}
     for m in PUBLIC_CONFIGS:
@@ -242,12 +242,12 @@ def test_cli_bad_input_exits_2(args) -> None:
 
 
 def test_readme_comparison_block_is_the_codes_output() -> None:
-    """Once the README carries the comparison between its markers, it must be this code's output."""
+    """Once docs/estimators.md carries the comparison between its markers, it must be this code's output."""
     m = re.search(r"<!-- estimator-comparison:start -->\n(.*?)\n<!-- estimator-comparison:end -->",
-                  README.read_text(), re.S)
+                  ESTIMATORS_PAGE.read_text(), re.S)
     if not m:
-        pytest.skip("README has no estimator-comparison block yet")
+        pytest.skip("docs/estimators.md has no estimator-comparison block yet")
     cmp = compare_estimators()
     if not cmp.vllm_available:
-        pytest.skip("vLLM not importable: the README's vLLM column cannot be reproduced")
+        pytest.skip("vLLM not importable: the page's vLLM column cannot be reproduced")
     assert m.group(1).strip() == comparison_markdown(cmp).strip()

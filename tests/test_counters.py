@@ -4,7 +4,6 @@ reaches the per-step cost, the cumulative sums, the report, the Prometheus outpu
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -19,7 +18,6 @@ from serving_mfu.schema.snapshot import EngineSnapshot
 from serving_mfu.serve.prometheus import MFUCollector
 from tests.test_accounting import LLAMA
 
-ROOT = Path(__file__).resolve().parents[1]
 PEAK = PeakReport(device="t", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, dtype="bf16", source="test", devices=1)
 MODEL = ModelReport(name="m", model_type="llama", approximate=False)
 
@@ -94,11 +92,3 @@ def test_a_counter_a_step_carries_becomes_a_field_of_the_cost() -> None:
 def test_a_table_that_cannot_work_is_refused(bad: Counter, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_types(COUNTERS + (bad,))
-
-
-def test_the_docs_table_is_the_table() -> None:
-    """docs/counters.md is generated from COUNTERS (`serving-mfu counters --markdown`): it must be current."""
-    text = (ROOT / "docs" / "counters.md").read_text()
-    assert docs_table() in text, "docs/counters.md is stale: regenerate it with `serving-mfu counters --markdown`"
-    for row in COUNTERS:
-        assert f"`{row.name}`" in text

@@ -3,6 +3,7 @@ FlopCounterMode on a tiny copy of each architecture's own default config (tests/
 
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 
@@ -130,3 +131,17 @@ def test_full_size_default_configs_build_on_meta_and_match_published_sizes(model
     total_b, active_b = PUBLISHED[model_type]
     assert abs((stored + emb) / 1e9 - total_b) / total_b < 0.03
     assert 0.9 * active / 1e9 <= active_b <= 1.1 * (active + emb) / 1e9
+
+
+def test_a_derived_spec_reports_its_path() -> None:
+    """The report's model.flop_model says `derived` for a spec the derived path built (it used to be
+    refused by the report schema, which knew only formula and approximate)."""
+    from serving_mfu.model.spec import ModelSpec
+    from serving_mfu.runtime.tracker import MFUTracker
+
+    spec = ModelSpec.from_hf_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                     "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100})
+    derived = dataclasses.replace(spec, derived=True)
+    assert derived.flop_model == "derived"
+    assert MFUTracker(derived).model_report().flop_model == "derived"
+    assert MFUTracker(spec).report().model.flop_model == "formula"

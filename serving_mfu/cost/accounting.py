@@ -1,4 +1,4 @@
-"""One iteration → useful and executed FLOPs, bytes, tokens and time per phase (DESIGN §2, §5).
+"""One iteration → useful and executed FLOPs, bytes, tokens and time per phase (DESIGN §2–§5).
 
 Every position of a slice falls in exactly one class: recompute (below the request's
 high-water mark), prefill (first-time prompt position), decode kept (the last sampled token

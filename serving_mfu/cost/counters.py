@@ -1,4 +1,4 @@
-"""Every counter, declared once: one `Counter` row per cumulative sum (DESIGN §6).
+"""Every counter, declared once: one `Counter` row per cumulative sum (DESIGN §6, §8).
 
 A row says what the sum is (name, unit, one line of help), how one engine step adds to it, where
 the report shows it and which Prometheus series exports it.  Everything else is derived from

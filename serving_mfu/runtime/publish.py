@@ -1,4 +1,4 @@
-"""Engine side: publish a tracker's cumulative state as a snapshot file (DESIGN §10).
+"""Engine side: publish a tracker's cumulative state as a snapshot file (DESIGN §8, §10).
 
 An engine process (one per data-parallel rank) writes `engine-<pid>-<rank>.json` into a private
 folder (ours, mode 0700; a folder another user owns or may write to is refused), atomically (a fresh

@@ -139,9 +139,10 @@ class ModelReport(BaseModel):
     name: str
     model_type: str
     approximate: bool
-    flop_model: Literal["formula", "approximate"] = Field(
+    flop_model: Literal["formula", "derived", "approximate"] = Field(
         "formula", description="formula: the model_type's registered FLOP formula (checked against torch's "
-        "FlopCounterMode); approximate: the generic reading of the standard config fields")
+        "FlopCounterMode); derived: linear FLOPs read off the model's modules built on the meta device; "
+        "approximate: the generic reading of the standard config fields")
 
 
 class MFUReportBase(BaseModel):

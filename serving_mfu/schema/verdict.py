@@ -1,4 +1,4 @@
-"""Is the peak an upper bound?  The credibility verdict every surface shows (DESIGN §1, §6).
+"""Is the peak an upper bound?  The credibility verdict every surface shows (DESIGN §1, §6, §7).
 
 HFU ≤ 1 is physics: executed FLOPs cannot exceed peak × time.  When a window's executed work
 does exceed it — in a phase, overall, or in more than `TOLERATED_SHARE` of its iterations (a

@@ -609,10 +609,10 @@ def plot_estimator_errors(cmp: Any):
     return fig
 
 
-# ----------------------------------------------------------------------------- README figures
+# ----------------------------------------------------------------------------- docs figures
 def write_readme_figures(results_dir: str | Path, out_dir: str | Path = "docs/figures",
                          names: Sequence[str] = ("roofline", "utilization_over_time")) -> list[Path]:
-    """Render figures from a results folder to `out_dir/<name>.png` (the README's figures)."""
+    """Render figures from a results folder to `out_dir/<name>.png` (the docs' figures)."""
     res = load_results(results_dir)
     it = replay_iterations(res.trace_path, res.peak) if res.trace_path else None
     makers = {

@@ -484,7 +484,7 @@ def _add_bench_overhead_command(sub: argparse._SubParsersAction) -> None:
 
 def _add_showcase_commands(sub: argparse._SubParsersAction) -> None:
     """`example`, `compare-estimators` and `demo`: the worked example, estimator comparison and end-to-end demo."""
-    sub.add_parser("example", help="the README's worked example (Llama-3-70B at 4k context) as markdown")
+    sub.add_parser("example", help="the worked example of docs/estimators.md (Llama-3-70B at 4k context) as markdown")
     ce = sub.add_parser("compare-estimators", help="FLOPs per token by serving-mfu, 2N, s² attention and vLLM's "
                                                     "estimator on public model shapes; oracle check of ours")
     ce.add_argument("--configs", help="comma-separated public configs (default: all): "
@@ -493,7 +493,7 @@ def _add_showcase_commands(sub: argparse._SubParsersAction) -> None:
     ce.add_argument("--no-oracle", action="store_true", help="skip the FlopCounterMode check on scaled-down shapes")
     ce.add_argument("--no-vllm", action="store_true", help="leave vLLM's estimator out (n/a)")
     ce.add_argument("--prompt-len", type=int, default=13, help="oracle prefill length (default 13)")
-    ce.add_argument("--markdown", action="store_true", help="print the README's markdown tables")
+    ce.add_argument("--markdown", action="store_true", help="print the markdown tables of docs/estimators.md")
     ce.add_argument("--json", action="store_true")
     d = sub.add_parser("demo", help="end-to-end demo: vLLM + the plugin + five load scenarios (one on MoE), "
                                     "prefill/decode MFU")

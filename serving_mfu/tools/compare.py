@@ -492,7 +492,7 @@ def oracle_markdown(cmp: Comparison) -> str:
 
 
 def comparison_markdown(cmp: Comparison) -> str:
-    """Both tables, as the README carries them."""
+    """Both tables, as docs/estimators.md carries them."""
     s = cmp.oracle[0].prompt_len if cmp.oracle else ORACLE_PROMPT_LEN
     text = ("GFLOP per new token of one forward pass (`serving-mfu compare-estimators`; prefill is a whole "
             "prompt, decode one token at that context; err = (estimate − ours) / ours):\n\n" + estimates_markdown(cmp))

@@ -1,6 +1,6 @@
 """Shapes of public models, written from their published config.json files (no download).
 
-Used by the README's worked example, the benchmarks and the estimator comparison.
+Used by the docs' worked example, the benchmarks and the estimator comparison.
 Only the fields the FLOP and byte models read are kept.
 """
 

@@ -1,6 +1,6 @@
-"""The README's worked example: Llama-3-70B at a 4k context, by component, and other estimators.
+"""The docs' worked example (docs/estimators.md): Llama-3-70B at a 4k context, by component, and other estimators.
 
-`serving-mfu example` prints it; a test checks that the README carries exactly this output,
+`serving-mfu example` prints it; a test checks that docs/estimators.md carries exactly this output,
 so the documentation cannot drift from the code.
 """
 
