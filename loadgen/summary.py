@@ -9,9 +9,9 @@ from rich.table import Table
 from rich.text import Text
 
 from loadgen.results import LatencyStats, MFUSection, RunResult
+from serving_mfu.format import largest_loss, peak_warning
 from serving_mfu.format import ms as _ms
 from serving_mfu.format import pct as _pct
-from serving_mfu.format import peak_warning
 from serving_mfu.schema.report import PeakReport
 
 
@@ -66,10 +66,12 @@ def section_table(m: MFUSection | None, error: str | None, what: str = "the run"
     else:
         peak = "no peak known: utilization needs one"
     t = Table(title=f"MFU of {what}, from the server's counters — {peak}")
-    for col in ("phase", "MFU", "HFU", "MBU", "tokens", "busy s"):
-        t.add_column(col, justify="right" if col != "phase" else "left")
+    for col in ("phase", "MFU", "HFU", "MBU", "SOL", "largest loss", "tokens", "busy s"):
+        t.add_column(col, justify="right" if col not in ("phase", "largest loss") else "left")
     for name, p in (("prefill", m.prefill), ("decode", m.decode), ("overall", m.overall)):
-        t.add_row(name, _pct(p.mfu), _pct(p.hfu), _pct(p.mbu), str(p.tokens), f"{p.time_s:.2f}")
+        loss = largest_loss(p.waterfall.model_dump() if p.waterfall else None,
+                            p.lever.model_dump() if p.lever else None)
+        t.add_row(name, _pct(p.mfu), _pct(p.hfu), _pct(p.mbu), _pct(p.sol), loss, str(p.tokens), f"{p.time_s:.2f}")
     if m.spec_decode is not None:
         t.caption = f"spec decode acceptance rate {_pct(m.spec_decode.acceptance_rate)}"
     return t

@@ -44,3 +44,16 @@ def signed_pct(x: float | None, missing: str = "n/a") -> str:
 def peak_warning(verdict: str | None, fix: str | None, detail: str = "") -> str:
     """The line every surface prints under its figures when the peak is not an upper bound."""
     return f"PEAK NOT CREDIBLE{detail}: {verdict}.\nFix: {fix}."
+
+
+LOSS_NAMES = {"waste": "waste", "memory_bound": "memory", "beyond_roofline": "overhead", "idle": "idle"}
+
+
+def largest_loss(waterfall: dict | None, lever: dict | None) -> str:
+    """The lever as a short cell: 'memory 62%', 'waste 12% (rejected drafts)'; '—' without a waterfall."""
+    if not waterfall or not lever:
+        return DASH
+    part = lever.get("part")
+    cause = lever.get("cause")
+    text = f"{LOSS_NAMES.get(part, part)} {pct(waterfall.get(part), digits=0)}"
+    return text + (f" ({cause.replace('_', ' ')})" if cause else "")

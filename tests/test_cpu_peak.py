@@ -12,12 +12,14 @@ import pytest
 
 from serving_mfu.peaks.cpu import (
     isa_peak,
+    last_level_cache_bytes,
     machine_isa_peak,
     machine_key,
     parse_cpuinfo,
     read_cgroup_quota,
     read_machine,
     usable_cores,
+    weights_fit_in_cache,
 )
 
 CPUS = Path(__file__).parent / "fixtures" / "cpus"
@@ -112,3 +114,64 @@ def test_this_machine_has_an_isa_peak():
     """Whatever CPU runs the suite: a positive figure from its own files (no value asserted: it depends on the CPU)."""
     peak = machine_isa_peak("bf16")
     assert peak.flops_per_s > 0 and peak.cores >= 1
+
+
+def _sysfs_cache(root, cpu, caches):
+    """Write cpu<cpu>/cache/index<i>/{level,type,size,shared_cpu_list} under `root` from (level, type, size, shared)."""
+    for i, (level, kind, size, shared) in enumerate(caches):
+        d = root / f"cpu{cpu}" / "cache" / f"index{i}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+        if shared is not None:
+            (d / "shared_cpu_list").write_text(f"{shared}\n")
+
+
+def test_last_level_cache_from_a_fake_sysfs(tmp_path):
+    """Level 3 of a 2-core VM whose cores share one 32 MiB L3: counted once; the L1i/L1d/L2 are not the LLC."""
+    for cpu in (0, 1):
+        _sysfs_cache(tmp_path, cpu, [(1, "Data", "32K", str(cpu)), (1, "Instruction", "32K", str(cpu)),
+                                     (2, "Unified", "1024K", str(cpu)), (3, "Unified", "32768K", "0-1")])
+    assert last_level_cache_bytes(tmp_path) == 32 << 20
+    assert last_level_cache_bytes(tmp_path, cpus={1}) == 32 << 20
+
+
+def test_last_level_cache_counts_each_instance_once(tmp_path):
+    """An EPYC with one 32 MiB L3 per CCD: CPUs 0-1 on one CCD, 2-3 on another → 64 MiB the engine can hold;
+    a process pinned to one CCD holds 32 MiB."""
+    for cpu in range(4):
+        ccd = "0-1" if cpu < 2 else "2-3"
+        _sysfs_cache(tmp_path, cpu, [(2, "Unified", "1M", str(cpu)), (3, "Unified", "32M", ccd)])
+    assert last_level_cache_bytes(tmp_path) == 64 << 20
+    assert last_level_cache_bytes(tmp_path, cpus={0, 1}) == 32 << 20
+
+
+def test_last_level_cache_falls_back_to_the_highest_level_and_to_none(tmp_path):
+    arm = tmp_path / "arm"  # a core with L1 and a private L2 only: the L2 is its last level
+    _sysfs_cache(arm, 0, [(1, "Data", "64K", "0"), (2, "Unified", "2048K", None)])
+    assert last_level_cache_bytes(arm) == 2 << 20
+    empty = tmp_path / "vm"  # no cache folders (some VMs, containers without sysfs)
+    (empty / "cpu0").mkdir(parents=True)
+    assert last_level_cache_bytes(empty) is None
+    assert last_level_cache_bytes(tmp_path / "nowhere") is None
+    garbage = tmp_path / "garbage"
+    _sysfs_cache(garbage, 0, [(3, "Unified", "lots", "0")])
+    assert last_level_cache_bytes(garbage) is None
+
+
+def test_this_machines_last_level_cache_is_positive_or_unknown():
+    llc = last_level_cache_bytes()
+    assert llc is None or llc >= 1 << 16
+
+
+@pytest.mark.parametrize("weight_bytes, cache_bytes, fits", [
+    (16 << 20, 32 << 20, True),  # a tiny model under a 32 MiB L3: its weights are cache hits, not DRAM traffic
+    (32 << 20, 32 << 20, True),
+    (14e9, 32 << 20, False),  # a 7B bf16 model
+    (33 << 20, 32 << 20, False),
+    (16 << 20, None, False),  # cache size unknown: not flagged
+    (0, 32 << 20, False),
+])
+def test_weights_fit_in_cache(weight_bytes, cache_bytes, fits):
+    assert weights_fit_in_cache(weight_bytes, cache_bytes) is fits

@@ -144,3 +144,28 @@ def test_loadgen_run_against_the_real_server(server) -> None:
         assert 0 < phase.mfu <= phase.hfu <= 1
     assert result.mfu.prefill.tokens > 0 and result.mfu.decode.tokens > 0
     assert result.ttft_s.p50 is not None and result.ttft_s.p50 > 0
+
+
+def test_speed_of_light_and_the_waterfall_on_the_real_engine(server) -> None:
+    """DESIGN §11 on the CPU engine: per phase the parts are ≥ 0 and sum to 1, useful = MFU, waste = HFU − MFU
+    and its causes sum to the waste FLOPs, sol = useful + waste + memory-bound ≥ HFU; overall
+    max(HFU, MBU) ≤ sol ≤ HFU + MBU and, on one engine, idle = 1 − busy/wall."""
+    fresh = {"min_as_of": f"{time.time():.6f}", "timeout": "10"}
+    report = MFUReport.model_validate(httpx.get(server["base"] + "/metrics/mfu", params=fresh, timeout=20).json())
+    assert report.peak.credible is True
+    for name in ("prefill", "decode"):
+        phase = getattr(report, name)
+        w = phase.waterfall
+        parts = (w.useful, w.waste, w.memory_bound, w.beyond_roofline)
+        assert min(parts) >= 0 and abs(sum(parts) - 1) <= 1e-9, (name, w)
+        assert w.useful == pytest.approx(phase.mfu, rel=1e-12)
+        assert w.waste == pytest.approx(phase.hfu - phase.mfu, abs=1e-12)
+        assert sum(phase.waste_by_cause.values()) == pytest.approx(phase.executed_flops - phase.useful_flops,
+                                                                   rel=1e-12, abs=1.0)
+        assert phase.sol == pytest.approx(w.useful + w.waste + w.memory_bound, rel=1e-12)
+        assert phase.sol >= phase.hfu - 1e-12 and phase.lever is not None
+    assert report.decode.waste_by_cause["rejected_drafts"] > 0  # n-gram drafts on this server
+    o = report.overall
+    assert max(o.hfu, o.mbu) <= o.sol + 1e-12 and o.sol <= o.hfu + o.mbu + 1e-12
+    assert o.waterfall.idle == pytest.approx(1 - o.busy_s / o.wall_s, rel=1e-9)
+    assert abs(sum(v for v in o.waterfall.model_dump().values()) - 1) <= 1e-9

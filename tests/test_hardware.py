@@ -11,6 +11,7 @@ import pytest
 
 from serving_mfu.peaks import resolve as hardware
 from serving_mfu.peaks.calibrate import (
+    CALIBRATION_METHOD,
     CalibrationFileError,
     calibrate,
     load_calibration,
@@ -244,7 +245,8 @@ def test_dtype_spellings():
 def test_peak_json_matches_lookup():
     d = peak_json("NVIDIA L4", "fp8")
     spec = lookup_peak("l4", "fp8")
-    assert d == {"flops_per_s": spec.flops_per_s, "bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s, "source": spec.source}
+    assert d == {"flops_per_s": spec.flops_per_s, "bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s,
+                 "source": spec.source}
     assert json.loads(json.dumps(d)) == d
     assert calibrate_peak_json is peak_json
     with pytest.raises(UnknownDeviceError):
@@ -254,8 +256,8 @@ def test_peak_json_matches_lookup():
 # --- resolution precedence ---------------------------------------------------------------
 
 
-def _calib(tmp_path, dtype="bf16", flops=1.23e12, bw=4.5e10):
-    spec = PeakSpec(device="cpu (test)", dtype=dtype, flops_per_s=flops, bandwidth_bytes_per_s=bw,
+def _calib(tmp_path, dtype="bf16", flops=1.23e12, bw=4.5e10, method=CALIBRATION_METHOD):
+    spec = PeakSpec(device="cpu (test)", dtype=dtype, flops_per_s=flops, bandwidth_bytes_per_s=bw, method=method,
                     source="measured by serving-mfu calibrate on test at 2025-01-01T00:00:00+00:00")
     return save_calibration(spec, tmp_path / "sub" / "calib.json"), spec
 
@@ -284,6 +286,43 @@ def test_cpu_default_prefers_this_machines_cached_calibration(clean_env, tmp_pat
     assert hardware.cpu_default_peak("fp32", tmp_path, bandwidth_probe=probe, isa=lambda dt: isa).flops_per_s == 5e11
     cache_path("bf16", tmp_path).write_text("{broken")  # an unreadable cache falls back on the ISA peak, never raises
     assert hardware.cpu_default_peak("bf16", tmp_path, bandwidth_probe=probe, isa=lambda dt: isa).flops_per_s == 5e11
+
+
+def test_a_cached_calibration_of_an_older_method_counts_as_absent(clean_env, tmp_path, caplog):
+    """A cache written before bandwidth was the max over read, copy and GEMV (no method field: method 1) is
+    measured again: cached_calibration says absent, once in the log, and the engine falls back on the ISA peak."""
+    import logging
+
+    from serving_mfu.peaks.calibrate import cache_path, cached_calibration
+    from serving_mfu.peaks.cpu import IsaPeak
+
+    isa = IsaPeak(dtype="bf16", flops_per_s=5e11, cores=2, flops_per_cycle=64, clock_ghz=4.0, cpu="t", source="ISA t")
+    _, old = _calib(tmp_path, flops=2e11, bw=4e10, method=None)
+    path = cache_path("bf16", tmp_path)
+    save_calibration(old, path)
+    assert "method" in json.loads(path.read_text()) and load_calibration(path).method is None  # old files load
+    with caplog.at_level(logging.WARNING, logger="serving_mfu.peaks.calibrate"):
+        assert cached_calibration("bf16", tmp_path) is None
+        peak = hardware.cpu_default_peak("bf16", tmp_path, bandwidth_probe=lambda: (3e10, "probe"), isa=lambda dt: isa)
+        assert cached_calibration("bf16", tmp_path) is None
+    assert (peak.flops_per_s, peak.bandwidth_bytes_per_s) == (5e11, 3e10)
+    stale = [r for r in caplog.records if "calibration method 1" in r.getMessage()]
+    assert len(stale) == 1 and str(path) in stale[0].getMessage()  # logged once, naming the file
+    save_calibration(old.model_copy(update={"method": CALIBRATION_METHOD + 1}), path)  # a newer method: also stale
+    assert cached_calibration("bf16", tmp_path) is None
+    save_calibration(old.model_copy(update={"method": CALIBRATION_METHOD}), path)
+    spec, got_path = cached_calibration("bf16", tmp_path)
+    assert (spec.flops_per_s, spec.method, got_path) == (2e11, CALIBRATION_METHOD, path)
+
+
+def test_an_explicit_calibration_file_of_an_older_method_is_used_and_says_so(clean_env, tmp_path):
+    """SERVING_MFU_CALIBRATION / --calibration: the user chose the file, so its figures stand; the source warns."""
+    path, old = _calib(tmp_path, method=None)
+    got = resolve_peak("bf16", calibration_file=path)
+    assert (got.flops_per_s, got.bandwidth_bytes_per_s) == (old.flops_per_s, old.bandwidth_bytes_per_s)
+    assert got.source.startswith(old.source) and "calibration method 1" in got.source and str(path) in got.source
+    current, spec = _calib(tmp_path)
+    assert resolve_peak("bf16", calibration_file=current).source == spec.source
 
 
 def test_resolve_table_for_given_device(clean_env):
@@ -426,6 +465,11 @@ def test_calibrate_cpu_gives_sane_numbers(cpu_calibration):
     assert spec.source.startswith("measured by serving-mfu calibrate on cpu")
     assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", spec.source)  # ISO time
     assert re.search(r" in fp32 at \S*\d+", spec.source)  # winning kernel, dtype, shape
+    # bandwidth: the max over the three memory kernels, the winner named with its shape
+    assert [r.kernel for r in spec.bandwidth_measurements] == ["streaming read", "copy", "GEMV"]
+    assert spec.bandwidth_bytes_per_s == max(r.bytes_per_s for r in spec.bandwidth_measurements)
+    assert re.search(r"bandwidth [\d.,]+ GB/s: (streaming read|copy|GEMV) \(", spec.source)
+    assert spec.method == CALIBRATION_METHOD
 
 
 class _FakeClock:
@@ -510,47 +554,102 @@ def test_calibrate_takes_the_max_over_kernels_and_names_it():
         _fake_kernel(clock, "F.linear", "fp32", {128: 6e10, 256: 9e10, 512: 1.3e11, 1024: 1.2e11, 2048: 1.1e11}),
     ]
     spec = calibrate("bf16", duration_s=40.0, device="cpu", kernels=kernels, clock=clock,
-                     isa_flops_per_s=2.816e11, measure_bandwidth=lambda: (4e10, 256 << 20, 3))
+                     isa_flops_per_s=2.816e11, memory_kernels=[_fake_memory_kernel(clock, "copy", 4e10)])
     assert spec.flops_per_s == pytest.approx(1.3e11)
     assert spec.flops_per_s == max(r.flops_per_s for r in spec.measurements)
     assert "F.linear in fp32 at 512x512x512" in spec.source
     assert spec.isa_flops_per_s == 2.816e11 and "ABOVE" not in spec.source
     assert {r.kernel + " " + r.dtype for r in spec.measurements} == {
         "torch.mm bf16", "F.linear bf16", "torch.mm fp32", "F.linear fp32"}
-    assert spec.bandwidth_bytes_per_s == 4e10
+    assert spec.bandwidth_bytes_per_s == pytest.approx(4e10)
+    assert spec.method == CALIBRATION_METHOD
 
 
 def test_a_measurement_above_the_isa_peak_is_flagged():
     clock = _FakeClock()
     kernels = [_fake_kernel(clock, "torch.mm", "fp32", {n: 5e11 for n in SIZES})]
     spec = calibrate("fp32", duration_s=10.0, device="cpu", kernels=kernels, clock=clock,
-                     isa_flops_per_s=2e11, measure_bandwidth=lambda: (4e10, 256 << 20, 3))
+                     isa_flops_per_s=2e11, memory_kernels=[_fake_memory_kernel(clock, "copy", 4e10)])
     assert "ABOVE the ISA peak 200.0 GFLOP/s" in spec.source
 
 
-def test_copy_bookkeeping_with_a_fake_clock():
-    """A copy of S bytes on memory moving R bytes/s (read + write) takes 2S/R: the result must be R."""
-    from types import SimpleNamespace
+def _fake_memory_kernel(clock, name, rate, nbytes=256 << 20, dtype="fp32", slow_every=0):
+    """A BandwidthKernel moving `nbytes` per call at `rate` bytes/s on `clock` (every `slow_every`-th call 3x)."""
+    from serving_mfu.peaks.calibrate import BandwidthKernel
 
-    from serving_mfu.peaks.calibrate import measure_copy
+    calls = []
 
-    rate, clock = 4.2e10, _FakeClock()
+    def build():
+        def op():
+            calls.append(1)
+            slow = 3.0 if slow_every and len(calls) % slow_every == 0 else 1.0
+            clock.now += slow * nbytes / rate
+        return op, float(nbytes), f"{name} of {nbytes >> 20} MiB"
+    return BandwidthKernel(name, dtype, build)
 
-    class FakeTensor:
-        def __init__(self, numel):
-            self.nbytes = 4 * numel
 
-        def copy_(self, src):
-            clock.now += 2 * src.nbytes / rate
+def test_bandwidth_bookkeeping_with_a_fake_clock():
+    """A kernel moving S bytes per call on memory doing R bytes/s takes S/R: the result is R, although every
+    other call is preempted; the budget is shared between the kernels and each gets at least min_reps calls."""
+    from serving_mfu.peaks.calibrate import measure_bandwidth
 
-    fake_torch = SimpleNamespace(
-        float32="f32",
-        ones=lambda numel, device, dtype: FakeTensor(numel),
-        empty_like=lambda t: FakeTensor(t.nbytes // 4),
-    )
-    bandwidth, nbytes, reps = measure_copy(fake_torch, SimpleNamespace(type="cpu"), 0.5, clock=clock)
-    assert bandwidth == pytest.approx(rate, rel=1e-9)
-    assert nbytes >= 64 << 20 and reps >= 3
+    clock = _FakeClock()
+    kernels = [_fake_memory_kernel(clock, "copy", 4.2e10, slow_every=2), _fake_memory_kernel(clock, "read", 3e10)]
+    got = measure_bandwidth(kernels, 0.5, clock=clock)
+    assert [r.kernel for r in got] == ["copy", "read"]
+    assert got[0].bytes_per_s == pytest.approx(4.2e10, rel=1e-9) and got[1].bytes_per_s == pytest.approx(3e10)
+    assert all(r.reps >= 3 and r.bytes == 256 << 20 for r in got)
+    assert clock.now == pytest.approx(0.5, abs=0.05)  # the 0.5 s budget, shared, plus one call over
+
+
+def test_calibrated_bandwidth_is_the_max_over_read_copy_and_gemv_and_names_the_winner():
+    """The engine's GEMV streams faster than a copy on this fake machine: the bandwidth is the GEMV's figure,
+    the source names it with its shape and lists every kernel; a kernel that fails is left out, not fatal."""
+    from serving_mfu.peaks.calibrate import BandwidthKernel
+
+    clock = _FakeClock()
+    flops = [_fake_kernel(clock, "torch.mm", "fp32", {n: 1e11 for n in SIZES})]
+
+    def broken():
+        raise RuntimeError("no such kernel here")
+
+    memory = [_fake_memory_kernel(clock, "streaming read", 2.1e10), _fake_memory_kernel(clock, "copy", 1.8e10),
+              _fake_memory_kernel(clock, "GEMV", 2.6e10, dtype="bf16"), BandwidthKernel("broken", "fp32", broken)]
+    spec = calibrate("fp32", duration_s=10.0, device="cpu", kernels=flops, clock=clock, isa_flops_per_s=1e12,
+                     memory_kernels=memory)
+    assert spec.bandwidth_bytes_per_s == pytest.approx(2.6e10)
+    assert [(r.kernel, round(r.bytes_per_s / 1e9, 1)) for r in spec.bandwidth_measurements] == [
+        ("streaming read", 21.0), ("copy", 18.0), ("GEMV", 26.0)]
+    assert "bandwidth 26.0 GB/s: GEMV (GEMV of 256 MiB, best of" in spec.source
+    assert "fastest of streaming read 21.0, copy 18.0, GEMV 26.0 GB/s" in spec.source
+    assert f"calibration method {CALIBRATION_METHOD};" in spec.source
+
+
+def test_the_real_memory_kernels_move_the_bytes_they_count():
+    """Streaming read (size), copy (2 x size) and GEMV (W's bytes) over one small buffer, in bf16 and fp32."""
+    import torch
+
+    from serving_mfu.peaks.calibrate import bandwidth_kernels, buffer_bytes, measure_bandwidth
+
+    for dt, gemv_dt, rows in (("bf16", "bf16", 1024), ("fp32", "fp32", 512), ("int8", "bf16", 1024)):
+        got = measure_bandwidth(bandwidth_kernels(torch, torch.device("cpu"), dt, 8 << 20), 0.0, min_reps=1)
+        assert [(r.kernel, r.dtype, r.bytes) for r in got] == [
+            ("streaming read", "fp32", 8 << 20), ("copy", "fp32", 16 << 20), ("GEMV", gemv_dt, 8 << 20)]
+        assert all(r.bytes_per_s > 0 for r in got) and f"W[{rows},4096]" in got[2].shape
+    # buffers: 8x the last-level cache within 256 MiB…2 GiB; the quick reading 4x within 64…256 MiB
+    assert buffer_bytes(32 << 20) == 256 << 20 and buffer_bytes(96 << 20) == 768 << 20
+    assert buffer_bytes(None) == 256 << 20 and buffer_bytes(1 << 30) == 2 << 30
+    assert buffer_bytes(32 << 20, quick=True) == 128 << 20 and buffer_bytes(8 << 20, quick=True) == 64 << 20
+
+
+def test_bandwidth_text_says_when_the_buffer_is_not_far_above_the_cache():
+    from serving_mfu.peaks.calibrate import bandwidth_text
+    from serving_mfu.peaks.spec import BandwidthResult
+
+    r = [BandwidthResult(kernel="copy", dtype="fp32", bytes=2 << 30, shape="c", bytes_per_s=5e10, reps=3)]
+    assert "8.0x the 32 MiB last-level cache" in bandwidth_text(r, 256 << 20, 32 << 20)
+    assert "BELOW 4x" in bandwidth_text(r, 2 << 30, 1152 << 20)
+    assert "cache size unknown" in bandwidth_text(r, 256 << 20, None)
 
 
 def test_a_real_bf16_calibration_is_at_least_each_kernel_it_measured():

@@ -119,6 +119,30 @@ def test_recording_rules_equal_the_endpoint_over_the_same_window(live) -> None:
         assert busy[(model, None)] == pytest.approx(report.overall.mfu, rel=1e-9), model
 
 
+def test_speed_of_light_rules_equal_the_endpoint(live) -> None:
+    """sol and every part of the waterfall, per phase and overall, as the rules record them (DESIGN §11)."""
+    prom, at = live["prom"], live["at"]
+    rules = {name: _by_model(prom.query(f"serving_mfu:{name}:ratio_rate1m", at)) for name in (
+        "sol", "waterfall_waste", "waterfall_memory_bound", "waterfall_beyond_roofline", "busy_sol",
+        "overall_waterfall_useful", "overall_waterfall_waste", "overall_waterfall_memory_bound",
+        "overall_waterfall_beyond_roofline", "overall_waterfall_idle")}
+    for model, a, b in zip(live["models"], live["before"], live["after"]):
+        report = b.report_since(a)
+        for phase in ("prefill", "decode"):
+            want = getattr(report, phase)
+            w = want.waterfall
+            assert want.sol is not None and w is not None, (model, phase)
+            assert rules["sol"][(model, phase)] == pytest.approx(want.sol, rel=1e-9), (model, phase)
+            for part in ("waste", "memory_bound", "beyond_roofline"):
+                assert rules[f"waterfall_{part}"][(model, phase)] == pytest.approx(getattr(w, part), rel=1e-9,
+                                                                                    abs=1e-12), (model, phase, part)
+        o = report.overall
+        assert rules["busy_sol"][(model, None)] == pytest.approx(o.sol, rel=1e-9), model
+        for part in ("useful", "waste", "memory_bound", "beyond_roofline", "idle"):
+            assert rules[f"overall_waterfall_{part}"][(model, None)] == pytest.approx(
+                getattr(o.waterfall, part), rel=1e-9, abs=1e-12), (model, part)
+
+
 def test_fleet_mfu_is_the_capacity_weighted_sum_of_the_models(live) -> None:
     """Two engines of different models: Σ useful rate / Σ capacity rate, which no mean of the two MFUs gives."""
     prom, at = live["prom"], live["at"]

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving_mfu.files import FolderRefused, ForeignFile, folder_refusal, private_folder, read_own, write_atomic
-from serving_mfu.peaks.calibrate import cache_path, cached_calibration, save_calibration
+from serving_mfu.peaks.calibrate import CALIBRATION_METHOD, cache_path, cached_calibration, save_calibration
 from serving_mfu.peaks.spec import PeakSpec
 from serving_mfu.runtime.aggregate import SnapshotReader
 from serving_mfu.runtime.settings import Settings
@@ -187,7 +187,8 @@ def test_a_trace_is_never_written_through_a_link_or_into_another_users_file(tmp_
 
 @ROOT_ONLY
 def test_a_planted_calibration_cache_is_not_trusted(tmp_path, caplog) -> None:
-    peak = PeakSpec(device="cpu", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test")
+    peak = PeakSpec(device="cpu", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="test",
+                    method=CALIBRATION_METHOD)
     path = cache_path("bf16", tmp_path)
     save_calibration(peak, path)
     assert cached_calibration("bf16", tmp_path)[0].flops_per_s == 1e12

@@ -21,6 +21,8 @@ from serving_mfu.cost.bytes import ByteModel
 from serving_mfu.cost.counters import IterationCost, PhaseCost  # noqa: F401 - PhaseCost re-exported
 from serving_mfu.cost.flops import FlopModel, KeyRule
 from serving_mfu.cost.records import DecodeBatch, IterationRecord, KVTransferRecord, PrefillBatch, Slice
+from serving_mfu.cost.roofline import NONE as NO_ROOFLINE
+from serving_mfu.cost.roofline import roofline_parts
 from serving_mfu.cost.time_split import split_time
 from serving_mfu.model.spec import ModelSpec
 
@@ -350,16 +352,26 @@ def lora_cost(record: IterationRecord, out: IterationCost) -> None:
                     continue
                 logits = pos.logits_in(a, b)
                 side = out.prefill if phase == "prefill" else out.decode
-                side.executed_flops += et * (b - a) + el * logits
-                out.lora_executed_flops += et * (b - a) + el * logits
+                executed = et * (b - a) + el * logits
+                side.executed_flops += executed
+                out.lora_executed_flops += executed
                 if useful:
-                    side.useful_flops += ft * (b - a) + fl * logits
-                    out.lora_useful_flops += ft * (b - a) + fl * logits
+                    work = ft * (b - a) + fl * logits
+                    side.useful_flops += work
+                    side.lora_padding_flops += executed - work  # ranks padded to --max-lora-rank
+                    out.lora_useful_flops += work
                     out.lora_tokens += b - a
+                else:  # the adapter's work on a wasted position has that position's cause
+                    setattr(out, LORA_WASTE[cls], getattr(out, LORA_WASTE[cls]) + executed)
 
 
 #: Index of each position class in ClassTotals' lists (the order of POSITION_CLASSES).
 PREFILL, RECOMPUTE, KEPT, REJECTED, DISCARDED = range(5)
+
+
+#: The counter holding LoRA work on each wasted class of position (its waste cause, DESIGN §11).
+LORA_WASTE = {"recompute": "lora_recompute_flops", "rejected": "lora_rejected_flops",
+              "discarded": "lora_discarded_flops"}
 
 
 class ClassTotals:
@@ -526,6 +538,11 @@ def cost_iteration(
         busy_s, p.executed_flops, d.executed_flops, b_p, b_d, b_pd,
         engine_peak_flops_per_s, engine_bandwidth_bytes_per_s, split,
     ) if ran else (0.0, 0.0, 0.0)
+    parts = roofline_parts(busy_s, p.time_s, d.time_s, p.executed_flops, d.executed_flops, p.bytes + d.bytes,
+                           engine_peak_flops_per_s, engine_bandwidth_bytes_per_s)
+    if parts is not NO_ROOFLINE:
+        (p.sol_s, p.memory_bound_s, p.beyond_roofline_s, d.sol_s, d.memory_bound_s, d.beyond_roofline_s,
+         out.busy_sol_s, out.busy_memory_bound_s, out.busy_beyond_roofline_s) = parts
     if engine_peak_flops_per_s and busy_s > 0:
         out.hfu = (p.executed_flops + d.executed_flops) / (busy_s * engine_peak_flops_per_s)
         out.hfu_over_1 = out.hfu > 1.0 + 1e-9

@@ -68,6 +68,18 @@ COUNTERS: tuple[Counter, ...] = (
       "denominator)", step="c.{phase}.time_s * peak_flops", prom="serving_mfu_capacity_flops", phased=True),
     C("capacity_bytes", "bytes", "Peak bytes over the phase's seconds: seconds x bandwidth x devices (MBU "
       "denominator)", step="c.{phase}.time_s * peak_bytes", prom="serving_mfu_capacity_bytes", phased=True),
+    # ---- speed of light (DESIGN §11; serving_mfu.cost.roofline): the phase's time by part
+    C("sol_s", "seconds", "Speed-of-light seconds of the phase: its compute time (executed FLOPs / peak) plus its "
+      "memory-bound time; sol = this / attributed seconds", prom="serving_mfu_sol_seconds", phased=True),
+    C("memory_bound_s", "seconds", "Seconds of the phase the memory explains: its share of roofline time above "
+      "compute time", prom="serving_mfu_memory_bound_seconds", phased=True),
+    C("beyond_roofline_s", "seconds", "Seconds of the phase beyond its roofline (Python, launches, sync); negative "
+      "where a step ran faster than its roofline", prom="serving_mfu_beyond_roofline_seconds", phased=True),
+    # ---- waste by cause that no other counter holds (DESIGN §11)
+    C("lora_padding_flops", "flops", "LoRA FLOPs the kernels ran beyond each adapter's own rank on useful "
+      "positions (padding to --max-lora-rank): waste", prom="serving_mfu_lora_padding_flops", phased=True),
+    C("graph_padding_flops", "flops", "FLOPs of the positions a CUDA graph padded the step to: waste (0 on CPU)",
+      prom="serving_mfu_graph_padding_flops", phased=True),
     # ---- the engine's time
     C("iterations", "iterations", "Engine iterations accounted", step="1", report="overall.iterations",
       prom="serving_mfu_iterations"),
@@ -85,11 +97,21 @@ COUNTERS: tuple[Counter, ...] = (
       step="c.wall_s * peak_flops", prom="serving_mfu_wall_capacity_flops"),
     C("busy_capacity_bytes", "bytes", "Peak bytes over busy seconds (overall MBU denominator)",
       step="c.busy_s * peak_bytes", prom="serving_mfu_busy_capacity_bytes"),
+    C("busy_sol_s", "seconds", "Roofline seconds of the steps: sum of max(executed FLOPs / peak, bytes / "
+      "bandwidth); overall sol = this / busy seconds", prom="serving_mfu_busy_sol_seconds"),
+    C("busy_memory_bound_s", "seconds", "Seconds of the steps the memory explains (roofline minus compute time)",
+      prom="serving_mfu_busy_memory_bound_seconds"),
+    C("busy_beyond_roofline_s", "seconds", "Busy seconds beyond the steps' roofline (negative where a step ran "
+      "faster than its roofline)", prom="serving_mfu_busy_beyond_roofline_seconds"),
+    C("idle_s", "seconds", "Wall seconds with no step running (wall minus busy)", step="c.wall_s - c.busy_s",
+      prom="serving_mfu_idle_seconds"),
     # ---- work that is not useful, and work not done here
     C("recompute_tokens", "tokens", "Positions recomputed after preemption", report="recompute.tokens",
       prom="serving_mfu_recompute_tokens"),
     C("recompute_flops", "flops", "FLOPs of recomputation after preemption", report="recompute.flops",
       prom="serving_mfu_recompute_flops"),
+    C("lora_recompute_flops", "flops", "LoRA adapter FLOPs of recomputed positions (waste, cause recompute)",
+      prom="serving_mfu_lora_recompute_flops"),
     C("rejected_tokens", "tokens", "Speculative positions rejected (KV rolled back)",
       report="spec_decode.rejected_tokens", prom="serving_mfu_spec_rejected_tokens"),
     C("rejected_flops", "flops", "FLOPs of rejected speculative positions", report="spec_decode.rejected_flops",
@@ -98,6 +120,10 @@ COUNTERS: tuple[Counter, ...] = (
       "step)", report="discarded.tokens", prom="serving_mfu_discarded_tokens"),
     C("discarded_flops", "flops", "FLOPs of discarded decode positions", report="discarded.flops",
       prom="serving_mfu_discarded_flops"),
+    C("lora_rejected_flops", "flops", "LoRA adapter FLOPs of rejected speculative positions (waste, cause "
+      "rejected_drafts)", prom="serving_mfu_lora_rejected_flops"),
+    C("lora_discarded_flops", "flops", "LoRA adapter FLOPs of discarded decode positions (waste, cause discarded)",
+      prom="serving_mfu_lora_discarded_flops"),
     C("draft_tokens", "tokens", "Speculative draft tokens verified", report="spec_decode.draft_tokens",
       prom="serving_mfu_spec_draft_tokens"),
     C("accepted_tokens", "tokens", "Speculative draft tokens accepted", report="spec_decode.accepted_tokens",

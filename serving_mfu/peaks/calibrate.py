@@ -1,4 +1,4 @@
-"""Measure this machine's achievable matmul FLOP/s and copy bandwidth (DESIGN §7).
+"""Measure this machine's achievable matmul FLOP/s and memory bandwidth (DESIGN §7).
 
 A CPU peak must be an upper bound of what the engine can reach, so `calibrate` takes the
 MAXIMUM over every kernel an engine may run the compute dtype with — `torch.mm`, `F.linear` at
@@ -7,6 +7,11 @@ dispatch to (where vLLM is importable), and on a CPU for bf16/fp16 also the fp32
 up-convert where the ISA has no native support) — each over sizes until throughput stops rising.
 The result is a `PeakSpec` whose `source` names the winning kernel, dtype and shape; on a CPU it
 is held against the ISA peak (serving_mfu.peaks.cpu) and flagged when above it.
+
+The bandwidth is an upper bound the same way: the maximum over a streaming read, a copy and the
+engine's own weight-streaming pattern (a GEMV `F.linear(x[1,k], W)` in the compute dtype), each
+over buffers several times the last-level cache, so what they move is DRAM traffic.  Calibrations
+carry `CALIBRATION_METHOD`; a cached one of an older method is measured again.
 
 `save_calibration` writes it as JSON; `serving-mfu calibrate` also caches it once per machine
 (`cache_path`), where a CPU engine with no SERVING_MFU_* setting finds it.  torch is imported
@@ -28,14 +33,20 @@ from typing import Any, Callable, Sequence
 from pydantic import ValidationError
 
 from serving_mfu.files import folder_refusal, read_own, write_atomic
-from serving_mfu.peaks.cpu import machine_isa_peak, machine_key, read_machine
-from serving_mfu.peaks.spec import KernelResult, PeakSpec, normalize_dtype
+from serving_mfu.peaks.cpu import last_level_cache_bytes, machine_isa_peak, machine_key, read_machine
+from serving_mfu.peaks.spec import BandwidthResult, KernelResult, PeakSpec, normalize_dtype
 from serving_mfu.peaks.table import canonical_device, peak_json
 
 __all__ = [
     "CalibrationFileError", "Kernel", "KernelResult", "calibrate", "save_calibration", "load_calibration",
     "peak_json", "cache_path", "cached_calibration", "sweep_kernel", "best_result", "quick_copy_bandwidth",
+    "CALIBRATION_METHOD", "BandwidthKernel", "BandwidthResult", "bandwidth_kernels", "measure_bandwidth",
+    "quick_bandwidth", "method_note",
 ]
+
+# The calibration method: a cached calibration of another method is measured again.  1 (files without
+# the field): bandwidth from copies only.  2: bandwidth = max over streaming read, copy and GEMV.
+CALIBRATION_METHOD = 2
 
 _MiB = 1 << 20
 Clock = Callable[[], float]
@@ -43,6 +54,8 @@ CPU_SIZES = (128, 256, 512, 1024, 2048)
 GPU_SIZES = (1024, 2048, 4096, 8192, 16384)
 RISE = 1.03  # a size "raises" throughput when it beats the best so far by 3 %
 PATIENCE = 2  # stop a kernel's sweep after this many sizes in a row that did not raise it
+ASSUMED_LLC_BYTES = 32 * _MiB  # sizes the buffers where sysfs does not say (a large EPYC CCD / Xeon socket)
+GEMV_K = 4096  # the GEMV's input width: a model-like hidden size
 
 
 class CalibrationFileError(ValueError):
@@ -107,10 +120,34 @@ def cached_calibration(dtype: str, cache_dir: Path) -> tuple[PeakSpec, Path] | N
             text = read_own(path)
         except OSError as exc:
             raise CalibrationFileError(f"cannot read calibration file {str(path)!r}: {exc}") from exc
-        return parse_calibration(text, path), path
+        spec = parse_calibration(text, path)
     except CalibrationFileError as exc:
         logging.getLogger(__name__).warning("serving-mfu: ignoring the cached calibration: %s", exc)
         return None
+    note = method_note(spec)
+    if note is not None:  # an older method's figures (a copy-only bandwidth): absent, so measured again
+        _log_once(f"serving-mfu: ignoring the cached calibration {str(path)!r}: {note}; it counts as absent "
+                  f"until measured again (`serving-mfu calibrate --dtype {spec.dtype}`)")
+        return None
+    return spec, path
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
+def method_note(spec: PeakSpec) -> str | None:
+    """None for a calibration of the current method; else what is stale about it (for a log line or a source)."""
+    if spec.method == CALIBRATION_METHOD:
+        return None
+    return (f"written by calibration method {spec.method or 1}, not the current {CALIBRATION_METHOD} (whose "
+            "bandwidth is the maximum over streaming read, copy and a GEMV over a weight larger than the "
+            "last-level cache), so its bandwidth may be below what the engine streams")
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -279,37 +316,118 @@ def best_result(results: Sequence[KernelResult]) -> KernelResult:
     return max(results, key=lambda r: r.flops_per_s)
 
 
-def measure_copy(torch: Any, dev: Any, budget_s: float, clock: Clock = time.perf_counter,
-                 nbytes: int | None = None, min_reps: int = 3) -> tuple[float, int, int]:
-    """Best copy bandwidth (bytes/s, counting read + write) of a cache-busting tensor within `budget_s`."""
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if nbytes is None:
-        if dev.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(dev)
-            nbytes = min(1024 * _MiB, free_bytes // 4)
-        else:
-            nbytes = 256 * _MiB
-    src = torch.ones(nbytes // 4, device=dev, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up, pages in dst
-    start = clock()
-    best_s, reps = math.inf, 0
-    while reps < min_reps or clock() - start < budget_s:
-        sync()
-        t0 = clock()
-        dst.copy_(src)
-        sync()
-        best_s = min(best_s, clock() - t0)
-        reps += 1
-    return 2.0 * src.nbytes / best_s, src.nbytes, reps
+@dataclass(frozen=True)
+class BandwidthKernel:
+    """One memory kernel: `build()` → (zero-argument op, bytes one call moves, what it moves as text)."""
+
+    name: str
+    dtype: str
+    build: Callable[[], tuple[Callable[[], Any], float, str]]
+
+
+def bandwidth_kernels(torch: Any, dev: Any, dt: str, nbytes: int) -> list[BandwidthKernel]:
+    """Streaming read, copy and the engine's weight-streaming GEMV over one `nbytes` buffer (allocated once,
+    on first build, and written so every page is backed; the copy adds its destination)."""
+    held: dict[str, Any] = {}
+
+    def src() -> Any:
+        if "x" not in held:
+            held["x"] = torch.empty(nbytes // 4, device=dev, dtype=torch.float32).fill_(1.0)
+        return held["x"]
+
+    size = f"{nbytes / _MiB:,.0f} MiB"
+
+    def read():
+        x = src()
+        return (lambda: x.max()), float(x.nbytes), f"x.max() over {size} fp32 (bytes = size)"
+
+    def copy():
+        x = src()
+        y = torch.empty_like(x)  # paged in by the warm-up call
+        return (lambda: y.copy_(x)), 2.0 * x.nbytes, f"{size} fp32 into another {size} (bytes = 2 x size)"
+
+    gdt = dt if dt in ("bf16", "fp16") else "fp32" if dt in ("fp32", "tf32") else "bf16"
+
+    def gemv():
+        import torch.nn.functional as F
+
+        tdt = _torch_dtype(torch, gdt)
+        w = src().view(tdt).view(-1, GEMV_K)  # the same bytes as a weight (1.0f reads as finite 16-bit values)
+        v = torch.ones(1, GEMV_K, device=dev, dtype=tdt)
+        return (lambda: F.linear(v, w)), float(w.nbytes), \
+            f"F.linear(x[1,{GEMV_K}], W[{w.shape[0]},{GEMV_K}]) in {gdt}, W {size} (bytes = W)"
+
+    return [BandwidthKernel("streaming read", "fp32", read), BandwidthKernel("copy", "fp32", copy),
+            BandwidthKernel("GEMV", gdt, gemv)]
+
+
+def measure_bandwidth(kernels: Sequence[BandwidthKernel], budget_s: float, clock: Clock = time.perf_counter,
+                      sync: Callable[[], None] = lambda: None, min_reps: int = 3,
+                      on_result: Callable[[BandwidthResult], None] = lambda r: None) -> list[BandwidthResult]:
+    """Each kernel's best bytes/s: a warm-up call, then single timed calls until `min_reps` and its share
+    of `budget_s` are both spent.  A kernel that fails is left out (the others still bound the peak)."""
+    out: list[BandwidthResult] = []
+    for k in kernels:
+        try:
+            op, nbytes, shape = k.build()
+            sync()
+            op()
+            sync()
+        except Exception:  # noqa: BLE001 - e.g. a GEMV dtype this build cannot run
+            logging.getLogger(__name__).debug("serving-mfu: bandwidth kernel %s skipped", k.name, exc_info=True)
+            continue
+        start, best_s, reps = clock(), math.inf, 0
+        while reps < min_reps or clock() - start < budget_s / len(kernels):
+            t0 = clock()
+            op()
+            sync()
+            best_s = min(best_s, max(clock() - t0, 1e-12))
+            reps += 1
+        r = BandwidthResult(kernel=k.name, dtype=k.dtype, bytes=int(nbytes), shape=shape,
+                            bytes_per_s=nbytes / best_s, reps=reps)
+        out.append(r)
+        on_result(r)
+    return out
+
+
+def buffer_bytes(llc: int | None, quick: bool = False) -> int:
+    """Bandwidth buffer size on a CPU: 8x the last-level cache (4x for the quick reading), within
+    256 MiB…2 GiB (64…256 MiB quick)."""
+    lo, hi, times = (64 * _MiB, 256 * _MiB, 4) if quick else (256 * _MiB, 2048 * _MiB, 8)
+    return int(min(hi, max(lo, times * (llc or ASSUMED_LLC_BYTES))) // _MiB * _MiB)
+
+
+def bandwidth_text(results: Sequence[BandwidthResult], nbytes: int, llc: int | None, on_cpu: bool = True) -> str:
+    """The source text of a bandwidth maximum: the winner, every kernel's figure, the buffer against the cache."""
+    top = max(results, key=lambda r: r.bytes_per_s)
+    each = ", ".join(f"{r.kernel} {r.bytes_per_s / 1e9:,.1f}" for r in results)
+    text = (f"bandwidth {top.bytes_per_s / 1e9:,.1f} GB/s: {top.kernel} ({top.shape}, best of {top.reps}) was the "
+            f"fastest of {each} GB/s over {nbytes / _MiB:,.0f} MiB buffers")
+    if not on_cpu:
+        return text
+    if llc is None:
+        return text + f" (last-level cache size unknown; assumed {ASSUMED_LLC_BYTES // _MiB} MiB)"
+    text += f", {nbytes / llc:.1f}x the {llc / _MiB:,.0f} MiB last-level cache"
+    return text + (" (BELOW 4x: part of what was moved may have been cache hits)" if nbytes < 4 * llc else "")
+
+
+def quick_bandwidth(dtype: str = "bf16", llc: int | None = None) -> tuple[float, str]:
+    """A short (~0.3 s) CPU bandwidth reading at engine start: the max over streaming read, copy and GEMV
+    on one buffer of 4x the last-level cache (64…256 MiB), best of 3 calls each."""
+    import torch
+
+    llc = last_level_cache_bytes() if llc is None else llc
+    nbytes = buffer_bytes(llc, quick=True)
+    results = measure_bandwidth(bandwidth_kernels(torch, torch.device("cpu"), normalize_dtype(dtype), nbytes), 0.0)
+    if not results:
+        raise RuntimeError("no bandwidth kernel could be timed")
+    top = max(results, key=lambda r: r.bytes_per_s)
+    return top.bytes_per_s, "measured at engine start: " + bandwidth_text(results, nbytes, llc)
 
 
 def quick_copy_bandwidth() -> tuple[float, str]:
-    """A ~0.1 s copy-bandwidth reading (64 MiB, best of 5) for a CPU engine with no cached calibration."""
-    import torch
-
-    bw, nbytes, reps = measure_copy(torch, torch.device("cpu"), 0.0, nbytes=64 * _MiB, min_reps=5)
-    return bw, f"copy bandwidth measured at engine start: best of {reps} copies of {nbytes // _MiB} MiB"
+    """The engine-start reading (`quick_bandwidth`; the name of method 1, when it was a copy alone)."""
+    return quick_bandwidth()
 
 
 def _cpu_name() -> str:
@@ -323,16 +441,17 @@ def calibrate(
     dtype: str = "bf16", duration_s: float = 5.0, device: str | None = None,
     on_event: Callable[[str, Any], None] | None = None,
     kernels: Sequence[Kernel] | None = None, clock: Clock = time.perf_counter, include_vllm: bool = True,
-    isa_flops_per_s: float | None = None,
-    measure_bandwidth: Callable[[], tuple[float, int, int]] | None = None,
+    isa_flops_per_s: float | None = None, memory_kernels: Sequence[BandwidthKernel] | None = None,
 ) -> PeakSpec:
-    """Achievable matmul FLOP/s at `dtype` (max over `kernels`, default `engine_kernels`) and copy bandwidth.
+    """Achievable matmul FLOP/s at `dtype` (max over `kernels`, default `engine_kernels`) and memory bandwidth
+    (max over `memory_kernels`, default `bandwidth_kernels`: streaming read, copy, GEMV).
 
-    About 80 % of `duration_s` goes to the kernels (shared evenly), 20 % to copies.  On a CPU the
-    result is compared with the ISA peak (`isa_flops_per_s`, default: this machine's).  Progress
+    About 80 % of `duration_s` goes to the matmul kernels (shared evenly), 20 % to the memory kernels.  On a
+    CPU the result is compared with the ISA peak (`isa_flops_per_s`, default: this machine's).  Progress
     goes to `on_event(kind, payload)`: ("finding", None), ("kernel", (Kernel, sizes)),
-    ("result", KernelResult), ("skipped", (Kernel, exception)), ("copy", None) — the CLI draws it.
-    `kernels`, `clock` and `measure_bandwidth` are seams for tests and benchmarks.
+    ("result", KernelResult), ("skipped", (Kernel, exception)), ("copy", None) before the memory kernels,
+    ("bandwidth", BandwidthResult) — the CLI draws it.  `kernels`, `clock` and `memory_kernels` are seams
+    for tests and benchmarks.
     """
     import torch
 
@@ -372,8 +491,8 @@ def calibrate(
             except Exception as exc:  # noqa: BLE001 - a kernel this build cannot run is skipped, said
                 emit("skipped", (k, exc))
         emit("copy", None)
-        bandwidth, nbytes, bw_reps = (measure_bandwidth or (
-            lambda: measure_copy(torch, dev, 0.2 * duration_s, clock=clock)))()
+        bw_results, bw_text = _calibrate_bandwidth(torch, dev, dt, 0.2 * duration_s, clock, sync, memory_kernels,
+                                                   lambda r: emit("bandwidth", r))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
 
@@ -381,9 +500,8 @@ def calibrate(
     tried = sorted({f"{r.kernel} {r.dtype}" for r in results})
     source = (
         f"measured by serving-mfu calibrate on {name} at {when}: {top.kernel} in {top.dtype} at {top.shape} "
-        f"(best of {top.reps} timed runs of {top.calls} calls) was the fastest of {len(results)} "
-        f"measurements over {', '.join(tried)}; best of {bw_reps} copies of {nbytes // _MiB} MiB "
-        f"(2 x size bytes each); torch {torch.__version__}"
+        f"(best of {top.reps} timed runs of {top.calls} calls) was the fastest of {len(results)} measurements "
+        f"over {', '.join(tried)}; {bw_text}; calibration method {CALIBRATION_METHOD}; torch {torch.__version__}"
     )
     isa = isa_flops_per_s
     if isa is None and dev.type == "cpu" and dt in ("bf16", "fp16", "fp32", "int8"):
@@ -394,5 +512,27 @@ def calibrate(
     if isa is not None and top.flops_per_s > isa:
         source += (f"; ABOVE the ISA peak {isa / 1e9:.1f} GFLOP/s: the CPU table or the clock is wrong "
                    "for this machine (please report it)")
-    return PeakSpec(device=label, dtype=dt, flops_per_s=top.flops_per_s, bandwidth_bytes_per_s=bandwidth,
-                    source=source, isa_flops_per_s=isa, measurements=results)
+    return PeakSpec(device=label, dtype=dt, flops_per_s=top.flops_per_s,
+                    bandwidth_bytes_per_s=max(r.bytes_per_s for r in bw_results), source=source,
+                    isa_flops_per_s=isa, measurements=results, bandwidth_measurements=bw_results,
+                    method=CALIBRATION_METHOD)
+
+
+def _calibrate_bandwidth(torch: Any, dev: Any, dt: str, budget_s: float, clock: Clock, sync: Callable[[], None],
+                         kernels: Sequence[BandwidthKernel] | None,
+                         on_result: Callable[[BandwidthResult], None]) -> tuple[list[BandwidthResult], str]:
+    """calibrate's bandwidth: the memory kernels over a buffer far larger than the last-level cache (CPU) or
+    a quarter of free memory up to 1 GiB (GPU); their results and the source text."""
+    on_cpu = dev.type != "cuda"
+    llc = last_level_cache_bytes() if on_cpu else None
+    if on_cpu:
+        nbytes = buffer_bytes(llc)
+    else:
+        free_bytes, _ = torch.cuda.mem_get_info(dev)
+        nbytes = int(min(1024 * _MiB, free_bytes // 4))
+    if kernels is None:
+        kernels = bandwidth_kernels(torch, dev, dt, nbytes)
+    results = measure_bandwidth(kernels, budget_s, clock=clock, sync=sync, on_result=on_result)
+    if not results:
+        raise RuntimeError("no bandwidth kernel could be timed")
+    return results, bandwidth_text(results, nbytes, llc, on_cpu=on_cpu)

@@ -346,8 +346,9 @@ def isa_peak(info: CpuInfo, dtype: str, affinity: set[int] | None = None, quota_
                    cpu=info.model_name, source=source)
 
 
-def read_machine(root: Path = Path("/"), arch: str | None = None,
-                 affinity: set[int] | None = None) -> tuple[CpuInfo, set[int] | None, float | None, tuple[float, str] | None]:
+def read_machine(
+    root: Path = Path("/"), arch: str | None = None, affinity: set[int] | None = None,
+) -> tuple[CpuInfo, set[int] | None, float | None, tuple[float, str] | None]:
     """(cpuinfo, affinity, cgroup quota, sysfs clock) of the machine under `root` (a fixture folder in tests)."""
     info = parse_cpuinfo((root / "proc" / "cpuinfo").read_text(), arch)
     if affinity is None and root == Path("/") and hasattr(os, "sched_getaffinity"):
@@ -369,3 +370,53 @@ def machine_key(root: Path = Path("/")) -> str:
     cores, _ = usable_cores(info, affinity, quota)
     name = re.sub(r"[^a-z0-9]+", "-", info.model_name.lower()).strip("-") or "cpu"
     return f"{name}-f{info.family}m{info.model}-{cores}c"
+
+
+# ------------------------------------------------------------------------------ last-level cache
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _cache_size_bytes(text: str) -> int | None:
+    """sysfs cache `size` text ("32768K", "1M", "512") in bytes; None when unreadable."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", text, re.I)
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()] if m else None
+
+
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu"),
+                           cpus: set[int] | None = None) -> int | None:
+    """Bytes of last-level cache the CPUs `cpus` can hold data in: the highest-level data/unified cache
+    of sysfs `cpuN/cache/index*` (level 3 on most x86 servers), each instance counted once (CPUs listed
+    in one `shared_cpu_list` share it; an EPYC has one per CCD).  `cpus` default: this process's
+    affinity on the real sysfs, every `cpuN` folder under a fixture `root`.  None where unknown."""
+    if cpus is None:
+        if root == Path("/sys/devices/system/cpu") and hasattr(os, "sched_getaffinity"):
+            cpus = set(os.sched_getaffinity(0))
+        else:
+            cpus = {int(p.name[3:]) for p in root.glob("cpu[0-9]*") if p.name[3:].isdigit()}
+    found: dict[tuple[int, str], int] = {}  # (level, sharing CPUs) → bytes
+    for cpu in sorted(cpus):
+        for index in (root / f"cpu{cpu}" / "cache").glob("index[0-9]*"):
+            try:
+                level = int((index / "level").read_text())
+                if (index / "type").read_text().strip() == "Instruction":
+                    continue
+                size = _cache_size_bytes((index / "size").read_text())
+            except (OSError, ValueError):
+                continue
+            try:
+                shared = (index / "shared_cpu_list").read_text().strip()
+            except OSError:
+                shared = f"cpu{cpu}"  # sharing unknown: one instance per CPU
+            if size:
+                found[(level, shared)] = size
+    if not found:
+        return None
+    top = max(level for level, _ in found)
+    return sum(size for (level, _), size in found.items() if level == top)
+
+
+def weights_fit_in_cache(weight_bytes: float, cache_bytes: int | None) -> bool:
+    """True when a model's weights (bytes) fit in the last-level cache (`last_level_cache_bytes`): then
+    what a decode step streams can stay in cache, its bytes are not DRAM traffic, and MBU against the
+    DRAM bandwidth overstates the memory system's load.  False where the cache size is unknown."""
+    return cache_bytes is not None and cache_bytes > 0 and 0 < weight_bytes <= cache_bytes

@@ -52,6 +52,11 @@ def resolve_peak(
                 f"calibration file {str(calibration_file)!r} was measured for {spec.dtype}, "
                 f"but the model computes in {dt}; re-run `serving-mfu calibrate --dtype {dt}`"
             )
+        note = calibrate.method_note(spec)
+        if note is not None:  # the user chose this file: used as given, but the source says what is stale
+            stale = (f"calibration file {str(calibration_file)!r} {note}; "
+                     f"re-run `serving-mfu calibrate --dtype {dt} --out <file>`")
+            spec = spec.model_copy(update={"source": f"{spec.source} [{stale}]"})
         return spec
     if device is not None:
         return lookup_peak(device, dt)
@@ -70,7 +75,8 @@ def cpu_default_peak(
     isa: "Callable[[str], Any] | None" = None,
 ) -> PeakSpec | None:
     """The peak of a CPU engine with no configuration: this machine's calibration cached under
-    `cache_dir` (`serving-mfu calibrate`), else the ISA peak with a quick copy-bandwidth reading.
+    `cache_dir` (`serving-mfu calibrate`, current method only), else the ISA peak with a quick bandwidth
+    reading (`calibrate.quick_bandwidth`: max over streaming read, copy and GEMV, ~0.3 s).
 
     Never a FLOP calibration at engine start: on a few cores it competes with the engine it
     measures, which is how a peak ends up below the engine.  None where no ISA peak can be
@@ -85,7 +91,7 @@ def cpu_default_peak(
         limit = (isa or cpu.machine_isa_peak)(dt)
     except (OSError, ValueError):
         return None
-    bandwidth, bw_source = (bandwidth_probe or calibrate.quick_copy_bandwidth)()
+    bandwidth, bw_source = bandwidth_probe() if bandwidth_probe is not None else calibrate.quick_bandwidth(dt)
     return PeakSpec(device=f"cpu ({limit.cpu}, {limit.cores} cores)", dtype=dt, flops_per_s=limit.flops_per_s,
                     bandwidth_bytes_per_s=bandwidth, isa_flops_per_s=limit.flops_per_s,
                     source=f"{limit.source}. Bandwidth: {bw_source}. (No calibration cached for this machine: "

@@ -19,6 +19,17 @@ class KernelResult(BaseModel):
     reps: int = 0
 
 
+class BandwidthResult(BaseModel):
+    """One bandwidth measurement: the best of `reps` calls of one memory kernel (streaming read, copy, GEMV)."""
+
+    kernel: str
+    dtype: str
+    bytes: int  # bytes one call moves (a copy counts read + write)
+    shape: str
+    bytes_per_s: float
+    reps: int = 0
+
+
 class PeakSpec(BaseModel):
     """Peak compute and bandwidth of ONE device at one compute dtype, and where they came from."""
 
@@ -30,9 +41,15 @@ class PeakSpec(BaseModel):
     bandwidth_bytes_per_s: float = Field(gt=0)
     source: str
     isa_flops_per_s: float | None = Field(
-        default=None, description="CPU only: theoretical ISA peak (cores × FLOPs/cycle × max clock), the physical limit")
+        default=None,
+        description="CPU only: theoretical ISA peak (cores × FLOPs/cycle × max clock), the physical limit")
     measurements: list[KernelResult] | None = Field(
         default=None, description="calibration only: every kernel × size it timed (the peak is their max)")
+    bandwidth_measurements: list[BandwidthResult] | None = Field(
+        default=None, description="calibration only: every memory kernel it timed (the bandwidth is their max)")
+    method: int | None = Field(
+        default=None, description="calibration only: the calibration method version (serving_mfu.peaks.calibrate."
+                                  "CALIBRATION_METHOD); None: written before methods were versioned (method 1)")
 
 
 class UnknownDeviceError(ValueError):

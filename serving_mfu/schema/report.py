@@ -17,6 +17,27 @@ from serving_mfu.cost.counters import PHASES, TYPES, Counter, CounterTypes
 from serving_mfu.schema.verdict import peak_verdict
 
 
+class Waterfall(BaseModel):
+    """Where the time went, as fractions that sum to 1 (DESIGN §11): per phase over its attributed time,
+    overall over the engines' wall time (summed over engines, as it accrues at each step's end) with `idle`."""
+
+    useful: float = Field(description="useful work at peak: the MFU")
+    waste: float = Field(description="executed work users did not keep, at peak: HFU − MFU (by cause: waste_by_cause)")
+    memory_bound: float = Field(description="time the memory explains: roofline time above compute time")
+    beyond_roofline: float = Field(description="time the roofline does not explain (Python, launches, sync); "
+                                   "negative where steps ran faster than their roofline (then the peak or "
+                                   "bandwidth is not credible)")
+    idle: float | None = Field(default=None, description="overall only: wall time with no step running")
+
+
+class Lever(BaseModel):
+    """The largest part of the waterfall other than useful work, and for waste its largest cause."""
+
+    part: Literal["waste", "memory_bound", "beyond_roofline", "idle"]
+    cause: str | None = Field(default=None, description="for waste: its largest cause (a waste_by_cause key)")
+    text: str = Field(description="the lever in one sentence")
+
+
 class PhaseBase(BaseModel):
     """One phase (prefill or decode): utilization; its sums are the table's `phase.*` rows."""
 
@@ -24,6 +45,13 @@ class PhaseBase(BaseModel):
     hfu: float | None = Field(description="executed FLOPs / (time_s × peak × devices); null without a peak")
     mbu: float | None = Field(description="bytes / (time_s × peak bandwidth × devices); null without a peak")
     useful_flops_per_s: float | None
+    sol: float | None = Field(default=None, description="speed-of-light attainment: roofline time / time, where "
+                              "roofline = max(executed FLOPs / peak, bytes / bandwidth) per step; null without a "
+                              "peak and a bandwidth")
+    waterfall: Waterfall | None = Field(default=None, description="where the time went (null without a roofline)")
+    waste_by_cause: dict[str, float] = Field(default_factory=dict, description="waste FLOPs by cause; they sum to "
+                                             "executed − useful FLOPs")
+    lever: Lever | None = Field(default=None, description="the largest loss, and what to do about it")
 
 
 class OverallBase(BaseModel):
@@ -258,6 +286,84 @@ def _utilization(sums: dict[str, Any], time_s: float, capacity_flops: float, cap
                 mbu=_ratio(sums["bytes"], capacity_bytes), useful_flops_per_s=_ratio(sums["useful_flops"], time_s))
 
 
+#: Waste by cause (DESIGN §11): each cause's counters; per phase, they sum to its executed − useful FLOPs.
+WASTE_CAUSES: dict[str, dict[str, tuple[str, ...]]] = {
+    "prefill": {"recompute": ("recompute_flops", "lora_recompute_flops"),
+                "lora_padding": ("prefill_lora_padding_flops",), "graph_padding": ("prefill_graph_padding_flops",)},
+    "decode": {"rejected_drafts": ("rejected_flops", "lora_rejected_flops"),
+               "discarded": ("discarded_flops", "lora_discarded_flops"), "drafter": ("drafter_flops",),
+               "lora_padding": ("decode_lora_padding_flops",), "graph_padding": ("decode_graph_padding_flops",)},
+}
+ADVICE = {
+    "rejected_drafts": "fewer or better drafts (a lower num_speculative_tokens, or a better drafter)",
+    "discarded": "stops that land inside verify steps; fewer drafts near max_tokens",
+    "recompute": "preemption: more KV cache (gpu_memory_utilization) or fewer concurrent requests",
+    "drafter": "a cheaper drafter, or fewer drafts",
+    "lora_padding": "a --max-lora-rank closer to the adapters' own ranks",
+    "graph_padding": "CUDA-graph capture sizes closer to the batch sizes served",
+    "memory_bound": "more requests per step (larger batches) or fewer bytes per token (quantized weights or KV "
+                    "cache) raise it",
+    "beyond_roofline": "scheduling, Python and kernel launches between the math: larger steps or CUDA graphs "
+                       "amortize them",
+    "idle": "the engine waited for requests: more load, or fewer engines",
+}
+
+
+def _causes(c: Any, phase: str) -> dict[str, float]:
+    return {cause: float(sum(getattr(c, name) for name in names)) for cause, names in WASTE_CAUSES[phase].items()}
+
+
+def _lever(scope: str, w: Waterfall, causes: dict[str, float]) -> Lever | None:
+    """The largest non-useful part (and for waste its largest cause), in one sentence."""
+    parts = {"waste": w.waste, "memory_bound": w.memory_bound, "beyond_roofline": w.beyond_roofline,
+             **({"idle": w.idle} if w.idle is not None else {})}
+    part = max(parts, key=lambda k: parts[k])
+    if parts[part] <= 0:
+        return None
+    share = f"{100 * parts[part]:.0f}% of {scope} time"
+    if part == "waste":
+        cause = max(causes, key=lambda k: causes[k]) if causes and max(causes.values()) > 0 else None
+        text = f"{share} ran work users did not keep" + (
+            f", mostly {cause.replace('_', ' ')}: {ADVICE[cause]}" if cause else "")
+        return Lever(part=part, cause=cause, text=text)
+    what = {"memory_bound": "was bound by memory bandwidth", "beyond_roofline": "went beyond the roofline",
+            "idle": "had no step running"}[part]
+    return Lever(part=part, text=f"{share} {what}: {ADVICE[part]}")
+
+
+def _phase_roofline(c: Any, phase: str, sums: dict[str, Any]) -> dict[str, Any]:
+    """sol, the waterfall over the phase's attributed time, waste by cause and the lever."""
+    t, cap_f, cap_b = sums["time_s"], getattr(c, f"{phase}_capacity_flops"), getattr(c, f"{phase}_capacity_bytes")
+    causes = _causes(c, phase)
+    if not (t > 0 and cap_f > 0 and cap_b > 0):
+        return {"waste_by_cause": causes}
+    w = Waterfall(useful=sums["useful_flops"] / cap_f,
+                  waste=(sums["executed_flops"] - sums["useful_flops"]) / cap_f,
+                  memory_bound=getattr(c, f"{phase}_memory_bound_s") / t,
+                  beyond_roofline=getattr(c, f"{phase}_beyond_roofline_s") / t)
+    return {"sol": getattr(c, f"{phase}_sol_s") / t, "waterfall": w, "waste_by_cause": causes,
+            "lever": _lever(phase, w, causes)}
+
+
+def _overall_roofline(c: Any, both: dict[str, Any]) -> dict[str, Any]:
+    """sol over busy time; the waterfall over the engines' wall time as their counters accrued it (busy +
+    idle between steps, summed over engines, the capacity alike), so the parts sum to 1 and a recording
+    rule over the same counters gives the same figure; the lever."""
+    causes: dict[str, float] = {}
+    for phase in PHASES:
+        for cause, flops in _causes(c, phase).items():
+            causes[cause] = causes.get(cause, 0.0) + flops
+    if not (c.busy_s > 0 and c.busy_capacity_flops > 0 and c.busy_capacity_bytes > 0 and c.wall_capacity_flops > 0
+            and c.wall_s > 0):
+        return {"waste_by_cause": causes}
+    w = Waterfall(useful=both["useful_flops"] / c.wall_capacity_flops,
+                  waste=(both["executed_flops"] - both["useful_flops"]) / c.wall_capacity_flops,
+                  memory_bound=c.busy_memory_bound_s / c.wall_s, beyond_roofline=c.busy_beyond_roofline_s / c.wall_s,
+                  idle=c.idle_s / c.wall_s)
+    return {"sol": c.busy_sol_s / c.busy_s, "waterfall": w, "waste_by_cause": causes,
+            "lever": _lever("wall", w, causes)}
+
+
 def _moe(c: Any) -> MoEReport | None:
     if not c.moe_iterations:
         return None
@@ -290,14 +396,17 @@ def build_report(
     """
     raw = _raw_sums(c, types.counters.rows)
     phases = {p: {**raw[p], **_utilization(raw[p], raw[p]["time_s"], getattr(c, f"{p}_capacity_flops"),
-                                           getattr(c, f"{p}_capacity_bytes"))} for p in PHASES}
+                                           getattr(c, f"{p}_capacity_bytes")), **_phase_roofline(c, p, raw[p])}
+              for p in PHASES}
     both = {k: raw["prefill"][k] + raw["decode"][k] for k in raw["prefill"]}
     both["time_s"] = c.busy_s
-    overall = {**both, **raw["overall"], "wall_s": c.wall_s if wall_s is None else wall_s,
+    wall = c.wall_s if wall_s is None else wall_s
+    wall_cap = c.wall_capacity_flops if wall_capacity_flops is None else wall_capacity_flops
+    overall = {**both, **raw["overall"], "wall_s": wall,
                **_utilization(both, c.busy_s, c.busy_capacity_flops, c.busy_capacity_bytes),
-               "wall_mfu": _ratio(both["useful_flops"],
-                                  c.wall_capacity_flops if wall_capacity_flops is None else wall_capacity_flops),
-               "mixed_time_fraction": _ratio(c.mixed_busy_s, c.busy_s)}
+               "wall_mfu": _ratio(both["useful_flops"], wall_cap),
+               "mixed_time_fraction": _ratio(c.mixed_busy_s, c.busy_s),
+               **_overall_roofline(c, both)}
     spec = ({**raw["spec_decode"], "acceptance_rate": _ratio(c.accepted_tokens, c.draft_tokens)}
             if c.draft_tokens or c.drafter_flops else None)
     v = peak_verdict(c, peak.flops_per_s, peak.source, peak.dtype)

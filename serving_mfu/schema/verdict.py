@@ -1,4 +1,4 @@
-"""Is the peak an upper bound?  The credibility verdict every surface shows (DESIGN §1, §6, §7).
+"""Is the peak an upper bound?  The credibility verdict every surface shows (DESIGN §1, §6, §7, §11).
 
 HFU ≤ 1 is physics: executed FLOPs cannot exceed peak × time.  When a window's executed work
 does exceed it — in a phase, overall, or in more than `TOLERATED_SHARE` of its iterations (a
@@ -60,11 +60,38 @@ def peak_verdict(c: Counters, flops_per_s: float | None, source: str | None = No
     share = c.hfu_over_1_iterations / c.iterations if c.iterations else 0.0
     if share > TOLERATED_SHARE:
         over.append(f"{c.hfu_over_1_iterations} of {c.iterations} iterations ({100 * share:.1f}%) above HFU 1")
-    if not over:
+    moved = _over_bandwidth(c)
+    if not over and not moved:
         return PeakVerdict(credible=True)
+    if not over:  # the FLOP peak holds; the bandwidth does not (MBU > 1, or steps faster than their roofline)
+        return PeakVerdict(
+            credible=False,
+            reason=("the engine moved more bytes than the peak bandwidth allows: " + "; ".join(moved)
+                    + ". The bandwidth is not an upper bound, so MBU, SOL and the waterfall are not trustworthy"),
+            fix=BANDWIDTH_FIX)
     return PeakVerdict(
         credible=False,
         reason=(f"executed work exceeds the peak ({flops_per_s / 1e9:,.1f} GFLOP/s per device): "
                 + "; ".join(over) + ". The peak is not an upper bound, so MFU and HFU are not trustworthy"),
         fix=fix_for(source, dtype),
     )
+
+
+BANDWIDTH_FIX = ("re-run `serving-mfu calibrate` (its bandwidth is the maximum over streaming read, copy and a GEMV "
+                 "over a weight larger than the last-level cache) or raise SERVING_MFU_PEAK_BANDWIDTH; a model "
+                 "whose weights fit in the last-level cache moves them from cache, not DRAM")
+
+
+def _over_bandwidth(c: Counters) -> list[str]:
+    """MBU > 1 in a phase or overall, and SOL > 1 (steps faster than their roofline), with figures."""
+    out = []
+    for name, moved, capacity in (
+        ("prefill", c.prefill_bytes, c.prefill_capacity_bytes),
+        ("decode", c.decode_bytes, c.decode_capacity_bytes),
+        ("overall", c.prefill_bytes + c.decode_bytes, c.busy_capacity_bytes),
+    ):
+        if capacity > 0 and moved > capacity * (1 + EPS):
+            out.append(f"{name} MBU {moved / capacity:.2f}")
+    if c.busy_s > 0 and c.busy_sol_s > c.busy_s * (1 + EPS):
+        out.append(f"SOL {c.busy_sol_s / c.busy_s:.2f} (steps ran faster than their roofline)")
+    return out

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from serving_mfu.format import largest_loss, peak_warning
 from serving_mfu.format import pct as _pct
-from serving_mfu.format import peak_warning
 from serving_mfu.format import si as _si
 from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.model.spec import ConfigError, ModelSpec
@@ -182,11 +182,14 @@ def _peak_from_args(args: argparse.Namespace, spec: ModelSpec):
 def print_report(report, title: str = "serving-mfu") -> None:
     """The per-phase table people read (the JSON form is the report model itself)."""
     table = Table(title=title)
-    for col in ("phase", "MFU", "HFU", "MBU", "useful FLOPs", "executed FLOPs", "tokens", "time"):
-        table.add_column(col, justify="left" if col == "phase" else "right")
+    for col in ("phase", "MFU", "HFU", "MBU", "SOL", "largest loss", "useful FLOPs", "executed FLOPs", "tokens",
+                "time"):
+        table.add_column(col, justify="left" if col in ("phase", "largest loss") else "right")
     for name in ("prefill", "decode", "overall"):
         ph = getattr(report, name)
-        table.add_row(name, _pct(ph.mfu), _pct(ph.hfu), _pct(ph.mbu), _si(ph.useful_flops),
+        loss = largest_loss(ph.waterfall.model_dump() if ph.waterfall else None,
+                            ph.lever.model_dump() if ph.lever else None)
+        table.add_row(name, _pct(ph.mfu), _pct(ph.hfu), _pct(ph.mbu), _pct(ph.sol), loss, _si(ph.useful_flops),
                       _si(ph.executed_flops), str(ph.tokens), f"{ph.time_s:.3f} s")
     console.print(table)
     o = report.overall
@@ -247,6 +250,35 @@ def cmd_replay(args: argparse.Namespace) -> int:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:
         print_report(report, title=f"serving-mfu replay of {args.trace}")
+    return 0
+
+
+@command("explain")
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from serving_mfu.tools.explain import explain, fetch_report
+
+    if bool(args.url) == bool(args.trace):
+        raise ValueError("give exactly one of --url URL (a server with the plugin) or --trace FILE")
+    if args.url:
+        report = fetch_report(args.url, args.window)
+        title = f"where the time went: {args.url}" + (f", last {args.window:g} s" if args.window else "")
+    else:
+        from serving_mfu.runtime.trace import replay
+
+        report, errors = replay(args.trace, window_s=args.window)
+        if errors:
+            err_console.print(f"[yellow]{len(errors)} malformed line(s) skipped[/yellow]")
+        title = f"where the time went: {args.trace}"
+    if args.json:
+        print(json.dumps({s: {"sol": getattr(report, s).sol, "waterfall": getattr(report, s).waterfall
+                                  and getattr(report, s).waterfall.model_dump(),
+                              "waste_by_cause": getattr(report, s).waste_by_cause,
+                              "lever": getattr(report, s).lever and getattr(report, s).lever.model_dump()}
+                          for s in ("prefill", "decode", "overall")}, indent=2))
+        return 0
+    explain(report, title, console, Path(args.png) if args.png else None)
     return 0
 
 
@@ -435,6 +467,16 @@ def _add_replay_command(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true")
 
 
+def _add_explain_command(sub: argparse._SubParsersAction) -> None:
+    """`explain`: the loss waterfall per phase and the lever, from a server or a trace."""
+    e = sub.add_parser("explain", help="why the MFU is what it is: the loss waterfall per phase, and the lever")
+    e.add_argument("--url", help="a server with the plugin (e.g. http://localhost:8000)")
+    e.add_argument("--trace", help="an iteration trace (SERVING_MFU_TRACE) to replay instead")
+    e.add_argument("--window", type=float, help="only the last WINDOW seconds")
+    e.add_argument("--png", help="also draw the waterfall to this PNG")
+    e.add_argument("--json", action="store_true", help="sol, waterfall, waste by cause and lever per phase")
+
+
 def _add_in_process_bench_commands(sub: argparse._SubParsersAction) -> None:
     """`bench-soak` and `bench-accounting`: in-process benchmarks that start no engine."""
     k = sub.add_parser("bench-soak", help="a long in-process run through tracker, writer and reader: peak RSS, "
@@ -505,7 +547,8 @@ def _add_showcase_commands(sub: argparse._SubParsersAction) -> None:
 
 # The subcommands in the order `serving-mfu --help` lists them.
 _SUBCOMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_model_commands, _add_peak_commands, _add_replay_command, _add_in_process_bench_commands,
+    _add_model_commands, _add_peak_commands, _add_replay_command, _add_explain_command,
+    _add_in_process_bench_commands,
     _add_serve_command, _add_bench_overhead_command, _add_showcase_commands,
 )
 

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from loadgen import LengthSpec, RunConfig, run_benchmark_sync, run_sweep
 from serving_mfu.files import write_atomic, write_figure
-from serving_mfu.format import ms, pct, peak_warning
+from serving_mfu.format import largest_loss, ms, pct, peak_warning
 from serving_mfu.peaks.calibrate import cache_path, cached_calibration, calibrate, save_calibration
 from serving_mfu.runtime.settings import read_settings
 from serving_mfu.tools.engine_models import ensure_model
@@ -105,9 +105,11 @@ def _ms(x: float | None) -> str:
 def table(results: list[ScenarioResult], title: str = "serving-mfu demo") -> Table:
     """Two rows per scenario, prefill then decode, so that it fits an 80-column terminal."""
     t = Table(title=title, box=box.SIMPLE_HEAD,
-              caption="acc.: speculative drafts accepted; TTFT and TPOT: medians")
-    for col in ("scenario", "phase", "MFU", "HFU", "MBU", "acc.", "TTFT", "TPOT"):
-        t.add_column(col, justify="left" if col in ("scenario", "phase") else "right")
+              caption="SOL: roofline time / time; largest loss: the biggest part of the waterfall after useful "
+                    "work (memory: memory-bound, overhead: beyond the roofline); acc.: speculative drafts accepted; "
+                    "TTFT and TPOT: medians")
+    for col in ("scenario", "phase", "MFU", "HFU", "MBU", "SOL", "largest loss", "acc.", "TTFT", "TPOT"):
+        t.add_column(col, justify="left" if col in ("scenario", "phase", "largest loss") else "right")
     for sr in results:
         r = sr.result
         m = r.get("mfu") or {}
@@ -116,7 +118,8 @@ def table(results: list[ScenarioResult], title: str = "serving-mfu demo") -> Tab
             p = m.get(phase) or {}
             first = i == 0
             t.add_row(sr.scenario.name if first else "", phase, _pct(p.get("mfu")), _pct(p.get("hfu")),
-                      _pct(p.get("mbu")), _pct(spec.get("acceptance_rate")) if first else "",
+                      _pct(p.get("mbu")), _pct(p.get("sol")), largest_loss(p.get("waterfall"), p.get("lever")),
+                      _pct(spec.get("acceptance_rate")) if first else "",
                       _ms(r["ttft_s"].get("p50")) if first else "", _ms(r["tpot_s"].get("p50")) if first else "",
                       end_section=not first)
     return t
