@@ -62,12 +62,13 @@ def test_demo_stops_its_server_when_interrupted(tmp_path) -> None:
     import time
     from pathlib import Path
 
-    from serving_mfu.peaks.calibrate import cache_path, save_calibration
+    from serving_mfu.peaks.calibrate import CALIBRATION_METHOD, cache_path, save_calibration
     from serving_mfu.peaks.resolve import cpu_default_peak
 
     # a calibration already cached (as after a first `make demo`): the demo goes straight to the server
     env = {**os.environ, "SERVING_MFU_CACHE_DIR": str(tmp_path / "cache")}
-    save_calibration(cpu_default_peak("bf16"), cache_path("bf16", tmp_path / "cache"))
+    save_calibration(cpu_default_peak("bf16").model_copy(update={"method": CALIBRATION_METHOD}),
+                     cache_path("bf16", tmp_path / "cache"))
     proc = subprocess.Popen([str(Path(sys.executable).with_name("serving-mfu")), "demo", "--short", "--out-dir",
                              str(tmp_path / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)

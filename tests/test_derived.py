@@ -4,6 +4,7 @@ FlopCounterMode on a tiny copy of each architecture's own default config (tests/
 from __future__ import annotations
 
 import dataclasses
+
 import pytest
 import torch
 

@@ -370,7 +370,7 @@ def test_ratio_rules_match_numerator_and_denominator_labels() -> None:
     for rule in _rules():
         sides = re.split(r"\n\s*/\s", rule["expr"])
         if len(sides) == 2:
-            by = [sorted(re.findall(r"(?:sum|count) (?:by \(([^)]*)\) )?\(", s)) for s in sides]
+            by = [sorted(set(re.findall(r"(?:sum|count) (?:by \(([^)]*)\) )?\(", s))) for s in sides]
             assert by[0] and by[0] == by[1], rule["record"]
 
 

@@ -98,7 +98,8 @@ sizes `n * q` (q > 1) below the ceiling.  `default_capture_sizes` mirrors it.
 Not modelled: dynamic speculative decoding (several decode query lengths, cudagraph_utils.py:268-295),
 V2's varlen decode graphs under adaptive verification (:297-313), microbatching (DBO), prefill context
 parallelism's token count (v1/worker/gpu/model_runner.py:1763-1767), encoder-decoder steps with encoder
-inputs (run without FULL / eagerly), and the attention-backend downgrades of the mode
+inputs (V1 forbids FULL for them, gpu_model_runner.py:3750-3773; V2 runs them eagerly,
+v1/worker/gpu/model_runner.py:1777-1791), and the attention-backend downgrades of the mode
 (`resolve_cudagraph_mode_and_sizes`, config/compilation.py:1369-1528), which happen in the worker.  Give
 `mode` as resolved there when it is known.
 """
@@ -106,8 +107,9 @@ inputs (run without FULL / eagerly), and the attention-backend downgrades of the
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 # CUDAGraphMode's names (config/compilation.py:59-63); str(CUDAGraphMode.X) is "X" (:106-107).
 MODES = ("NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
@@ -125,7 +127,9 @@ class GraphConfig:
     mode: `str(compilation_config.cudagraph_mode)`, one of MODES ("NONE" on CPU and under --enforce-eager).
     capture_sizes: `compilation_config.cudagraph_capture_sizes` (kept sorted and without duplicates).
     max_capture_size: `compilation_config.max_cudagraph_capture_size`; None means the largest capture size.
-    uniform_decode_query_len: `1 + vllm_config.num_speculative_tokens`.
+    uniform_decode_query_len: `vllm_config.uniform_decode_query_len`, i.e. `1 + num_speculative_tokens`
+        (V2's `decode_query_len` is the same unless a model samples several tokens per step,
+        v1/worker/gpu/model_runner.py:435-438).
     max_num_seqs: `scheduler_config.max_num_seqs`, which bounds the uniform decode graphs; None means no bound.
     lora_enabled: `vllm_config.lora_config is not None`.
     specialize_lora: `compilation_config.cudagraph_specialize_lora` (vLLM's default is True).  Whether a step
@@ -245,7 +249,7 @@ def _dispatch_v1(n: int, uniform: bool, config: GraphConfig, has_lora: bool) -> 
         return "NONE", n
     padded = _smallest_at_least(sizes, n)  # _bs_to_padded_graph_size (:71-90)
     assert padded is not None
-    decode_mode, mixed_mode = _ROUTINES[config.mode]
+    mixed_mode = _ROUTINES[config.mode][1]
     q = config.uniform_decode_query_len
     if uniform and config.mode in ("FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"):  # normalized_uniform (:300)
         top = q * config.max_num_seqs if config.max_num_seqs is not None else sizes[-1]
@@ -268,13 +272,13 @@ def _v2_decode_sizes(config: GraphConfig) -> tuple[int, ...]:
 def _dispatch_v2(n: int, uniform: bool, config: GraphConfig) -> tuple[str, int]:
     if n <= 0:  # dispatch needs a positive count (cudagraph_utils.py:530)
         return "NONE", n
-    decode_mode, mixed_mode = _ROUTINES[config.mode]
-    if config.mode in ("FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"):
-        # FULL candidates are the decode graphs only; they fit a uniform decode alone (uniform_token_count)
-        if uniform:
-            size = _smallest_at_least(_v2_decode_sizes(config), n)
-            if size is not None:
-                return "FULL", size
+    mixed_mode = _ROUTINES[config.mode][1]
+    # in the split modes the FULL candidates are the decode graphs only, and their uniform_token_count admits
+    # a uniform decode alone (cudagraph_utils.py:120-124)
+    if uniform and config.mode in ("FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"):
+        size = _smallest_at_least(_v2_decode_sizes(config), n)
+        if size is not None:
+            return "FULL", size
     # mixed descriptors at every capture size, no uniform_token_count (cudagraph_utils.py:346-369)
     if mixed_mode != "NONE":
         size = _smallest_at_least(config.capture_sizes, n)

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from serving_mfu.format import largest_loss, peak_warning
 from serving_mfu.format import pct as _pct
+from serving_mfu.format import peak_warning
 from serving_mfu.format import si as _si
 from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.model.spec import ConfigError, ModelSpec
@@ -151,7 +151,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         table.add_row(r.kernel, r.dtype, r.shape, f"{r.flops_per_s / 1e9:,.1f}")
     console.print(table)
     console.print(f"peak (max of {len(peak.measurements or [])} measurements): "
-                  f"{_si(peak.flops_per_s, 'FLOP/s')} ({peak.dtype})   copy: {_si(peak.bandwidth_bytes_per_s, 'B/s')}")
+                  f"{_si(peak.flops_per_s, 'FLOP/s')} ({peak.dtype})   bandwidth: {_si(peak.bandwidth_bytes_per_s, 'B/s')}")
     if peak.isa_flops_per_s:
         ratio = peak.flops_per_s / peak.isa_flops_per_s
         style = "bold red" if ratio > 1 else "green"
@@ -182,16 +182,18 @@ def _peak_from_args(args: argparse.Namespace, spec: ModelSpec):
 def print_report(report, title: str = "serving-mfu") -> None:
     """The per-phase table people read (the JSON form is the report model itself)."""
     table = Table(title=title)
-    for col in ("phase", "MFU", "HFU", "MBU", "SOL", "largest loss", "useful FLOPs", "executed FLOPs", "tokens",
-                "time"):
-        table.add_column(col, justify="left" if col in ("phase", "largest loss") else "right")
+    for col in ("phase", "MFU", "HFU", "MBU", "SOL", "useful FLOPs", "executed FLOPs", "tokens", "time"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
     for name in ("prefill", "decode", "overall"):
         ph = getattr(report, name)
-        loss = largest_loss(ph.waterfall.model_dump() if ph.waterfall else None,
-                            ph.lever.model_dump() if ph.lever else None)
-        table.add_row(name, _pct(ph.mfu), _pct(ph.hfu), _pct(ph.mbu), _pct(ph.sol), loss, _si(ph.useful_flops),
+        table.add_row(name, _pct(ph.mfu), _pct(ph.hfu), _pct(ph.mbu), _pct(ph.sol), _si(ph.useful_flops),
                       _si(ph.executed_flops), str(ph.tokens), f"{ph.time_s:.3f} s")
     console.print(table)
+    for name in ("prefill", "decode", "overall"):
+        ph = getattr(report, name)
+        if ph.lever is not None:
+            console.print(f"largest loss, {name}: {ph.lever.text} (`serving-mfu explain` for the waterfall)",
+                          highlight=False)
     o = report.overall
     lines = [f"busy {o.busy_s:.3f} s of wall {o.wall_s:.3f} s; wall MFU {_pct(o.wall_mfu)}; "
              f"mixed iterations {_pct(o.mixed_time_fraction)} of busy time (split: {report.time_split})"]

@@ -18,13 +18,16 @@ def calibration_progress(console: Console | None = None, enabled: bool = True) -
 
         def on_event(kind: str, payload: Any) -> None:
             if kind in ("finding", "copy"):
-                text = "finding the engine's kernels (imports vLLM once)…" if kind == "finding" else "copy bandwidth"
+                text = ("finding the engine's kernels (imports vLLM once)…" if kind == "finding"
+                        else "memory bandwidth (streaming read, copy, GEMV)")
                 state["task"] = bar.add_task(text, total=None, best="")
             elif kind == "kernel":
                 kernel, sizes = payload
                 state["task"] = bar.add_task(f"{kernel.name} {kernel.dtype}", total=len(sizes), best="")
             elif kind == "result" and state["task"] is not None:
                 bar.update(state["task"], advance=1, best=f"n={payload.n}: {payload.flops_per_s / 1e9:,.1f} GFLOP/s")
+            elif kind == "bandwidth" and state["task"] is not None:
+                bar.update(state["task"], best=f"{payload.kernel}: {payload.bytes_per_s / 1e9:,.1f} GB/s")
             elif kind == "skipped" and state["task"] is not None:
                 bar.update(state["task"], best=f"skipped: {payload[1]!r}"[:60])
 
