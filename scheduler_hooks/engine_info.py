@@ -3,16 +3,19 @@
 Devices per engine are TP × PP (one engine per data-parallel rank); the compute dtype follows
 the model's dtype and quantization (serving_mfu.model.quantization); the KV-cache dtype comes from
 `--kv-cache-dtype`; the peak from serving_mfu.peaks.resolve.resolve_peak (override, calibration
-file, table row of the detected device, else the CPU default).
+file, table row of the detected device, else the CPU default); the CUDA-graph settings that decide a
+step's padding from `graph_config` (serving_mfu.cost.graph_padding).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from serving_mfu.cost.drafter import FREE_METHODS
+from serving_mfu.cost.graph_padding import GraphConfig
 from serving_mfu.derived import load_spec
 from serving_mfu.model.dtypes import guess_storage_dtype
 from serving_mfu.model.quantization import weight_bits_and_compute_dtype
@@ -39,6 +42,11 @@ class EngineInfo:
     kv_connector: str | None = None
     kv_cache_dtype_note: str | None = None  # set when the KV-cache dtype was unknown and its width guessed
     max_lora_rank: int | None = None  # --max-lora-rank with --enable-lora (None: LoRA off)
+    # the drafter's batch as vLLM runs it: padded (every scheduled position, rejected drafts and unfinished
+    # chunks included) under Model Runner V2 always, under V1 unless disable_padded_drafter_batch
+    drafter_padded: bool = True
+    max_model_len: int | None = None
+    graph: GraphConfig = field(default_factory=GraphConfig)  # CUDA-graph padding rules (pads nothing on CPU)
 
 
 KV_ROLES = {"kv_producer": "producer", "kv_consumer": "consumer", "kv_both": "both"}
@@ -65,6 +73,73 @@ def _torch_dtype_name(dtype: Any) -> str:
 def _max_lora_rank(vllm_config: Any) -> int | None:
     lc = getattr(vllm_config, "lora_config", None)
     return int(lc.max_lora_rank) if lc is not None else None
+
+
+def _int_or(value: Any, default: Any) -> Any:
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _model_runner_v2(vllm_config: Any) -> bool:
+    """Whether the workers run Model Runner V2: vLLM's own `VllmConfig.use_v2_model_runner`
+    (config/vllm.py:703-739: HiSparse or watermarking force it, else `VLLM_USE_V2_MODEL_RUNNER`, else V2
+    when Triton is present and no feature it lacks is on), read on the engine's config as its workers
+    read it.  Where that property is missing (another vLLM, a fake config) or fails, V2 unless
+    `VLLM_USE_V2_MODEL_RUNNER` is explicitly off: the Triton and feature checks are not repeated here."""
+    try:
+        v2 = getattr(vllm_config, "use_v2_model_runner", None)
+    except Exception:  # noqa: BLE001 - vLLM refuses a combination; the engine reports it, not us
+        v2 = None
+    if isinstance(v2, bool):
+        return v2
+    env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip()  # vLLM reads it as bool(int(value))
+    return _int_or(env, 1) != 0 if env else True
+
+
+def _drafter_padded(vllm_config: Any) -> bool:
+    """Whether the drafter runs the padded batch (vLLM 0.32): always under Model Runner V2, whose drafters
+    never read `disable_padded_drafter_batch`; under V1 unless it is set (and draft_model is padded-only)."""
+    sc = getattr(vllm_config, "speculative_config", None)
+    return not bool(getattr(sc, "disable_padded_drafter_batch", False)) or _model_runner_v2(vllm_config)
+
+
+def graph_config(vllm_config: Any) -> GraphConfig:
+    """The engine's CUDA-graph settings (serving_mfu.cost.graph_padding.GraphConfig), every read defensive.
+
+    On the CPU platform (and under --enforce-eager) vLLM sets `cudagraph_mode` to NONE and no capture
+    sizes, so the result pads nothing; a CPU device, or a config that cannot be read (logged), gives
+    `GraphConfig()` too.  The capture sizes are the scheduler-side ones: V1's rounding for speculative
+    decoding, done in the worker, is applied by GraphConfig itself."""
+    try:
+        return _graph_config(vllm_config)
+    except Exception as exc:  # noqa: BLE001 - an unreadable setting costs the padding, never the engine
+        log.warning("serving-mfu: cannot read the CUDA-graph settings (%s); graph padding is not counted", exc)
+        return GraphConfig()
+
+
+def _graph_config(vllm_config: Any) -> GraphConfig:
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+    cc = getattr(vllm_config, "compilation_config", None)
+    mode = getattr(cc, "cudagraph_mode", None)
+    mode = str(getattr(mode, "name", mode) or "NONE").upper()  # CUDAGraphMode.X.name is "X"
+    sizes = getattr(cc, "cudagraph_capture_sizes", None) or ()
+    if device == "cpu" or mode == "NONE" or not sizes:
+        return GraphConfig()
+    sc = getattr(vllm_config, "speculative_config", None)
+    k = _int_or(getattr(sc, "num_speculative_tokens", None), 0) if sc is not None else 0
+    q = _int_or(getattr(vllm_config, "uniform_decode_query_len", None), 1 + k)  # 1 + k (config/vllm.py:667)
+    pc = getattr(vllm_config, "parallel_config", None)
+    return GraphConfig(
+        mode=mode, capture_sizes=tuple(int(s) for s in sizes),
+        max_capture_size=_int_or(getattr(cc, "max_cudagraph_capture_size", None), None),
+        uniform_decode_query_len=max(q, 1),
+        max_num_seqs=_int_or(getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None), None),
+        lora_enabled=getattr(vllm_config, "lora_config", None) is not None,
+        specialize_lora=bool(getattr(cc, "cudagraph_specialize_lora", True)),
+        dp_size=max(_int_or(getattr(pc, "data_parallel_size", 1), 1), 1),
+        model_runner_v2=_model_runner_v2(vllm_config))
 
 
 def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
@@ -109,4 +184,7 @@ def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
     return EngineInfo(spec=spec, devices=devices, dp_rank=int(getattr(pc, "data_parallel_rank", 0) or 0),
                       kv_cache_dtype=kv, peak=peak, peak_error=err, spec_method=method, num_spec_tokens=k,
                       draft_spec=draft, kv_role=role, kv_connector=connector,
-                      kv_cache_dtype_note=kv_note, max_lora_rank=_max_lora_rank(vllm_config))
+                      kv_cache_dtype_note=kv_note, max_lora_rank=_max_lora_rank(vllm_config),
+                      graph=graph_config(vllm_config), drafter_padded=_drafter_padded(vllm_config),
+                      max_model_len=_int_or(getattr(getattr(vllm_config, "model_config", None), "max_model_len",
+                                                    None), None))

@@ -29,7 +29,8 @@ import numpy as np
 
 from scheduler_hooks.engine_info import EngineInfo, engine_info
 from serving_mfu.cost.accounting import CostModel
-from serving_mfu.cost.drafter import drafter_cost
+from serving_mfu.cost.drafter import DraftRequest, drafter_work
+from serving_mfu.cost.graph_padding import GraphConfig, padded_tokens, padding_from_stats
 from serving_mfu.cost.records import (
     DecodeBatch,
     DrafterRecord,
@@ -40,6 +41,7 @@ from serving_mfu.cost.records import (
     Slice,
 )
 from serving_mfu.model.lora import load_adapter, lora_flops
+from serving_mfu.peaks.cpu import last_level_cache_bytes, weights_fit_in_cache
 from serving_mfu.runtime.gpu_util import sampler_for_engine
 from serving_mfu.runtime.publish import SnapshotWriter
 from serving_mfu.runtime.seams import Clock, Observer, Publisher, Sampler
@@ -68,6 +70,21 @@ class NullWriter:
 
     def close(self) -> None:
         pass
+
+
+def _flag_weights_in_cache(tracker: MFUTracker, info: EngineInfo,
+                           cache_bytes: Callable[[], int | None] = last_level_cache_bytes) -> None:
+    """On a CPU engine (its peak has an ISA figure), flag a model whose weights fit in the last-level cache:
+    its bytes are not DRAM traffic, so MBU against the DRAM bandwidth overstates the memory's load (DESIGN §11)."""
+    if info.peak is None or not info.peak.isa_flops_per_s:
+        return
+    bm = tracker.cost_model.byte_model
+    weights = bm.weight_bytes(True, True, [float(e) for e, _ in bm.moe_shape])
+    cache = cache_bytes()
+    if weights_fit_in_cache(weights, cache):
+        tracker.note_anomaly("weights_fit_in_cache", f"the model's weights ({weights / 2**20:.1f} MiB) fit in the "
+                             f"last-level cache ({cache / 2**20:.0f} MiB): its bytes are not DRAM traffic, and MBU "
+                             "against the DRAM bandwidth overstates the memory's load")
 
 
 class InjectedFault(RuntimeError):
@@ -150,6 +167,7 @@ class MFUHook:
             tracker.note_anomaly("bad_setting", message)
         if info.kv_cache_dtype_note:  # bytes use the guessed width; the engine is tracked all the same
             tracker.note_anomaly("unknown_kv_cache_dtype", info.kv_cache_dtype_note)
+        _flag_weights_in_cache(tracker, info)
         if info.peak is None:
             tracker.note_anomaly("missing_peak", info.peak_error or "no peak for this device; set "
                                  "SERVING_MFU_DEVICE, SERVING_MFU_PEAK_FLOPS or SERVING_MFU_CALIBRATION")
@@ -224,7 +242,8 @@ class MFUHook:
     #    drafts (`scheduled_spec_decode_tokens`) and `finished_req_ids`;
     #  - the EngineCoreOutputs update_from_output() returns: what reached each user (`new_token_ids`,
     #    already cut at stop tokens / max_tokens);
-    #  - ModelRunnerOutput's routed-experts capture (numpy rows).
+    #  - ModelRunnerOutput's routed-experts capture (numpy rows) and its `cudagraph_stats` (a frozen
+    #    CUDAGraphStat built per step, None without --cudagraph-metrics), captured by reference.
     # Not safe: `sampled_token_ids`, whose lists update_from_output() trims in place at a stop (only
     # those of requests that stopped), and Request objects, whose counters move on (never read).  On
     # draft steps an engine with stats on (`Scheduler.log_stats`, the API server's default) costs
@@ -242,7 +261,8 @@ class MFUHook:
 
     def _before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
         """Before `update_from_output()`: stop the clock; on draft steps of an engine with its stats off,
-        copy the sampled lengths (update_from_output() trims those of requests that stop)."""
+        copy the sampled lengths (update_from_output() trims those of requests that stop).  The step's
+        CUDA-graph padding counts (`cudagraph_stats`) are kept by reference."""
         t_end = self.clock()
         t_sched = self.pending.pop(id(out), None)
         if t_sched is None:
@@ -254,7 +274,7 @@ class MFUHook:
             else:
                 sampled = runner_out.sampled_token_ids
                 lengths = list(map(len, sampled)) if sampled else []
-        return t_sched, t_end, out, runner_out, lengths
+        return t_sched, t_end, out, runner_out, lengths, getattr(runner_out, "cudagraph_stats", None)
 
     def _after_output(self, token: tuple, result: Any = None) -> None:
         """After `update_from_output()`: hand the capture to the accounting thread (O(1))."""
@@ -282,6 +302,25 @@ class MFUHook:
                 mark = prompt
         return mark
 
+    def _drafter(self, slices: list[Slice], p_n0: list[int], p_q: list[int], p_prompt: list[int],
+                 dec_n0: list[int], drafts: list[int] | None, accepted: list[int] | None) -> DrafterRecord:
+        """The drafter's work this step as vLLM runs it (serving_mfu.cost.drafter.drafter_work): every
+        scheduled request, rejected drafts and unfinished prompt chunks included in the padded batch;
+        vLLM proposes k drafts for every request of the batch."""
+        k = self.num_spec_tokens
+        n = len(slices) + len(p_n0) + len(dec_n0)
+        if self.draft_model is None:  # n-gram, suffix: no matmuls
+            return DrafterRecord(method=self.spec_method, proposed_tokens=k * n)
+        reqs = [DraftRequest(s.computed_before, s.new_tokens, s.prompt_len, s.draft_tokens, s.accepted_tokens)
+                for s in slices]
+        reqs += map(DraftRequest, p_n0, p_q, p_prompt)
+        zeros = repeat(0)
+        reqs += (DraftRequest(n0, 1 + d, n0, d, a) for n0, d, a in zip(dec_n0, drafts or zeros, accepted or zeros))
+        work = drafter_work(self.draft_model, k, reqs, padded=self.info.drafter_padded, method=self.spec_method,
+                            max_model_len=self.info.max_model_len)
+        return DrafterRecord(method=self.spec_method, flops=work.flops, bytes=work.bytes, proposed_tokens=k * n,
+                             positions=work.first_pass_positions + work.step_positions)
+
     def build_record(self, step: int, token: tuple, result: Any) -> IterationRecord:
         """One IterationRecord from a step's capture.
 
@@ -293,7 +332,7 @@ class MFUHook:
         recomputing are small, so sorting a step costs O(those + new requests), plus one dict
         update over the decodes (their high-water marks) and, on draft steps, the accepted counts.
         """
-        t_sched, t_end, out, runner_out, lengths = token
+        t_sched, t_end, out, runner_out, lengths = token[:5]
         if lengths is FROM_STATS:
             lengths = sampled_lengths(out, runner_out, result)
         hwm, plain, prompts = self.hwm, self.plain_before, self.prompt_lens
@@ -448,8 +487,6 @@ class MFUHook:
         else:
             hwm.update(zip(dec_ids, map(add, dec_n0, map(add, accepted, repeat(1)))))
         slices = []
-        runs = [] if self.draft_model is not None else None
-        n_drafting = p_done + len(dec_ids)
         for rid, q, n0, prompt, mark, cached, k, a, end, kept_end, first in g_rows:
             new_mark = kept_end if kept_end > mark else mark
             hwm[rid] = new_mark
@@ -467,12 +504,6 @@ class MFUHook:
                     got_n = delivered_by_id.get(rid, 0)
                     if got_n < kept_end - first:  # a stop or max_tokens cut the kept positions short
                         delivered = got_n
-                if runs is not None:
-                    runs.append((n0 if n0 > mark else mark, kept_end))
-            elif runs is not None and end == prompt and end > mark:  # a finished prefill drafts too
-                runs.append((n0 if n0 > mark else mark, kept_end))
-            if end >= prompt:
-                n_drafting += 1
             slices.append(Slice(req_id=rid, new_tokens=q, computed_before=n0, prompt_len=prompt, hwm=mark,
                                 cached_tokens=0 if kv else cached, draft_tokens=k, accepted_tokens=a,
                                 delivered_tokens=delivered))
@@ -485,23 +516,38 @@ class MFUHook:
             # vLLM ≥ 0.33 (Model Runner V2): this step proposes no drafts
             drafter = DrafterRecord(method=self.spec_method)
         elif self.spec_method:
-            if runs is not None:
-                runs += [(n0, e) for n0, e, p in zip(p_n0, map(add, p_n0, p_q), p_prompt) if e == p]
-                runs += zip(dec_n0, map(add, dec_n0, map(add, accepted or repeat(0), repeat(1))))
-                n_drafting = len(runs)
-            flops, bytes_ = (0.0, 0.0) if runs is None else drafter_cost(self.draft_model, self.num_spec_tokens, runs)
-            drafter = DrafterRecord(method=self.spec_method, flops=flops, bytes=bytes_,
-                                    proposed_tokens=self.num_spec_tokens * n_drafting)
+            drafter = self._drafter(slices, p_n0, p_q, p_prompt, dec_n0, drafts, accepted)
         routing = None
         if self._is_moe and getattr(runner_out, "aux_output_connector_output", None):
             ids = [s.req_id for s in slices] + p_ids + dec_ids
             qs = [s.new_tokens for s in slices] + p_q + (list(map(add, drafts, repeat(1))) if drafts else [1] * n_dec)
             n0s = [s.computed_before for s in slices] + p_n0 + dec_n0
             routing = moe_routing(runner_out, ids, qs, n0s, self._experts)
+        padded, modelled = self._graph_padding(token, out, prefill, slices)
         return IterationRecord(step=step, t_sched_s=t_sched, t_end_s=t_end, slices=slices, drafter=drafter,
                                moe_routing=routing, engine=self.engine_id, prefill=prefill, decode=decode,
                                kv=kv_transfer(out, result) if kv else None,
-                               lora=self._lora_uses(nst) if self.lora_of else None)
+                               lora=self._lora_uses(nst) if self.lora_of else None,
+                               padded_tokens=padded, padding_modelled=modelled)
+
+    def _graph_padding(self, token: tuple, out: Any, prefill: PrefillBatch | None, slices: list[Slice]
+                       ) -> tuple[int, bool]:
+        """The step's CUDA-graph padding as (padded_tokens, padding_modelled) (serving_mfu.cost.graph_padding):
+        exact from the captured `cudagraph_stats` (vLLM's --cudagraph-metrics), else modelled from vLLM's
+        dispatch rules on this rank's scheduled tokens (other data-parallel ranks' counts are not known here,
+        so padding to their maximum is not modelled).  Nothing when the engine replays no graphs (the CPU
+        platform, --enforce-eager): no model runs then."""
+        stats = padding_from_stats(token[5]) if len(token) > 5 and token[5] is not None else None
+        if stats is not None:
+            unpadded, padded = stats
+            return (padded - unpadded if padded > unpadded else 0), False
+        graph = self.info.graph
+        if not graph.enabled:
+            return 0, False
+        n = out.total_num_scheduled_tokens
+        has_lora = graph.lora_active_matters and any(map(self.lora_of.__contains__, out.num_scheduled_tokens))
+        run = padded_tokens(n, uniform_decode(out, graph, prefill, slices), graph, has_lora=has_lora)
+        return (run - n if run > n else 0), True
 
     def _note_adapters(self, new: list) -> None:
         """Remember the adapter of each new request that has one (its LoRARequest), loading the adapter's
@@ -596,6 +642,24 @@ class MFUHook:
         self.writer.close()
         if self.trace is not None:
             self.trace.close()
+
+
+def uniform_decode(out: Any, graph: GraphConfig, prefill: PrefillBatch | None, slices: list[Slice]) -> bool:
+    """Whether vLLM dispatches the step as a uniform decode (serving_mfu.cost.graph_padding, rule 4): every
+    scheduled request runs exactly q = 1 + num_speculative_tokens tokens (V1's whole test,
+    gpu_model_runner.py:3654-3671); Model Runner V2 also needs that none computes prompt (or recomputed)
+    positions, unless it runs one new token over positions computed before, as a decode
+    (v1/worker/gpu/model_runner.py:1322-1335).  `prefill` and `slices` are the step's record's."""
+    q = graph.uniform_decode_query_len
+    nst = out.num_scheduled_tokens
+    if not nst or out.total_num_scheduled_tokens != q * len(nst) or (q > 1 and max(nst.values()) != q):
+        return False
+    if not graph.model_runner_v2:
+        return True
+    if prefill is not None and (q > 1 or not all(prefill.computed_before)):  # no drafts: new tokens = q
+        return False
+    return all(s.computed_before >= max(s.prompt_len, s.hwm) or (s.new_tokens - s.draft_tokens == 1 and
+                                                                  s.computed_before > 0) for s in slices)
 
 
 FROM_STATS: list = []  # `lengths` marker (compared by identity): read the sampled lengths on the accounting thread

@@ -165,6 +165,11 @@ def test_speed_of_light_and_the_waterfall_on_the_real_engine(server) -> None:
         assert phase.sol == pytest.approx(w.useful + w.waste + w.memory_bound, rel=1e-12)
         assert phase.sol >= phase.hfu - 1e-12 and phase.lever is not None
     assert report.decode.waste_by_cause["rejected_drafts"] > 0  # n-gram drafts on this server
+    # the tiny model's weights fit in any last-level cache this machine reports: flagged (DESIGN §11)
+    from serving_mfu.peaks.cpu import last_level_cache_bytes
+
+    flagged = report.anomalies.counts.get("weights_fit_in_cache")
+    assert flagged == (1 if last_level_cache_bytes() is not None else None), report.anomalies.counts
     o = report.overall
     assert max(o.hfu, o.mbu) <= o.sol + 1e-12 and o.sol <= o.hfu + o.mbu + 1e-12
     assert o.waterfall.idle == pytest.approx(1 - o.busy_s / o.wall_s, rel=1e-9)

@@ -18,8 +18,8 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "mfu_analysis.ipynb"
-FIGURES = {"utilization_over_time", "mfu_vs_load", "decode_mfu_vs_acceptance", "wasted_saved", "roofline",
-           "estimator_errors"}
+FIGURES = {"utilization_over_time", "mfu_vs_load", "decode_mfu_vs_acceptance", "wasted_saved", "waterfall",
+           "roofline", "estimator_errors"}
 
 
 def _execute(monkeypatch, results_dir: str, timeout: int = 240):

@@ -123,3 +123,20 @@ def test_explain_replays_a_trace_into_the_waterfall(tmp_path) -> None:
         assert abs(sum(parts) - 1) < 1e-9 and got[scope]["lever"]["text"], scope
     bad = subprocess.run([exe, "explain"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "exactly one of --url" in bad.stderr
+
+
+def test_a_cpu_model_whose_weights_fit_in_the_cache_is_flagged() -> None:
+    from types import SimpleNamespace
+
+    from scheduler_hooks.hook import _flag_weights_in_cache
+    from serving_mfu.peaks.spec import PeakSpec
+    from tests.test_accounting import LLAMA
+
+    cpu = PeakSpec(device="cpu", dtype="bf16", flops_per_s=1e12, bandwidth_bytes_per_s=2e10, source="ISA peak of t",
+                   isa_flops_per_s=1e12)
+    spec = ModelSpec.from_hf_config(LLAMA)
+    for cache, peak, flagged in ((1 << 40, cpu, True), (1 << 10, cpu, False), (None, cpu, False),
+                                 (1 << 40, lookup_peak("h100-sxm", "bf16"), False)):  # a GPU's HBM is the memory
+        tracker = MFUTracker(spec, peak)
+        _flag_weights_in_cache(tracker, SimpleNamespace(peak=peak), cache_bytes=lambda: cache)
+        assert (tracker.counters.anomalies.get("weights_fit_in_cache") == 1) is flagged, (cache, peak.device)

@@ -461,6 +461,33 @@ def _set_flops(record: IterationRecord, out: IterationCost, t: ClassTotals) -> N
         lora_cost(record, out)
 
 
+def _add_graph_padding(record: IterationRecord, model: CostModel, out: IterationCost, t: ClassTotals) -> None:
+    """The positions a CUDA graph padded the step to (`record.padded_tokens`, serving_mfu.cost.graph_padding):
+    executed waste (`graph_padding`), split between the phases by their executed positions (prefill:
+    prefill + recompute, decode: kept + rejected + discarded; integers, so the shares sum exactly).
+
+    A padded position runs every linear layer (the graph's matmuls run its fixed token count), and only
+    those: it belongs to no request, so its attention scores no (query, key) pairs of any context, and
+    it samples nothing, so it has no logit row (the lm head runs on the sampled rows only).  Its FLOPs
+    are `linear_flops_per_token` each; its bytes are not counted (the weights are read once per step
+    anyway, and it reads no KV)."""
+    padded = record.padded_tokens
+    tokens = t.tokens
+    tokens_p = tokens[PREFILL] + tokens[RECOMPUTE]
+    total = tokens_p + tokens[KEPT] + tokens[REJECTED] + tokens[DISCARDED]
+    if not padded or not total:  # a step that ran no position has nothing to pad
+        return
+    flops = model.linear_flops_per_token * padded
+    flops_p = flops * tokens_p // total
+    p, d = out.prefill, out.decode
+    p.executed_flops += flops_p
+    p.graph_padding_flops += flops_p
+    d.executed_flops += flops - flops_p
+    d.graph_padding_flops += flops - flops_p
+    if record.padding_modelled:
+        out.graph_padding_modelled_iterations = 1
+
+
 def _active_experts(record: IterationRecord, bm: ByteModel, out: IterationCost, tokens_p: int, tokens_d: int
                     ) -> tuple[Sequence[float], Sequence[float], Sequence[float]]:
     """Experts hit per MoE layer by all positions, the prefill ones and the decode ones: measured from
@@ -531,6 +558,8 @@ def cost_iteration(
     if record.kv is not None:
         kv_transfer_cost(record.kv, model, out)
     _set_flops(record, out, t)
+    if record.padded_tokens:
+        _add_graph_padding(record, model, out, t)
     b_p, b_d, b_pd = _phase_bytes(record, model, out, t)
     p, d = out.prefill, out.decode
     ran = any(t.tokens) or out.drafter_flops

@@ -80,6 +80,9 @@ COUNTERS: tuple[Counter, ...] = (
       "positions (padding to --max-lora-rank): waste", prom="serving_mfu_lora_padding_flops", phased=True),
     C("graph_padding_flops", "flops", "FLOPs of the positions a CUDA graph padded the step to: waste (0 on CPU)",
       prom="serving_mfu_graph_padding_flops", phased=True),
+    C("graph_padding_modelled_iterations", "iterations", "Iterations with graph padding whose padding came from "
+      "the model of vLLM's cudagraph dispatch rules, not from its cudagraph_stats (--cudagraph-metrics off)",
+      prom="serving_mfu_graph_padding_modelled_iterations"),
     # ---- the engine's time
     C("iterations", "iterations", "Engine iterations accounted", step="1", report="overall.iterations",
       prom="serving_mfu_iterations"),

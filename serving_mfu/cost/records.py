@@ -78,6 +78,7 @@ class DrafterRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields
     flops: NonNegFloat = 0.0
     bytes: NonNegFloat = 0.0
     proposed_tokens: NonNegInt = 0
+    positions: NonNegInt = 0  # query positions the drafter's forwards ran (first pass + its k − 1 steps)
 
 
 class KVTransferRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, kw_only=True):
@@ -114,6 +115,9 @@ class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fiel
     engine can measure it, is tokens routed to each expert, one list per MoE layer.  On an engine
     with a KV connector `kv` says where cached prompt positions came from (and the batches' and
     slices' `cached_tokens` stay 0: a first schedule cannot tell local hits from loaded KV).
+    `padded_tokens` are the positions the forward ran beyond the scheduled ones (a CUDA graph's
+    padding, serving_mfu.cost.graph_padding; 0 on CPU): exact from vLLM's `cudagraph_stats`, or
+    modelled from its dispatch rules when `padding_modelled`.
     """
 
     step: NonNegInt
@@ -127,6 +131,8 @@ class IterationRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fiel
     decode: DecodeBatch | None = None
     kv: KVTransferRecord | None = None
     lora: list[LoRAUse] | None = None
+    padded_tokens: NonNegInt = 0
+    padding_modelled: bool = False
 
     def all_slices(self) -> list[Slice]:
         """Every request's slice, the batches expanded (tests, tools; the accounting costs the batches

@@ -536,6 +536,41 @@ def plot_wasted_saved(res: Results, it: Iterations | None = None):
     return fig
 
 
+WATERFALL = (("useful", "tab:green"), ("waste", "tab:red"), ("memory_bound", "tab:blue"),
+             ("beyond_roofline", "tab:gray"))
+
+
+def plot_waterfall(res: Results):
+    """Where each run's prefill and decode time went (DESIGN §11): useful (= MFU), waste (= HFU − MFU),
+    memory-bound and beyond the roofline, stacked to 100% of the phase's time; runs without a waterfall
+    (no peak or bandwidth) are left out."""
+    plt = _plt()
+    rows = [(f"{run.name} · {phase}", ((run.result.get("mfu") or {}).get(phase) or {}).get("waterfall"))
+            for run in res.runs for phase in ("prefill", "decode")]
+    rows = [(name, w) for name, w in rows if w]
+    fig, ax = plt.subplots(figsize=(11, 0.45 * max(len(rows), 3) + 1.6))
+    if not rows:
+        _empty(ax, "no waterfall in these results (they need a peak and a bandwidth)")
+        return fig
+    y = np.arange(len(rows))
+    left = np.zeros(len(rows))
+    for part, color in WATERFALL:
+        share = np.array([100 * (w.get(part) or 0.0) for _, w in rows])
+        ax.barh(y, share, left=left, color=color, label=part.replace("_", " "), edgecolor="white")
+        for yi, x0, v in zip(y, left, share):
+            if v >= 6:
+                ax.text(x0 + v / 2, yi, f"{v:.0f}%", ha="center", va="center", fontsize=7)
+        left += share
+    ax.set_yticks(y, [name for name, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(min(0.0, float(left.min())), max(100.0, float(left.max())))
+    ax.set_xlabel("% of the phase's time")
+    ax.set_title("Where each phase's time went")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    fig.tight_layout()
+    return fig
+
+
 def plot_roofline(it: Iterations | None):
     """Roofline of iterations: arithmetic intensity (executed FLOPs / bytes moved) against
     achieved FLOP/s (executed FLOPs / busy time), under the compute and bandwidth ceilings."""

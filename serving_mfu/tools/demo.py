@@ -1,16 +1,19 @@
-"""`serving-mfu demo` (`make demo`): the whole product on the embedded tiny model, in one command.
+"""`serving-mfu demo` (`make demo`): the whole product on locally built models, in one command.
 
-Builds the tiny local models if absent, calibrates this machine's peak once (cached, where a CPU
-engine with no setting finds it), starts a vLLM server with the MFU scheduler, the endpoint plugin
-and n-gram speculation, runs a prefill-heavy, a decode-heavy, a mixed and a sampled scenario (whose
-drafts are often rejected: decode MFU below HFU) with the load generator, a short concurrency
-sweep, then one scenario on the tiny MoE model (experts per layer); prints the per-phase table with
+Builds the demo's models if absent (a 137 M-parameter Llama and a 165 M-parameter Qwen3-MoE, random
+weights: big enough that the CPU is the bottleneck, so prefill is compute-bound and decode
+memory-bound; `--short`, the suite's form, uses the 2-layer tiny ones), calibrates this machine's peak
+once (cached, where a CPU engine with no setting finds it), starts a vLLM server with the MFU
+scheduler, the endpoint plugin and n-gram speculation, runs a prefill-heavy, a decode-heavy, a mixed
+and a sampled scenario (whose drafts are often rejected: decode MFU below HFU) with the load
+generator, a short concurrency sweep, then one scenario on the MoE model (experts per layer); prints
+the per-phase table (with SOL and the largest loss) and the waterfall plot, with
 the peak and its credibility, writes results JSON, the iteration trace and PNG plots (the analysis
 notebook's default input), and always stops the servers it started.
 
 Output folder: results.json (all scenarios), <scenario>.json (loadgen results), sweep/
 (point-*.json, summary.json, PNGs), trace.jsonl (every iteration of the dense engine), peak.json,
-phase_utilization.png, mfu_timeseries.png, server.log, server-moe.log.
+phase_utilization.png, waterfall.png, mfu_timeseries.png, server.log, server-moe.log.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from rich import box
@@ -40,6 +44,8 @@ from serving_mfu.tools.server import VLLMServer
 # prompt_lookup_min=1: drafts from single-token matches, so sampled decoding rejects many of them.
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
 MOE_MODEL = "tiny-qwen3-moe-engine"
+# the full demo's models, and the short (suite) form's: (dense, MoE)
+DEMO_MODELS = {False: ("small-llama-engine", "small-qwen3-moe-engine"), True: ("tiny-llama-engine", MOE_MODEL)}
 
 
 class Scenario(BaseModel):
@@ -73,7 +79,7 @@ def scenarios(short: bool) -> list[Scenario]:
         Scenario(name="sampled", what="temperature 1: n-gram drafts are often rejected, so decode MFU < HFU",
                  dataset="repetitive", input_len=32, output_len=96 // n, num_prompts=8 // n, request_rate=math.inf,
                  max_concurrency=8, temperature=1.0),
-        Scenario(name="moe", what="the tiny Qwen3-MoE model: experts activated per layer",
+        Scenario(name="moe", what="the Qwen3-MoE model: experts activated per layer",
                  dataset="synthetic", input_len=256 // n, output_len=32 // n, num_prompts=8 // n,
                  request_rate=math.inf, max_concurrency=4, model="moe"),
     ]
@@ -143,6 +149,32 @@ def notes(results: list[ScenarioResult]) -> list[str]:
     return out
 
 
+WATERFALL_PARTS = (("useful", "#2e7d32"), ("waste", "#c62828"), ("memory_bound", "#1565c0"),
+                   ("beyond_roofline", "#9e9e9e"))
+
+
+def plot_waterfalls(results: list[ScenarioResult], path: Path, plt: Any) -> Path:
+    """One stacked bar per scenario and phase: where its time went (DESIGN §11)."""
+    fig, ax = plt.subplots(figsize=(11, 4))
+    labels = []
+    for i, (sr, phase) in enumerate((sr, ph) for sr in results for ph in ("prefill", "decode")):
+        w = (((sr.result.get("mfu") or {}).get(phase) or {}).get("waterfall")) or {}
+        bottom = 0.0
+        for part, color in WATERFALL_PARTS:
+            value = 100 * (w.get(part) or 0.0)
+            ax.bar(i, value, bottom=bottom, color=color, label=part.replace("_", " ") if i == 0 else None)
+            bottom += value
+        labels.append(f"{sr.scenario.name}\n{phase}")
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("% of the phase's time")
+    ax.set_title("where each phase's time went: useful, waste, memory-bound, beyond the roofline")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    write_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(results: list[ScenarioResult], out_dir: Path) -> list[Path]:
     """Bar chart of per-phase MFU/HFU/MBU by scenario, and each scenario's per-second MFU series."""
     import matplotlib
@@ -166,6 +198,8 @@ def plot(results: list[ScenarioResult], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "phase_utilization.png")
     write_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
+
+    paths.append(plot_waterfalls(results, out_dir / "waterfall.png", plt))
 
     fig, ax = plt.subplots(figsize=(9, 4))
     t0 = 0.0
@@ -240,9 +274,10 @@ def run_demo(out_dir: Path, model: str | None = None, short: bool = False, conso
     cpu = model is None
     moe_model = None
     if cpu:
-        with console.status("building the tiny local models (once)…"):
-            model = str(ensure_model("tiny-llama-engine"))
-            moe_model = str(ensure_model(MOE_MODEL))
+        with console.status("building the local models (once)…"):
+            dense_name, moe_name = DEMO_MODELS[short]
+            model = str(ensure_model(dense_name))
+            moe_model = str(ensure_model(moe_name))
         console.print(f"model: {model}")
         _cpu_peak(console, short, out_dir, recalibrate)
     scs = scenarios(short)

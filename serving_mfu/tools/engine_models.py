@@ -66,6 +66,24 @@ ENGINE_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The demo's models (`make demo`): big enough that a CPU is the bottleneck, so prefill is compute-bound and
+# decode memory-bound and their MFU, MBU and speed of light mean something (the tiny ones measure Python).
+ENGINE_CONFIGS["small-llama-engine"] = {  # 137 M parameters: 12 layers of 1,024, GQA 16/4
+    **_COMMON, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 1024,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "num_hidden_layers": 12, "intermediate_size": 2816,
+    "hidden_act": "silu",
+}
+ENGINE_CONFIGS["small-qwen3-moe-engine"] = {  # 165 M parameters, 33 M active: 8 layers of 16 experts, top-2
+    **_COMMON, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 768,
+    "num_attention_heads": 12, "num_key_value_heads": 4, "num_hidden_layers": 8, "intermediate_size": 2048,
+    "moe_intermediate_size": 512, "num_experts": 16, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "norm_topk_prob": True, "hidden_act": "silu",
+}
+
+# A one-layer draft model for the tiny Llama (same vocabulary and tokenizer): speculative decoding with
+# `"method": "draft_model"`, whose drafter work the accounting counts as vLLM runs it.
+ENGINE_CONFIGS["tiny-llama-draft-engine"] = {**ENGINE_CONFIGS["tiny-llama-engine"], "num_hidden_layers": 1}
+
 # Text the tokenizer is trained on and prompts are drawn from (public-domain style prose).
 CORPUS = """\
 The engine schedules requests in iterations. Each iteration runs one forward pass over a batch.
