@@ -140,3 +140,17 @@ def test_a_cpu_model_whose_weights_fit_in_the_cache_is_flagged() -> None:
         tracker = MFUTracker(spec, peak)
         _flag_weights_in_cache(tracker, SimpleNamespace(peak=peak), cache_bytes=lambda: cache)
         assert (tracker.counters.anomalies.get("weights_fit_in_cache") == 1) is flagged, (cache, peak.device)
+
+
+def test_the_full_demo_runs_models_where_the_cpu_is_the_bottleneck() -> None:
+    """`make demo` uses 100–200 M-parameter models (prefill compute-bound, decode memory-bound on a CPU);
+    `--short`, the suite's form, keeps the tiny ones."""
+    from serving_mfu.cost.bytes import ByteModel
+    from serving_mfu.tools.demo import DEMO_MODELS
+    from serving_mfu.tools.engine_models import ENGINE_CONFIGS
+
+    for name in DEMO_MODELS[False]:
+        bm = ByteModel(ModelSpec.from_hf_config({**ENGINE_CONFIGS[name], "_name_or_path": name}))
+        params = bm.weight_bytes(True, True, [float(e) for e, _ in bm.moe_shape]) / 2  # bf16
+        assert 100e6 <= params <= 200e6, (name, params)
+    assert DEMO_MODELS[True] == ("tiny-llama-engine", "tiny-qwen3-moe-engine")

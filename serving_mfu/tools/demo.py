@@ -44,6 +44,7 @@ from serving_mfu.tools.server import VLLMServer
 # prompt_lookup_min=1: drafts from single-token matches, so sampled decoding rejects many of them.
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
 MOE_MODEL = "tiny-qwen3-moe-engine"
+TABLE_WIDTH = 118  # the demo table's columns, unwrapped
 # the full demo's models, and the short (suite) form's: (dense, MoE)
 DEMO_MODELS = {False: ("small-llama-engine", "small-qwen3-moe-engine"), True: ("tiny-llama-engine", MOE_MODEL)}
 
@@ -267,7 +268,7 @@ def run_demo(out_dir: Path, model: str | None = None, short: bool = False, conso
              recalibrate: bool = False) -> DemoResult:
     """Run the demo; `model` None means the embedded tiny models on the vLLM CPU engine."""
 
-    console = console or Console()
+    console = console or Console(width=max(Console().width, TABLE_WIDTH))  # the table has 10 columns
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {"SERVING_MFU_DIR": str(out_dir / "snapshots"), "SERVING_MFU_TRACE": str(out_dir / "trace.jsonl")}
