@@ -41,6 +41,7 @@ class Counter(NamedTuple):
     report: str | None = None
     prom: str | None = None
     phased: bool = False
+    guard: str | None = None  # a GUARDS key: the per-step add runs only when the guard holds (all zero otherwise)
 
     @property
     def type(self) -> type:
@@ -50,6 +51,16 @@ class Counter(NamedTuple):
         """The Counters attributes of this row: `prefill_<name>`, `decode_<name>` when phased."""
         return tuple(f"{p}_{self.name}" for p in PHASES) if self.phased else (self.name,)
 
+
+#: Conditions under which a group of counters can be non-zero in a step: `add_cost` skips the group's adds
+#: otherwise (most steps have no KV connector, no LoRA, no graph padding, no MoE and no repair).
+GUARDS: dict[str, str] = {
+    "kv": "c.kv_received_tokens or c.kv_sent_tokens",
+    "lora": "c.lora_executed_flops or c.lora_tokens",
+    "graph": "c.prefill.graph_padding_flops or c.decode.graph_padding_flops",
+    "moe": "c.moe_active_experts is not None",
+    "repair": "c.time_repaired_s",
+}
 
 C = Counter
 COUNTERS: tuple[Counter, ...] = (
@@ -77,12 +88,12 @@ COUNTERS: tuple[Counter, ...] = (
       "where a step ran faster than its roofline", prom="serving_mfu_beyond_roofline_seconds", phased=True),
     # ---- waste by cause that no other counter holds (DESIGN §11)
     C("lora_padding_flops", "flops", "LoRA FLOPs the kernels ran beyond each adapter's own rank on useful "
-      "positions (padding to --max-lora-rank): waste", prom="serving_mfu_lora_padding_flops", phased=True),
+      "positions (padding to --max-lora-rank): waste", prom="serving_mfu_lora_padding_flops", phased=True, guard="lora"),
     C("graph_padding_flops", "flops", "FLOPs of the positions a CUDA graph padded the step to: waste (0 on CPU)",
-      prom="serving_mfu_graph_padding_flops", phased=True),
+      prom="serving_mfu_graph_padding_flops", phased=True, guard="graph"),
     C("graph_padding_modelled_iterations", "iterations", "Iterations with graph padding whose padding came from "
       "the model of vLLM's cudagraph dispatch rules, not from its cudagraph_stats (--cudagraph-metrics off)",
-      prom="serving_mfu_graph_padding_modelled_iterations"),
+      prom="serving_mfu_graph_padding_modelled_iterations", guard="graph"),
     # ---- the engine's time
     C("iterations", "iterations", "Engine iterations accounted", step="1", report="overall.iterations",
       prom="serving_mfu_iterations"),
@@ -114,7 +125,7 @@ COUNTERS: tuple[Counter, ...] = (
     C("recompute_flops", "flops", "FLOPs of recomputation after preemption", report="recompute.flops",
       prom="serving_mfu_recompute_flops"),
     C("lora_recompute_flops", "flops", "LoRA adapter FLOPs of recomputed positions (waste, cause recompute)",
-      prom="serving_mfu_lora_recompute_flops"),
+      prom="serving_mfu_lora_recompute_flops", guard="lora"),
     C("rejected_tokens", "tokens", "Speculative positions rejected (KV rolled back)",
       report="spec_decode.rejected_tokens", prom="serving_mfu_spec_rejected_tokens"),
     C("rejected_flops", "flops", "FLOPs of rejected speculative positions", report="spec_decode.rejected_flops",
@@ -124,9 +135,9 @@ COUNTERS: tuple[Counter, ...] = (
     C("discarded_flops", "flops", "FLOPs of discarded decode positions", report="discarded.flops",
       prom="serving_mfu_discarded_flops"),
     C("lora_rejected_flops", "flops", "LoRA adapter FLOPs of rejected speculative positions (waste, cause "
-      "rejected_drafts)", prom="serving_mfu_lora_rejected_flops"),
+      "rejected_drafts)", prom="serving_mfu_lora_rejected_flops", guard="lora"),
     C("lora_discarded_flops", "flops", "LoRA adapter FLOPs of discarded decode positions (waste, cause discarded)",
-      prom="serving_mfu_lora_discarded_flops"),
+      prom="serving_mfu_lora_discarded_flops", guard="lora"),
     C("draft_tokens", "tokens", "Speculative draft tokens verified", report="spec_decode.draft_tokens",
       prom="serving_mfu_spec_draft_tokens"),
     C("accepted_tokens", "tokens", "Speculative draft tokens accepted", report="spec_decode.accepted_tokens",
@@ -138,34 +149,34 @@ COUNTERS: tuple[Counter, ...] = (
     C("saved_flops", "flops", "FLOPs the prefix-cache hits would have cost", report="prefix_cache.saved_flops",
       prom="serving_mfu_prefix_cache_saved_flops"),
     C("kv_received_tokens", "tokens", "Prompt positions whose KV a KV connector loaded (not computed here, not "
-      "local prefix-cache hits)", report="kv_transfer.received_tokens", prom="serving_mfu_kv_received_tokens"),
+      "local prefix-cache hits)", report="kv_transfer.received_tokens", prom="serving_mfu_kv_received_tokens", guard="kv"),
     C("kv_received_flops", "flops", "FLOPs the positions loaded through a KV connector would have cost",
-      report="kv_transfer.received_flops", prom="serving_mfu_kv_received_flops"),
+      report="kv_transfer.received_flops", prom="serving_mfu_kv_received_flops", guard="kv"),
     C("kv_received_bytes", "bytes", "KV bytes loaded through a KV connector (all layers)",
-      report="kv_transfer.received_bytes", prom="serving_mfu_kv_received_bytes"),
+      report="kv_transfer.received_bytes", prom="serving_mfu_kv_received_bytes", guard="kv"),
     C("kv_sent_tokens", "tokens", "Positions whose KV a KV connector stored or sent for other engines",
-      report="kv_transfer.sent_tokens", prom="serving_mfu_kv_sent_tokens"),
+      report="kv_transfer.sent_tokens", prom="serving_mfu_kv_sent_tokens", guard="kv"),
     C("kv_sent_bytes", "bytes", "KV bytes stored or sent through a KV connector (all layers)",
-      report="kv_transfer.sent_bytes", prom="serving_mfu_kv_sent_bytes"),
+      report="kv_transfer.sent_bytes", prom="serving_mfu_kv_sent_bytes", guard="kv"),
     C("lora_tokens", "tokens", "Useful positions of requests that ran a LoRA adapter", report="lora.tokens",
-      prom="serving_mfu_lora_tokens"),
+      prom="serving_mfu_lora_tokens", guard="lora"),
     C("lora_useful_flops", "flops", "LoRA adapter FLOPs of useful positions (part of useful_flops)",
-      report="lora.useful_flops", prom="serving_mfu_lora_useful_flops"),
+      report="lora.useful_flops", prom="serving_mfu_lora_useful_flops", guard="lora"),
     C("lora_executed_flops", "flops", "LoRA adapter FLOPs the kernels ran at the padded rank (part of "
-      "executed_flops)", report="lora.executed_flops", prom="serving_mfu_lora_executed_flops"),
+      "executed_flops)", report="lora.executed_flops", prom="serving_mfu_lora_executed_flops", guard="lora"),
     # ---- MoE (exported as summaries, with the per-layer list below)
-    C("moe_iterations", "iterations", "Iterations of an MoE model", step="c.moe_active_experts is not None"),
-    C("moe_measured_iterations", "iterations", "MoE iterations whose routing was measured", step="c.moe_measured"),
+    C("moe_iterations", "iterations", "Iterations of an MoE model", step="c.moe_active_experts is not None", guard="moe"),
+    C("moe_measured_iterations", "iterations", "MoE iterations whose routing was measured", step="c.moe_measured", guard="moe"),
     C("moe_imbalance_sum", "ratio", "Sum over measured iterations of max/mean routed tokens per expert",
-      step="(c.moe_imbalance or 0.0) if c.moe_measured else 0.0"),
+      step="(c.moe_imbalance or 0.0) if c.moe_measured else 0.0", guard="moe"),
     # ---- invariants
     C("hfu_over_1_iterations", "iterations", "Iterations with HFU > 1 (FLOP model, peak or clock is off)",
       step="c.hfu_over_1", report="anomalies.hfu_over_1_iterations", prom="serving_mfu_hfu_over_1_iterations"),
     C("repaired_iterations", "iterations", "Mixed iterations whose split moved time to keep a phase at HFU <= 1",
       step="c.time_repaired_s != 0", report="anomalies.repaired_iterations",
-      prom="serving_mfu_repaired_iterations"),
+      prom="serving_mfu_repaired_iterations", guard="repair"),
     C("time_repaired_s", "seconds", "Seconds moved between phases by those repairs",
-      report="anomalies.time_repaired_s", prom="serving_mfu_repaired_seconds"),
+      report="anomalies.time_repaired_s", prom="serving_mfu_repaired_seconds", guard="repair"),
     # ---- GPU sampling (serving_mfu.runtime.gpu_util, NVML): a window's mean is Δ(…_s) / Δ(sampled)
     C("gpu_sampled_s", "seconds", "Device-seconds over which NVML GPU-Util was sampled (summed over devices)",
       step=None, report="gpu_util.sampled_s", prom="serving_mfu_gpu_sampled_seconds"),
@@ -191,6 +202,8 @@ def check_table(rows: Iterable[Counter]) -> None:
             seen[key] = row.name
         if row.step is not None and "{phase}" in row.step and not row.phased:
             raise ValueError(f"counter {row.name!r}: step {row.step!r} names a phase but the row is not phased")
+        if row.guard is not None and row.guard not in GUARDS:
+            raise ValueError(f"counter {row.name!r}: guard {row.guard!r} is not one of {', '.join(GUARDS)}")
         if row.report is not None and row.report.count(".") != 1:
             raise ValueError(f"counter {row.name!r}: report path {row.report!r} is not 'section.field'")
 
@@ -272,13 +285,19 @@ def _add_cost_source(rows: Iterable[Counter]) -> str:
              '    the engine\'s totals over its devices; without them no capacity accrues."""',
              "    peak_flops = peak_flops or 0.0",
              "    peak_bytes = peak_bytes or 0.0"]
-    for row in rows:
-        if row.step is None:
+    rows = [r for r in rows if r.step is not None]
+    for guard in (None, *GUARDS):
+        group = [r for r in rows if r.guard == guard]
+        if not group:
             continue
-        for phase, name in zip(PHASES if row.phased else (None,), row.names()):
-            expr = f"c.{phase}.{row.name}" if row.step == "cost" and phase else (
-                f"c.{row.name}" if row.step == "cost" else row.step.format(phase=phase))
-            lines.append(f"    self.{name} += {expr}")
+        indent = "    " if guard is None else "        "
+        if guard is not None:
+            lines.append(f"    if {GUARDS[guard]}:")
+        for row in group:
+            for phase, name in zip(PHASES if row.phased else (None,), row.names()):
+                expr = f"c.{phase}.{row.name}" if row.step == "cost" and phase else (
+                    f"c.{row.name}" if row.step == "cost" else row.step.format(phase=phase))
+                lines.append(f"{indent}self.{name} += {expr}")
     lines.append("    self._add_structured(c)")
     return "\n".join(lines) + "\n"
 

@@ -49,14 +49,7 @@ def peak_verdict(c: Counters, flops_per_s: float | None, source: str | None = No
         return PeakVerdict(credible=None, reason="no peak: MFU and HFU are unavailable",
                            fix="set SERVING_MFU_PEAK_FLOPS and SERVING_MFU_PEAK_BANDWIDTH, SERVING_MFU_DEVICE, "
                                "or run `serving-mfu calibrate`")
-    over = []
-    for name, executed, capacity in (
-        ("prefill", c.prefill_executed_flops, c.prefill_capacity_flops),
-        ("decode", c.decode_executed_flops, c.decode_capacity_flops),
-        ("overall", c.prefill_executed_flops + c.decode_executed_flops, c.busy_capacity_flops),
-    ):
-        if capacity > 0 and executed > capacity * (1 + EPS):
-            over.append(f"{name} HFU {executed / capacity:.2f}")
+    over = _over_capacity(c, "HFU", "executed_flops", "capacity_flops", "busy_capacity_flops")
     share = c.hfu_over_1_iterations / c.iterations if c.iterations else 0.0
     if share > TOLERATED_SHARE:
         over.append(f"{c.hfu_over_1_iterations} of {c.iterations} iterations ({100 * share:.1f}%) above HFU 1")
@@ -84,14 +77,20 @@ BANDWIDTH_FIX = ("re-run `serving-mfu calibrate` (its bandwidth is the maximum o
 
 def _over_bandwidth(c: Counters) -> list[str]:
     """MBU > 1 in a phase or overall, and SOL > 1 (steps faster than their roofline), with figures."""
-    out = []
-    for name, moved, capacity in (
-        ("prefill", c.prefill_bytes, c.prefill_capacity_bytes),
-        ("decode", c.decode_bytes, c.decode_capacity_bytes),
-        ("overall", c.prefill_bytes + c.decode_bytes, c.busy_capacity_bytes),
-    ):
-        if capacity > 0 and moved > capacity * (1 + EPS):
-            out.append(f"{name} MBU {moved / capacity:.2f}")
+    out = _over_capacity(c, "MBU", "bytes", "capacity_bytes", "busy_capacity_bytes")
     if c.busy_s > 0 and c.busy_sol_s > c.busy_s * (1 + EPS):
         out.append(f"SOL {c.busy_sol_s / c.busy_s:.2f} (steps ran faster than their roofline)")
+    return out
+
+
+def _over_capacity(c: Counters, figure: str, work: str, capacity: str, busy_capacity: str) -> list[str]:
+    """`<phase> <figure> x.xx` for each phase, and overall, whose work exceeds its capacity (figure > 1)."""
+    out = []
+    for name in ("prefill", "decode", "overall"):
+        if name == "overall":
+            done, cap = getattr(c, f"prefill_{work}") + getattr(c, f"decode_{work}"), getattr(c, busy_capacity)
+        else:
+            done, cap = getattr(c, f"{name}_{work}"), getattr(c, f"{name}_{capacity}")
+        if cap > 0 and done > cap * (1 + EPS):
+            out.append(f"{name} {figure} {done / cap:.2f}")
     return out
