@@ -13,29 +13,37 @@ Settings: serving_mfu.runtime.settings.Settings (SERVING_MFU_*, read once in `fr
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import queue
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import add, attrgetter, ge, gt, itemgetter, le, lt
+from operator import add, attrgetter, ge, gt, itemgetter, lt
 from typing import Any, Callable
 
 import msgspec
-import numpy as np
 
+from scheduler_hooks.capture import StepCapture
 from scheduler_hooks.engine_info import EngineInfo, engine_info
+from scheduler_hooks.vllm_outputs import (
+    FROM_STATS,
+    delivered_by_request,
+    delivered_tokens,
+    kv_transfer,
+    moe_routing,
+    sampled_lengths,
+    uniform_decode,
+)
 from serving_mfu.cost.accounting import CostModel
 from serving_mfu.cost.drafter import DraftRequest, drafter_work
-from serving_mfu.cost.graph_padding import GraphConfig, padded_tokens, padding_from_stats
+from serving_mfu.cost.graph_padding import padded_tokens, padding_from_stats
 from serving_mfu.cost.records import (
     DecodeBatch,
     DrafterRecord,
     IterationRecord,
-    KVTransferRecord,
     LoRAUse,
     PrefillBatch,
     Slice,
@@ -51,13 +59,10 @@ from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.schema.report import ModelReport
 
 log = logging.getLogger("serving_mfu.hook")
-_NEW_TOKEN_IDS = attrgetter("new_token_ids")
-_ROWS = attrgetter("rows")
 _REQ_ID = attrgetter("req_id")
 _COMPUTED = attrgetter("num_computed_tokens")
 _PROMPT_IDS = attrgetter("prompt_token_ids")
 _drain = deque(maxlen=0).extend  # run an iterator for its side effects
-_TOKEN_START = attrgetter("token_start")
 
 
 class NullWriter:
@@ -89,6 +94,34 @@ def _flag_weights_in_cache(tracker: MFUTracker, info: EngineInfo,
 
 class InjectedFault(RuntimeError):
     """Raised on purpose (SERVING_MFU_FAIL_AT_STEP) to prove a failing hook leaves the engine serving."""
+
+
+@dataclass(slots=True)
+class _Sorted:
+    """One step's requests as `build_record` sorts them: the prefill batch's columns, the decode batch's
+    (vLLM's own lists until a request is sorted out of them), and the general rows."""
+
+    dec_ids: list[str]
+    dec_n0: list[int]
+    general: list[tuple[str, int, int, int, int, int]] = field(default_factory=list)  # rid, q, n0, prompt, mark, cached
+    p_ids: list[str] = field(default_factory=list)
+    p_q: list[int] = field(default_factory=list)
+    p_n0: list[int] = field(default_factory=list)
+    p_prompt: list[int] = field(default_factory=list)
+    p_cached: list[int] = field(default_factory=list)
+    p_end: list[int] = field(default_factory=list)
+    n_chunks: int = 0  # prompt chunks of cached requests in the prefill batch
+    p_done: int = 0  # prompts the prefill batch completes
+    drafts: list[int] | None = None
+    accepted: list[int] | None = None
+    dec_delivered: list[int] | None = None
+
+    def add_prompt(self, rid: str, q: int, n0: int, prompt: int, cached: int) -> None:
+        self.p_ids.append(rid)
+        self.p_q.append(q)
+        self.p_n0.append(n0)
+        self.p_prompt.append(prompt)
+        self.p_cached.append(cached)
 
 
 class MFUHook:
@@ -139,6 +172,8 @@ class MFUHook:
         self.gpu = sampler
         self.trace = trace
         self.observer: Observer | None = None  # see "engine callbacks"
+        # where each numbered step goes (a seam: a benchmark wraps it to see which step a capture became)
+        self.sink: Callable[[int, StepCapture, Any], None] = self.hand_over
         self._accountant: threading.Thread | None = None  # before the writer, whose thread calls flush()
         try:
             self.writer = writer_factory(self)
@@ -215,7 +250,7 @@ class MFUHook:
         obs.exit("schedule", result)
         return result
 
-    def before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
+    def before_output(self, sched: Any, out: Any, runner_out: Any) -> StepCapture | None:
         obs = self.observer
         if obs is None:
             return self._before_output(sched, out, runner_out)
@@ -224,7 +259,7 @@ class MFUHook:
         obs.exit("output", result)
         return result
 
-    def after_output(self, token: tuple, result: Any = None) -> None:
+    def after_output(self, token: StepCapture, result: Any = None) -> None:
         obs = self.observer
         if obs is None:
             return self._after_output(token, result)
@@ -259,7 +294,7 @@ class MFUHook:
             if len(pending) > 64:  # outputs that never came (aborted steps): forget the oldest
                 pending.pop(next(iter(pending)))
 
-    def _before_output(self, sched: Any, out: Any, runner_out: Any) -> tuple | None:
+    def _before_output(self, sched: Any, out: Any, runner_out: Any) -> StepCapture | None:
         """Before `update_from_output()`: stop the clock; on draft steps of an engine with its stats off,
         copy the sampled lengths (update_from_output() trims those of requests that stop).  The step's
         CUDA-graph padding counts (`cudagraph_stats`) are kept by reference."""
@@ -274,12 +309,19 @@ class MFUHook:
             else:
                 sampled = runner_out.sampled_token_ids
                 lengths = list(map(len, sampled)) if sampled else []
-        return t_sched, t_end, out, runner_out, lengths, getattr(runner_out, "cudagraph_stats", None)
+        return StepCapture(t_sched_s=t_sched, t_end_s=t_end, out=out, runner_out=runner_out, lengths=lengths,
+                           cudagraph_stats=getattr(runner_out, "cudagraph_stats", None))
 
-    def _after_output(self, token: tuple, result: Any = None) -> None:
-        """After `update_from_output()`: hand the capture to the accounting thread (O(1))."""
+    def _after_output(self, token: StepCapture, result: Any = None) -> None:
+        """After `update_from_output()`: number the step and hand it to the sink (O(1))."""
         self.step += 1
-        item = (self.step, token, result)
+        self.sink(self.step, token, result)
+        if self.fail_at is not None and self.step == self.fail_at:
+            raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at} (after recording the step)")
+
+    def hand_over(self, step: int, capture: StepCapture, result: Any) -> None:
+        """The default sink: the step to the accounting thread (inline with sync_accounting)."""
+        item = (step, capture, result)
         if self._queue is None:
             self._account(item)
         else:
@@ -287,8 +329,6 @@ class MFUHook:
                 self._queue.put_nowait(item)
             except queue.Full:
                 self.tracker.note_anomaly("dropped_records", "the accounting thread fell 10000 steps behind")
-        if self.fail_at is not None and self.step == self.fail_at:
-            raise InjectedFault(f"SERVING_MFU_FAIL_AT_STEP={self.fail_at} (after recording the step)")
 
     # ------------------------------------------------------------------ building the record (accounting side)
     def high_water_mark(self, rid: str) -> int:
@@ -321,144 +361,168 @@ class MFUHook:
         return DrafterRecord(method=self.spec_method, flops=work.flops, bytes=work.bytes, proposed_tokens=k * n,
                              positions=work.first_pass_positions + work.step_positions)
 
-    def build_record(self, step: int, token: tuple, result: Any) -> IterationRecord:
-        """One IterationRecord from a step's capture.
+    def build_record(self, step: int, token: StepCapture, result: Any) -> IterationRecord:
+        """One IterationRecord from a step's capture, in named steps: forget finished requests, sort the
+        new requests and the cached ones into the prefill batch, the decode batch and general slices,
+        close prompts, read acceptance, cost the general rows, then what reached the users, the marks,
+        the drafter, the routing and the padding.
 
         Most requests of a step fit a batch costed in closed form: first-time prompt chunks
         (`PrefillBatch`) and decodes past the prompt and the high-water mark (`DecodeBatch`, vLLM's
         own `req_ids` / `num_computed_tokens` lists when every cached request is one).  What does not
         fit — a resumed (preempted) request, recomputation, a chunk past its prompt — becomes a
-        general `Slice`.  The sets of requests still in their prompt or
-        recomputing are small, so sorting a step costs O(those + new requests), plus one dict
-        update over the decodes (their high-water marks) and, on draft steps, the accepted counts.
+        general `Slice`.  The sets of requests still in their prompt or recomputing are small, so
+        sorting a step costs O(those + new requests), plus one dict update over the decodes (their
+        high-water marks) and, on draft steps, the accepted counts.
         """
-        t_sched, t_end, out, runner_out, lengths = token[:5]
+        out, runner_out, lengths = token.out, token.runner_out, token.lengths
         if lengths is FROM_STATS:
             lengths = sampled_lengths(out, runner_out, result)
-        hwm, plain, prompts = self.hwm, self.plain_before, self.prompt_lens
-        prefilling, recomputing = self.prefilling, self.recomputing
-        kv = self._kv
-        finished = out.finished_req_ids
-        if finished:
-            for d in (hwm, plain, prompts, self.lora_of):
-                if d:
-                    _drain(map(d.pop, finished, repeat(None)))
-            for st in (prefilling, recomputing):
-                if st:
-                    st.difference_update(finished)
-        nst = out.num_scheduled_tokens
-        spec = out.scheduled_spec_decode_tokens
+        self._forget(out.finished_req_ids)
+        st = _Sorted(dec_ids=out.scheduled_cached_reqs.req_ids, dec_n0=out.scheduled_cached_reqs.num_computed_tokens)
+        if out.scheduled_new_reqs:
+            self._sort_new(out, st)
+        self._sort_cached(out, st)
+        if st.p_ids:
+            self._close_prompts(st)
         index = runner_out.req_id_to_index if lengths is not None else None
-        general: list[tuple[str, int, int, int, int, int]] = []  # (rid, q, n0, prompt, mark, cached)
-        p_ids: list[str] = []
-        p_q: list[int] = []
-        p_n0: list[int] = []
-        p_prompt: list[int] = []
-        p_cached: list[int] = []
-        p_end: list[int] = []
-        n_chunks = 0  # prompt chunks of cached requests in the prefill batch
-        new = out.scheduled_new_reqs
-        if new:
-            ids = list(map(_REQ_ID, new))
-            if self._lora_rank is not None:
-                self._note_adapters(new)
-            n0s = list(map(_COMPUTED, new))
-            qs = list(map(nst.__getitem__, ids))
-            try:
-                lens = list(map(len, map(_PROMPT_IDS, new)))
-            except TypeError:  # prompt embeddings instead of token ids
-                lens = [len(ids_) if ids_ is not None else int(nr.prompt_embeds.shape[0])
-                        for nr, ids_ in zip(new, map(_PROMPT_IDS, new))]
-            new_end = list(map(add, n0s, qs))
-            if prompts.keys().isdisjoint(ids) and not any(map(gt, new_end, lens)) and \
-                    not (spec and not spec.keys().isdisjoint(ids)):
-                # first schedules: what each starts from was served by the prefix cache
-                p_ids, p_q, p_n0, p_prompt, p_cached, p_end = ids, qs, n0s, lens, list(n0s), new_end
-                prompts.update(zip(ids, lens))
+        if st.dec_ids:
+            self._acceptance(out, runner_out, lengths, index, st)
+        g_rows, expected = self._general_rows(out.scheduled_spec_decode_tokens, lengths, index, st)
+        delivered_by_id = self._delivered(result, expected, st)
+        slices = self._marks_and_slices(g_rows, delivered_by_id, st)
+        kv = self._kv
+        prefill = PrefillBatch(req_ids=st.p_ids, new_tokens=st.p_q, computed_before=st.p_n0, prompt_len=st.p_prompt,
+                               cached_tokens=st.p_cached if any(st.p_cached) and not kv else None) if st.p_ids else None
+        decode = DecodeBatch(req_ids=st.dec_ids, computed_before=st.dec_n0, draft_tokens=st.drafts,
+                             accepted_tokens=st.accepted, delivered_tokens=st.dec_delivered) if st.dec_ids else None
+        drafter = None
+        if self.spec_method and getattr(out, "skip_drafts", False):
+            # vLLM ≥ 0.33 (Model Runner V2): this step proposes no drafts
+            drafter = DrafterRecord(method=self.spec_method)
+        elif self.spec_method:
+            drafter = self._drafter(slices, st.p_n0, st.p_q, st.p_prompt, st.dec_n0, st.drafts, st.accepted)
+        routing = self._routing(runner_out, slices, st) if self._is_moe else None
+        padded, modelled = self._graph_padding(token, out, prefill, slices)
+        return IterationRecord(step=step, t_sched_s=token.t_sched_s, t_end_s=token.t_end_s, slices=slices,
+                               drafter=drafter, moe_routing=routing, engine=self.engine_id, prefill=prefill,
+                               decode=decode, kv=kv_transfer(out, result) if kv else None,
+                               lora=self._lora_uses(out.num_scheduled_tokens) if self.lora_of else None,
+                               padded_tokens=padded, padding_modelled=modelled)
+
+    def _forget(self, finished: Any) -> None:
+        """Drop every per-request entry of the requests that finished."""
+        if not finished:
+            return
+        for d in (self.hwm, self.plain_before, self.prompt_lens, self.lora_of):
+            if d:
+                _drain(map(d.pop, finished, repeat(None)))
+        for s in (self.prefilling, self.recomputing):
+            if s:
+                s.difference_update(finished)
+
+    def _sort_new(self, out: Any, st: "_Sorted") -> None:
+        """New requests (NewRequestData): first schedules go to the prefill batch, credited with what the
+        prefix cache served; a resumed or odd one becomes a general row."""
+        new, nst, spec, prompts = out.scheduled_new_reqs, out.num_scheduled_tokens, out.scheduled_spec_decode_tokens, \
+            self.prompt_lens
+        ids = list(map(_REQ_ID, new))
+        if self._lora_rank is not None:
+            self._note_adapters(new)
+        n0s = list(map(_COMPUTED, new))
+        qs = list(map(nst.__getitem__, ids))
+        try:
+            lens = list(map(len, map(_PROMPT_IDS, new)))
+        except TypeError:  # prompt embeddings instead of token ids
+            lens = [len(ids_) if ids_ is not None else int(nr.prompt_embeds.shape[0])
+                    for nr, ids_ in zip(new, map(_PROMPT_IDS, new))]
+        new_end = list(map(add, n0s, qs))
+        if prompts.keys().isdisjoint(ids) and not any(map(gt, new_end, lens)) and \
+                not (spec and not spec.keys().isdisjoint(ids)):
+            # first schedules: what each starts from was served by the prefix cache
+            st.p_ids, st.p_q, st.p_n0, st.p_prompt, st.p_cached, st.p_end = ids, qs, n0s, lens, list(n0s), new_end
+            prompts.update(zip(ids, lens))
+            return
+        for rid, q, n0, prompt in zip(ids, qs, n0s, lens):
+            if rid in prompts:  # resumed (Model Runner V2): its mark before its new prompt length
+                st.general.append((rid, q, n0, prompt, self.high_water_mark(rid), 0))
+            elif n0 + q > prompt or (spec and rid in spec):  # odd
+                st.general.append((rid, q, n0, prompt, 0, n0))
             else:
-                for rid, q, n0, prompt in zip(ids, qs, n0s, lens):
-                    if rid in prompts:  # resumed (Model Runner V2): its mark before its new prompt length
-                        general.append((rid, q, n0, prompt, self.high_water_mark(rid), 0))
-                    elif n0 + q > prompt or (spec and rid in spec):  # odd
-                        general.append((rid, q, n0, prompt, 0, n0))
-                    else:
-                        p_ids.append(rid)
-                        p_q.append(q)
-                        p_n0.append(n0)
-                        p_prompt.append(prompt)
-                        p_cached.append(n0)
-                    prompts[rid] = prompt
-        cr = out.scheduled_cached_reqs
-        dec_ids, dec_n0 = cr.req_ids, cr.num_computed_tokens
-        special = {r for r in prefilling if r in nst} if prefilling else set()
-        if recomputing:
-            special.update(r for r in recomputing if r in nst)
+                st.add_prompt(rid, q, n0, prompt, n0)
+            prompts[rid] = prompt
+
+    def _sort_cached(self, out: Any, st: "_Sorted") -> None:
+        """Cached requests (CachedRequestData): plain decodes stay in vLLM's own lists; those still in their
+        prompt, recomputing or resumed are sorted one by one (the next chunk of a prompt, else general)."""
+        cr, nst, spec = out.scheduled_cached_reqs, out.num_scheduled_tokens, out.scheduled_spec_decode_tokens
+        special = {r for r in self.prefilling if r in nst} if self.prefilling else set()
+        if self.recomputing:
+            special.update(r for r in self.recomputing if r in nst)
         if cr.resumed_req_ids:
             special.update(cr.resumed_req_ids)
-        if special:
-            dec_ids, dec_n0 = [], []
-            for rid, n0 in zip(cr.req_ids, cr.num_computed_tokens):
-                if rid not in special:
-                    dec_ids.append(rid)
-                    dec_n0.append(n0)
-                    continue
-                q, mark, prompt = nst[rid], self.high_water_mark(rid), prompts[rid]
-                if n0 >= mark and n0 + q <= prompt and not (spec and rid in spec) and rid not in cr.resumed_req_ids:
-                    p_ids.append(rid)  # the next chunk of a prompt
-                    p_q.append(q)
-                    p_n0.append(n0)
-                    p_prompt.append(prompt)
-                    p_cached.append(0)
-                    n_chunks += 1
-                else:
-                    general.append((rid, q, n0, prompt, mark, 0))
-        p_done = 0  # prompts the prefill batch completes (each chunk ends at or before its prompt's end)
-        if p_ids:
-            if len(p_end) != len(p_ids):  # first schedules sorted one by one, or prompt chunks added
-                p_end = list(map(add, p_n0, p_q))
-            # prompts still incomplete keep an explicit mark; complete ones leave `prefilling` (their
-            # mark is then their prompt's length)
-            partial = list(compress(zip(p_ids, p_end), map(lt, p_end, p_prompt)))
-            p_done = len(p_ids) - len(partial)
-            if partial:
-                hwm.update(partial)
-                prefilling.update(map(itemgetter(0), partial))
-            if n_chunks:  # a continued prompt that is now complete leaves the set
-                prefilling.difference_update(compress(p_ids, map(ge, p_end, p_prompt)))
-        # decodes: each runs 1 + its drafts (vLLM schedules exactly the drafts it lists)
-        drafts = accepted = None
-        n_dec = len(dec_ids)
-        if n_dec:
-            other = (sum(p_q) if p_q else 0) + (sum(g[1] for g in general) if general else 0)
-            if not spec:
-                if out.total_num_scheduled_tokens - other != n_dec:  # not all one-token decodes
-                    dec_ids, dec_n0 = self._split_odd(dec_ids, dec_n0, nst, None, general)
+        if not special:
+            return
+        st.dec_ids, st.dec_n0 = [], []
+        for rid, n0 in zip(cr.req_ids, cr.num_computed_tokens):
+            if rid not in special:
+                st.dec_ids.append(rid)
+                st.dec_n0.append(n0)
+                continue
+            q, mark, prompt = nst[rid], self.high_water_mark(rid), self.prompt_lens[rid]
+            if n0 >= mark and n0 + q <= prompt and not (spec and rid in spec) and rid not in cr.resumed_req_ids:
+                st.add_prompt(rid, q, n0, prompt, 0)  # the next chunk of a prompt
+                st.n_chunks += 1
             else:
-                # vLLM lists a decode's drafts in the order it schedules them, usually the cached order
-                drafts = (list(map(len, spec.values())) if len(spec) == n_dec and list(spec) == dec_ids
-                          else list(map(len, map(spec.get, dec_ids, repeat(())))))
-                # vLLM trims a request's drafts to what its token budget scheduled, so q ≥ 1 + drafts for
-                # each: equal sums mean each q is 1 + its drafts
-                if out.total_num_scheduled_tokens - other != n_dec + sum(drafts):
-                    dec_ids, dec_n0 = self._split_odd(dec_ids, dec_n0, nst, drafts, general)
-                    drafts = list(map(len, map(spec.get, dec_ids, repeat(()))))
-                if not lengths:
-                    got = [0] * len(dec_ids)
-                elif len(lengths) == len(dec_ids) and getattr(runner_out, "req_ids", None) == dec_ids:
-                    # the runner's batch is in the scheduler's order (req_ids[i] has index i)
-                    got = lengths
-                else:
-                    got = list(map(lengths.__getitem__, map(index.__getitem__, dec_ids)))
-                # accepted = min(max(sampled − 1, 0), drafts): a decode samples 1 + its accepted drafts
-                accepted = list(map(min, map(add, got, repeat(-1)), drafts))
-                if accepted and min(accepted) < 0:  # a request that sampled nothing (its output was dropped)
-                    accepted = list(map(max, accepted, repeat(0)))
-        # what reached the users: one token per finished prompt, 1 + accepted per decode, unless a stop
-        # (or a dropped stale output) cut a request short — then the sums differ (delivered ≤ kept)
-        expected = p_done
-        expected += len(dec_ids) + (sum(accepted) if accepted else 0)
-        g_rows = []
-        for rid, q, n0, prompt, mark, cached in general:
+                st.general.append((rid, q, n0, prompt, mark, 0))
+
+    def _close_prompts(self, st: "_Sorted") -> None:
+        """Prompts still incomplete keep an explicit mark; complete ones leave `prefilling` (their mark is
+        then their prompt's length).  Counts the prompts the prefill batch completes."""
+        if len(st.p_end) != len(st.p_ids):  # first schedules sorted one by one, or prompt chunks added
+            st.p_end = list(map(add, st.p_n0, st.p_q))
+        partial = list(compress(zip(st.p_ids, st.p_end), map(lt, st.p_end, st.p_prompt)))
+        st.p_done = len(st.p_ids) - len(partial)
+        if partial:
+            self.hwm.update(partial)
+            self.prefilling.update(map(itemgetter(0), partial))
+        if st.n_chunks:  # a continued prompt that is now complete leaves the set
+            self.prefilling.difference_update(compress(st.p_ids, map(ge, st.p_end, st.p_prompt)))
+
+    def _acceptance(self, out: Any, runner_out: Any, lengths: Any, index: Any, st: "_Sorted") -> None:
+        """Decodes: each runs 1 + its drafts (vLLM schedules exactly the drafts it lists); one whose
+        scheduled tokens say otherwise goes general.  accepted = min(max(sampled − 1, 0), drafts)."""
+        nst, spec, n_dec = out.num_scheduled_tokens, out.scheduled_spec_decode_tokens, len(st.dec_ids)
+        other = (sum(st.p_q) if st.p_q else 0) + (sum(g[1] for g in st.general) if st.general else 0)
+        if not spec:
+            if out.total_num_scheduled_tokens - other != n_dec:  # not all one-token decodes
+                st.dec_ids, st.dec_n0 = self._split_odd(st.dec_ids, st.dec_n0, nst, None, st.general)
+            return
+        # vLLM lists a decode's drafts in the order it schedules them, usually the cached order
+        drafts = (list(map(len, spec.values())) if len(spec) == n_dec and list(spec) == st.dec_ids
+                  else list(map(len, map(spec.get, st.dec_ids, repeat(())))))
+        # vLLM trims a request's drafts to what its token budget scheduled, so q ≥ 1 + drafts for each:
+        # equal sums mean each q is 1 + its drafts
+        if out.total_num_scheduled_tokens - other != n_dec + sum(drafts):
+            st.dec_ids, st.dec_n0 = self._split_odd(st.dec_ids, st.dec_n0, nst, drafts, st.general)
+            drafts = list(map(len, map(spec.get, st.dec_ids, repeat(()))))
+        if not lengths:
+            got = [0] * len(st.dec_ids)
+        elif len(lengths) == len(st.dec_ids) and getattr(runner_out, "req_ids", None) == st.dec_ids:
+            got = lengths  # the runner's batch is in the scheduler's order (req_ids[i] has index i)
+        else:
+            got = list(map(lengths.__getitem__, map(index.__getitem__, st.dec_ids)))
+        accepted = list(map(min, map(add, got, repeat(-1)), drafts))
+        if accepted and min(accepted) < 0:  # a request that sampled nothing (its output was dropped)
+            accepted = list(map(max, accepted, repeat(0)))
+        st.drafts, st.accepted = drafts, accepted
+
+    def _general_rows(self, spec: Any, lengths: Any, index: Any, st: "_Sorted") -> tuple[list[tuple], int]:
+        """Each general row with its drafts, accepted, end, kept end and first decode position; and the
+        tokens the step should have delivered: one per finished prompt, 1 + accepted per decode."""
+        expected = st.p_done + len(st.dec_ids) + (sum(st.accepted) if st.accepted else 0)
+        rows = []
+        for rid, q, n0, prompt, mark, cached in st.general:
             d = spec.get(rid) if spec else None
             k = len(d) if d else 0
             a = 0
@@ -473,71 +537,65 @@ class MFUHook:
                 expected += kept_end - first
             elif end == prompt and end > mark:
                 expected += 1
-            g_rows.append((rid, q, n0, prompt, mark, cached, k, a, end, kept_end, first))
-        delivered_by_id = dec_delivered = None
-        if _delivered_tokens(result) != expected:
-            delivered_by_id = _delivered(result)
-            if dec_ids:
-                got = list(map(delivered_by_id.get, dec_ids, repeat(0)))
-                if any(map(lt, got, map(add, accepted or repeat(0), repeat(1)))):
-                    dec_delivered = got
-        # high-water marks of the decodes: n0 + 1 (+ accepted); the plain ones as their n0 alone
-        if accepted is None:
-            plain.update(zip(dec_ids, dec_n0))
+            rows.append((rid, q, n0, prompt, mark, cached, k, a, end, kept_end, first))
+        return rows, expected
+
+    def _delivered(self, result: Any, expected: int, st: "_Sorted") -> dict[str, int] | None:
+        """What reached each user, read only when a stop (or a dropped stale output) cut a request short —
+        then the delivered total differs from `expected`; the decode batch's cut counts go to `st`."""
+        if delivered_tokens(result) == expected:
+            return None
+        by_id = delivered_by_request(result)
+        if st.dec_ids:
+            got = list(map(by_id.get, st.dec_ids, repeat(0)))
+            if any(map(lt, got, map(add, st.accepted or repeat(0), repeat(1)))):
+                st.dec_delivered = got
+        return by_id
+
+    def _marks_and_slices(self, rows: list[tuple], delivered_by_id: dict[str, int] | None, st: "_Sorted"
+                          ) -> list[Slice]:
+        """The high-water marks of the decodes (n0 + 1 + accepted; the plain ones as their n0 alone) and of
+        the general rows, which become Slices (with what reached the user where a stop cut it short)."""
+        hwm = self.hwm
+        if st.accepted is None:
+            self.plain_before.update(zip(st.dec_ids, st.dec_n0))
         else:
-            hwm.update(zip(dec_ids, map(add, dec_n0, map(add, accepted, repeat(1)))))
+            hwm.update(zip(st.dec_ids, map(add, st.dec_n0, map(add, st.accepted, repeat(1)))))
         slices = []
-        for rid, q, n0, prompt, mark, cached, k, a, end, kept_end, first in g_rows:
+        kv = self._kv
+        for rid, q, n0, prompt, mark, cached, k, a, end, kept_end, first in rows:
             new_mark = kept_end if kept_end > mark else mark
             hwm[rid] = new_mark
-            if kept_end < new_mark:
-                recomputing.add(rid)
-            else:
-                recomputing.discard(rid)
-            if kept_end < prompt:
-                prefilling.add(rid)
-            else:
-                prefilling.discard(rid)
+            (self.recomputing.add if kept_end < new_mark else self.recomputing.discard)(rid)
+            (self.prefilling.add if kept_end < prompt else self.prefilling.discard)(rid)
             delivered = None
-            if end > prompt and end > mark:  # a decode step: what reached the user
-                if delivered_by_id is not None:
-                    got_n = delivered_by_id.get(rid, 0)
-                    if got_n < kept_end - first:  # a stop or max_tokens cut the kept positions short
-                        delivered = got_n
+            if end > prompt and end > mark and delivered_by_id is not None:  # a decode step: what reached the user
+                got_n = delivered_by_id.get(rid, 0)
+                if got_n < kept_end - first:  # a stop or max_tokens cut the kept positions short
+                    delivered = got_n
             slices.append(Slice(req_id=rid, new_tokens=q, computed_before=n0, prompt_len=prompt, hwm=mark,
                                 cached_tokens=0 if kv else cached, draft_tokens=k, accepted_tokens=a,
                                 delivered_tokens=delivered))
-        prefill = PrefillBatch(req_ids=p_ids, new_tokens=p_q, computed_before=p_n0, prompt_len=p_prompt,
-                               cached_tokens=p_cached if any(p_cached) and not kv else None) if p_ids else None
-        decode = DecodeBatch(req_ids=dec_ids, computed_before=dec_n0, draft_tokens=drafts, accepted_tokens=accepted,
-                             delivered_tokens=dec_delivered) if dec_ids else None
-        drafter = None
-        if self.spec_method and getattr(out, "skip_drafts", False):
-            # vLLM ≥ 0.33 (Model Runner V2): this step proposes no drafts
-            drafter = DrafterRecord(method=self.spec_method)
-        elif self.spec_method:
-            drafter = self._drafter(slices, p_n0, p_q, p_prompt, dec_n0, drafts, accepted)
-        routing = None
-        if self._is_moe and getattr(runner_out, "aux_output_connector_output", None):
-            ids = [s.req_id for s in slices] + p_ids + dec_ids
-            qs = [s.new_tokens for s in slices] + p_q + (list(map(add, drafts, repeat(1))) if drafts else [1] * n_dec)
-            n0s = [s.computed_before for s in slices] + p_n0 + dec_n0
-            routing = moe_routing(runner_out, ids, qs, n0s, self._experts)
-        padded, modelled = self._graph_padding(token, out, prefill, slices)
-        return IterationRecord(step=step, t_sched_s=t_sched, t_end_s=t_end, slices=slices, drafter=drafter,
-                               moe_routing=routing, engine=self.engine_id, prefill=prefill, decode=decode,
-                               kv=kv_transfer(out, result) if kv else None,
-                               lora=self._lora_uses(nst) if self.lora_of else None,
-                               padded_tokens=padded, padding_modelled=modelled)
+        return slices
 
-    def _graph_padding(self, token: tuple, out: Any, prefill: PrefillBatch | None, slices: list[Slice]
+    def _routing(self, runner_out: Any, slices: list[Slice], st: "_Sorted") -> list[list[int]] | None:
+        """Tokens routed to each expert per MoE layer, where the engine captured routing."""
+        if not getattr(runner_out, "aux_output_connector_output", None):
+            return None
+        ids = [s.req_id for s in slices] + st.p_ids + st.dec_ids
+        qs = [s.new_tokens for s in slices] + st.p_q + (list(map(add, st.drafts, repeat(1))) if st.drafts
+                                                        else [1] * len(st.dec_ids))
+        n0s = [s.computed_before for s in slices] + st.p_n0 + st.dec_n0
+        return moe_routing(runner_out, ids, qs, n0s, self._experts)
+
+    def _graph_padding(self, token: StepCapture, out: Any, prefill: PrefillBatch | None, slices: list[Slice]
                        ) -> tuple[int, bool]:
         """The step's CUDA-graph padding as (padded_tokens, padding_modelled) (serving_mfu.cost.graph_padding):
         exact from the captured `cudagraph_stats` (vLLM's --cudagraph-metrics), else modelled from vLLM's
         dispatch rules on this rank's scheduled tokens (other data-parallel ranks' counts are not known here,
         so padding to their maximum is not modelled).  Nothing when the engine replays no graphs (the CPU
         platform, --enforce-eager): no model runs then."""
-        stats = padding_from_stats(token[5]) if len(token) > 5 and token[5] is not None else None
+        stats = padding_from_stats(token.cudagraph_stats) if token.cudagraph_stats is not None else None
         if stats is not None:
             unpadded, padded = stats
             return (padded - unpadded if padded > unpadded else 0), False
@@ -642,169 +700,3 @@ class MFUHook:
         self.writer.close()
         if self.trace is not None:
             self.trace.close()
-
-
-def uniform_decode(out: Any, graph: GraphConfig, prefill: PrefillBatch | None, slices: list[Slice]) -> bool:
-    """Whether vLLM dispatches the step as a uniform decode (serving_mfu.cost.graph_padding, rule 4): every
-    scheduled request runs exactly q = 1 + num_speculative_tokens tokens (V1's whole test,
-    gpu_model_runner.py:3654-3671); Model Runner V2 also needs that none computes prompt (or recomputed)
-    positions, unless it runs one new token over positions computed before, as a decode
-    (v1/worker/gpu/model_runner.py:1322-1335).  `prefill` and `slices` are the step's record's."""
-    q = graph.uniform_decode_query_len
-    nst = out.num_scheduled_tokens
-    if not nst or out.total_num_scheduled_tokens != q * len(nst) or (q > 1 and max(nst.values()) != q):
-        return False
-    if not graph.model_runner_v2:
-        return True
-    if prefill is not None and (q > 1 or not all(prefill.computed_before)):  # no drafts: new tokens = q
-        return False
-    return all(s.computed_before >= max(s.prompt_len, s.hwm) or (s.new_tokens - s.draft_tokens == 1 and
-                                                                  s.computed_before > 0) for s in slices)
-
-
-FROM_STATS: list = []  # `lengths` marker (compared by identity): read the sampled lengths on the accounting thread
-
-
-def sampled_lengths(out: Any, runner_out: Any, result: Any) -> list[int]:
-    """Tokens each request sampled in a draft-verifying step (1 + accepted drafts), read after
-    update_from_output(): exact for every request that did not stop; a request that stopped had its
-    list trimmed to what it delivered, and the accepted drafts the trim hid — vLLM's own
-    SpecDecodingStats.num_accepted_tokens less what the lists show — go back to the stopped requests
-    with drafts, each up to its drafts, in output order (only the rejected/discarded split among
-    requests that stopped in the same step depends on that order; their delivered tokens do not)."""
-    sampled = runner_out.sampled_token_ids
-    lengths = list(map(len, sampled)) if sampled else []
-    stats = _spec_stats(result)
-    if stats is None or not lengths:
-        return lengths
-    spec = out.scheduled_spec_decode_tokens
-    index = runner_out.req_id_to_index
-    rows = list(map(index.get, spec))
-    if None in rows:  # a request the runner did not run: not in the lists
-        rows = [i for i in rows if i is not None]
-    # vLLM: accepted = max(len(sampled) − 1, 0), counted only for requests that sampled something
-    seen = sum(map(max, map(add, map(lengths.__getitem__, rows), repeat(-1)), repeat(0)))
-    hidden = stats.num_accepted_tokens - seen
-    if hidden <= 0:
-        return lengths
-    for outputs in result.values():
-        for o in outputs.outputs:
-            if hidden <= 0:
-                return lengths
-            i = index.get(o.request_id)
-            if o.finish_reason is None or o.request_id not in spec or i is None:
-                continue
-            room = len(spec[o.request_id]) + 1 - lengths[i]
-            if room > 0 and lengths[i]:
-                give = room if room < hidden else hidden
-                lengths[i] += give
-                hidden -= give
-    return lengths
-
-
-def _spec_stats(result: Any) -> Any:
-    """The step's SpecDecodingStats (vLLM attaches its SchedulerStats to one of the outputs), or None."""
-    for outputs in (result or {}).values():
-        stats = getattr(outputs, "scheduler_stats", None)
-        if stats is not None:
-            return stats.spec_decoding_stats
-    return None
-
-
-def _delivered_tokens(result: Any) -> int:
-    """Tokens delivered to all users in this step (Σ len(new_token_ids) over the EngineCoreOutputs)."""
-    return sum(sum(map(len, map(_NEW_TOKEN_IDS, outputs.outputs))) for outputs in (result or {}).values())
-
-
-def _delivered(result: Any) -> dict[str, int]:
-    """Tokens each request received in this step, from update_from_output()'s EngineCoreOutputs."""
-    out: dict[str, int] = {}
-    for outputs in (result or {}).values():
-        for o in outputs.outputs:
-            out[o.request_id] = len(o.new_token_ids)
-    return out
-
-
-@functools.lru_cache(maxsize=8)
-def _layer_offsets(layers: int, top_k: int, experts: int, size: int) -> np.ndarray:
-    """layer × experts for each routed id of a [size, layers, top_k] array (`size` a power of two, so
-    that a few arrays serve every step); read-only, shared."""
-    dtype = np.int32 if layers * experts < 2**31 else np.int64
-    row = np.repeat(np.arange(layers, dtype=dtype) * experts, top_k)
-    out = np.tile(row, size)
-    out.flags.writeable = False
-    return out
-
-
-def kv_transfer(out: Any, result: Any) -> KVTransferRecord | None:
-    """KV that crossed the connector in this step: for each request whose prompt gave its first token,
-    vLLM's PrefillStats (local prefix-cache hits, tokens loaded through the connector; set at its first
-    admission, handed over with its first output); and the positions the connector stores for others,
-    where its metadata lists them (ExampleConnector's `requests` with `is_store`, each `slot_mapping` one
-    slot per stored position).  None when nothing crossed."""
-    ids: list[str] = []
-    local: list[int] = []
-    got: list[int] = []
-    for outputs in (result or {}).values():
-        for o in outputs.outputs:
-            st = getattr(o, "prefill_stats", None)
-            if st is not None and (st.num_local_cached_tokens or st.num_external_cached_tokens):
-                ids.append(o.request_id)
-                local.append(int(st.num_local_cached_tokens))
-                got.append(int(st.num_external_cached_tokens))
-    sent = 0
-    for meta in getattr(getattr(out, "kv_connector_metadata", None), "requests", None) or ():
-        if getattr(meta, "is_store", False):
-            sent += len(meta.slot_mapping)
-    if not ids and not sent:
-        return None
-    return KVTransferRecord(req_ids=ids, local_cached=local, received=got, sent_tokens=sent)
-
-
-def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], experts: int) -> list[list[int]] | None:
-    """Tokens routed to each expert per MoE layer in this step, from vLLM's routed-experts capture.
-
-    Needs `enable_return_routed_experts`; the rows cover a request's tokens from `token_start`,
-    shaped [tokens, layers, top_k]; `ids`, `qs`, `n0s` are the step's requests, their q and n0;
-    `experts` the routed experts per MoE layer.  When every
-    request's rows start at its n0 and span at most its q positions (the usual case) they are all
-    this step's, concatenated as they are; otherwise each is cut to [n0, n0 + q).  The pairs
-    (layer, expert) are then counted with one `bincount`.  Returns None when the engine did not
-    capture routing.
-    """
-    aux = getattr(runner_out, "aux_output_connector_output", None)
-    if not aux:
-        return None
-    rids = list(aux)
-    items = list(aux.values())
-    rows = list(map(_ROWS, items))  # numpy arrays, as vLLM hands them over
-    q_by_id = dict(zip(ids, qs))
-    n0_by_id = dict(zip(ids, n0s))
-    if list(map(_TOKEN_START, items)) == list(map(n0_by_id.get, rids)) and \
-            all(map(le, map(len, rows), map(q_by_id.get, rids))):
-        chunks = rows
-    else:
-        chunks = []
-        for rid, item, r in zip(rids, items, rows):
-            n0 = n0_by_id.get(rid)
-            if n0 is None:
-                continue
-            lo, hi = max(n0 - item.token_start, 0), max(n0 + q_by_id[rid] - item.token_start, 0)
-            chunks.append(r[lo:hi])
-    chunks = [c for c in chunks if c.size] if not all(map(len, chunks)) else chunks
-    if not chunks:
-        return None
-    try:
-        ids = np.concatenate(chunks, axis=0)  # [tokens, layers, top_k]
-    except ValueError:  # rows of differing layer counts: the layers all of them cover
-        layers = min(c.shape[1] for c in chunks)
-        ids = np.concatenate([c[:, :layers, :] for c in chunks], axis=0)
-    ids = np.asarray(ids)
-    tokens, layers, top_k = ids.shape
-    if ids.size and (ids.min() < 0 or ids.max() >= experts):  # padding or foreign ids: count only real experts
-        ids = ids.astype(np.int64)
-        offsets = (np.arange(layers, dtype=np.int64) * experts)[None, :, None]
-        flat = (offsets + ids)[(ids >= 0) & (ids < experts)]
-    else:  # one contiguous add of each position's layer offset (a broadcast over [layers, top_k] is slower)
-        flat = ids.reshape(-1) + _layer_offsets(layers, top_k, experts, 1 << max(tokens - 1, 0).bit_length())[:ids.size]
-    return np.bincount(flat, minlength=layers * experts).reshape(layers, experts).tolist()

@@ -32,6 +32,11 @@ class _Recorder:
         except Exception:  # a tracker that cannot start must not stop the engine
             log.exception("serving-mfu: MFU tracking disabled for this engine")
 
+    @property
+    def mfu_hook(self) -> MFUHook | None:
+        """This engine's serving-mfu hook (None when tracking could not start): for in-process tools."""
+        return self._mfu
+
     def schedule(self, *args: Any, **kwargs: Any):
         out = super().schedule(*args, **kwargs)
         hook = self._mfu

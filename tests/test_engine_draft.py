@@ -36,7 +36,7 @@ def test_drafter_positions_equal_what_the_draft_model_executes(tmp_path) -> None
         try:
             prompts = [CORPUS[i * 90: i * 90 + 400] for i in range(3)] + ["the engine engine and the engine"]
             llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
-            hook = core.scheduler._mfu
+            hook = core.scheduler.mfu_hook
             hook.flush()
             hook.trace._fh.flush()
         finally:

@@ -11,6 +11,7 @@ from types import SimpleNamespace as NS
 import msgspec
 import pytest
 
+from scheduler_hooks.capture import StepCapture
 from scheduler_hooks.engine_info import graph_config
 from serving_mfu.cost.accounting import CostModel, cost_iteration
 from serving_mfu.cost.graph_padding import GraphConfig, default_capture_sizes, padded_tokens
@@ -149,7 +150,7 @@ def test_graph_config_of_vllms_own_cpu_config() -> None:
 # ---- the hook: exact from cudagraph_stats, else modelled ----------------------------------------------------
 
 def test_uniform_decode_follows_each_model_runner() -> None:
-    from scheduler_hooks.hook import uniform_decode
+    from scheduler_hooks.vllm_outputs import uniform_decode
 
     def out(**scheduled):
         return NS(num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()))
@@ -197,7 +198,7 @@ def test_the_hook_reads_cudagraph_stats_exactly_and_models_without_them(tmp_path
         runner = NS(req_id_to_index={r: i for i, r in enumerate(scheduled)}, sampled_token_ids=[[5]] * len(scheduled),
                     **({} if stats is None else {"cudagraph_stats": stats}))
         token = hook.before_output(NS(log_stats=False), out, runner)
-        assert token[-1] is stats  # captured by reference on the engine thread
+        assert token.cudagraph_stats is stats  # captured by reference on the engine thread
         hook.after_output(token, _result({r: 1 for r in scheduled}))
         rec = seen.records[-1]
         return rec.padded_tokens, rec.padding_modelled
@@ -222,7 +223,8 @@ def test_the_hook_reads_cudagraph_stats_exactly_and_models_without_them(tmp_path
         assert c.prefill_graph_padding_flops == mixed_p and c.decode_graph_padding_flops == lin * (1 + 3 + 4) - mixed_p
         # an old capture (five fields, no stats): the model
         out = _step(hook, {"a": 1, "b": 1, "c": 1, "d": 1}, {"a": 9, "b": 9, "c": 9, "d": 12})
-        rec = hook.build_record(99, (0.0, 1e-3, out, NS(req_id_to_index={}), None), _result({}))
+        capture = StepCapture(t_sched_s=0.0, t_end_s=1e-3, out=out, runner_out=NS(req_id_to_index={}))
+        rec = hook.build_record(99, capture, _result({}))
         assert (rec.padded_tokens, rec.padding_modelled) == (0, True)  # 4 is a capture size
     finally:
         hook.close()

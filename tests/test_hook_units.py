@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from scheduler_hooks.capture import StepCapture
 from serving_mfu.cost.accounting import CostModel
 from serving_mfu.cost.drafter import drafter_cost
 from serving_mfu.model.spec import ModelSpec
@@ -17,7 +18,7 @@ from tests.reference import per_position_linear_flops, position_attention_flops
 pytest.importorskip("vllm")
 from vllm.distributed.aux_output_connector.connector import AuxRequestOutput  # noqa: E402
 
-from scheduler_hooks.hook import moe_routing  # noqa: E402
+from scheduler_hooks.vllm_outputs import moe_routing  # noqa: E402
 
 MOE = ModelSpec.from_hf_config(ENGINE_CONFIGS["tiny-qwen3-moe-engine"])
 EXPERTS = MOE.layers[MOE.moe_layer_indices[0]].moe.num_experts
@@ -130,7 +131,7 @@ def test_async_scheduling_overlap_is_not_double_counted(hook) -> None:
     hook.flush()  # the accounting runs on its own thread
     first, second = hook.tracker.recent(2)
     assert first["prefill"]["tokens"] == 10 and second["decode"]["tokens"] == 1
-    t_end_1, t_end_2 = token1[1], token2[1]
+    t_end_1, t_end_2 = token1.t_end_s, token2.t_end_s
     assert second["busy_s"] == pytest.approx(t_end_2 - t_end_1)  # not from step 2's (earlier) schedule time
     assert hook.high_water_mark("a") == 11
 
@@ -216,7 +217,8 @@ def test_skip_drafts_proposes_nothing(tmp_path, skip: bool) -> None:
         if skip:
             out.skip_drafts = True
         runner = SimpleNamespace(req_id_to_index={"a": 0}, sampled_token_ids=[[5]])
-        rec = hook.build_record(1, (0.0, 1e-3, out, runner, None), _result({"a": 1}))
+        capture = StepCapture(t_sched_s=0.0, t_end_s=1e-3, out=out, runner_out=runner)
+        rec = hook.build_record(1, capture, _result({"a": 1}))
         assert rec.drafter is not None and rec.drafter.method == "ngram"
         assert rec.drafter.proposed_tokens == (0 if skip else 3)  # the finished prompt drafts k=3 next
     finally:
@@ -266,7 +268,7 @@ def test_accepted_drafts_survive_a_stop_with_or_without_the_engine_copy(tmp_path
 
 def test_engine_thread_copies_no_lengths_when_stats_are_on(tmp_path) -> None:
     """The capture on a draft step is O(1) with stats on: the lengths are left for the accounting thread."""
-    from scheduler_hooks.hook import FROM_STATS
+    from scheduler_hooks.vllm_outputs import FROM_STATS
     from tests.engine_util import NGRAM
 
     _, build = _hook_for(tmp_path, speculative_config=NGRAM)
@@ -274,8 +276,8 @@ def test_engine_thread_copies_no_lengths_when_stats_are_on(tmp_path) -> None:
     try:
         out = _step(hook, {"a": 4}, {"a": 20}, scheduled_spec_decode_tokens={"a": [9, 9, 9]})
         runner = SimpleNamespace(req_id_to_index={"a": 0}, sampled_token_ids=[[1, 2]])
-        assert hook.before_output(SimpleNamespace(log_stats=True), out, runner)[4] is FROM_STATS
+        assert hook.before_output(SimpleNamespace(log_stats=True), out, runner).lengths is FROM_STATS
         out = _step(hook, {"a": 4}, {"a": 22}, scheduled_spec_decode_tokens={"a": [9, 9, 9]})
-        assert hook.before_output(SimpleNamespace(log_stats=False), out, runner)[4] == [2]
+        assert hook.before_output(SimpleNamespace(log_stats=False), out, runner).lengths == [2]
     finally:
         hook.close()

@@ -532,7 +532,16 @@ class _Capture:
         self._acct: CapturedIteration | None = None
         self._a0 = 0
         self._metrics = metrics
+        self._after: CapturedIteration | None = None
         hook.observer = self
+        hand_over = hook.sink
+
+        def sink(step: int, capture: Any, result: Any) -> None:  # which step each captured iteration became
+            if self._after is not None:
+                self._by_step[step], self._after = self._after, None
+            hand_over(step, capture, result)
+
+        hook.sink = sink
 
     def enter(self, kind: str, *args: Any) -> None:
         if kind == "account":  # on the accounting thread
@@ -560,7 +569,7 @@ class _Capture:
                 cap.result = result
                 sampled = cap.runner_out.sampled_token_ids if cap.runner_out is not None else None
                 cap.trimmed_lengths = list(map(len, sampled)) if sampled else None
-                self._by_step[self._hook.step + 1] = cap  # the step number the hook is about to give it
+                self._after = cap  # numbered by the hook's sink, before the accounting thread can see it
         self._cap = cap
         self._w0 = time.perf_counter_ns()
         self._t0 = time.thread_time_ns()  # last: the hook's own time starts here
@@ -668,24 +677,24 @@ def capture_engine(engine: str, model_path: str, batches: list[int], kv_cache_mi
                                          max_num_batched_tokens=max(top * p_len, 2048), **kind["extra"]))
                 start_s = time.perf_counter() - t0
             sched = find_scheduler(llm)
-            if not isinstance(sched, MFUScheduler) or sched._mfu is None:
+            if not isinstance(sched, MFUScheduler) or sched.mfu_hook is None:
                 raise RuntimeError(f"expected a working MFUScheduler at {SCHEDULER_PATH}, found {type(sched)}")
             vllm_config = sched.vllm_config
             params = SamplingParams(max_tokens=o_len, temperature=0.0, ignore_eos=True)
             from vllm.v1.metrics.perf import ModelMetrics
 
-            capture = _Capture(sched._mfu, engine, ModelMetrics(vllm_config))
+            capture = _Capture(sched.mfu_hook, engine, ModelMetrics(vllm_config))
             with steps.step(f"capturing iterations ({engine}: batches {', '.join(map(str, batches))})"):
                 llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
                              use_tqdm=False)  # warm-up: first calls are not representative
-                sched._mfu.flush()
+                sched.mfu_hook.flush()
                 capture.active = True
                 for batch in batches:
                     for _ in range(waves_for(batch)):
                         llm.generate(prompts[:batch], params, use_tqdm=False)
                         steps.check()
                 capture.active = False
-                sched._mfu.flush()  # every captured step's record built on the accounting thread
+                sched.mfu_hook.flush()  # every captured step's record built on the accounting thread
         finally:
             steps.disarm()
             _shutdown(llm)
