@@ -53,7 +53,6 @@ def folder_refusal(path: Path, what: str = "folder", fix: str = "") -> str | Non
     message, with `{folder}` and `{user}` filled in."""
     path = Path(path)
     me = os.geteuid()
-    fix = fix.format(folder=path, user=owner_name(me).split(" (")[0])
     try:
         link = os.lstat(path)
         st = os.stat(path)
@@ -61,19 +60,22 @@ def folder_refusal(path: Path, what: str = "folder", fix: str = "") -> str | Non
         return None
     except OSError as exc:
         return f"the {what} {path} cannot be checked: {exc.strerror}"
-    if stat.S_ISLNK(link.st_mode) and link.st_uid != me:
-        return (f"the {what} {path} is a symlink owned by {owner_name(link.st_uid)}, not by this process "
-                f"({owner_name(me)}): refused, since another user could point it anywhere. {fix}").rstrip()
-    if not stat.S_ISDIR(st.st_mode):
-        return f"the {what} {path} is not a directory. {fix}".rstrip()
     mode = stat.S_IMODE(st.st_mode)
-    if st.st_uid != me or mode & 0o022:
+    if stat.S_ISLNK(link.st_mode) and link.st_uid != me:
+        why = (f"is a symlink owned by {owner_name(link.st_uid)}, not by this process ({owner_name(me)}): "
+               "refused, since another user could point it anywhere.")
+    elif not stat.S_ISDIR(st.st_mode):
+        why = "is not a directory."
+    elif st.st_uid != me or mode & 0o022:
         writers = {0o022: "group and others", 0o020: "group", 0o002: "others"}.get(mode & 0o022)
-        why = (f"owned by {owner_name(st.st_uid)}, not by this process ({owner_name(me)})" if st.st_uid != me
-               else f"writable by {writers}")
-        return (f"the {what} {path} is refused: it is {why} (mode {mode:04o}), so another user could add "
-                f"files to it or replace ours. {fix}").rstrip()
-    return None
+        why = ("is refused: it is "
+               + (f"owned by {owner_name(st.st_uid)}, not by this process ({owner_name(me)})" if st.st_uid != me
+                  else f"writable by {writers}")
+               + f" (mode {mode:04o}), so another user could add files to it or replace ours.")
+    else:
+        return None  # the usual case, checked at every publish and read: no user lookup, no formatting
+    fix = fix.format(folder=path, user=owner_name(me).split(" (")[0])
+    return f"the {what} {path} {why} {fix}".rstrip()
 
 
 def private_folder(path: Path, what: str = "folder", fix: str = "") -> Path:

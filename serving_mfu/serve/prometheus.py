@@ -138,6 +138,11 @@ class MFUCollector:
             "serving_mfu_engines", "Engines read at this scrape")
         return fams
 
+    def family_labels(self) -> dict[str, tuple[str, ...]]:
+        """Each family's label names, as the families declare them (the docs' series table reads these)."""
+        fams = {**self._families(), "serving_mfu_collector_errors": self._errors_family()}
+        return {name: tuple(getattr(fam, "_labelnames", ())) for name, fam in fams.items()}
+
     def describe(self) -> Iterator[Metric]:
         """The families (no samples), so registering reads no snapshot."""
         yield from self._families().values()

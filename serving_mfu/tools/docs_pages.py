@@ -132,23 +132,12 @@ class _NoEngines:
 def series() -> list[tuple[str, str, str, str]]:
     """(exposed name, type, labels, help) of every family the collector exports."""
     collector = MFUCollector(_NoEngines())
+    labels = collector.family_labels()
     out = []
     for fam in collector.describe():
         name = fam.name + ("_total" if fam.type == "counter" else "_info" if fam.type == "info" else "")
-        labels = _labels(fam)
-        out.append((name, fam.type, labels, fam.documentation))
+        out.append((name, fam.type, ", ".join(labels[fam.name]), fam.documentation))
     return out
-
-
-def _labels(fam: Any) -> str:
-    known = {row.prom: row for row in COUNTERS if row.prom}
-    if fam.name in known:
-        return "engine, model, kv_role" + (", phase" if known[fam.name].phased else "")
-    return {"serving_mfu_anomalies": "engine, model, kv_role, kind",
-            "serving_mfu_engine": "engine, model, kv_role, model_type, approximate, time_split",
-            "serving_mfu_engines": "", "serving_mfu_collector_errors": ""}.get(
-        fam.name, "engine, model, kv_role, device, dtype, source" if "peak" in fam.name or fam.name ==
-        "serving_mfu_devices" else "engine, model, kv_role")
 
 
 def recording_rules() -> list[tuple[str, str]]:
