@@ -18,10 +18,9 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import add, attrgetter, ge, gt, itemgetter, lt
+from operator import add, attrgetter, ge, gt, lt
 from typing import Any, Callable
 
 import msgspec
@@ -51,6 +50,7 @@ from serving_mfu.cost.records import (
 from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.peaks.cpu import last_level_cache_bytes, weights_fit_in_cache
 from serving_mfu.runtime.gpu_util import sampler_for_engine
+from serving_mfu.runtime.ledger import RequestLedger
 from serving_mfu.runtime.publish import SnapshotWriter
 from serving_mfu.runtime.seams import Clock, Observer, Publisher, Sampler
 from serving_mfu.runtime.settings import Settings, load_settings
@@ -62,7 +62,6 @@ log = logging.getLogger("serving_mfu.hook")
 _REQ_ID = attrgetter("req_id")
 _COMPUTED = attrgetter("num_computed_tokens")
 _PROMPT_IDS = attrgetter("prompt_token_ids")
-_drain = deque(maxlen=0).extend  # run an iterator for its side effects
 
 
 class NullWriter:
@@ -150,18 +149,10 @@ class MFUHook:
         # LoRA (--enable-lora): each request's adapter, from its NewRequestData.lora_request, and each
         # adapter's FLOPs per position (its own ranks) and executed (vLLM's padded max_lora_rank)
         self._lora_rank = info.max_lora_rank
-        self.lora_of: dict[str, int] = {}
         self._adapters: dict[int, LoRAUse | None] = {}
         self.pending: dict[int, float] = {}  # id(SchedulerOutput) → t_sched, until its output comes
-        # accounting-side state, in step order: high-water marks (explicit, and a plain decode's n0),
-        # prompt lengths (its keys: every request seen), and the few requests still in their prompt or
-        # recomputing.  A request seen and not in its prompt has computed all of it, so a prompt
-        # finished at its first schedule needs no explicit mark (see high_water_mark).
-        self.hwm: dict[str, int] = {}
-        self.plain_before: dict[str, int] = {}
-        self.prompt_lens: dict[str, int] = {}
-        self.prefilling: set[str] = set()
-        self.recomputing: set[str] = set()
+        # accounting-side state, in step order: every request's prompt length, high-water mark, adapter
+        self.ledger = RequestLedger()
         self.step = 0
         self.fail_at = settings.fail_at_step
         # The accounting runs on its own thread, mostly while the engine thread waits for the model;
@@ -332,15 +323,8 @@ class MFUHook:
 
     # ------------------------------------------------------------------ building the record (accounting side)
     def high_water_mark(self, rid: str) -> int:
-        """Positions of `rid` computed and kept so far (0 for a request not seen): the max of the
-        explicit mark, for a request whose last steps were plain decodes its last n0 + 1, and for one
-        no longer in its prompt the prompt's length."""
-        mark = max(self.hwm.get(rid, 0), self.plain_before.get(rid, -1) + 1)
-        if rid not in self.prefilling:
-            prompt = self.prompt_lens.get(rid, 0)
-            if prompt > mark:
-                mark = prompt
-        return mark
+        """Positions of `rid` computed and kept so far (RequestLedger.high_water_mark)."""
+        return self.ledger.high_water_mark(rid)
 
     def _drafter(self, slices: list[Slice], p_n0: list[int], p_q: list[int], p_prompt: list[int],
                  dec_n0: list[int], drafts: list[int] | None, accepted: list[int] | None) -> DrafterRecord:
@@ -407,28 +391,21 @@ class MFUHook:
         return IterationRecord(step=step, t_sched_s=token.t_sched_s, t_end_s=token.t_end_s, slices=slices,
                                drafter=drafter, moe_routing=routing, engine=self.engine_id, prefill=prefill,
                                decode=decode, kv=kv_transfer(out, result) if kv else None,
-                               lora=self._lora_uses(out.num_scheduled_tokens) if self.lora_of else None,
+                               lora=self._lora_uses(out.num_scheduled_tokens) if self.ledger.adapters_in_flight
+                               else None,
                                padded_tokens=padded, padding_modelled=modelled)
 
     def _forget(self, finished: Any) -> None:
-        """Drop every per-request entry of the requests that finished."""
-        if not finished:
-            return
-        for d in (self.hwm, self.plain_before, self.prompt_lens, self.lora_of):
-            if d:
-                _drain(map(d.pop, finished, repeat(None)))
-        for s in (self.prefilling, self.recomputing):
-            if s:
-                s.difference_update(finished)
+        """The requests that finished leave the ledger."""
+        if finished:
+            self.ledger.finish(finished)
 
     def _sort_new(self, out: Any, st: "_Sorted") -> None:
         """New requests (NewRequestData): first schedules go to the prefill batch, credited with what the
         prefix cache served; a resumed or odd one becomes a general row."""
-        new, nst, spec, prompts = out.scheduled_new_reqs, out.num_scheduled_tokens, out.scheduled_spec_decode_tokens, \
-            self.prompt_lens
+        new, nst, spec, ledger = out.scheduled_new_reqs, out.num_scheduled_tokens, out.scheduled_spec_decode_tokens, \
+            self.ledger
         ids = list(map(_REQ_ID, new))
-        if self._lora_rank is not None:
-            self._note_adapters(new)
         n0s = list(map(_COMPUTED, new))
         qs = list(map(nst.__getitem__, ids))
         try:
@@ -437,28 +414,37 @@ class MFUHook:
             lens = [len(ids_) if ids_ is not None else int(nr.prompt_embeds.shape[0])
                     for nr, ids_ in zip(new, map(_PROMPT_IDS, new))]
         new_end = list(map(add, n0s, qs))
-        if prompts.keys().isdisjoint(ids) and not any(map(gt, new_end, lens)) and \
+        if not ledger.any_known(ids) and not any(map(gt, new_end, lens)) and \
                 not (spec and not spec.keys().isdisjoint(ids)):
             # first schedules: what each starts from was served by the prefix cache
             st.p_ids, st.p_q, st.p_n0, st.p_prompt, st.p_cached, st.p_end = ids, qs, n0s, lens, list(n0s), new_end
-            prompts.update(zip(ids, lens))
-            return
+            ledger.admit(ids, lens)
+        else:
+            self._sort_new_one_by_one(ids, qs, n0s, lens, spec, st)
+        if self._lora_rank is not None:
+            self._note_adapters(new)
+
+    def _sort_new_one_by_one(self, ids: list[str], qs: list[int], n0s: list[int], lens: list[int], spec: Any,
+                             st: "_Sorted") -> None:
+        """New requests of a step that also resumes or holds an odd one: each sorted on its own."""
+        ledger = self.ledger
         for rid, q, n0, prompt in zip(ids, qs, n0s, lens):
-            if rid in prompts:  # resumed (Model Runner V2): its mark before its new prompt length
+            if rid in ledger:  # resumed (Model Runner V2): its mark before its new prompt length
                 st.general.append((rid, q, n0, prompt, self.high_water_mark(rid), 0))
             elif n0 + q > prompt or (spec and rid in spec):  # odd
                 st.general.append((rid, q, n0, prompt, 0, n0))
             else:
                 st.add_prompt(rid, q, n0, prompt, n0)
-            prompts[rid] = prompt
+            ledger.admit_one(rid, prompt)
 
     def _sort_cached(self, out: Any, st: "_Sorted") -> None:
         """Cached requests (CachedRequestData): plain decodes stay in vLLM's own lists; those still in their
         prompt, recomputing or resumed are sorted one by one (the next chunk of a prompt, else general)."""
         cr, nst, spec = out.scheduled_cached_reqs, out.num_scheduled_tokens, out.scheduled_spec_decode_tokens
-        special = {r for r in self.prefilling if r in nst} if self.prefilling else set()
-        if self.recomputing:
-            special.update(r for r in self.recomputing if r in nst)
+        ledger = self.ledger
+        special = {r for r in ledger.prefilling if r in nst} if ledger.prefilling else set()
+        if ledger.recomputing:
+            special.update(r for r in ledger.recomputing if r in nst)
         if cr.resumed_req_ids:
             special.update(cr.resumed_req_ids)
         if not special:
@@ -469,7 +455,7 @@ class MFUHook:
                 st.dec_ids.append(rid)
                 st.dec_n0.append(n0)
                 continue
-            q, mark, prompt = nst[rid], self.high_water_mark(rid), self.prompt_lens[rid]
+            q, mark, prompt = nst[rid], ledger.high_water_mark(rid), ledger.prompt_of(rid)
             if n0 >= mark and n0 + q <= prompt and not (spec and rid in spec) and rid not in cr.resumed_req_ids:
                 st.add_prompt(rid, q, n0, prompt, 0)  # the next chunk of a prompt
                 st.n_chunks += 1
@@ -481,13 +467,13 @@ class MFUHook:
         then their prompt's length).  Counts the prompts the prefill batch completes."""
         if len(st.p_end) != len(st.p_ids):  # first schedules sorted one by one, or prompt chunks added
             st.p_end = list(map(add, st.p_n0, st.p_q))
-        partial = list(compress(zip(st.p_ids, st.p_end), map(lt, st.p_end, st.p_prompt)))
-        st.p_done = len(st.p_ids) - len(partial)
+        open_ = list(map(lt, st.p_end, st.p_prompt))
+        partial = sum(open_)
+        st.p_done = len(st.p_ids) - partial
         if partial:
-            self.hwm.update(partial)
-            self.prefilling.update(map(itemgetter(0), partial))
+            self.ledger.hold(list(compress(st.p_ids, open_)), list(compress(st.p_end, open_)))
         if st.n_chunks:  # a continued prompt that is now complete leaves the set
-            self.prefilling.difference_update(compress(st.p_ids, map(ge, st.p_end, st.p_prompt)))
+            self.ledger.prompts_done(compress(st.p_ids, map(ge, st.p_end, st.p_prompt)))
 
     def _acceptance(self, out: Any, runner_out: Any, lengths: Any, index: Any, st: "_Sorted") -> None:
         """Decodes: each runs 1 + its drafts (vLLM schedules exactly the drafts it lists); one whose
@@ -556,18 +542,15 @@ class MFUHook:
                           ) -> list[Slice]:
         """The high-water marks of the decodes (n0 + 1 + accepted; the plain ones as their n0 alone) and of
         the general rows, which become Slices (with what reached the user where a stop cut it short)."""
-        hwm = self.hwm
+        ledger = self.ledger
         if st.accepted is None:
-            self.plain_before.update(zip(st.dec_ids, st.dec_n0))
+            ledger.advance(st.dec_ids, st.dec_n0)
         else:
-            hwm.update(zip(st.dec_ids, map(add, st.dec_n0, map(add, st.accepted, repeat(1)))))
+            ledger.accept(st.dec_ids, list(map(add, st.dec_n0, map(add, st.accepted, repeat(1)))))
         slices = []
         kv = self._kv
         for rid, q, n0, prompt, mark, cached, k, a, end, kept_end, first in rows:
-            new_mark = kept_end if kept_end > mark else mark
-            hwm[rid] = new_mark
-            (self.recomputing.add if kept_end < new_mark else self.recomputing.discard)(rid)
-            (self.prefilling.add if kept_end < prompt else self.prefilling.discard)(rid)
+            ledger.set_mark(rid, kept_end if kept_end > mark else mark, kept_end, prompt)
             delivered = None
             if end > prompt and end > mark and delivered_by_id is not None:  # a decode step: what reached the user
                 got_n = delivered_by_id.get(rid, 0)
@@ -603,7 +586,8 @@ class MFUHook:
         if not graph.enabled:
             return 0, False
         n = out.total_num_scheduled_tokens
-        has_lora = graph.lora_active_matters and any(map(self.lora_of.__contains__, out.num_scheduled_tokens))
+        has_lora = graph.lora_active_matters and self.ledger.adapters_in_flight > 0 and \
+            bool((self.ledger.adapters(list(out.num_scheduled_tokens)) >= 0).any())
         run = padded_tokens(n, uniform_decode(out, graph, prefill, slices), graph, has_lora=has_lora)
         return (run - n if run > n else 0), True
 
@@ -615,7 +599,7 @@ class MFUHook:
             if lr is None:
                 continue
             key = int(lr.lora_int_id)
-            self.lora_of[nr.req_id] = key
+            self.ledger.set_adapter(nr.req_id, key)
             if key not in self._adapters:
                 name = str(getattr(lr, "lora_name", key))
                 try:
@@ -634,9 +618,10 @@ class MFUHook:
         """The step's scheduled requests grouped by adapter, in schedule order (requests without one are
         base-model work)."""
         groups: dict[int, list[str]] = {}
-        lora_of = self.lora_of
-        for rid in filter(lora_of.__contains__, nst):
-            groups.setdefault(lora_of[rid], []).append(rid)
+        ids = list(nst)
+        for rid, key in zip(ids, self.ledger.adapters(ids).tolist()):
+            if key >= 0:
+                groups.setdefault(key, []).append(rid)
         uses = [msgspec.structs.replace(a, req_ids=ids) for key, ids in groups.items()
                 if (a := self._adapters.get(key)) is not None]
         return uses or None
@@ -649,7 +634,8 @@ class MFUHook:
                 keep_ids.append(rid)
                 keep_n0.append(n0)
             else:
-                general.append((rid, nst[rid], n0, self.prompt_lens.get(rid, max(n0, 1)), self.high_water_mark(rid), 0))
+                general.append((rid, nst[rid], n0, self.ledger.prompt_of(rid, max(n0, 1)),
+                                self.ledger.high_water_mark(rid), 0))
         return keep_ids, keep_n0
 
     # ------------------------------------------------------------------ accounting thread

@@ -19,6 +19,7 @@ from serving_mfu.cost.graph_padding import GraphConfig
 from serving_mfu.cost.records import KVTransferRecord, PrefillBatch, Slice
 
 _NEW_TOKEN_IDS = attrgetter("new_token_ids")
+_FINISH_REASON = attrgetter("finish_reason")
 _ROWS = attrgetter("rows")
 _TOKEN_START = attrgetter("token_start")
 
@@ -58,20 +59,23 @@ def sampled_lengths(out: Any, runner_out: Any, result: Any) -> list[int]:
         return lengths
     spec = out.scheduled_spec_decode_tokens
     index = runner_out.req_id_to_index
-    rows = list(map(index.get, spec))
-    if None in rows:  # a request the runner did not run: not in the lists
-        rows = [i for i in rows if i is not None]
     # vLLM: accepted = max(len(sampled) − 1, 0), counted only for requests that sampled something
-    seen = sum(map(max, map(add, map(lengths.__getitem__, rows), repeat(-1)), repeat(0)))
+    if len(spec) == len(lengths) and list(spec) == getattr(runner_out, "req_ids", None):
+        seen = sum(lengths) - len(lengths) + lengths.count(0)  # every row verified drafts
+    else:
+        rows = list(map(index.get, spec))
+        if None in rows:  # a request the runner did not run: not in the lists
+            rows = [i for i in rows if i is not None]
+        seen = sum(map(max, map(add, map(lengths.__getitem__, rows), repeat(-1)), repeat(0)))
     hidden = stats.num_accepted_tokens - seen
     if hidden <= 0:
         return lengths
     for outputs in result.values():
-        for o in outputs.outputs:
+        for o in filter(_FINISH_REASON, outputs.outputs):  # only requests that stopped
             if hidden <= 0:
                 return lengths
             i = index.get(o.request_id)
-            if o.finish_reason is None or o.request_id not in spec or i is None:
+            if o.request_id not in spec or i is None:
                 continue
             room = len(spec[o.request_id]) + 1 - lengths[i]
             if room > 0 and lengths[i]:
@@ -108,8 +112,7 @@ def delivered_by_request(result: Any) -> dict[str, int]:
 def _layer_offsets(layers: int, top_k: int, experts: int, size: int) -> np.ndarray:
     """layer × experts for each routed id of a [size, layers, top_k] array (`size` a power of two, so
     that a few arrays serve every step); read-only, shared."""
-    dtype = np.int32 if layers * experts < 2**31 else np.int64
-    row = np.repeat(np.arange(layers, dtype=dtype) * experts, top_k)
+    row = np.repeat(np.arange(layers, dtype=np.intp) * experts, top_k)  # intp: bincount takes it as it is
     out = np.tile(row, size)
     out.flags.writeable = False
     return out
@@ -157,12 +160,16 @@ def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], 
     rids = list(aux)
     items = list(aux.values())
     rows = list(map(_ROWS, items))  # numpy arrays, as vLLM hands them over
-    q_by_id = dict(zip(ids, qs))
-    n0_by_id = dict(zip(ids, n0s))
-    if list(map(_TOKEN_START, items)) == list(map(n0_by_id.get, rids)) and \
-            all(map(le, map(len, rows), map(q_by_id.get, rids))):
+    lens = list(map(len, rows))
+    if rids == ids:  # in the step's order: no lookups by id
+        q_of, n0_of = qs, n0s
+    else:
+        q_by_id, n0_by_id = dict(zip(ids, qs)), dict(zip(ids, n0s))
+        q_of, n0_of = list(map(q_by_id.get, rids)), list(map(n0_by_id.get, rids))
+    if list(map(_TOKEN_START, items)) == n0_of and None not in q_of and all(map(le, lens, q_of)):
         chunks = rows
     else:
+        q_by_id, n0_by_id = dict(zip(ids, qs)), dict(zip(ids, n0s))
         chunks = []
         for rid, item, r in zip(rids, items, rows):
             n0 = n0_by_id.get(rid)
@@ -170,7 +177,7 @@ def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], 
                 continue
             lo, hi = max(n0 - item.token_start, 0), max(n0 + q_by_id[rid] - item.token_start, 0)
             chunks.append(r[lo:hi])
-    chunks = [c for c in chunks if c.size] if not all(map(len, chunks)) else chunks
+    chunks = [c for c in chunks if c.size] if chunks is not rows or 0 in lens else chunks
     if not chunks:
         return None
     try:
@@ -185,5 +192,5 @@ def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], 
         offsets = (np.arange(layers, dtype=np.int64) * experts)[None, :, None]
         flat = (offsets + ids)[(ids >= 0) & (ids < experts)]
     else:  # one contiguous add of each position's layer offset (a broadcast over [layers, top_k] is slower)
-        flat = ids.reshape(-1) + _layer_offsets(layers, top_k, experts, 1 << max(tokens - 1, 0).bit_length())[:ids.size]
+        flat = _layer_offsets(layers, top_k, experts, 1 << max(tokens - 1, 0).bit_length())[:ids.size] + ids.reshape(-1)
     return np.bincount(flat, minlength=layers * experts).reshape(layers, experts).tolist()

@@ -149,6 +149,22 @@ class CostGroup(BaseModel):
     at_requested_batch: bool  # batch is one of --batches (other sizes: waves filling up or draining)
 
 
+class OfflineTarget(BaseModel):
+    """One cell of target 1: offline ours / vLLM for a kind at a batch, against its limit."""
+
+    kind: str
+    batch: int
+    ratio: float
+    limit: float
+    met: bool
+
+
+#: Target 1's limits on offline ours / vLLM, at batches 256 and 1,024 (MoE counts routed experts, which
+#: vLLM's estimator does not: a looser limit).
+OFFLINE_LIMITS = {"decode": 0.5, "prefill": 0.5, "spec decode": 0.5, "moe prefill": 1.0, "moe decode": 1.0}
+OFFLINE_TARGET_BATCHES = (256, 1024)
+
+
 class AccountingResult(BaseModel):
     scheduler_path: str
     engines: list[str]
@@ -162,10 +178,11 @@ class AccountingResult(BaseModel):
     engine_cpu_us_per_iteration: float
     accounting_cpu_us_per_iteration: float
     groups: list[CostGroup]
-    worst_live_over_vllm: float | None  # target 1: ≤ 0.5 at every requested batch and kind
+    worst_live_over_vllm: float | None  # live (engine + accounting) / vLLM, worst at a requested batch
     worst_live_group: str | None
     worst_offline_over_vllm: float | None
     worst_offline_group: str | None
+    offline_targets: list["OfflineTarget"] = []  # target 1: offline ours / vLLM at the large batches, per kind
     engine_growth: dict[str, float]  # target 2: engine_cpu_us at the largest batch / at 16, per kind (≤ 2)
     engine_hot_growth: dict[str, float]  # the same for engine_hot_us: the callbacks' own work, caches warm
     engine_growth_batches: tuple[int, int]
@@ -967,7 +984,11 @@ def summarize(timed: list[_Timed], batches: list[int], passes: int, engine_start
         ours_totals.get("decode_executed_flops", 0.0)
     ours_totals["bytes"] = ours_totals.get("prefill_bytes", 0.0) + ours_totals.get("decode_bytes", 0.0)
     all_its = [it for t in timed for it in t.iterations]
-    return AccountingResult(
+    offline = [OfflineTarget(kind=r.kind, batch=r.batch, ratio=r.ours_over_vllm, limit=OFFLINE_LIMITS[r.kind],
+                             met=r.ours_over_vllm <= OFFLINE_LIMITS[r.kind])
+               for r in rows if r.kind in OFFLINE_LIMITS and r.batch in OFFLINE_TARGET_BATCHES
+               and r.at_requested_batch and r.ours_over_vllm is not None]
+    return AccountingResult(offline_targets=offline,
         scheduler_path=SCHEDULER_PATH, engines=[t.engine for t in timed], engine_start_s=engine_start_s,
         batches=batches, iterations=len(all_its), passes=passes,
         replay_matches_engine={t.engine: t.matches for t in timed},
@@ -1118,14 +1139,18 @@ def _print_accounting(a: AccountingResult, console: Any) -> None:
 
 
 def _print_targets(a: AccountingResult, t: ThroughputResult, console: Any) -> None:
-    """Targets 1 to 3 (live CPU vs vLLM's estimator, engine-thread growth with batch, throughput): met or not."""
+    """Targets 1 and 2 (offline ours / vLLM's estimator at large batches, engine-thread growth with batch) met
+    or not, and the throughput ratio with its spread."""
     small, large = a.engine_growth_batches
-    if a.worst_live_over_vllm is not None:
-        met = a.worst_live_over_vllm <= 0.5
-        console.print(f"target 1, the hook's whole CPU time ≤ 0.5× vLLM's estimator at every kind and batch: worst "
-                      f"{a.worst_live_over_vllm:.2f} ({a.worst_live_group}) — "
-                      + ("[green]met[/green]" if met else "[red]not met[/red]")
-                      + f"; offline replay worst {a.worst_offline_over_vllm:.2f} ({a.worst_offline_group})")
+    if a.offline_targets:
+        met = all(x.met for x in a.offline_targets)
+        console.print("target 1, offline ours / vLLM at batches " + " and ".join(map(str, OFFLINE_TARGET_BATCHES))
+                      + " (≤ 0.5; MoE ≤ 1.0): "
+                      + ", ".join(f"{x.kind} {x.batch} {x.ratio:.2f}" + ("" if x.met else " ✗")
+                                  for x in a.offline_targets)
+                      + " — " + ("[green]met[/green]" if met else "[red]not met[/red]")
+                      + (f"; live (engine + accounting) / vLLM worst {a.worst_live_over_vllm:.2f} "
+                         f"({a.worst_live_group})" if a.worst_live_over_vllm is not None else ""))
     if a.engine_growth:
         worst_kind = max(a.engine_growth, key=a.engine_growth.get)
         met = a.engine_growth[worst_kind] <= 2.0
@@ -1134,10 +1159,8 @@ def _print_targets(a: AccountingResult, t: ThroughputResult, console: Any) -> No
                       + " — " + ("[green]met[/green]" if met else f"[red]not met ({worst_kind})[/red]")
                       + "; the same callbacks in the hot loop: "
                       + ", ".join(f"{k} {v:.2f}×" for k, v in sorted(a.engine_hot_growth.items())))
-    console.print(f"target 3, hooked / plain throughput ≥ 0.99: {t.ratio:.3f} (range {t.ratio_min:.3f}–"
-                  f"{t.ratio_max:.3f} over {t.repeats} alternating runs)"
-                  + ("" if t.ratio_min >= 0.99 or t.ratio_max - t.ratio_min < 0.02 else
-                     " — within this machine's run-to-run spread; targets 1 and 2 are the gate"))
+    console.print(f"throughput, hooked / plain: {t.ratio:.3f} (range {t.ratio_min:.3f}–{t.ratio_max:.3f} over "
+                  f"{t.repeats} alternating runs)")
 
 
 def _print_totals(a: AccountingResult, wall_s: float, console: Any) -> None:
