@@ -395,6 +395,33 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("reference-run")
+def cmd_reference_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from serving_mfu.tools.reference_run import (
+        check_plot,
+        plot_reference_run,
+        print_reference_run,
+        reference_run,
+        resolve_options,
+    )
+
+    check_plot(args.plot)
+    opts = resolve_options(device=args.device, quick=args.quick, shape=args.shape, config=args.config,
+                           batch=args.batch, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
+                           dtype=args.dtype, calibrate_s=args.calibrate_seconds)
+    run = reference_run(opts, progress=not args.json)
+    png = plot_reference_run(run, Path(args.plot)) if args.plot else None
+    if args.json:
+        sys.stdout.write(run.model_dump_json(indent=2) + "\n")
+    else:
+        print_reference_run(run, console)
+        if png is not None:
+            console.print(f"plot: {png}")
+    return 0 if run.oracle.prefill.equal and run.oracle.decode.equal else 1
+
+
 # ------------------------------------------------------------------------- parser
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
@@ -547,11 +574,31 @@ def _add_showcase_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--short", action="store_true", help="a quicker, smaller run (used by the test suite)")
 
 
+def _add_reference_run_command(sub: argparse._SubParsersAction) -> None:
+    """`reference-run`: a Llama with random weights measured directly (no engine), on a CPU or a GPU."""
+    r = sub.add_parser("reference-run", help="MFU/HFU/MBU/SOL of a Llama-shaped model run directly with transformers "
+                                             "(no vLLM): static batches, FlopCounterMode oracle, NVML GPU-Util")
+    r.add_argument("--device", help="cpu or cuda (default: cuda where torch sees a GPU)")
+    r.add_argument("--quick", action="store_true", help="a tiny model, short prompts and a 1 s calibration "
+                                                        "(the test suite's run; seconds on a CPU)")
+    r.add_argument("--shape", help="tiny, 1b or 8b (Llama-3.2-1B / Llama-3-8B shapes; default 8b on cuda, else tiny)")
+    r.add_argument("--config", help="a Llama config.json (or a folder holding one) instead of --shape")
+    r.add_argument("--batch", help="batch sizes, comma-separated; each runs a prefill then the decode steps "
+                                   "(default 1,16,64 on cuda)")
+    r.add_argument("--prompt-len", type=_positive_int, help="tokens per prompt (default 2048 on cuda)")
+    r.add_argument("--decode-steps", type=_positive_int, help="decode steps per batch (default 64 on cuda)")
+    r.add_argument("--dtype", help="bf16, fp16 or fp32 (default bf16 on cuda, fp32 on cpu)")
+    r.add_argument("--calibrate-seconds", type=float, help="seconds of matmul and bandwidth calibration held "
+                                                           "against the peak (0: none; default 3 on cuda)")
+    r.add_argument("--plot", help="also draw the figures to this PNG")
+    r.add_argument("--json", action="store_true")
+
+
 # The subcommands in the order `serving-mfu --help` lists them.
 _SUBCOMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_model_commands, _add_peak_commands, _add_replay_command, _add_explain_command,
     _add_in_process_bench_commands,
-    _add_serve_command, _add_bench_overhead_command, _add_showcase_commands,
+    _add_serve_command, _add_bench_overhead_command, _add_showcase_commands, _add_reference_run_command,
 )
 
 
