@@ -55,6 +55,7 @@ class TraceEntry(BaseModel):
     prompt: str | None = None
     input_len: int | None = Field(None, ge=1)
     output_len: int | None = Field(None, ge=1)
+    tenant: str | None = Field(None, description="its vllm_xargs.tenant (default: the run's --tenant)")
 
 
 def load_trace(path: str | Path) -> list[TraceEntry]:

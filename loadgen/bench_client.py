@@ -44,8 +44,8 @@ class BenchClientResult(BaseModel):
 
 def _config(url: str, rate: float, n: int, output_len: int) -> RunConfig:
     return RunConfig(base_url=url, model="stub", arrival="constant", request_rate=rate, num_prompts=n,
-                     input=LengthSpec(mean=16), output=LengthSpec(mean=output_len), mfu=False, quiet=True,
-                     request_timeout_s=30)
+                     input=LengthSpec(mean=16), output=LengthSpec(mean=output_len), mfu=False, request_costs=False,
+                     quiet=True, request_timeout_s=30)
 
 
 async def _measure(url: str, rate: float, duration_s: float, output_len: int) -> BenchPoint:

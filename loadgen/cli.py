@@ -34,7 +34,10 @@ def add_run_args(p: argparse.ArgumentParser, with_out: bool = True) -> None:
                    help="auto (default): token IDs of the served model, so --input-len N is exactly N tokens on any "
                         "tokenizer (from the server's /tokenize or --tokenizer), text where that is impossible "
                         "(chat, ShareGPT); token-ids: fail instead; text: words, about one token each")
-    g.add_argument("--tokenizer", help="local Hugging Face tokenizer for the token IDs (default: the server's /tokenize)")
+    g.add_argument("--tokenizer",
+                   help="local Hugging Face tokenizer for the token IDs (default: the server's /tokenize)")
+    g.add_argument("--tenant", help="sent as vllm_xargs.tenant in every request body (a trace line's own "
+                   "\"tenant\" wins): the server charges the requests' FLOPs and device-seconds to it")
     g = p.add_argument_group("traffic")
     g.add_argument("--num-prompts", type=int, help="measured requests (default 100; all of a trace)")
     g.add_argument("--duration", dest="duration_s", type=float, help="stop issuing after S seconds")
@@ -43,7 +46,8 @@ def add_run_args(p: argparse.ArgumentParser, with_out: bool = True) -> None:
     g.add_argument("--request-rate", type=float, default=float("inf"), help="req/s (inf: all at once)")
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (1 = Poisson, <1 burstier)")
     g.add_argument("--max-concurrency", type=int, help="cap on requests in flight; closed loop: its workers")
-    g.add_argument("--trace", dest="trace_path", help="JSONL of {timestamp, [prompt|input_len], [output_len]}")
+    g.add_argument("--trace", dest="trace_path",
+                   help="JSONL of {timestamp, [prompt|input_len], [output_len], [tenant]}")
     g.add_argument("--trace-time-scale", type=float, default=1.0)
     g.add_argument("--warmup-requests", type=int, default=1, help="sent first, excluded from all results (default 1)")
     g.add_argument("--seed", type=int, default=0)
@@ -67,10 +71,26 @@ def add_run_args(p: argparse.ArgumentParser, with_out: bool = True) -> None:
     g.add_argument("--mfu-interval-s", type=float, default=1.0)
     g.add_argument("--mfu-fresh-timeout-s", type=float, default=10.0,
                    help="longest wait for the server's counters to cover the run's start and end (default 10)")
+    add_cost_args(g)
     if with_out:
         g.add_argument("--out", help="results JSON")
     g.add_argument("--requests-out", help="per-request JSONL" + ("" if with_out else " (sweep: any value saves them)"))
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+PRICE_HELP = ("USD per device-hour (one GPU, or one chip of a multi-device engine). Prices the server's "
+              "device-seconds: per 1M input tokens = Σ prefill device-seconds / 3600 × USD / Σ prompt tokens × 1e6, "
+              "per 1M output tokens the same from decode device-seconds and output tokens")
+
+
+def add_cost_args(g: argparse._ArgumentGroup) -> None:
+    """Per-request cost lookups after the run (the server's /metrics/mfu/requests/{X-Request-Id})."""
+    g.add_argument("--device-hour-price", type=float, metavar="USD", help=PRICE_HELP)
+    g.add_argument("--no-request-costs", dest="request_costs", action="store_false",
+                   help="do not look the requests' FLOPs and device-seconds up on the server after the run")
+    g.add_argument("--cost-timeout-s", type=float, default=10.0, help="longest wait for the server to publish "
+                   "the run's finished requests (default 10; engines publish about every 0.5 s)")
+    g.add_argument("--cost-concurrency", type=int, default=16, help="request-cost lookups in flight (default 16)")
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
@@ -87,8 +107,10 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         prompt_format=a.prompt_format, tokenizer=a.tokenizer,
         request_timeout_s=a.request_timeout_s, max_connections=a.max_connections,
         slos={"ttft_s": a.slo_ttft_s, "tpot_s": a.slo_tpot_s, "e2e_s": a.slo_e2e_s},
-        mfu=a.mfu, mfu_interval_s=a.mfu_interval_s, mfu_fresh_timeout_s=a.mfu_fresh_timeout_s, out=getattr(a, "out", None),
-        requests_out=a.requests_out, quiet=a.quiet)
+        mfu=a.mfu, mfu_interval_s=a.mfu_interval_s, mfu_fresh_timeout_s=a.mfu_fresh_timeout_s,
+        tenant=a.tenant, request_costs=a.request_costs, cost_timeout_s=a.cost_timeout_s,
+        cost_concurrency=a.cost_concurrency, device_hour_price=a.device_hour_price,
+        out=getattr(a, "out", None), requests_out=a.requests_out, quiet=a.quiet)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -125,6 +147,8 @@ def parser() -> argparse.ArgumentParser:
     wp.add_argument("--mfu-interval-s", type=float, default=1.0, help="per-second series sampling")
     wp.add_argument("--mfu-fresh-timeout-s", type=float, default=10.0,
                     help="longest wait for the server's counters to cover the command's start and end")
+    wp.add_argument("--device-hour-price", type=float, metavar="USD", help="USD per device-hour: each tenant's "
+                    "cost over the command (its device-seconds / 3600 × USD) and per 1M of its prompt + output tokens")
     wp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
     bc = sub.add_parser("bench-client", help="the generator's own rate accuracy and lateness against the stub")
     bc.add_argument("--rates", type=_floats, default=[200.0, 500.0, 1000.0])
@@ -181,14 +205,15 @@ def _wrap(a: argparse.Namespace, console: Console) -> int:
     from rich.text import Text
 
     from loadgen.runner import run_sync
-    from loadgen.summary import section_table, verdict_text
+    from loadgen.summary import section_table, tenants_part, verdict_text
     from loadgen.wrap import wrap, write
     command = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
-    result = run_sync(wrap(a.base_url, command, a.mfu_interval_s, a.mfu_fresh_timeout_s))
+    result = run_sync(wrap(a.base_url, command, a.mfu_interval_s, a.mfu_fresh_timeout_s, a.device_hour_price))
     table = section_table(result.mfu, result.mfu_error, "the command")
     console.print(Text(table) if isinstance(table, str) else table)
     if result.mfu is not None and (line := verdict_text(result.mfu.peak)) is not None:
         console.print(line)
+    console.print(tenants_part(result.tenants, result.tenants_error, result.device_hour_price))
     if a.out:
         write(result, a.out)
         console.print(Text(f"wrote {a.out}"))

@@ -6,6 +6,8 @@ chunk); TPOT = (e2e − TTFT) / (completion_tokens − 1).  Token counts come fr
 `usage` (requested with `stream_options.include_usage`); without it, completion tokens fall
 back to the number of output chunks.  Every failure becomes a record, never an exception.
 HTTP is aiohttp's, as in `vllm bench serve`: one `aiohttp.ClientSession` shared by the run.
+Each request carries its record's `request_id` as `X-Request-Id` (vLLM builds its own ids from it,
+so the request's cost can be looked up by it) and its tenant as `vllm_xargs.tenant`.
 """
 
 from __future__ import annotations
@@ -61,9 +63,16 @@ class Sender:
         if config.temperature is not None:
             base["temperature"] = config.temperature
         self.base = {**base, **config.extra_body}
+        self.tenant = config.tenant
+
+    def tenant_of(self, spec: RequestSpec) -> str | None:
+        """The tenant a request declares: its own (a trace entry's), the run's, or one in --extra-body."""
+        return spec.tenant or self.tenant or (self.base.get("vllm_xargs") or {}).get("tenant")
 
     def body(self, spec: RequestSpec) -> dict[str, Any]:
         body = dict(self.base, max_tokens=spec.output_len)
+        if tenant := spec.tenant or self.tenant:
+            body["vllm_xargs"] = {**(self.base.get("vllm_xargs") or {}), "tenant": tenant}
         if self.chat:
             messages = [{"role": "system", "content": spec.system}] if spec.system else []
             body["messages"] = messages + [{"role": "user", "content": spec.prompt}]
@@ -101,7 +110,8 @@ class Sender:
         return rec
 
     async def _stream(self, spec: RequestSpec, rec: RequestRecord, sent: float) -> None:
-        async with self.session.post(self.url, json=self.body(spec)) as resp:
+        headers = {"X-Request-Id": rec.request_id} if rec.request_id else None
+        async with self.session.post(self.url, json=self.body(spec), headers=headers) as resp:
             if resp.status != 200:
                 try:
                     text = (await resp.read()).decode(errors="replace")

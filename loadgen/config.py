@@ -76,6 +76,15 @@ class RunConfig(BaseModel):
     mfu_interval_s: float = Field(1.0, gt=0)
     mfu_fresh_timeout_s: float = Field(10.0, gt=0, le=30, description="longest wait for the server's counters to "
                                        "cover the run's start and end (engines publish about every 0.5 s)")
+    tenant: str | None = Field(None, description="sent as vllm_xargs.tenant in every request body (a trace "
+                               "entry's own tenant wins); the server charges the request's cost to it")
+    request_costs: bool = Field(True, description="after the run, look up each request's cost on the server "
+                                "(/metrics/mfu/requests/{X-Request-Id})")
+    cost_timeout_s: float = Field(10.0, gt=0, le=120, description="longest wait for the server to publish the "
+                                  "run's request records (engines publish about every 0.5 s)")
+    cost_concurrency: int = Field(16, ge=1, description="request-cost lookups in flight at once")
+    device_hour_price: float | None = Field(None, ge=0, description="USD per device-hour: prices the run's "
+                                            "device-seconds per 1M input and output tokens")
     out: str | None = None
     requests_out: str | None = None
     quiet: bool = False

@@ -60,6 +60,52 @@ class MFUSection(BaseModel):
                    anomalies=r.anomalies, series=run.series, gpu_util=r.gpu_util)
 
 
+class CostStats(LatencyStats):
+    """Distribution of one per-request cost over the joined requests (numpy's linear percentiles), and its sum."""
+
+    total: float = 0.0
+
+
+class TenantCost(BaseModel):
+    """One tenant's requests and what they cost: a run's joined requests, or `wrap`'s difference of the
+    server's /metrics/mfu/tenants totals over the command."""
+
+    tenant: str
+    requests: int = Field(description="finished requests")
+    useful_flops: float
+    executed_flops: float
+    device_seconds: float
+    prompt_tokens: int
+    output_tokens: int
+    usd: float | None = Field(None, description="device_seconds / 3600 × the device-hour price")
+    usd_per_1m_tokens: float | None = Field(None, description="usd / (prompt + output tokens) × 1e6")
+
+
+class RequestCostSection(BaseModel):
+    """What the run's completed requests cost on the server, joined to them by their X-Request-Id."""
+
+    looked_up: int = Field(description="completed requests looked up")
+    joined: int = Field(description="of those, requests the server had a record for")
+    missing: int = Field(description="completed requests with no server record within cost_timeout_s")
+    server_records: int = Field(description="server records joined (one per choice: n > 1 gives several)")
+    useful_flops: CostStats
+    executed_flops: CostStats
+    prefill_device_seconds: CostStats
+    decode_device_seconds: CostStats
+    device_seconds: CostStats = Field(description="busy time × devices, shared among a step's requests by "
+                                      "their roofline cost (DESIGN §12)")
+    prompt_tokens: int = Field(description="Σ the joined records' prompt tokens (the whole prompt)")
+    output_tokens: int = Field(description="Σ the joined records' output tokens")
+    device_hour_price: float | None = Field(None, description="USD per device-hour (--device-hour-price)")
+    usd_per_1m_input_tokens: float | None = Field(
+        None, description="Σ prefill_device_seconds / 3600 × price / Σ prompt_tokens × 1e6")
+    usd_per_1m_output_tokens: float | None = Field(
+        None, description="Σ decode_device_seconds / 3600 × price / Σ output_tokens × 1e6")
+    usd: float | None = Field(None, description="Σ device_seconds / 3600 × price")
+    tenants: list[TenantCost] = Field(default_factory=list, description="the joined requests by tenant label")
+    note: str | None = Field(None, description="the last unexpected answer to a lookup (a 5xx, a torn body)")
+
+
 class Concurrency(BaseModel):
     """Requests in flight (sent, not finished) over the measured window."""
 
@@ -86,7 +132,8 @@ class RunResult(BaseModel):
     tpot_s: LatencyStats
     itl_s: LatencyStats = Field(description="per streamed chunk (several tokens per chunk under spec decoding)")
     e2e_s: LatencyStats
-    lateness_s: LatencyStats = Field(description="issued − scheduled: the generator's own delay (0 in a closed loop, which has no schedule)")
+    lateness_s: LatencyStats = Field(description="issued − scheduled: the generator's own delay (0 in a closed loop, "
+                                     "which has no schedule)")
     queue_wait_s: LatencyStats = Field(description="time waiting for a max_concurrency slot")
     request_throughput: float = Field(description="completed requests/s")
     output_throughput: float = Field(description="completion tokens/s")
@@ -105,6 +152,9 @@ class RunResult(BaseModel):
     concurrency: Concurrency
     mfu: MFUSection | None
     mfu_error: str | None = None
+    request_costs: RequestCostSection | None = Field(None, description="per-request cost from the server "
+                                                     "(null: see request_costs_error)")
+    request_costs_error: str | None = None
     records: list[RequestRecord] = Field(default_factory=list, exclude=True,
                                          description="per-request records (API only; --requests-out writes them)")
 

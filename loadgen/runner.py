@@ -7,6 +7,7 @@ import contextlib
 import gc
 import math
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +16,7 @@ import numpy as np
 from loadgen import arrivals, dispatch, vocab
 from loadgen.client import Sender
 from loadgen.config import RunConfig
+from loadgen.costs import request_costs
 from loadgen.mfu import MFUProbe
 from loadgen.progress import RunProgress
 from loadgen.records import RequestRecord
@@ -50,7 +52,13 @@ def make_session(config: RunConfig) -> aiohttp.ClientSession:
                                  trust_env=False)
 
 
-async def _warmup(config: RunConfig, sender: Sender, pool: vocab.TokenPool | None) -> None:
+def run_id() -> str:
+    """A fresh prefix for one run's X-Request-Ids (`<run>-<index>`, `<run>-w<index>` for the warm-up):
+    unique across runs, so a lookup by id finds only this run's request."""
+    return uuid.uuid4().hex[:12]
+
+
+async def _warmup(config: RunConfig, sender: Sender, pool: vocab.TokenPool | None, run: str) -> None:
     """Requests whose results are dropped, before the measured window (and its MFU baseline)."""
     n = config.warmup_requests
     if n == 0:
@@ -59,7 +67,8 @@ async def _warmup(config: RunConfig, sender: Sender, pool: vocab.TokenPool | Non
     t0 = time.perf_counter()
 
     async def issue(index: int, spec: RequestSpec, scheduled: float) -> None:
-        rec = RequestRecord(index=index, scheduled_at_s=scheduled, issued_at_s=scheduled, sent_at_s=scheduled,
+        rec = RequestRecord(index=index, request_id=f"{run}-w{index}", tenant=sender.tenant_of(spec),
+                            scheduled_at_s=scheduled, issued_at_s=scheduled, sent_at_s=scheduled,
                             input_len=spec.input_len, output_len=spec.output_len)
         await sender.send(spec, rec, t0)
 
@@ -67,7 +76,8 @@ async def _warmup(config: RunConfig, sender: Sender, pool: vocab.TokenPool | Non
 
 
 async def _measure(config: RunConfig, sender: Sender, t0: float, progress: RunProgress,
-                   trace: list[arrivals.TraceEntry] | None, pool: vocab.TokenPool | None) -> list[RequestRecord]:
+                   trace: list[arrivals.TraceEntry] | None, pool: vocab.TokenPool | None,
+                   run: str) -> list[RequestRecord]:
     total = config.total_requests(len(trace) if trace else None)
     trace = trace[:total] if trace else None
     workload = specs(config, np.random.default_rng([config.seed, 1]), trace, pool)
@@ -77,7 +87,8 @@ async def _measure(config: RunConfig, sender: Sender, t0: float, progress: RunPr
 
     async def issue(index: int, spec: RequestSpec, scheduled: float) -> None:
         issued = scheduled if closed else time.perf_counter() - t0  # closed: issued when scheduled
-        rec = RequestRecord(index=index, scheduled_at_s=scheduled, issued_at_s=issued, sent_at_s=issued,
+        rec = RequestRecord(index=index, request_id=f"{run}-{index}", tenant=sender.tenant_of(spec),
+                            scheduled_at_s=scheduled, issued_at_s=issued, sent_at_s=issued,
                             input_len=spec.input_len, output_len=spec.output_len)
         if slots is None:
             await sender.send(spec, rec, t0)
@@ -130,18 +141,19 @@ async def run_benchmark(config: RunConfig, session: aiohttp.ClientSession | None
     own = session is None
     session = session or make_session(config)
     try:
-        sender = Sender(session, config)
+        sender, run = Sender(session, config), run_id()
         pool, prompt_source = await vocab.prompt_pool(config, session)
-        await _warmup(config, sender, pool)
+        await _warmup(config, sender, pool, run)
         # after the warm-up has been published: the warm-up included, nothing of the run yet
         probe, mfu_error = (await open_probe(config.base_url, session, config.mfu_interval_s,
                                              config.mfu_fresh_timeout_s) if config.mfu else (None, "disabled"))
         total = config.total_requests(len(trace) if trace else None)
         with frozen_heap(), RunProgress(total, "requests", enabled=False if config.quiet else None) as progress:
             started_at, t0 = time.time(), time.perf_counter()
-            records = await _measure(config, sender, t0, progress, trace, pool)
+            records = await _measure(config, sender, t0, progress, trace, pool, run)
         duration_s = time.perf_counter() - t0
         mfu, mfu_error = await close_probe(probe, mfu_error)
+        costs, costs_error = await request_costs(config, session, records)  # after the engines published
     finally:
         if own:
             await session.close()
@@ -149,7 +161,8 @@ async def run_benchmark(config: RunConfig, session: aiohttp.ClientSession | None
     result = RunResult(config=config, started_at=started_at, duration_s=duration_s,
                        warmup_requests=config.warmup_requests, prompt_source=prompt_source,
                        prompt_len_mismatches=length_mismatches(records, config.dataset != "sharegpt"),
-                       requested_rate=rate, mfu=mfu, mfu_error=mfu_error,
+                       requested_rate=rate, mfu=mfu, mfu_error=mfu_error, request_costs=costs,
+                       request_costs_error=costs_error,
                        records=records, **figures(records, config.slos, duration_s))
     write_outputs(result, records, config)
     return result

@@ -10,7 +10,7 @@ import numpy as np
 
 from loadgen.config import SLOs
 from loadgen.records import RequestRecord
-from loadgen.results import Concurrency, LatencyStats
+from loadgen.results import Concurrency, CostStats, LatencyStats
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -23,6 +23,12 @@ def latency_stats(values: Iterable[float]) -> LatencyStats:
     p = np.percentile(x, PERCENTILES)
     return LatencyStats(count=int(x.size), mean=float(x.mean()), min=float(x.min()), max=float(x.max()),
                         **{f"p{q}": float(v) for q, v in zip(PERCENTILES, p)})
+
+
+def cost_stats(values: Iterable[float]) -> CostStats:
+    """`latency_stats` of per-request costs (FLOPs, device-seconds), and their sum."""
+    x = list(values)
+    return CostStats(**latency_stats(x).model_dump(), total=float(sum(x)))
 
 
 def meets_slos(rec: RequestRecord, slos: SLOs) -> bool:

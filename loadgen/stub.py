@@ -6,6 +6,8 @@ whitespace-separated words.  Faults, chosen per request by a marker in the promp
 `STUB_HTTP_<code>` answers that status; `STUB_CUT` ends the stream cleanly after
 `cut_after_chunks` chunks without a finish or `[DONE]`; `STUB_ABORT` drops the connection
 there; `STUB_SLOW` waits `slow_s` before the first token; `STUB_ERROR` sends an error event.
+Ids follow vLLM's from the `X-Request-Id` header; with `fake_costs` every completed stream gets a
+fabricated finished-request record (`loadgen/stub_costs.py`) served as the plugin serves its own.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import json
 import math
 import re
 import time
+import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from loadgen.stub_costs import UNRECORDED, FakeLedger, declared_tenant, fake_cost, vllm_ids
 from loadgen.stub_mfu import FakeEngine
+from serving_mfu.schema.requests import RequestsResponse, TenantsResponse
 
 HTTP_MARKER = re.compile(r"STUB_HTTP_(\d{3})")
 MARKERS = {"STUB_CUT": "cut", "STUB_ABORT": "abort", "STUB_SLOW": "slow", "STUB_ERROR": "error"}
@@ -47,15 +53,20 @@ class StubConfig(BaseModel):
     fake_mfu: bool = Field(False, description="serve /metrics/mfu/counters from a fake engine")
     fake_params: float = Field(1e9, gt=0, description="fake model size: 2 × params FLOPs per token")
     fake_peak_flops_per_s: float = Field(1e14, gt=0)
+    fake_costs: bool = Field(False, description="serve /metrics/mfu/requests[/{id}] and /metrics/mfu/tenants "
+                             "with a fabricated record per completed stream")
+    fake_costs_delay_s: float = Field(0.0, ge=0, description="publish each record this long after its stream ends")
 
 
 class StubStats:
-    """What the stub saw: requests by outcome and the most streams open at once."""
+    """What the stub saw: requests, the most streams open at once, and each request's X-Request-Id header,
+    declared tenant (vllm_xargs.tenant) and vLLM-style internal id (the latest 100 000)."""
 
     def __init__(self) -> None:
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.seen: deque[dict[str, Any]] = deque(maxlen=100_000)
 
     def opened(self) -> None:
         self.requests += 1
@@ -107,19 +118,22 @@ async def _sleep_until(t: float) -> None:
         await asyncio.sleep(delay)
 
 
+Done = Callable[[int, int], None]  # called with (prompt tokens, output tokens) when a stream completes
+
+
 async def stream(body: dict[str, Any], config: StubConfig, fault: str | None, rid: str, chat: bool,
-                 engine: FakeEngine | None, stats: StubStats) -> AsyncIterator[bytes]:
+                 engine: FakeEngine | None, stats: StubStats, on_done: Done | None = None) -> AsyncIterator[bytes]:
     """The SSE body, counted as in flight while it runs."""
     stats.opened()
     try:
-        async for part in _events(body, config, fault, rid, chat, engine):
+        async for part in _events(body, config, fault, rid, chat, engine, on_done):
             yield part
     finally:
         stats.in_flight -= 1
 
 
 async def _events(body: dict[str, Any], config: StubConfig, fault: str | None, rid: str, chat: bool,
-                  engine: FakeEngine | None) -> AsyncIterator[bytes]:
+                  engine: FakeEngine | None, on_done: Done | None) -> AsyncIterator[bytes]:
     """Chunks of `tokens_per_chunk` tokens on schedule, then usage and [DONE]."""
     t0 = time.perf_counter()
     over = body.get("stub") or {}
@@ -146,31 +160,66 @@ async def _events(body: dict[str, Any], config: StubConfig, fault: str | None, r
             engine.chunk(n_in if k == 0 else 0, n, ttft if k == 0 else per_chunk_s, config.tokens_per_chunk)
         yield _chunk(rid, model, chat, " tok" * n, "length" if sent >= n_out else None)
         k += 1
+    if on_done is not None:
+        on_done(n_in, n_out)
     if (body.get("stream_options") or {}).get("include_usage"):
         usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
         yield b"data: " + json.dumps({"id": rid, "model": model, "choices": [], "usage": usage}).encode() + b"\n\n"
     yield b"data: [DONE]\n\n"
 
 
+def _recorder(ledger: FakeLedger | None, body: dict[str, Any], internal_id: str, params: float) -> Done | None:
+    """What a completed stream calls: files its fabricated record (none without a ledger, or unrecorded)."""
+    if ledger is None or UNRECORDED in prompt_text(body):
+        return None
+    tenant, started = declared_tenant(body), time.time()
+
+    def done(prompt_tokens: int, output_tokens: int) -> None:
+        ledger.finish(fake_cost(internal_id, tenant, prompt_tokens, output_tokens, params, started, time.time()))
+    return done
+
+
+def add_cost_routes(app: FastAPI, ledger: FakeLedger) -> None:
+    """The plugin's request and tenant endpoints, answered from the stub's ledger."""
+    @app.get("/metrics/mfu/requests")
+    async def recent(limit: int = 100, tenant: str | None = None) -> Any:
+        return RequestsResponse(requests=ledger.recent(limit, tenant)).model_dump()
+
+    @app.get("/metrics/mfu/requests/{request_id}")
+    async def one(request_id: str) -> Any:
+        if not (found := ledger.lookup(request_id)):
+            return JSONResponse({"detail": f"no finished request matches {request_id!r} yet"}, 404)
+        return RequestsResponse(requests=found).model_dump()
+
+    @app.get("/metrics/mfu/tenants")
+    async def tenants() -> Any:
+        return TenantsResponse(tenants=ledger.tenants()).model_dump()
+
+
 def build_app(config: StubConfig | None = None) -> FastAPI:
-    """The stub's FastAPI app: both OpenAI endpoints, /v1/models, /health, optional fake counters."""
+    """The stub's FastAPI app: both OpenAI endpoints, /v1/models, /health, optional fake counters and costs."""
     config = config or StubConfig()
     app = FastAPI(title="mfu-loadgen stub")
     rng = np.random.default_rng(config.seed)
     engine = FakeEngine(config.fake_params, config.fake_peak_flops_per_s) if config.fake_mfu else None
-    ids = iter(range(1 << 62))
+    ledger = FakeLedger(config.fake_costs_delay_s) if config.fake_costs else None
     stats = StubStats()
 
     async def complete(request: Request, chat: bool) -> Any:
         body = await request.json()
+        header = request.headers.get("x-request-id")
+        rid, internal = vllm_ids(header or uuid.uuid4().hex, chat, uuid.uuid4().hex[:8])
+        stats.seen.append({"x_request_id": header, "tenant": (body.get("vllm_xargs") or {}).get("tenant"),
+                           "request_id": internal})
         fault = choose_fault(body, prompt_text(body), rng, config)
         if fault and fault.startswith("http_"):
             status = int(fault[5:])
             return JSONResponse({"error": {"message": f"stub: injected {status}", "code": status}}, status)
-        rid = f"stub-{next(ids)}"
         if not body.get("stream"):
             return JSONResponse({"error": {"message": "the stub only streams", "code": 400}}, 400)
-        return StreamingResponse(stream(body, config, fault, rid, chat, engine, stats), media_type="text/event-stream")
+        on_done = _recorder(ledger, body, internal, config.fake_params)
+        return StreamingResponse(stream(body, config, fault, rid, chat, engine, stats, on_done),
+                                 media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -199,8 +248,11 @@ def build_app(config: StubConfig | None = None) -> FastAPI:
         @app.get("/metrics/mfu/counters")
         async def counters() -> Any:
             return engine.totals().model_dump()
+    if ledger:
+        add_cost_routes(app, ledger)
 
     app.state.stub_config = config
     app.state.fake_engine = engine
+    app.state.fake_ledger = ledger
     app.state.stats = stats
     return app

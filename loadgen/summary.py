@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from loadgen.results import LatencyStats, MFUSection, RunResult
-from serving_mfu.format import largest_loss, peak_warning
+from loadgen.results import CostStats, LatencyStats, MFUSection, RequestCostSection, RunResult, TenantCost
+from serving_mfu.format import largest_loss, peak_warning, si
 from serving_mfu.format import ms as _ms
 from serving_mfu.format import pct as _pct
 from serving_mfu.schema.report import PeakReport
@@ -77,6 +78,68 @@ def section_table(m: MFUSection | None, error: str | None, what: str = "the run"
     return t
 
 
+def _secs(x: float | None) -> str:
+    return "—" if x is None else (_ms(x, unit=True) if abs(x) < 1 else f"{x:.4g} s")
+
+
+def _usd(x: float | None) -> str:
+    """Dollars to 4 significant digits (at least cents), never in e-notation: 8.278e-05 → '$0.00008278'."""
+    if x is None:
+        return "—"
+    decimals = max(2, 3 - math.floor(math.log10(abs(x)))) if x else 2
+    return f"${x:,.{decimals}f}"
+
+
+def cost_table(c: RequestCostSection | None, error: str | None) -> Table | Group | Text:
+    """Per-request FLOPs and device-seconds of the joined requests: distribution and totals, and the prices."""
+    if c is None:
+        return Text(f"per-request cost: not available ({error})")
+    t = Table(title=f"per-request cost, from the server: {c.joined} of {c.looked_up} completed requests joined by "
+                    f"X-Request-Id, {c.missing} missing")
+    for col in ("", "mean", "p50", "p90", "p99", "total"):
+        t.add_column(col, justify="right" if col else "left")
+    rows: list[tuple[str, CostStats, object]] = [
+        ("useful FLOPs", c.useful_flops, lambda x: si(x, "FLOP")),
+        ("executed FLOPs", c.executed_flops, lambda x: si(x, "FLOP")),
+        ("device-seconds", c.device_seconds, _secs), ("  prefill", c.prefill_device_seconds, _secs),
+        ("  decode", c.decode_device_seconds, _secs)]
+    for name, s, fmt in rows:
+        t.add_row(name, fmt(s.mean), fmt(s.p50), fmt(s.p90), fmt(s.p99), fmt(s.total if s.count else None))
+    if c.note:
+        t.caption = c.note
+    if c.device_hour_price is None:
+        return t
+    return Group(t, Text(f"at ${c.device_hour_price:g} per device-hour: {_usd(c.usd_per_1m_input_tokens)} per 1M "
+                         f"input tokens ({c.prompt_tokens} tokens), {_usd(c.usd_per_1m_output_tokens)} per 1M output "
+                         f"tokens ({c.output_tokens} tokens); {_usd(c.usd)} in all"))
+
+
+def tenant_table(tenants: list[TenantCost], title: str) -> Table:
+    """One row per tenant: requests, FLOPs, device-seconds, tokens, and the cost where a price was given."""
+    t = Table(title=title)
+    for col in ("tenant", "requests", "useful FLOPs", "executed FLOPs", "device-s", "prompt tok", "output tok",
+                "USD", "USD / 1M tok"):
+        t.add_column(col, justify="left" if col == "tenant" else "right")
+    for x in tenants:
+        t.add_row(x.tenant, str(x.requests), si(x.useful_flops, "FLOP"), si(x.executed_flops, "FLOP"),
+                  _secs(x.device_seconds), str(x.prompt_tokens), str(x.output_tokens), _usd(x.usd),
+                  _usd(x.usd_per_1m_tokens))
+    return t
+
+
+def tenants_part(tenants: list[TenantCost] | None, error: str | None, price: float | None) -> Table | Text:
+    """`wrap`'s per-tenant table over the command, or one line saying why there is none."""
+    if tenants is None:
+        return Text(f"per-tenant cost: not available ({error})")
+    if not tenants:
+        return Text("per-tenant cost: no tenant finished a request or ran a step during the command")
+    title = "what each tenant cost during the command, from the server's /metrics/mfu/tenants"
+    table = tenant_table(tenants, title)
+    if price is not None:
+        table.caption = f"at ${price:g} per device-hour; USD / 1M tok: per 1M prompt + output tokens"
+    return table
+
+
 def verdict_text(peak: PeakReport) -> Text | None:
     """A red line when the peak is not an upper bound (HFU > 1): MFU against it is not trustworthy."""
     if peak.credible is not False:
@@ -93,7 +156,9 @@ def shape_text(r: RunResult) -> Text | None:
 
 
 def render(r: RunResult) -> Group:
-    parts = [overview_table(r), latency_table(r), mfu_table(r)]
+    parts = [overview_table(r), latency_table(r), mfu_table(r), cost_table(r.request_costs, r.request_costs_error)]
+    if r.request_costs is not None and len(r.request_costs.tenants) > 1:
+        parts.append(tenant_table(r.request_costs.tenants, "the run's requests by tenant"))
     if (shape := shape_text(r)) is not None:
         parts.append(shape)
     if r.mfu is not None and (line := verdict_text(r.mfu.peak)) is not None:

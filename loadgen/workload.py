@@ -27,6 +27,7 @@ class RequestSpec:
     output_len: int
     system: str | None = None
     prompt_token_ids: list[int] | None = None
+    tenant: str | None = None  # its own vllm_xargs.tenant (a trace entry's), else the run's
 
 
 def sample_lengths(spec: LengthSpec, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -114,13 +115,13 @@ def _trace(config: RunConfig, rng: np.random.Generator, entries: list[TraceEntry
     for e in entries:
         out = e.output_len or int(sample_lengths(config.output, rng, 1)[0])
         if e.prompt is not None:
-            yield RequestSpec(e.prompt, e.input_len or estimate_tokens(e.prompt), out)
+            yield RequestSpec(e.prompt, e.input_len or estimate_tokens(e.prompt), out, tenant=e.tenant)
         else:
             n = e.input_len or int(sample_lengths(config.input, rng, 1)[0])
             if pool is not None:
-                yield RequestSpec("", n, out, prompt_token_ids=draw(pool, rng, n))
+                yield RequestSpec("", n, out, prompt_token_ids=draw(pool, rng, n), tenant=e.tenant)
             else:
-                yield RequestSpec(random_words(rng, n), n, out)
+                yield RequestSpec(random_words(rng, n), n, out, tenant=e.tenant)
 
 
 def specs(config: RunConfig, rng: np.random.Generator, trace: list[TraceEntry] | None = None,

@@ -37,6 +37,7 @@ from scheduler_hooks.vllm_outputs import (
     uniform_decode,
 )
 from serving_mfu.cost.accounting import CostModel
+from serving_mfu.cost.columns import int_array
 from serving_mfu.cost.drafter import DraftRequest, drafter_work
 from serving_mfu.cost.graph_padding import padded_tokens, padding_from_stats
 from serving_mfu.cost.records import (
@@ -49,11 +50,14 @@ from serving_mfu.cost.records import (
 )
 from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.peaks.cpu import last_level_cache_bytes, weights_fit_in_cache
+from serving_mfu.runtime.accounts import RequestAccounts
 from serving_mfu.runtime.gpu_util import sampler_for_engine
 from serving_mfu.runtime.ledger import RequestLedger
 from serving_mfu.runtime.publish import SnapshotWriter
+from serving_mfu.runtime.request_log import RequestLogWriter
 from serving_mfu.runtime.seams import Clock, Observer, Publisher, Sampler
 from serving_mfu.runtime.settings import Settings, load_settings
+from serving_mfu.runtime.tenants import TenantTable
 from serving_mfu.runtime.trace import TraceHeader, TraceWriter
 from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.schema.report import ModelReport
@@ -62,6 +66,7 @@ log = logging.getLogger("serving_mfu.hook")
 _REQ_ID = attrgetter("req_id")
 _COMPUTED = attrgetter("num_computed_tokens")
 _PROMPT_IDS = attrgetter("prompt_token_ids")
+_EXTRA_ARGS = attrgetter("sampling_params.extra_args")
 
 
 class NullWriter:
@@ -153,6 +158,17 @@ class MFUHook:
         self.pending: dict[int, float] = {}  # id(SchedulerOutput) → t_sched, until its output comes
         # accounting-side state, in step order: every request's prompt length, high-water mark, adapter
         self.ledger = RequestLedger()
+        # per-request and per-tenant cost (DESIGN §12): a request's tenant is vllm_xargs.tenant, else its
+        # adapter's name, else `default_tenant` (the served model's name, set by from_vllm_config)
+        self.default_tenant = info.spec.name
+        self.accounts: RequestAccounts | None = None
+        self.request_log: RequestLogWriter | None = None
+        self._adapter_names: dict[int, str] = {}
+        if settings.attribution:
+            self.accounts = RequestAccounts(
+                self.ledger, TenantTable(settings.max_tenants, settings.pinned_tenants()), tracker.cost_model,
+                info.devices, *tracker.engine_peak, self.engine_id, time.time() - time.monotonic(),
+                sinks=[trace.write_requests] if trace is not None else [], adapter_names=self._adapter_names)
         self.step = 0
         self.fail_at = settings.fail_at_step
         # The accounting runs on its own thread, mostly while the engine thread waits for the model;
@@ -212,11 +228,18 @@ class MFUHook:
         def writer(hook: "MFUHook") -> Publisher:
             if not publish:
                 return NullWriter()
+            if hook.accounts is not None:  # finished requests: appended to their log at each publish
+                hook.request_log = RequestLogWriter(settings.snapshot_dir(), hook.engine_id)
+                hook.accounts.sinks.append(hook.request_log.add)
             return SnapshotWriter(hook._snapshot, hook.engine_id, model, tracker.peak_report(), tracker.time_split,
                                   directory=settings.snapshot_dir(), gpu_status=sampler.status,
-                                  before_write=hook.flush, kv_role=info.kv_role, kv_connector=info.kv_connector)
+                                  before_write=hook.flush, kv_role=info.kv_role, kv_connector=info.kv_connector,
+                                  tenants=hook._tenants if hook.accounts is not None else None)
 
         hook = cls(info, settings, tracker, sampler, writer, trace=trace, clock=clock)
+        served = getattr(vllm_config.model_config, "served_model_name", None)
+        hook.default_tenant = str((served[0] if isinstance(served, (list, tuple)) and served else served)
+                                  or info.spec.name)
         log.info("serving-mfu: tracking %s on %d device(s), peak %s, publishing to %s; GPU-Util: %s",
                  info.spec.name, info.devices, info.peak.source if info.peak else "missing",
                  getattr(hook.writer, "path", "nowhere"),
@@ -224,9 +247,16 @@ class MFUHook:
         return hook
 
     def _snapshot(self) -> tuple[Any, list[dict]]:
-        """The tracker's cumulative counters with the GPU sampler's cumulative sums added (publisher thread)."""
+        """The tracker's cumulative counters with the GPU sampler's cumulative sums added (publisher thread);
+        the requests that finished since the last publish are appended to their log first."""
+        if self.request_log is not None:
+            self.request_log.flush()
         counters, recent = self.tracker.snapshot(recent=100, raw=True)
         return self.gpu.add_to(counters), recent
+
+    def _tenants(self) -> list:
+        """Each tenant label's cumulative sums (publisher thread)."""
+        return self.accounts.tenants.totals() if self.accounts is not None else []
 
     # ------------------------------------------------------------------ engine callbacks
     # `observer` (None in the engine) sees each callback's arguments before it runs and its result after,
@@ -278,12 +308,15 @@ class MFUHook:
     # (`sampled_lengths`); with stats off, before_output copies one `len` per request.  Every
     # request is first seen as a NewRequestData: the hook starts with the scheduler.
     def _on_schedule(self, sched: Any, out: Any) -> None:
-        """After `schedule()`: the clock (O(1))."""
+        """After `schedule()`: the clock (O(1)).  A step that runs nothing but reports finished requests (the
+        engine's last schedule() before it idles) hands them over, so their records close now."""
         if out.total_num_scheduled_tokens:
             pending = self.pending
             pending[id(out)] = self.clock()
             if len(pending) > 64:  # outputs that never came (aborted steps): forget the oldest
                 pending.pop(next(iter(pending)))
+        elif out.finished_req_ids and self.accounts is not None:
+            self.sink(0, None, out.finished_req_ids)  # type: ignore[arg-type]
 
     def _before_output(self, sched: Any, out: Any, runner_out: Any) -> StepCapture | None:
         """Before `update_from_output()`: stop the clock; on draft steps of an engine with its stats off,
@@ -396,9 +429,14 @@ class MFUHook:
                                padded_tokens=padded, padding_modelled=modelled)
 
     def _forget(self, finished: Any) -> None:
-        """The requests that finished leave the ledger."""
+        """The requests that finished leave the ledger (their records closed first, with attribution on)."""
         if finished:
-            self.ledger.finish(finished)
+            ids, slots = self.ledger.finish(finished)
+            if self.accounts is not None:
+                try:
+                    self.accounts.close(ids, slots)
+                except Exception as exc:
+                    self.error("attribution", exc)
 
     def _sort_new(self, out: Any, st: "_Sorted") -> None:
         """New requests (NewRequestData): first schedules go to the prefill batch, credited with what the
@@ -418,11 +456,35 @@ class MFUHook:
                 not (spec and not spec.keys().isdisjoint(ids)):
             # first schedules: what each starts from was served by the prefix cache
             st.p_ids, st.p_q, st.p_n0, st.p_prompt, st.p_cached, st.p_end = ids, qs, n0s, lens, list(n0s), new_end
-            ledger.admit(ids, lens)
+            slots = ledger.admit(ids, lens)
+            fresh, fresh_ids = new, ids
         else:
+            fresh = [nr for nr in new if nr.req_id not in ledger]
+            fresh_ids, slots = [nr.req_id for nr in fresh], None
             self._sort_new_one_by_one(ids, qs, n0s, lens, spec, st)
         if self._lora_rank is not None:
             self._note_adapters(new)
+        if self.accounts is not None and fresh:
+            self._open_accounts(fresh, fresh_ids, slots)
+
+    def _open_accounts(self, new: list, ids: list[str], slots: Any) -> None:
+        """New requests' tenants: vllm_xargs.tenant (SamplingParams.extra_args), else the LoRA adapter's name,
+        else the served model's name."""
+        try:
+            extras = list(map(_EXTRA_ARGS, new))
+        except AttributeError:  # no sampling params (pooling requests)
+            extras = [getattr(getattr(nr, "sampling_params", None), "extra_args", None) for nr in new]
+        if not any(extras) and (self._lora_rank is None or not any(map(attrgetter("lora_request"), new))):
+            self.accounts.open(ids, self.default_tenant, slots)
+            return
+        declared = []
+        for nr, extra in zip(new, extras):
+            tenant = extra.get("tenant") if isinstance(extra, dict) else None
+            if tenant is None:
+                lr = getattr(nr, "lora_request", None)
+                tenant = getattr(lr, "lora_name", None) if lr is not None else None
+            declared.append(str(tenant) if tenant is not None else self.default_tenant)
+        self.accounts.open(ids, declared, slots)
 
     def _sort_new_one_by_one(self, ids: list[str], qs: list[int], n0s: list[int], lens: list[int], spec: Any,
                              st: "_Sorted") -> None:
@@ -543,10 +605,12 @@ class MFUHook:
         """The high-water marks of the decodes (n0 + 1 + accepted; the plain ones as their n0 alone) and of
         the general rows, which become Slices (with what reached the user where a stop cut it short)."""
         ledger = self.ledger
-        if st.accepted is None:
-            ledger.advance(st.dec_ids, st.dec_n0)
-        else:
-            ledger.accept(st.dec_ids, list(map(add, st.dec_n0, map(add, st.accepted, repeat(1)))))
+        if st.dec_ids:
+            n0 = int_array(st.dec_n0)  # the same array the costing and the attribution read
+            if st.accepted is None:
+                ledger.advance(st.dec_ids, n0)
+            else:
+                ledger.accept(st.dec_ids, n0 + int_array(st.accepted) + 1)
         slices = []
         kv = self._kv
         for rid, q, n0, prompt, mark, cached, k, a, end, kept_end, first in rows:
@@ -602,6 +666,7 @@ class MFUHook:
             self.ledger.set_adapter(nr.req_id, key)
             if key not in self._adapters:
                 name = str(getattr(lr, "lora_name", key))
+                self._adapter_names[key] = name
                 try:
                     adapter = load_adapter(lr.lora_path, name)
                     useful = lora_flops(adapter, self.info.spec)
@@ -640,13 +705,22 @@ class MFUHook:
 
     # ------------------------------------------------------------------ accounting thread
     def _account(self, item: tuple) -> None:
+        if item[1] is None:  # finished requests of a step that ran nothing (see _on_schedule)
+            self._forget(item[2])
+            self.writer.mark_dirty()
+            return
         obs = self.observer
         if obs is not None:
             obs.enter("account", item)
         rec = None
         try:
             rec = self.build_record(*item)
-            self.tracker.record(rec)
+            cost = self.tracker.record(rec)
+            if cost is not None and self.accounts is not None:
+                try:
+                    self.accounts.charge(rec, cost)
+                except Exception as exc:  # the step stays in the totals
+                    self.error("attribution", exc)
             self.writer.mark_dirty()
             if self.trace is not None:
                 self.trace.write(rec)
@@ -684,5 +758,7 @@ class MFUHook:
             self._accountant.join(timeout=5)
         self.gpu.stop()  # before the last write, so that it carries the final GPU sums
         self.writer.close()
+        if self.request_log is not None:
+            self.request_log.close()
         if self.trace is not None:
             self.trace.close()

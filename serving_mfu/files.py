@@ -124,7 +124,8 @@ def write_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
-def _check_own(fd: int, path: Path) -> os.stat_result:
+def check_own(fd: int, path: Path) -> os.stat_result:
+    """The open file's stat; ForeignFile unless it is a regular file this process's user owns."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise ForeignFile(f"{path} is not a regular file")
@@ -132,6 +133,18 @@ def _check_own(fd: int, path: Path) -> os.stat_result:
         raise ForeignFile(f"{path} is owned by {owner_name(st.st_uid)}, not by this process "
                           f"({owner_name(os.geteuid())})")
     return st
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:
+    """os.open without following a last-component link (ForeignFile if it is one), close-on-exec;
+    reads do not block on a FIFO planted at the path."""
+    extra = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        return os.open(path, flags | extra, mode)
+    except OSError as exc:
+        if exc.errno in _LINK_ERRNOS:
+            raise ForeignFile(f"{path} is a symlink") from None
+        raise
 
 
 def read_own(path: Path) -> bytes:
@@ -144,7 +157,7 @@ def read_own(path: Path) -> bytes:
             raise ForeignFile(f"{path} is a symlink") from None
         raise
     with os.fdopen(fd, "rb") as fh:
-        _check_own(fd, path)
+        check_own(fd, path)
         return fh.read()
 
 
@@ -160,7 +173,7 @@ def open_own_for_writing(path: Path, mode: int = 0o644, buffering: int = -1) -> 
             raise ForeignFile(f"{path} is a symlink: refused (remove it, or write elsewhere)") from None
         raise
     try:
-        _check_own(fd, path)
+        check_own(fd, path)
         os.ftruncate(fd, 0)
         return os.fdopen(fd, "w", buffering=buffering)
     except BaseException:

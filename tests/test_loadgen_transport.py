@@ -7,7 +7,6 @@ import asyncio
 import json
 import socket
 import time
-from types import SimpleNamespace
 
 from loadgen import RunConfig
 from loadgen.client import Sender, _is_output
@@ -196,7 +195,7 @@ async def test_without_a_cap_requests_go_out_in_parallel():
 
 
 def test_exact_length_prompts_send_their_token_ids_to_completions_only():
-    spec = SimpleNamespace(prompt="words", system="sys", input_len=4, output_len=3, prompt_token_ids=[7, 8, 9, 10])
+    spec = RequestSpec(prompt="words", system="sys", input_len=4, output_len=3, prompt_token_ids=[7, 8, 9, 10])
     comp = Sender(None, RunConfig()).body(spec)
     assert comp["prompt"] == [7, 8, 9, 10] and comp["max_tokens"] == 3
     chat = Sender(None, RunConfig(endpoint="chat")).body(spec)

@@ -25,9 +25,13 @@ from serving_mfu.cost.counters import COUNTERS, Counters  # noqa: E402
 from serving_mfu.cost.records import DrafterRecord, IterationRecord, KVTransferRecord, Slice  # noqa: E402
 from serving_mfu.model.spec import ModelSpec  # noqa: E402
 from serving_mfu.peaks.table import PeakSpec  # noqa: E402
+from serving_mfu.runtime.accounts import RequestAccounts  # noqa: E402
 from serving_mfu.runtime.aggregate import aggregate_peak  # noqa: E402
+from serving_mfu.runtime.ledger import RequestLedger  # noqa: E402
+from serving_mfu.runtime.tenants import TenantTable  # noqa: E402
 from serving_mfu.runtime.tracker import MFUTracker  # noqa: E402
 from serving_mfu.schema.report import build_report  # noqa: E402
+from serving_mfu.schema.requests import TENANT_COUNTERS  # noqa: E402
 from serving_mfu.schema.snapshot import EngineSnapshot, decode_snapshot, encode_snapshot  # noqa: E402
 from serving_mfu.serve import prometheus as prom  # noqa: E402
 from serving_mfu.tools.tiny_models import TINY_CONFIGS  # noqa: E402
@@ -66,12 +70,37 @@ def _steps(offset: float) -> list[IterationRecord]:
     return out
 
 
-def _snapshot(tracker: MFUTracker, engine_id: str, pid: int) -> EngineSnapshot:
+# What each request declared as its tenant: two labels fit the budget (max_tenants=2), so "d" goes to `other`;
+# the second one's label is sanitised (`team_b_x`).
+DECLARED = {"a": "acme", "b": 'team "b" {x}', "c": "acme", "d": "late-comer"}
+TENANT_LABELS = {"acme", "team_b_x", "other"}
+
+
+def _accounts(tracker: MFUTracker, engine_id: str) -> RequestAccounts:
+    """Per-request and per-tenant accounts beside the tracker, as the hook builds them."""
+    return RequestAccounts(RequestLedger(), TenantTable(max_tenants=2), tracker.cost_model, tracker.devices,
+                           *tracker.engine_peak, engine_id, 0.0)
+
+
+def _run(tracker: MFUTracker, accounts: RequestAccounts, rec: IterationRecord) -> None:
+    """Admit the step's new requests with their tenants, cost the step, charge each request its share."""
+    new = [s for s in rec.slices if s.req_id not in accounts.ledger]
+    if new:
+        ids = [s.req_id for s in new]
+        slots = accounts.ledger.admit(ids, [s.prompt_len for s in new])
+        accounts.open(ids, [DECLARED[r] for r in ids], slots)
+    cost = tracker.record(rec)
+    assert cost is not None
+    accounts.charge(rec, cost)
+
+
+def _snapshot(tracker: MFUTracker, engine_id: str, pid: int,
+              accounts: RequestAccounts | None = None) -> EngineSnapshot:
     counters, recent = tracker.snapshot()
     return EngineSnapshot(engine_id=engine_id, pid=pid, ppid=1, started_at=1000.0, updated_at=1010.0 + pid,
                           model=tracker.model_report(), peak=tracker.peak_report(),
                           time_split=tracker.time_split, counters=counters, recent=recent,
-                          kv_role=tracker.kv_role)
+                          kv_role=tracker.kv_role, tenants=accounts.tenants.totals() if accounts else [])
 
 
 class FakeReader:
@@ -90,25 +119,27 @@ class RaisingReader:
 @pytest.fixture(scope="module")
 def engines() -> dict:
     """Two engines of one model on different devices, a prefill engine (KV producer) and a decode engine (KV
-    consumer, which received 32 prompt positions after 16 local hits), scraped twice (after 1 and 5 steps)."""
+    consumer, which received 32 prompt positions after 16 local hits), scraped twice (after 1 and 5 steps);
+    their requests are charged to three tenant labels (DECLARED)."""
     spec = _spec("tiny-llama")
     trackers = [MFUTracker(spec, H100, devices=2, clock=None, kv_role="producer"),
                 MFUTracker(spec, A100, devices=1, clock=None, kv_role="consumer")]
     ids = ["101-0", "202-1"]
+    accounts = [_accounts(tracker, ids[i]) for i, tracker in enumerate(trackers)]
     early, late = [], []
     for i, tracker in enumerate(trackers):
         recs = _steps(offset=10.0 * i)
         for rec in recs[:1]:
-            tracker.record(rec)
-        early.append(_snapshot(tracker, ids[i], 101 * (i + 1)))
+            _run(tracker, accounts[i], rec)
+        early.append(_snapshot(tracker, ids[i], 101 * (i + 1), accounts[i]))
         for rec in recs[1:]:
             if rec.step == 2:
                 kv = (KVTransferRecord(req_ids=["d"], local_cached=[16], received=[32]) if i
                       else KVTransferRecord(sent_tokens=48))
                 rec = msgspec.structs.replace(rec, kv=kv)
-            tracker.record(rec)
+            _run(tracker, accounts[i], rec)
         tracker.note_anomaly("hook_error", "test")
-        late.append(_snapshot(tracker, ids[i], 101 * (i + 1)))
+        late.append(_snapshot(tracker, ids[i], 101 * (i + 1), accounts[i]))
     return {"trackers": trackers, "early": early, "late": late}
 
 
@@ -188,6 +219,40 @@ def test_series_equal_the_counters(engines: dict) -> None:
         assert value(samples, "serving_mfu_snapshot_timestamp_seconds", **base) == snap.updated_at
     assert value(samples, "serving_mfu_engines") == 2
     assert value(samples, "serving_mfu_collector_errors_total") == 0
+
+
+def test_tenant_series_equal_the_snapshots_tenant_totals(engines: dict) -> None:
+    """One counter sample per (engine, tenant label) for each TENANT_COUNTERS entry, equal to the snapshot's
+    TenantTotals; over an engine's tenants, its busy device-seconds and its useful and executed FLOPs."""
+    registry = CollectorRegistry()
+    prom.register(FakeReader(engines["late"]), registry=registry)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    want: dict[tuple[str, frozenset], float] = {}
+    for snap in engines["late"]:
+        assert {t.tenant for t in snap.tenants} == TENANT_LABELS  # bounded (`other`) and sanitised
+        for t in snap.tenants:
+            labels = frozenset({"engine": snap.engine_id, "model": "org/tiny-llama", "kv_role": snap.kv_role,
+                                "tenant": t.tenant}.items())
+            for name in TENANT_COUNTERS:
+                want[(f"serving_mfu_tenant_{name}_total", labels)] = float(getattr(t, name))
+    got: dict[tuple[str, frozenset], float] = {}
+    for name in TENANT_COUNTERS:
+        family = families[f"serving_mfu_tenant_{name}"]
+        assert family.type == "counter"
+        for s in family.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in got, key  # one sample per engine and tenant
+            got[key] = s.value
+    assert got == want and len(got) == 2 * len(TENANT_LABELS) * len(TENANT_COUNTERS)
+    samples = scrape(FakeReader(engines["late"]))
+    for snap in engines["late"]:
+        e, c = snap.engine_id, snap.counters
+        assert total(samples, "serving_mfu_tenant_device_seconds_total", engine=e) == pytest.approx(
+            c.busy_s * snap.peak.devices, rel=1e-9)
+        for kind in ("useful", "executed"):
+            assert total(samples, f"serving_mfu_tenant_{kind}_flops_total", engine=e) == pytest.approx(
+                total(samples, f"serving_mfu_{kind}_flops_total", engine=e), rel=1e-9)
+        assert total(samples, "serving_mfu_tenant_output_tokens_total", engine=e) > 0
 
 
 def test_every_counter_field_is_exposed() -> None:
@@ -388,11 +453,34 @@ def test_dashboard_shape() -> None:
         assert panel["datasource"]["uid"] == "${datasource}"
         for t in panel["targets"]:
             assert t["datasource"]["uid"] == "${datasource}" and t["expr"]
-            if "serving_mfu:" in t["expr"] or "serving_mfu_instance:" in t["expr"]:
+            if re.search(r"serving_mfu(_(?!fleet)[a-z]+)?:", t["expr"]):  # a per-model recorded series
                 assert '$model' in t["expr"], t["expr"]
+    boxes = [(p["id"], p["gridPos"]) for p in dash["panels"]]
+    for i, (pid, a) in enumerate(boxes):
+        assert 0 <= a["x"] and a["x"] + a["w"] <= 24, pid
+        for other, b in boxes[:i]:
+            overlap = (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
+                       and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
+            assert not overlap, f"panels {other} and {pid} overlap"
 
 
 # ---------------------------------------------------------------------------------------- promtool
+def _promtool_test(promtool: str, tmp_path: Path, series: list[dict], tests: list[dict]) -> None:
+    """`promtool test rules` of the rule file on input series sampled every 15 s."""
+    shutil.copy(RULES, tmp_path / "rules.yml")
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yml"], "evaluation_interval": "15s",
+        "tests": [{"interval": "15s", "input_series": series, "promql_expr_test": tests}]}))
+    result = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _close_to(expr: str, want: float, labels: str, at: str) -> dict:
+    """A promtool test: `expr` (one sample, with `labels`) is within 1e-9 of `want` at time `at`."""
+    return {"expr": f"abs({expr} / {want!r} - 1) < bool 1e-9", "eval_time": at,
+            "exp_samples": [{"labels": labels, "value": 1}]}
+
+
 def test_promtool_checks_the_rule_file() -> None:
     check = subprocess.run([require("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -446,21 +534,61 @@ def test_promtool_evaluates_the_rules_to_the_reports_mfu(engines: dict, tmp_path
                 getattr(d, f"{p}_useful_flops") / getattr(d, f"{p}_capacity_flops"))
     # executed − useful = the wasted kinds together
     waste = report.prefill.executed_flops + report.decode.executed_flops - report.overall.useful_flops
-    tests = [{"expr": f"abs({expr} / {want!r} - 1) < bool 1e-9", "eval_time": "4m",
-              "exp_samples": [{"labels": "{" + re.search(r"\{(.*)\}", expr).group(1) + "}" if "{" in expr else "{}",
-                               "value": 1}]}
+    tests = [_close_to(expr, want, "{" + re.search(r"\{(.*)\}", expr).group(1) + "}" if "{" in expr else "{}", "4m")
              for expr, want in checks.items()]
     tests.append({"expr": f"abs(sum(serving_mfu:wasted_flops_per_second:rate1m) * 300 / {waste!r} - 1)"
                           " < bool 1e-9", "eval_time": "4m", "exp_samples": [{"labels": "{}", "value": 1}]})
+
+    # per tenant over the whole 5 minutes, from the snapshots' TenantTotals: device-seconds per second, and per
+    # 1M output tokens (none for a tenant without output in the window)
+    def grew(label: str, name: str) -> float:
+        return sum(getattr(t, name) for s in engines["late"] for t in s.tenants if t.tenant == label) - sum(
+            getattr(t, name) for s in engines["early"] for t in s.tenants if t.tenant == label)
+
+    for label in sorted(TENANT_LABELS):
+        labels = f'{{{model},tenant="{label}"}}'
+        dev, out = grew(label, "device_seconds"), grew(label, "output_tokens")
+        assert dev > 0
+        tests.append(_close_to(f"serving_mfu_tenant:device_seconds:rate5m{labels}", dev / 300, labels, "5m"))
+        ratio = f"serving_mfu_tenant:device_seconds_per_1m_output_tokens:ratio_rate5m{labels}"
+        tests.append(_close_to(ratio, 1e6 * dev / out, labels, "5m") if out else
+                     {"expr": ratio, "eval_time": "5m", "exp_samples": []})
+    assert not grew("other", "output_tokens")  # the empty case is exercised too
     # the dashboard's queries parse (as rules), with Grafana's variables filled in
     dash_rules = [{"record": f"dashboard_query_{i}", "expr": e} for i, e in enumerate(dashboard_queries())]
     (tmp_path / "dash.yml").write_text(yaml.safe_dump({"groups": [{"name": "dash", "rules": dash_rules}]}))
     check = subprocess.run([promtool, "check", "rules", str(tmp_path / "dash.yml")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    shutil.copy(RULES, tmp_path / "rules.yml")
-    (tmp_path / "test.yml").write_text(yaml.safe_dump({
-        "rule_files": ["rules.yml"], "evaluation_interval": "15s",
-        "tests": [{"interval": "15s", "input_series": series, "promql_expr_test": tests}]}))
-    result = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _promtool_test(promtool, tmp_path, series, tests)
     assert math.isfinite(report.overall.mfu)
+
+
+def test_promtool_evaluates_the_tenant_cost_rule(tmp_path: Path) -> None:
+    """Device-seconds per 1M output tokens per tenant on counters of known rates: a tenant's engines are
+    summed before dividing, models stay apart, and a tenant without output gets no sample (not +Inf)."""
+    promtool = require("promtool")
+    rates = {  # (engine, model, tenant): (device-seconds per second, output tokens per second)
+        ("1-0", "m1", "acme"): (0.5, 100.0), ("2-0", "m1", "acme"): (0.25, 50.0),
+        ("1-0", "m1", "team-b"): (0.1, 40.0), ("2-0", "m1", "batch"): (0.05, 0.0),
+        ("3-0", "m2", "acme"): (1.0, 10.0)}
+    series = []
+    for (engine, model, tenant), (dev, out) in rates.items():
+        lab = (f'{{engine="{engine}",instance="node-{engine[0]}",job="vllm",kv_role="none",model="{model}",'
+               f'tenant="{tenant}"}}')
+        series += [{"series": f"serving_mfu_tenant_device_seconds_total{lab}", "values": f"12.5+{dev * 15!r}x40"},
+                   {"series": f"serving_mfu_tenant_output_tokens_total{lab}", "values": f"300+{out * 15!r}x40"}]
+    ratio = "serving_mfu_tenant:device_seconds_per_1m_output_tokens:ratio_rate5m"
+    tests = [  # worked by hand: 1e6 × Σ device-seconds/s ÷ Σ output tokens/s of the tenant's engines
+        _close_to(f'{ratio}{{model="m1",tenant="acme"}}', 5000.0, '{model="m1",tenant="acme"}', "10m"),  # .75/150
+        _close_to(f'{ratio}{{model="m1",tenant="team-b"}}', 2500.0, '{model="m1",tenant="team-b"}', "10m"),  # .1/40
+        _close_to(f'{ratio}{{model="m2",tenant="acme"}}', 100000.0, '{model="m2",tenant="acme"}', "10m"),  # 1/10
+        {"expr": f'{ratio}{{tenant="batch"}}', "eval_time": "10m", "exp_samples": []},
+        {"expr": f"count({ratio})", "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 3}]},
+        _close_to('serving_mfu_tenant:device_seconds:rate5m{model="m1",tenant="acme"}', 0.75,
+                  '{model="m1",tenant="acme"}', "10m"),
+        _close_to('serving_mfu_tenant:device_seconds:rate5m{model="m1",tenant="batch"}', 0.05,
+                  '{model="m1",tenant="batch"}', "10m"),
+        _close_to('serving_mfu_tenant:output_tokens_per_second:rate5m{model="m1",tenant="acme"}', 150.0,
+                  '{model="m1",tenant="acme"}', "10m"),
+    ]
+    _promtool_test(promtool, tmp_path, series, tests)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from serving_mfu.cost.bytes import ByteModel
+from serving_mfu.cost.columns import int_array
 from serving_mfu.cost.counters import IterationCost, PhaseCost  # noqa: F401 - PhaseCost re-exported
 from serving_mfu.cost.flops import FlopModel, KeyRule
 from serving_mfu.cost.records import DecodeBatch, IterationRecord, KVTransferRecord, PrefillBatch, Slice
@@ -284,25 +285,24 @@ def _range_pairs_np(rule: KeyRule, starts: np.ndarray | None, ends: np.ndarray) 
 
 def _prefill_batch_cost_np(b: PrefillBatch, model: CostModel) -> PrefillCost:
     """`prefill_batch_cost` of a large batch, the same formulas over numpy arrays."""
-    n = len(b.new_tokens)
-    q = np.fromiter(b.new_tokens, np.int64, n)
-    n0 = np.fromiter(b.computed_before, np.int64, n)
+    q = int_array(b.new_tokens)
+    n0 = int_array(b.computed_before)
     ends = n0 + q
-    logits = int((ends == np.fromiter(b.prompt_len, np.int64, n)).sum())
-    cached = np.fromiter(b.cached_tokens, np.int64, n) if b.cached_tokens else None
+    logits = int((ends == int_array(b.prompt_len)).sum())
+    cached = int_array(b.cached_tokens) if b.cached_tokens else None
     return _prefill_classes(model, _range_pairs_np, int(q.sum()), n0, ends, logits, cached, q)
 
 
 def _decode_batch_cost_np(b: DecodeBatch, model: CostModel) -> DecodeCost:
     """`decode_batch_cost` of a large batch with drafts or cuts, the same formulas over numpy arrays."""
     n = len(b.computed_before)
-    n0 = np.fromiter(b.computed_before, np.int64, n)
-    k = np.fromiter(b.draft_tokens, np.int64, n) if b.draft_tokens is not None else np.zeros(n, np.int64)
-    a = np.fromiter(b.accepted_tokens, np.int64, n) if b.accepted_tokens is not None else np.zeros(n, np.int64)
+    n0 = int_array(b.computed_before)
+    k = int_array(b.draft_tokens) if b.draft_tokens is not None else np.zeros(n, np.int64)
+    a = int_array(b.accepted_tokens) if b.accepted_tokens is not None else np.zeros(n, np.int64)
     kept_end, end = n0 + 1 + a, n0 + 1 + k
     useful_end = kept_end
     if b.delivered_tokens is not None:
-        useful_end = np.minimum(kept_end, n0 + np.fromiter(b.delivered_tokens, np.int64, n))
+        useful_end = np.minimum(kept_end, n0 + int_array(b.delivered_tokens))
     return _decode_classes(model, _range_pairs_np, n, int(k.sum()), int(a.sum()), int((useful_end - n0).sum()), n0,
                            useful_end, kept_end, end, k + 1)
 

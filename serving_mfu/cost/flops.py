@@ -76,17 +76,21 @@ class KeyRule:
             return c - (c - q) // self.size * self.size
         return min(c, q * self.size)
 
+    def keys_read_array(self, ends: np.ndarray, qs: np.ndarray) -> np.ndarray:
+        """keys_read(ends_i, qs_i) of each slice, over int64 arrays."""
+        if self.kind == FULL:
+            return ends
+        w = self.size
+        if self.kind == WINDOW:
+            return np.minimum(ends, qs + (w - 1))
+        if self.kind == CHUNK:
+            return ends - (ends - qs) // w * w
+        return np.minimum(ends, qs * w)
+
     def keys_read_sum(self, ends: Any, qs: Any) -> int:
         """Σ_i keys_read(ends_i, qs_i) over int sequences or int64 arrays."""
         if isinstance(ends, np.ndarray):
-            if self.kind == FULL:
-                return int(ends.sum())
-            w = self.size
-            if self.kind == WINDOW:
-                return int(np.minimum(ends, qs + (w - 1)).sum())
-            if self.kind == CHUNK:
-                return int((ends - (ends - qs) // w * w).sum())
-            return int(np.minimum(ends, qs * w).sum())
+            return int(self.keys_read_array(ends, qs).sum())
         if self.kind == FULL:
             return sum(ends)
         if self.kind == WINDOW:

@@ -3,7 +3,8 @@
 `SnapshotReader.refresh()` reads the folder (serving_mfu.runtime.collect), follows the live engines
 and retires the ones that have gone, keeping their last totals so aggregated counters never go
 backwards; `report()`, `totals()` and `recent()` answer from what it follows, over any window (the
-engines' histories, then the reader's own ring of aggregated points).
+engines' histories, then the reader's own ring of aggregated points); `tenants()` sums the engines'
+tenant tables, and `requests` follows their logs of finished requests (DESIGN §12).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from serving_mfu.cost.counters import Counters
 from serving_mfu.runtime.collect import collect, folder_problem, pid_alive
 from serving_mfu.runtime.gpu_util import aggregate_status
 from serving_mfu.runtime.publish import default_dir
+from serving_mfu.runtime.request_log import RequestLogReader
+from serving_mfu.runtime.settings import load_settings
 from serving_mfu.schema.report import MFUReport, PeakReport, build_report
+from serving_mfu.schema.requests import TenantTotals, merge_tenants
 from serving_mfu.schema.snapshot import EngineSnapshot, Totals
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,10 @@ class SnapshotReader:
 
     def __init__(self, directory: str | Path | None = None, parent_pid: int | None = None,
                  max_window_s: float = 3600.0, clock: Callable[[], float] = time.time,
-                 stale_after_s: float | None = 120.0):
+                 stale_after_s: float | None = 120.0, requests_ring: int | None = None):
         self.dir = Path(directory) if directory else default_dir()
+        if requests_ring is None:
+            requests_ring = load_settings()[0].requests_ring
         self.parent_pid = parent_pid
         self.max_window_s = max_window_s
         self.clock = clock  # wall seconds, as the engines' snapshots carry
@@ -54,6 +60,8 @@ class SnapshotReader:
         self.read_errors = 0
         self.refused: str | None = None  # why the folder is not trusted (folder_refusal), as of the last read
         self.foreign_files: set[str] = set()  # snapshot names ever skipped as links or other users' files
+        self._retired_tenants: dict[str, list[TenantTotals]] = {}  # engines gone: their last tenant sums
+        self.requests = RequestLogReader(self.dir, requests_ring)  # finished requests (DESIGN §12)
 
     def refresh(self) -> list[EngineSnapshot]:
         """Read the folder, retire the engines that have gone, and return the live ones this reader follows.
@@ -99,6 +107,7 @@ class SnapshotReader:
         if snap.engine_id in self._retired:
             return
         self._retired[snap.engine_id] = snap.counters
+        self._retired_tenants[snap.engine_id] = snap.tenants
         self._followed.pop(snap.engine_id, None)
         self._last.pop(snap.engine_id, None)
         log.warning("serving-mfu: engine %s (pid %d) %s; its totals up to %.0f are kept (anomaly engines_gone)",
@@ -205,6 +214,13 @@ class SnapshotReader:
                       peak=aggregate_peak(snaps), model=snaps[0].model, time_split=snaps[0].time_split,
                       updated_at=min(s.updated_at for s in snaps), gpu=aggregate_status([s.gpu for s in snaps]),
                       kv_roles=sorted({s.kv_role for s in snaps}))
+
+    def tenants(self) -> list[TenantTotals] | None:
+        """Each tenant label's sums over every engine, those that have gone included; None if no engine."""
+        snaps = self.refresh()
+        if not snaps:
+            return None
+        return merge_tenants([s.tenants for s in snaps] + list(self._retired_tenants.values()))
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The most recent iterations over all engines, newest last."""

@@ -27,12 +27,16 @@ import numpy as np
 
 _NO_ADAPTER = -1
 
+#: The cost columns (DESIGN §12): float sums, then token counts; each request's totals since it was admitted.
+COST_COLUMNS = ("useful_flops", "executed_flops", "prefill_device_s", "decode_device_s")
+TOKEN_COLUMNS = ("output_tokens", "draft_tokens", "accepted_tokens", "cached_tokens", "received_tokens")
+
 
 class RequestLedger:
     """All per-request state of one engine, by slot: admit, advance, accept, hold, mark, finish, high-water mark."""
 
     __slots__ = ("slot_of", "_free", "prompt_len", "mark", "last_n0", "adapter", "prefilling", "recomputing",
-                 "adapters_in_flight", "_cache_ids", "_cache_slots")
+                 "adapters_in_flight", "_cache_ids", "_cache_slots", "tenant", "costs", "tokens", "first_at", "last_at")
 
     def __init__(self, capacity: int = 1024):
         self.slot_of: dict[str, int] = {}
@@ -46,6 +50,13 @@ class RequestLedger:
         self.adapters_in_flight = 0  # requests with an adapter, so that a step without any skips LoRA
         self._cache_ids: list[str] | None = None  # the last list `slots` resolved, and its slots
         self._cache_slots = np.zeros(0, np.intp)
+        # attribution (DESIGN §12): tenant label, cost sums (COST_COLUMNS), token counts (TOKEN_COLUMNS), and
+        # the first and last step's end (0: not run yet)
+        self.tenant = np.zeros(capacity, np.int32)
+        self.costs = np.zeros((len(COST_COLUMNS), capacity), np.float64)
+        self.tokens = np.zeros((len(TOKEN_COLUMNS), capacity), np.int64)
+        self.first_at = np.zeros(capacity, np.float64)
+        self.last_at = np.zeros(capacity, np.float64)
 
     # ------------------------------------------------------------------ slots
     def __len__(self) -> int:
@@ -81,10 +92,15 @@ class RequestLedger:
         self.mark = np.concatenate([self.mark, np.zeros(new - old, np.int64)])
         self.last_n0 = np.concatenate([self.last_n0, np.full(new - old, -1, np.int64)])
         self.adapter = np.concatenate([self.adapter, np.full(new - old, _NO_ADAPTER, np.int32)])
+        self.tenant = np.concatenate([self.tenant, np.zeros(new - old, np.int32)])
+        self.costs = np.concatenate([self.costs, np.zeros((len(COST_COLUMNS), new - old))], axis=1)
+        self.tokens = np.concatenate([self.tokens, np.zeros((len(TOKEN_COLUMNS), new - old), np.int64)], axis=1)
+        self.first_at = np.concatenate([self.first_at, np.zeros(new - old)])
+        self.last_at = np.concatenate([self.last_at, np.zeros(new - old)])
 
     # ------------------------------------------------------------------ named operations
-    def admit(self, ids: Sequence[str], prompt_lens: Sequence[int]) -> None:
-        """New requests (none known), with their prompts' lengths: each takes a free slot."""
+    def admit(self, ids: Sequence[str], prompt_lens: Sequence[int]) -> np.ndarray:
+        """New requests (none known), with their prompts' lengths: each takes a free slot (returned)."""
         n = len(ids)
         free = self._free
         if n > len(free):
@@ -97,6 +113,12 @@ class RequestLedger:
         self.prompt_len[idx] = prompt_lens
         self.mark[idx] = 0
         self.last_n0[idx] = -1
+        self.tenant[idx] = 0
+        self.adapter[idx] = _NO_ADAPTER
+        for row in (*self.costs, *self.tokens, self.first_at, self.last_at):  # 1-D writes: the cheapest
+            row[idx] = 0
+        self._cache_ids, self._cache_slots = list(ids), idx  # the step's prefill batch asks for them next
+        return idx
 
     def admit_one(self, rid: str, prompt_len: int) -> None:
         """One request, new or seen before (a resumed request under Model Runner V2 comes again as new):
@@ -107,21 +129,26 @@ class RequestLedger:
         else:
             self.prompt_len[slot] = prompt_len
 
-    def finish(self, ids: Collection[str]) -> None:
-        """Requests vLLM finished: their slots go back to the free list (their columns are reset on admit)."""
-        slots = [s for s in map(self.slot_of.pop, ids, repeat(None)) if s is not None]
+    def finish(self, ids: Collection[str]) -> tuple[list[str], np.ndarray]:
+        """Requests vLLM finished: their slots go back to the free list.  Returns those it held and their slots,
+        whose columns stay readable until the next `admit` (it resets them)."""
+        slots = list(map(self.slot_of.pop, ids, repeat(None)))
+        if None in slots:
+            kept = [(r, s) for r, s in zip(ids, slots) if s is not None]
+            ids, slots = [r for r, _ in kept], [s for _, s in kept]
+        else:
+            ids = list(ids)
         if not slots:
-            return
-        if self.adapters_in_flight:
-            idx = np.asarray(slots, np.intp)
-            self.adapters_in_flight -= int((self.adapter[idx] != _NO_ADAPTER).sum())
-            self.adapter[idx] = _NO_ADAPTER
+            return [], np.zeros(0, np.intp)
+        if self.adapters_in_flight:  # the column itself stays readable until the slot is admitted again
+            self.adapters_in_flight -= int((self.adapter[np.asarray(slots, np.intp)] != _NO_ADAPTER).sum())
         self._free.extend(slots)
         if self.prefilling:
             self.prefilling.difference_update(ids)
         if self.recomputing:
             self.recomputing.difference_update(ids)
         self._cache_ids = None
+        return ids, np.asarray(slots, np.intp)
 
     def advance(self, ids: list[str], n0s: Sequence[int]) -> None:
         """A plain decode of each of `ids` from its n0 (one position computed and kept)."""

@@ -3,8 +3,9 @@
 An engine process (one per data-parallel rank) writes `engine-<pid>-<rank>.json` into a private
 folder (ours, mode 0700; a folder another user owns or may write to is refused), atomically (a fresh
 exclusive temporary renamed over it), from a background thread at most every `interval_s`: its
-cumulative counters, one cumulative point per second for the last `history_s` seconds, and its recent
-iterations.  Because every snapshot is cumulative, a dropped or late write loses no totals.  The
+cumulative counters, one cumulative point per second for the last `history_s` seconds, its recent
+iterations, and each tenant label's cumulative sums (finished requests go to their own append-only log,
+serving_mfu.runtime.request_log).  Because every snapshot is cumulative, a dropped or late write loses no totals.  The
 engine thread only marks the writer dirty; it never waits on I/O.
 """
 
@@ -26,6 +27,7 @@ from serving_mfu.files import FolderRefused, private_folder, write_atomic
 from serving_mfu.runtime.settings import load_settings
 from serving_mfu.runtime.tracker import COST_ADAPTER
 from serving_mfu.schema.report import GpuUtilStatus, ModelReport, PeakReport
+from serving_mfu.schema.requests import TenantTotals
 from serving_mfu.schema.snapshot import EngineSnapshot, encode_snapshot
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,10 @@ class SnapshotWriter:
                  interval_s: float = 0.5, history_s: int = 60,
                  gpu_status: Callable[[], GpuUtilStatus | None] | None = None,
                  before_write: Callable[[], None] | None = None, clock: Callable[[], float] = time.time,
-                 files: "LocalFiles | None" = None, kv_role: str = "none", kv_connector: str | None = None):
+                 files: "LocalFiles | None" = None, kv_role: str = "none", kv_connector: str | None = None,
+                 tenants: Callable[[], list[TenantTotals]] | None = None):
         self.source = source
+        self.tenants = tenants  # each tenant label's cumulative sums (DESIGN §12), with every snapshot
         self.clock = clock  # wall seconds: started_at, updated_at and the history points
         self.before_write = before_write  # e.g. wait for the engine's pending steps to be accounted
         self.gpu_status = gpu_status  # the engine's GPU sampler status, published with every snapshot
@@ -110,7 +114,9 @@ class SnapshotWriter:
                 self._history.append((now, counters_json))
             gpu = self.gpu_status() if self.gpu_status is not None else None
             # pieces serialized once before (history points, iteration costs) go in as raw JSON
+            tenants = self.tenants() if self.tenants is not None else []
             snap = EngineSnapshot(**self._static, updated_at=now, as_of=as_of, gpu=gpu, counters=counters_json,
+                                  tenants=tenants,
                                   history=list(self._history),
                                   recent=[msgspec.Raw(js) for js in self._recent_json(recent)])
             self._publish(encode_snapshot(snap))

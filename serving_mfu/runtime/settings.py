@@ -44,6 +44,14 @@ class Settings(BaseSettings):
                                      "after recording it")
     models: Path | None = Field(None, description="where the tools build the tiny local models "
                                 "(default ~/.cache/serving-mfu/models)")
+    attribution: bool = Field(True, description="per-request and per-tenant cost (DESIGN §12): "
+                              "/metrics/mfu/requests, /metrics/mfu/tenants, serving_mfu_tenant_* series")
+    max_tenants: int = Field(20, ge=0, description="tenant labels: the first this many distinct tenants get "
+                             "their own label for the engine's life, later ones `other`")
+    tenants: str | None = Field(None, description="pinned tenant labels, comma-separated (every other tenant is "
+                                "`other`): the same list on every engine of a fleet")
+    requests_ring: int = Field(10_000, ge=1, description="finished requests the API server keeps for "
+                               "/metrics/mfu/requests")
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -70,6 +78,10 @@ class Settings(BaseSettings):
         """The keyword arguments of serving_mfu.peaks.resolve.resolve_peak these settings give."""
         return dict(device=self.device, flops_per_s=self.peak_flops, bandwidth_bytes_per_s=self.peak_bandwidth,
                     calibration_file=self.calibration, cache_dir=self.calibration_cache_dir())
+
+    def pinned_tenants(self) -> tuple[str, ...]:
+        """SERVING_MFU_TENANTS as a tuple (empty: none pinned)."""
+        return tuple(t.strip() for t in (self.tenants or "").split(",") if t.strip())
 
     def models_dir(self) -> Path:
         return self.models if self.models else Path.home() / ".cache" / "serving-mfu" / "models"

@@ -1,7 +1,8 @@
 """Iteration traces: JSONL of `IterationRecord`s, optionally led by a header, and their replay.
 
 A header line `{"header": {...}}` carries the model config and peak so that a trace replays
-on its own; a malformed line is reported with its line number and skipped, never silently.
+on its own; a malformed line is reported with its line number and skipped, never silently.  Lines
+`{"requests": {...}}` are finished requests' costs (`FinishedRequests`, DESIGN §12); replay skips them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+import msgspec
 from pydantic import BaseModel, Field, ValidationError
 
 from serving_mfu.cost.records import IterationRecord, decode_record, encode_record
@@ -19,8 +21,10 @@ from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.spec import PeakSpec
 from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.schema.report import MFUReport
+from serving_mfu.schema.requests import FinishedRequests
 
 TRACE_FORMAT = "serving-mfu-trace/1"
+REQUEST_LINE = '{"requests":'  # how a line of finished requests starts
 
 
 class TraceHeader(BaseModel):
@@ -64,7 +68,7 @@ def read_trace(path: str | Path) -> tuple[TraceHeader | None, Iterator[tuple[int
     def records() -> Iterator[tuple[int, IterationRecord | TraceLineError]]:
         with path.open() as fh:
             for lineno, line in enumerate(fh, start=1):
-                if not line.strip() or (lineno == 1 and header is not None):
+                if not line.strip() or (lineno == 1 and header is not None) or line.startswith(REQUEST_LINE):
                     continue
                 try:
                     yield lineno, decode_record(line)
@@ -86,6 +90,10 @@ class TraceWriter:
 
     def write(self, record: IterationRecord) -> None:
         self._fh.write(encode_record(record).decode() + "\n")
+
+    def write_requests(self, batch: FinishedRequests) -> None:
+        """Requests that finished together (DESIGN §12), one `{"requests": {...}}` line (replay skips it)."""
+        self._fh.write(f"{REQUEST_LINE}{msgspec.json.encode(batch).decode()}}}\n")
 
     def close(self) -> None:
         self._fh.close()

@@ -79,6 +79,11 @@ class MFUTracker:
         self._peak_total = peak.flops_per_s * devices if peak else None
         self._bw_total = peak.bandwidth_bytes_per_s * devices if peak else None
 
+    @property
+    def engine_peak(self) -> tuple[float | None, float | None]:
+        """Peak FLOP/s and bandwidth of the whole engine (one device's × devices), None without a peak."""
+        return self._peak_total, self._bw_total
+
     # ---------------------------------------------------------------- recording
     def record(self, rec: IterationRecord) -> IterationCost | None:
         """Account one iteration; returns its cost, or None if it could not be accounted."""

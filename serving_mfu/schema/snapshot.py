@@ -15,8 +15,9 @@ from pydantic import BaseModel, Field, PlainSerializer, PlainValidator, WithJson
 
 from serving_mfu.cost.counters import Counters
 from serving_mfu.schema.report import GpuUtilStatus, ModelReport, PeakReport, build_report
+from serving_mfu.schema.requests import TenantTotals
 
-SNAPSHOT_FORMAT = "serving-mfu-snapshot/2"  # /2: counters typed from the table (was a free dict)
+SNAPSHOT_FORMAT = "serving-mfu-snapshot/3"  # /2: counters typed from the table; /3: tenants
 
 _PYDANTIC = (ModelReport, PeakReport, GpuUtilStatus)  # shared with the report: decoded by pydantic
 
@@ -41,6 +42,7 @@ class EngineSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     history: list[tuple[float, Counters]] = msgspec.field(default_factory=list)  # (wall time, cumulative)
     recent: list[dict[str, Any]] = msgspec.field(default_factory=list)  # the last iterations' costs
     gpu: GpuUtilStatus | None = None  # the engine's GPU sampler (its sums are in the counters: gpu_*)
+    tenants: list[TenantTotals] = msgspec.field(default_factory=list)  # each tenant label's sums (DESIGN §12)
 
     def peak_total_flops(self) -> float:
         return (self.peak.flops_per_s or 0.0) * self.peak.devices

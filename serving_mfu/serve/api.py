@@ -1,6 +1,7 @@
-"""HTTP endpoints `/metrics/mfu` and `/metrics/mfu/iterations`, shared by the vLLM plugin and
-`serving-mfu serve`.  The schema comes from the pydantic report model; bad query parameters
-get a 422 saying what is accepted, never a 500 (nor vLLM's 400 for validation errors).
+"""HTTP endpoints `/metrics/mfu`, `/metrics/mfu/counters`, `/metrics/mfu/iterations`, `/metrics/mfu/requests`
+and `/metrics/mfu/tenants`, shared by the vLLM plugin and `serving-mfu serve`.  The schema comes from the
+pydantic report model; bad query parameters get a 422 saying what is accepted, never a 500 (nor vLLM's 400
+for validation errors).
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import threading
 import time
 from typing import Any, Callable
 
+import msgspec
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from serving_mfu.runtime.aggregate import SnapshotReader
 from serving_mfu.schema.report import MFUReport
+from serving_mfu.schema.requests import RequestsResponse, TenantsResponse
 from serving_mfu.schema.snapshot import Totals
 from serving_mfu.serve.prometheus import register
 
 MAX_WINDOW_S = 3600.0
 MAX_ITERATIONS = 10_000
+MAX_REQUESTS = 10_000
 
 
 class IterationsResponse(BaseModel):
@@ -194,7 +198,50 @@ def build_router() -> APIRouter:
         items = _reader(request).recent(100 if limit is None else int(limit))
         return IterationsResponse(count=len(items), iterations=items)
 
+    _request_routes(router)
     return router
+
+
+def _request_routes(router: APIRouter) -> None:
+    """/metrics/mfu/requests, /metrics/mfu/requests/{id} and /metrics/mfu/tenants (DESIGN §12)."""
+    limit_doc = f"how many of the newest finished requests: an integer in [1, {MAX_REQUESTS}] (default 100)"
+    tenant_doc = "only this tenant label (as /metrics/mfu/tenants lists them)"
+
+    @router.get("/metrics/mfu/requests", response_model=RequestsResponse,
+                summary="The newest finished requests with their FLOPs, device-seconds and tokens",
+                responses={422: {"description": "a parameter outside what is accepted"}},
+                openapi_extra={"parameters": [_param("limit", "integer", limit_doc, minimum=1, maximum=MAX_REQUESTS),
+                                              _param("tenant", "string", tenant_doc)]})
+    def requests(request: Request) -> Any:
+        try:
+            limit = parse_number("limit", request.query_params.get("limit"), 1, MAX_REQUESTS, True)
+        except BadParameter as exc:
+            return exc.response()
+        found = _reader(request).requests.newest(100 if limit is None else int(limit),
+                                                 request.query_params.get("tenant"))
+        return {"requests": [msgspec.to_builtins(r) for r in found]}
+
+    @router.get("/metrics/mfu/requests/{request_id}", response_model=RequestsResponse,
+                summary="A finished request by vLLM's id, the response's id, or the client's X-Request-Id",
+                responses={404: {"description": "no finished request with that id (yet: engines publish about "
+                                 "every 0.5 s)"}})
+    def request_by_id(request_id: str, request: Request) -> Any:
+        found = _reader(request).requests.find(request_id)
+        if not found:
+            return JSONResponse({"detail": f"no finished request {request_id!r} (yet: engines publish finished "
+                                 "requests about every 0.5 s; the API server keeps the newest "
+                                 "SERVING_MFU_REQUESTS_RING)"}, status_code=404)
+        return {"requests": [msgspec.to_builtins(r) for r in found]}
+
+    @router.get("/metrics/mfu/tenants", response_model=TenantsResponse,
+                summary="Each tenant label's FLOPs, device-seconds and tokens over every engine since start",
+                responses={503: {"description": UNAVAILABLE}})
+    def tenants(request: Request) -> Any:
+        reader = _reader(request)
+        found = reader.tenants()
+        if found is None:
+            return NotYet(_no_engine(reader)).response()
+        return {"tenants": [msgspec.to_builtins(t) for t in found]}
 
 
 def mount_first(app: FastAPI, router: APIRouter) -> None:

@@ -136,6 +136,7 @@ class CostGroup(BaseModel):
     iterations: int
     tokens_per_iteration: float
     ours_us: float  # offline replay through MFUHook + MFUTracker inline, µs per iteration
+    ours_no_attribution_us: float | None = None  # the same with attribution off (SERVING_MFU_ATTRIBUTION=0)
     vllm_us: float  # offline ModelMetrics.get_step_perf_stats_per_gpu, µs per iteration
     vllm_live_us: float  # live: vLLM's estimator on the engine thread after schedule(), thread CPU time
     engine_cpu_us: float  # live: the hook's callbacks on the engine thread, thread CPU time
@@ -735,13 +736,13 @@ class _KeepingTracker(MFUTracker):
 
 
 def _fresh_hook(vllm_config: Any, publish_dir: str, iterations: list[CapturedIteration],
-                tracker_cls: type[MFUTracker] = MFUTracker) -> Any:
+                tracker_cls: type[MFUTracker] = MFUTracker, attribution: bool = True) -> Any:
     """An MFUHook with a fresh tracker, built as the engine builds it, accounting inline, publishing
     nothing, and reading the engine's own t_sched / t_end in order as its clock — so the replayed
     records carry the engine's timestamps and busy time, the time split and MFU / HFU follow the same
     code paths as in the engine (not microsecond-long steps with HFU > 1)."""
     stamps = [t for it in iterations for t in (it.record.t_sched_s, it.record.t_end_s)]
-    settings = Settings(dir=Path(publish_dir), sync_accounting=True)
+    settings = Settings(dir=Path(publish_dir), sync_accounting=True, attribution=attribution)
     return MFUHook.from_vllm_config(vllm_config, settings=settings, clock=iter(stamps).__next__, publish=False,
                                     tracker_cls=tracker_cls)
 
@@ -844,6 +845,7 @@ class _Timed:
     engine: str
     iterations: list[CapturedIteration]
     ours_us: list[float]
+    ours_off_us: list[float]  # attribution off
     vllm_us: list[float]
     matches: bool
     capture_us: list[float]
@@ -900,36 +902,51 @@ def time_estimators(engine: str, iterations: list[CapturedIteration], vllm_confi
                 vllm_totals["read_bytes_per_gpu"] += stats.num_read_bytes_per_gpu
                 vllm_totals["write_bytes_per_gpu"] += stats.num_write_bytes_per_gpu
 
-        ours_ns: list[list[int]] = []
-        capture_ns: list[list[int]] = []
-        vllm_ns: list[list[int]] = []
-        clock = time.perf_counter_ns
-        step_stats = metrics.get_step_perf_stats_per_gpu
-        outs = [it.out for it in iterations]
         with steps.step(f"timing both estimators ({engine}: {passes} passes × {n} iterations)"):
-            for _ in range(passes):
-                hook = _fresh_hook(vllm_config, publish, iterations)
-                times, capture = [0] * n, [0] * n
-                gc.collect()
-                gc.disable()
-                try:
-                    replay_ours(hook, prepared, iterations, times, capture)
-                    ours_ns.append(times)
-                    capture_ns.append(capture)
-                    times = [0] * n
-                    for i, out in enumerate(outs):
-                        t0 = clock()
-                        step_stats(out)
-                        times[i] = clock() - t0
-                    vllm_ns.append(times)
-                finally:
-                    gc.enable()
+            ours_ns, off_ns, capture_ns, vllm_ns = _timing_passes(vllm_config, publish, iterations, prepared,
+                                                                  metrics.get_step_perf_stats_per_gpu, passes)
 
     def per_iteration(samples: list[list[int]]) -> list[float]:  # median over passes, in µs
         return [statistics.median(s[i] for s in samples) / 1e3 for i in range(n)]
 
-    return _Timed(engine, iterations, per_iteration(ours_ns), per_iteration(vllm_ns), matches,
+    return _Timed(engine, iterations, per_iteration(ours_ns), per_iteration(off_ns), per_iteration(vllm_ns),
+                  matches,
                   per_iteration(capture_ns), ours_totals, vllm_totals)
+
+
+def _timing_passes(vllm_config: Any, publish: str, iterations: list[CapturedIteration], prepared: list,
+                   step_stats: Any, passes: int) -> tuple[list[list[int]], ...]:
+    """ns per iteration in each pass: our hook (attribution on), our hook with attribution off, its capture
+    callbacks, and vLLM's estimator — each pass on fresh hooks, with the garbage collector off."""
+    n = len(iterations)
+    ours_ns: list[list[int]] = []
+    off_ns: list[list[int]] = []
+    capture_ns: list[list[int]] = []
+    vllm_ns: list[list[int]] = []
+    clock = time.perf_counter_ns
+    outs = [it.out for it in iterations]
+    for _ in range(passes):
+        hook = _fresh_hook(vllm_config, publish, iterations)
+        off = _fresh_hook(vllm_config, publish, iterations, attribution=False)
+        times, capture = [0] * n, [0] * n
+        gc.collect()
+        gc.disable()
+        try:
+            replay_ours(hook, prepared, iterations, times, capture)
+            ours_ns.append(times)
+            capture_ns.append(capture)
+            times = [0] * n
+            replay_ours(off, prepared, iterations, times)
+            off_ns.append(times)
+            times = [0] * n
+            for i, out in enumerate(outs):
+                t0 = clock()
+                step_stats(out)
+                times[i] = clock() - t0
+            vllm_ns.append(times)
+        finally:
+            gc.enable()
+    return ours_ns, off_ns, capture_ns, vllm_ns
 
 
 KIND_ORDER = ("prefill", "mixed", "decode", "spec prefill", "spec mixed", "spec decode", "spec decode, no drafts",
@@ -948,13 +965,14 @@ def summarize(timed: list[_Timed], batches: list[int], passes: int, engine_start
     for (kind, batch), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
         its = [t.iterations[i] for t, i in members]
         ours = statistics.fmean(t.ours_us[i] for t, i in members)
+        ours_off = statistics.fmean(t.ours_off_us[i] for t, i in members)
         vllm = statistics.fmean(t.vllm_us[i] for t, i in members)
         eng = statistics.fmean(it.engine_cpu_ns / 1e3 for it in its)
         acct = statistics.fmean(it.accounting_cpu_ns / 1e3 for it in its)
         live_vllm = statistics.fmean(it.vllm_cpu_ns / 1e3 for it in its)
         rows.append(CostGroup(kind=kind, batch=batch, iterations=len(its),
                               tokens_per_iteration=statistics.fmean(it.out.total_num_scheduled_tokens for it in its),
-                              ours_us=ours, vllm_us=vllm, vllm_live_us=live_vllm,
+                              ours_us=ours, ours_no_attribution_us=ours_off, vllm_us=vllm, vllm_live_us=live_vllm,
                               engine_cpu_us=eng, engine_wall_us=statistics.fmean(it.engine_wall_ns / 1e3 for it in its),
                               engine_hot_us=statistics.fmean(t.capture_us[i] for t, i in members),
                               accounting_cpu_us=acct, live_cpu_us=eng + acct,
@@ -1159,6 +1177,12 @@ def _print_targets(a: AccountingResult, t: ThroughputResult, console: Any) -> No
                       + " — " + ("[green]met[/green]" if met else f"[red]not met ({worst_kind})[/red]")
                       + "; the same callbacks in the hot loop: "
                       + ", ".join(f"{k} {v:.2f}×" for k, v in sorted(a.engine_hot_growth.items())))
+    cells = [g for g in a.groups if g.kind in OFFLINE_LIMITS and g.batch in OFFLINE_TARGET_BATCHES
+             and g.at_requested_batch and g.ours_no_attribution_us]
+    if cells:
+        console.print("attribution (per-request and per-tenant cost, SERVING_MFU_ATTRIBUTION): ours with / without, "
+                      "offline: " + ", ".join(f"{g.kind} {g.batch} {g.ours_us / g.ours_no_attribution_us:.2f}"
+                                              for g in cells) + " (target ≤ 1.2)")
     console.print(f"throughput, hooked / plain: {t.ratio:.3f} (range {t.ratio_min:.3f}–{t.ratio_max:.3f} over "
                   f"{t.repeats} alternating runs)")
 

@@ -1,0 +1,30 @@
+"""A record's integer columns as numpy arrays, made once per list however many costings read them.
+
+A step's lists (a batch's `new_tokens`, `computed_before`, ...) are read by the accounting, by the
+per-request attribution and by the hook's ledger; `int_array` converts each list once (the conversion, not
+the arithmetic, is what costs at large batches) and hands the same read-only array to every later caller.
+It is a memo, not state: the answer is a function of the list, held (with the list, so its id stays valid)
+for the last few lists only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+_MEMO: dict[int, tuple[Sequence[int], np.ndarray]] = {}
+_MEMO_SIZE = 16
+
+
+def int_array(values: Sequence[int]) -> np.ndarray:
+    """`values` as a read-only int64 array (the same array for the same list object while it is memoized)."""
+    hit = _MEMO.get(id(values))
+    if hit is not None and hit[0] is values:
+        return hit[1]
+    arr = np.fromiter(values, np.int64, len(values))
+    arr.flags.writeable = False
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.clear()
+    _MEMO[id(values)] = (values, arr)
+    return arr
