@@ -11,7 +11,6 @@ aiohttp session, or its own (closed in `stop()`) when given none.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Callable
 
@@ -123,8 +122,12 @@ class MFUProbe:
         """The run's report, or None when the server has no serving-mfu endpoint."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():  # this run itself is being cancelled (Ctrl-C): go on
+                    raise
         try:
             if not self.available or self._start is None:
                 return None

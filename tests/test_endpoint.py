@@ -144,6 +144,12 @@ def test_loadgen_run_against_the_real_server(server) -> None:
         assert 0 < phase.mfu <= phase.hfu <= 1
     assert result.mfu.prefill.tokens > 0 and result.mfu.decode.tokens > 0
     assert result.ttft_s.p50 is not None and result.ttft_s.p50 > 0
+    # each request's cost, joined by its X-Request-Id: every one found, tokens as vLLM counted them
+    costs = result.request_costs
+    assert costs is not None, result.request_costs_error
+    assert (costs.joined, costs.missing) == (8, 0)
+    assert costs.prompt_tokens == delta["vllm:prompt_tokens_total"]
+    assert costs.output_tokens == delta["vllm:generation_tokens_total"]
 
 
 def test_speed_of_light_and_the_waterfall_on_the_real_engine(server) -> None:

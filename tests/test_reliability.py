@@ -212,6 +212,21 @@ def test_soak_keeps_memory_bounded_and_the_reader_exact() -> None:
     assert points[-1].publish_ms > 0 and points[-1].publishes >= 1
 
 
+def test_request_soak_keeps_memory_bounded() -> None:
+    """Per-request attribution over many requests of far more tenants than labels: the ledger reuses its
+    slots, the labels stop at the budget, the log keeps two segments, the reader a ring, RSS stays flat."""
+    from serving_mfu.tools.soak import soak_requests
+
+    points = soak_requests(requests=60_000, checkpoints=(10_000, 30_000), ring=5_000, segment_records=8_000,
+                           progress=False)
+    assert [p.requests for p in points] == [10_000, 30_000, 60_000]
+    assert all(p.reader_matches for p in points)
+    assert {p.ledger_slots for p in points} == {1024} and {p.tenant_labels for p in points} == {21}
+    assert {p.reader_ring for p in points} == {5_000}
+    assert points[-1].log_bytes <= points[1].log_bytes * 1.1  # rotated: at most two segments, not the history
+    assert points[-1].peak_rss_mib - points[1].peak_rss_mib < 2.0
+
+
 def _dead_pid() -> int:
     import subprocess
 

@@ -1160,7 +1160,10 @@ def _print_targets(a: AccountingResult, t: ThroughputResult, console: Any) -> No
     """Targets 1 and 2 (offline ours / vLLM's estimator at large batches, engine-thread growth with batch) met
     or not, and the throughput ratio with its spread."""
     small, large = a.engine_growth_batches
-    if a.offline_targets:
+    if not a.offline_targets:
+        console.print("target 1, offline ours / vLLM at batches " + " and ".join(map(str, OFFLINE_TARGET_BATCHES))
+                      + ": not measured in this run (--batches must include them)")
+    else:
         met = all(x.met for x in a.offline_targets)
         console.print("target 1, offline ours / vLLM at batches " + " and ".join(map(str, OFFLINE_TARGET_BATCHES))
                       + " (≤ 0.5; MoE ≤ 1.0): "

@@ -286,12 +286,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 @command("bench-soak")
 def cmd_bench_soak(args: argparse.Namespace) -> int:
-    from serving_mfu.tools.soak import soak
+    from serving_mfu.tools.soak import soak, soak_requests
 
     points = soak(iterations=args.iterations, batch=args.batch, read_every=args.read_every, progress=not args.json)
+    req_points = soak_requests(args.requests, progress=not args.json) if args.requests > 0 else []
+    ok = all(p.reader_matches for p in points) and all(p.reader_matches for p in req_points)
     if args.json:
-        _print_json([p.model_dump() for p in points])
-        return 0 if all(p.reader_matches for p in points) else 1
+        _print_json({"iterations": [p.model_dump() for p in points],
+                     "requests": [p.model_dump() for p in req_points]})
+        return 0 if ok else 1
     table = Table(title=f"soak: tracker → snapshot writer → reader, decode batches of {args.batch}")
     for col in ("iterations", "wall s", "peak RSS MiB", "snapshot KiB", "publishes", "read ms p50", "publish ms",
                 "reader = tracker"):
@@ -301,7 +304,21 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
                       str(p.publishes), f"{p.snapshot_read_ms_p50:.2f}", f"{p.publish_ms:.2f}",
                       "yes" if p.reader_matches else "[red]NO[/red]")
     console.print(table)
-    return 0 if all(p.reader_matches for p in points) else 1
+    if req_points:
+        _print_request_soak(req_points)
+    return 0 if ok else 1
+
+
+def _print_request_soak(points: list) -> None:
+    table = Table(title="soak: requests through the ledger, tenant table, request log and reader (10^5 tenants)")
+    for col in ("requests", "wall s", "peak RSS MiB", "ledger slots", "tenant labels", "log KiB", "reader ring",
+                "newest intact"):
+        table.add_column(col, justify="right")
+    for p in points:
+        table.add_row(f"{p.requests:,}", f"{p.wall_s:.1f}", f"{p.peak_rss_mib:.1f}", str(p.ledger_slots),
+                      str(p.tenant_labels), f"{p.log_bytes / 1024:.0f}", str(p.reader_ring),
+                      "yes" if p.reader_matches else "[red]NO[/red]")
+    console.print(table)
 
 
 @command("bench-accounting")
@@ -513,6 +530,9 @@ def _add_in_process_bench_commands(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--iterations", type=_positive_int, default=1_000_000)
     k.add_argument("--batch", type=_positive_int, default=64, help="decodes per iteration (default 64)")
     k.add_argument("--read-every", type=_positive_int, default=1000, help="reader polls every N iterations")
+    k.add_argument("--requests", type=int, default=1_000_000,
+                   help="then this many requests through per-request attribution: ledger, tenant table, request "
+                        "log and its reader (default 10^6; 0: skip)")
     k.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench-accounting", help="cost of the accounting per iteration at several batch sizes")

@@ -8,6 +8,10 @@ prints the process's peak RSS, the snapshot file's size and the writer's publish
 that the reader's totals equal the tracker's.  Memory is bounded by construction: the tracker keeps
 one `Counters` per second of window (≤ 3,600) and 1,024 recent iterations, the writer 60 history
 points and the recent costs; the bound shows as a flat RSS from 10⁵ to 10⁶ iterations.
+
+`soak_requests` does the same for per-request attribution (DESIGN §12): 10⁶ requests of 10⁵ distinct
+tenants through the ledger (slots reused), the accounts, the tenant table (20 labels and `other`), the
+request log (two segments at most) and its reader (a ring): a flat RSS from 10⁵ to 10⁶ requests.
 """
 
 from __future__ import annotations
@@ -101,4 +105,103 @@ def soak(iterations: int = 1_000_000, batch: int = 64, checkpoints: tuple[int, .
                 if step % 1000 == 0:
                     bar.update(task, completed=n)
         writer.close()
+    return points
+
+
+class RequestSoakPoint(BaseModel):
+    """One checkpoint of the request soak (DESIGN §12: memory stays bounded however many requests pass)."""
+
+    requests: int  # finished so far
+    wall_s: float
+    peak_rss_mib: float
+    ledger_slots: int  # the ledger's capacity (slots are reused)
+    tenant_labels: int  # labels ever given (bounded by max_tenants + `other`)
+    log_bytes: int  # the engine's request log on disk (two segments at most)
+    reader_ring: int  # finished requests the reader holds (bounded by its ring)
+    reader_matches: bool  # the newest request the reader holds is the newest the engine finished, intact
+
+
+def soak_requests(requests: int = 1_000_000, batch: int = 128, per_step: int = 16, tenants: int = 100_000,
+                  checkpoints: tuple[int, ...] = (10_000, 100_000, 1_000_000), ring: int = 10_000,
+                  segment_records: int = 50_000, model: str = "llama-3-8b", progress: bool = True
+                  ) -> list[RequestSoakPoint]:
+    """`requests` requests through the ledger, the per-request accounts, the tenant table, the request log and
+    its reader: a decode batch of `batch`, `per_step` finishing and as many admitted (a prompt chunk each) per
+    step, each declaring one of `tenants` distinct tenants (far more than the label budget)."""
+    if requests < 1 or batch < per_step or per_step < 1:
+        raise ValueError("need requests >= 1 and 1 <= per_step <= batch")
+    from collections import deque
+
+    from rich.progress import Progress
+
+    from serving_mfu.runtime.accounts import RequestAccounts
+    from serving_mfu.runtime.ledger import RequestLedger
+    from serving_mfu.runtime.request_log import RequestLogReader, RequestLogWriter, log_paths
+    from serving_mfu.runtime.tenants import TenantTable
+
+    spec = ModelSpec.from_hf_config(PUBLIC_CONFIGS[model])
+    tracker = MFUTracker(spec, lookup_peak("h100-sxm", "bf16"), devices=1, clock=None)
+    marks = sorted({c for c in checkpoints if c < requests} | {requests})
+    points: list[RequestSoakPoint] = []
+    with tempfile.TemporaryDirectory(prefix="serving-mfu-soak-") as folder:
+        ledger = RequestLedger()
+        accounts = RequestAccounts(ledger, TenantTable(20), tracker.cost_model, 1, *tracker.engine_peak, "soak-0",
+                                   0.0)
+        log = RequestLogWriter(Path(folder), "soak-0", segment_records=segment_records)
+        accounts.sinks.append(log.add)
+        reader = RequestLogReader(Path(folder), ring=ring)
+        live: deque[str] = deque()
+        n0: dict[str, int] = {}
+        made = done = step = 0
+        clock = 0.0
+        t0 = time.perf_counter()
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("bench-soak (requests)", total=requests)
+            while done < requests:
+                step += 1
+                clock += 0.5  # steps of 0.4 s busy: a large prefill chunk at the H100's peak stays below it
+                if len(live) >= batch:  # the oldest finish
+                    gone = [live.popleft() for _ in range(per_step)]
+                    for rid in gone:
+                        n0.pop(rid)
+                    ids, slots = ledger.finish(gone)
+                    accounts.close(ids, slots)
+                    done += len(ids)
+                new = [f"cmpl-soak{made + i}-0-{made + i:08x}" for i in range(per_step)]
+                made += per_step
+                slots = ledger.admit(new, [512] * per_step)
+                accounts.open(new, [f"tenant-{(made + i) % tenants}" for i in range(per_step)], slots)
+                dec = list(live)
+                rec = IterationRecord(step=step, t_sched_s=clock - 0.4, t_end_s=clock, slices=[],
+                                      prefill=PrefillBatch(req_ids=new, new_tokens=[512] * per_step,
+                                                           computed_before=[0] * per_step, prompt_len=[512] * per_step),
+                                      decode=DecodeBatch(req_ids=dec, computed_before=[n0[r] for r in dec]) if dec
+                                      else None)
+                cost = tracker.record(rec)
+                if cost is not None:
+                    accounts.charge(rec, cost)
+                for rid in dec:
+                    n0[rid] += 1
+                for rid in new:
+                    live.append(rid)
+                    n0[rid] = 512
+                log.flush()  # the engine publishes every 0.5 s: once a step here
+                if step % 500 == 0:
+                    reader.refresh()
+                while marks and done >= marks[0]:
+                    marks.pop(0)
+                    log.flush()
+                    newest = reader.newest(1)
+                    last = f"cmpl-soak{done - 1}-0-{done - 1:08x}"
+                    live_log, old_log = log_paths(Path(folder), "soak-0")
+                    points.append(RequestSoakPoint(
+                        requests=done, wall_s=time.perf_counter() - t0, peak_rss_mib=_peak_rss_mib(),
+                        ledger_slots=len(ledger.prompt_len), tenant_labels=len(accounts.tenants.labels),
+                        log_bytes=sum(p.stat().st_size for p in (live_log, old_log) if p.exists()),
+                        reader_ring=len(reader.ring),
+                        reader_matches=bool(newest) and newest[0].request_id == last
+                        and newest[0].output_tokens > 0 and newest[0].prompt_tokens == 512))
+                if step % 1000 == 0:
+                    bar.update(task, completed=done)
+        log.close()
     return points
