@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import httpx
 import pytest
@@ -53,10 +54,15 @@ def test_demo_short(demo_run) -> None:
     assert len((out / "trace.jsonl").read_text().splitlines()) > 10
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT back to its default.  A suite started in the background by a shell without job
+    control (`make test &`) ignores SIGINT, and a child inherits that: its Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_demo_stops_its_server_when_interrupted(tmp_path) -> None:
     """Ctrl-C while the demo runs its load: exit status 130 and no vLLM server left behind."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -71,7 +77,7 @@ def test_demo_stops_its_server_when_interrupted(tmp_path) -> None:
                      cache_path("bf16", tmp_path / "cache"))
     proc = subprocess.Popen([str(Path(sys.executable).with_name("serving-mfu")), "demo", "--short", "--out-dir",
                              str(tmp_path / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+                            env=env, preexec_fn=_interruptible)
     port = None
     deadline = time.time() + 600
     lines = []

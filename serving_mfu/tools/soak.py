@@ -20,15 +20,21 @@ import resource
 import statistics
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 from pydantic import BaseModel
+from rich.progress import Progress
 
 from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.table import lookup_peak
+from serving_mfu.runtime.accounts import RequestAccounts
 from serving_mfu.runtime.aggregate import SnapshotReader
+from serving_mfu.runtime.ledger import RequestLedger
 from serving_mfu.runtime.publish import SnapshotWriter
+from serving_mfu.runtime.request_log import RequestLogReader, RequestLogWriter, log_paths
+from serving_mfu.runtime.tenants import TenantTable
 from serving_mfu.runtime.tracker import MFUTracker
 from serving_mfu.tools.public_configs import PUBLIC_CONFIGS
 
@@ -53,7 +59,6 @@ def soak(iterations: int = 1_000_000, batch: int = 64, checkpoints: tuple[int, .
     """Run the soak; one point per checkpoint reached (the last at `iterations`)."""
     if iterations < 1 or batch < 1 or read_every < 1:
         raise ValueError("--iterations, --batch and --read-every must be >= 1")
-    from rich.progress import Progress
 
     spec = ModelSpec.from_hf_config(PUBLIC_CONFIGS[model])
     tracker = MFUTracker(spec, lookup_peak("h100-sxm", "bf16"), devices=1, clock=None)
@@ -121,6 +126,67 @@ class RequestSoakPoint(BaseModel):
     reader_matches: bool  # the newest request the reader holds is the newest the engine finished, intact
 
 
+class _RequestSoak:
+    """The request soak's engine: a decode batch, requests finishing and admitted at every step, charged and
+    published as the hook does (the ledger, the accounts, the tenant table, the request log)."""
+
+    def __init__(self, folder: Path, batch: int, per_step: int, tenants: int, segment_records: int, model: str):
+        spec = ModelSpec.from_hf_config(PUBLIC_CONFIGS[model])
+        self.tracker = MFUTracker(spec, lookup_peak("h100-sxm", "bf16"), devices=1, clock=None)
+        self.ledger = RequestLedger()
+        self.accounts = RequestAccounts(self.ledger, TenantTable(20), self.tracker.cost_model, 1,
+                                        *self.tracker.engine_peak, "soak-0", 0.0)
+        self.log = RequestLogWriter(folder, "soak-0", segment_records=segment_records)
+        self.accounts.sinks.append(self.log.add)
+        self.batch, self.per_step, self.tenants = batch, per_step, tenants
+        self.live: deque[str] = deque()
+        self.n0: dict[str, int] = {}
+        self.made = self.done = self.step = 0
+
+    def run_step(self) -> None:
+        """One engine step of 0.4 s busy (a large prefill chunk at the H100's peak stays below it)."""
+        self.step += 1
+        clock, k = self.step * 0.5, self.per_step
+        if len(self.live) >= self.batch:  # the oldest finish
+            gone = [self.live.popleft() for _ in range(k)]
+            for rid in gone:
+                self.n0.pop(rid)
+            ids, slots = self.ledger.finish(gone)
+            self.accounts.close(ids, slots)
+            self.done += len(ids)
+        new = [f"cmpl-soak{self.made + i}-0-{self.made + i:08x}" for i in range(k)]
+        slots = self.ledger.admit(new, [512] * k)
+        self.accounts.open(new, [f"tenant-{(self.made + i) % self.tenants}" for i in range(k)], slots)
+        self.made += k
+        dec = list(self.live)
+        rec = IterationRecord(step=self.step, t_sched_s=clock - 0.4, t_end_s=clock, slices=[],
+                              prefill=PrefillBatch(req_ids=new, new_tokens=[512] * k, computed_before=[0] * k,
+                                                   prompt_len=[512] * k),
+                              decode=DecodeBatch(req_ids=dec, computed_before=[self.n0[r] for r in dec]) if dec
+                              else None)
+        cost = self.tracker.record(rec)
+        if cost is not None:
+            self.accounts.charge(rec, cost)
+        for rid in dec:
+            self.n0[rid] += 1
+        for rid in new:
+            self.live.append(rid)
+            self.n0[rid] = 512
+        self.log.flush()  # the engine publishes every 0.5 s: once a step here
+
+    def point(self, folder: Path, reader: RequestLogReader, t0: float) -> RequestSoakPoint:
+        self.log.flush()
+        newest = reader.newest(1)
+        last = f"cmpl-soak{self.done - 1}-0-{self.done - 1:08x}"
+        live_log, old_log = log_paths(folder, "soak-0")
+        return RequestSoakPoint(
+            requests=self.done, wall_s=time.perf_counter() - t0, peak_rss_mib=_peak_rss_mib(),
+            ledger_slots=len(self.ledger.prompt_len), tenant_labels=len(self.accounts.tenants.labels),
+            log_bytes=sum(p.stat().st_size for p in (live_log, old_log) if p.exists()), reader_ring=len(reader.ring),
+            reader_matches=bool(newest) and newest[0].request_id == last and newest[0].output_tokens > 0
+            and newest[0].prompt_tokens == 512)
+
+
 def soak_requests(requests: int = 1_000_000, batch: int = 128, per_step: int = 16, tenants: int = 100_000,
                   checkpoints: tuple[int, ...] = (10_000, 100_000, 1_000_000), ring: int = 10_000,
                   segment_records: int = 50_000, model: str = "llama-3-8b", progress: bool = True
@@ -130,78 +196,22 @@ def soak_requests(requests: int = 1_000_000, batch: int = 128, per_step: int = 1
     step, each declaring one of `tenants` distinct tenants (far more than the label budget)."""
     if requests < 1 or batch < per_step or per_step < 1:
         raise ValueError("need requests >= 1 and 1 <= per_step <= batch")
-    from collections import deque
-
-    from rich.progress import Progress
-
-    from serving_mfu.runtime.accounts import RequestAccounts
-    from serving_mfu.runtime.ledger import RequestLedger
-    from serving_mfu.runtime.request_log import RequestLogReader, RequestLogWriter, log_paths
-    from serving_mfu.runtime.tenants import TenantTable
-
-    spec = ModelSpec.from_hf_config(PUBLIC_CONFIGS[model])
-    tracker = MFUTracker(spec, lookup_peak("h100-sxm", "bf16"), devices=1, clock=None)
     marks = sorted({c for c in checkpoints if c < requests} | {requests})
     points: list[RequestSoakPoint] = []
-    with tempfile.TemporaryDirectory(prefix="serving-mfu-soak-") as folder:
-        ledger = RequestLedger()
-        accounts = RequestAccounts(ledger, TenantTable(20), tracker.cost_model, 1, *tracker.engine_peak, "soak-0",
-                                   0.0)
-        log = RequestLogWriter(Path(folder), "soak-0", segment_records=segment_records)
-        accounts.sinks.append(log.add)
-        reader = RequestLogReader(Path(folder), ring=ring)
-        live: deque[str] = deque()
-        n0: dict[str, int] = {}
-        made = done = step = 0
-        clock = 0.0
+    with tempfile.TemporaryDirectory(prefix="serving-mfu-soak-") as name, \
+            Progress(disable=not progress, transient=True) as bar:
+        folder = Path(name)
+        sim = _RequestSoak(folder, batch, per_step, tenants, segment_records, model)
+        reader = RequestLogReader(folder, ring=ring)
+        task = bar.add_task("bench-soak (requests)", total=requests)
         t0 = time.perf_counter()
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("bench-soak (requests)", total=requests)
-            while done < requests:
-                step += 1
-                clock += 0.5  # steps of 0.4 s busy: a large prefill chunk at the H100's peak stays below it
-                if len(live) >= batch:  # the oldest finish
-                    gone = [live.popleft() for _ in range(per_step)]
-                    for rid in gone:
-                        n0.pop(rid)
-                    ids, slots = ledger.finish(gone)
-                    accounts.close(ids, slots)
-                    done += len(ids)
-                new = [f"cmpl-soak{made + i}-0-{made + i:08x}" for i in range(per_step)]
-                made += per_step
-                slots = ledger.admit(new, [512] * per_step)
-                accounts.open(new, [f"tenant-{(made + i) % tenants}" for i in range(per_step)], slots)
-                dec = list(live)
-                rec = IterationRecord(step=step, t_sched_s=clock - 0.4, t_end_s=clock, slices=[],
-                                      prefill=PrefillBatch(req_ids=new, new_tokens=[512] * per_step,
-                                                           computed_before=[0] * per_step, prompt_len=[512] * per_step),
-                                      decode=DecodeBatch(req_ids=dec, computed_before=[n0[r] for r in dec]) if dec
-                                      else None)
-                cost = tracker.record(rec)
-                if cost is not None:
-                    accounts.charge(rec, cost)
-                for rid in dec:
-                    n0[rid] += 1
-                for rid in new:
-                    live.append(rid)
-                    n0[rid] = 512
-                log.flush()  # the engine publishes every 0.5 s: once a step here
-                if step % 500 == 0:
-                    reader.refresh()
-                while marks and done >= marks[0]:
-                    marks.pop(0)
-                    log.flush()
-                    newest = reader.newest(1)
-                    last = f"cmpl-soak{done - 1}-0-{done - 1:08x}"
-                    live_log, old_log = log_paths(Path(folder), "soak-0")
-                    points.append(RequestSoakPoint(
-                        requests=done, wall_s=time.perf_counter() - t0, peak_rss_mib=_peak_rss_mib(),
-                        ledger_slots=len(ledger.prompt_len), tenant_labels=len(accounts.tenants.labels),
-                        log_bytes=sum(p.stat().st_size for p in (live_log, old_log) if p.exists()),
-                        reader_ring=len(reader.ring),
-                        reader_matches=bool(newest) and newest[0].request_id == last
-                        and newest[0].output_tokens > 0 and newest[0].prompt_tokens == 512))
-                if step % 1000 == 0:
-                    bar.update(task, completed=done)
-        log.close()
+        while sim.done < requests:
+            sim.run_step()
+            if sim.step % 500 == 0:
+                reader.refresh()
+                bar.update(task, completed=sim.done)
+            while marks and sim.done >= marks[0]:
+                marks.pop(0)
+                points.append(sim.point(folder, reader, t0))
+        sim.log.close()
     return points
