@@ -96,6 +96,9 @@ def _flag_weights_in_cache(tracker: MFUTracker, info: EngineInfo,
                              "against the DRAM bandwidth overstates the memory's load")
 
 
+_SETTLE = ("settle",)  # an accounting-queue item: settle the per-request accounts (see flush)
+
+
 class InjectedFault(RuntimeError):
     """Raised on purpose (SERVING_MFU_FAIL_AT_STEP) to prove a failing hook leaves the engine serving."""
 
@@ -430,13 +433,15 @@ class MFUHook:
 
     def _forget(self, finished: Any) -> None:
         """The requests that finished leave the ledger (their records closed first, with attribution on)."""
-        if finished:
-            ids, slots = self.ledger.finish(finished)
-            if self.accounts is not None:
-                try:
-                    self.accounts.close(ids, slots)
-                except Exception as exc:
-                    self.error("attribution", exc)
+        if not finished:
+            return
+        if self.accounts is None:
+            self.ledger.finish(finished)
+            return
+        try:  # closed once their last steps are charged (RequestAccounts.settle)
+            self.accounts.finish(finished)
+        except Exception as exc:
+            self.error("attribution", exc)
 
     def _sort_new(self, out: Any, st: "_Sorted") -> None:
         """New requests (NewRequestData): first schedules go to the prefill batch, credited with what the
@@ -705,6 +710,9 @@ class MFUHook:
 
     # ------------------------------------------------------------------ accounting thread
     def _account(self, item: tuple) -> None:
+        if item is _SETTLE:
+            self._settle()
+            return
         if item[1] is None:  # finished requests of a step that ran nothing (see _on_schedule)
             self._forget(item[2])
             self.writer.mark_dirty()
@@ -743,9 +751,21 @@ class MFUHook:
                 q.task_done()
 
     def flush(self) -> None:
-        """Wait until every submitted step is accounted (publisher thread, tests, shutdown)."""
-        if self._queue is not None and self._accountant is not None and self._accountant.is_alive():
+        """Wait until every submitted step is accounted and the per-request accounts settled (publisher
+        thread, tests, shutdown)."""
+        if self._queue is None:
+            self._settle()
+        elif self._accountant is not None and self._accountant.is_alive():
+            if self.accounts is not None:
+                self._queue.put(_SETTLE)  # settled on the accounting thread, which owns the ledger
             self._queue.join()
+
+    def _settle(self) -> None:
+        if self.accounts is not None:
+            try:
+                self.accounts.settle()
+            except Exception as exc:
+                self.error("attribution", exc)
 
     def error(self, where: str, exc: BaseException) -> None:
         """Count a hook failure (logged once per kind); the engine goes on."""
@@ -753,6 +773,7 @@ class MFUHook:
         self.writer.mark_dirty()
 
     def close(self) -> None:
+        self.flush()
         if self._queue is not None and self._accountant is not None:
             self._queue.put(None)
             self._accountant.join(timeout=5)

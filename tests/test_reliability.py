@@ -217,14 +217,14 @@ def test_request_soak_keeps_memory_bounded() -> None:
     slots, the labels stop at the budget, the log keeps two segments, the reader a ring, RSS stays flat."""
     from serving_mfu.tools.soak import soak_requests
 
-    points = soak_requests(requests=60_000, checkpoints=(10_000, 30_000), ring=5_000, segment_records=8_000,
+    points = soak_requests(requests=120_000, checkpoints=(20_000, 60_000), ring=5_000, segment_records=8_000,
                            progress=False)
-    assert [p.requests for p in points] == [10_000, 30_000, 60_000]
+    assert [p.requests for p in points] == [20_000, 60_000, 120_000]
     assert all(p.reader_matches for p in points)
     assert {p.ledger_slots for p in points} == {1024} and {p.tenant_labels for p in points} == {21}
     assert {p.reader_ring for p in points} == {5_000}
-    assert points[-1].log_bytes <= points[1].log_bytes * 1.1  # rotated: at most two segments, not the history
-    assert points[-1].peak_rss_mib - points[1].peak_rss_mib < 2.0
+    assert points[-1].log_bytes <= points[0].log_bytes * 2  # rotated: two segments at most, not 6× the history
+    assert points[-1].peak_rss_mib - points[1].peak_rss_mib < 2.0  # warm (ring and segments full): flat
 
 
 def _dead_pid() -> int:

@@ -1,19 +1,21 @@
-"""What each request of a step cost (DESIGN §12): its FLOPs, device-seconds and tokens, from the step's record
-and the cost the accounting gave the whole step.
+"""What each request of some steps cost (DESIGN §12): its FLOPs, device-seconds and tokens, from the steps'
+records and the cost the accounting gave each whole step.
 
 - **FLOPs.** A request's useful and executed FLOPs are the sums over its positions by class (DESIGN §2),
   each costed by the one span formula `lin·n + Σ_groups coef·(pairs(b) − pairs(a)) + lm·logits`
   (serving_mfu.cost.accounting.CostModel.span_flops); executed adds its share of the drafter by kept
   (not rejected) positions, its LoRA work, and its share of the step's CUDA-graph padding by positions in
-  each phase.  Over the step's requests they add up to the step's useful and executed FLOPs.
-- **Device-seconds.** Each phase's time × devices (DESIGN §5's split) is divided among the requests in
-  proportion to their own roofline cost in that phase, `max(F_i / peak, B_i / bandwidth)`: F_i its executed
-  FLOPs there, B_i its KV reads and writes plus the phase's other bytes (weights, drafter) shared by
-  positions.  Over all requests this is exactly the busy device-seconds.
+  each phase.  Over a step's requests they add up to the step's useful and executed FLOPs.
+- **Device-seconds.** Each phase's time × devices (DESIGN §5's split) is divided among the step's requests
+  in proportion to their own roofline cost in that phase, `max(F_i / peak, B_i / bandwidth)`: F_i its
+  executed FLOPs there, B_i its KV reads and writes plus the phase's other bytes (weights, drafter) shared
+  by positions.  Over all requests this is exactly the busy device-seconds.
 - **Tokens.** Delivered tokens (the first token when its prompt completes, then each kept decode position),
   drafts, accepted drafts, prefix-cache hits and KV received.
 
-Pure functions over numpy arrays; the tracker's step cost (IterationCost) is an input, not recomputed.
+`attribute_steps` does many steps in one pass: their batches are concatenated, so the fixed cost of the
+array arithmetic is paid once per call, not once per step (the engine settles its steps in groups).  Pure
+functions; the tracker's step costs (IterationCost) are inputs, not recomputed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from serving_mfu.cost.accounting import POSITION_CLASSES, CostModel, classify
 from serving_mfu.cost.columns import int_array
 from serving_mfu.cost.counters import IterationCost
-from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch, Slice
+from serving_mfu.cost.records import IterationRecord, Slice
 
 _F = np.float64
 _I = np.int64
@@ -34,9 +36,10 @@ _I = np.int64
 
 @dataclass(slots=True)
 class StepShares:
-    """Each request of a step (slices, then the prefill batch, then the decode batch), one array entry each."""
+    """Each request of each step (a request in several steps has one row per step), one array entry each."""
 
-    ids: list[str]
+    id_lists: list[Sequence[str]]  # the rows' request ids, as the records' lists (`ids` joins them)
+    step: np.ndarray  # the row's step: its index in the steps given
     useful_flops: np.ndarray
     executed_flops: np.ndarray
     prefill_device_s: np.ndarray
@@ -47,12 +50,17 @@ class StepShares:
     cached_tokens: np.ndarray
     received_tokens: np.ndarray
 
+    @property
+    def ids(self) -> list[str]:
+        return [r for ids in self.id_lists for r in ids]
+
 
 @dataclass(slots=True)
-class _Part:
-    """One part of the step (its slices, its prefill batch or its decode batch), per request."""
+class _Rows:
+    """Rows of requests, before the steps' shared work is divided among them."""
 
-    ids: list[str]
+    ids: list[Sequence[str]]  # lists of ids, in row order
+    step: np.ndarray
     useful: np.ndarray  # useful FLOPs (prefill + kept positions)
     exec_p: np.ndarray  # executed FLOPs in the prefill phase
     exec_d: np.ndarray  # and in decode
@@ -84,49 +92,66 @@ def _kv_bytes(model: CostModel, ends: np.ndarray, qs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _prefill_part(b: PrefillBatch, model: CostModel, cached_ok: bool) -> _Part:
-    """A prefill batch: prompt chunks [n0, n0 + q), a logit row where a chunk completes its prompt."""
-    n = len(b.new_tokens)
-    q = int_array(b.new_tokens)
-    n0 = int_array(b.computed_before)
+def _column(lists: Sequence[Sequence[int] | None], sizes: Sequence[int]) -> np.ndarray:
+    """The steps' columns as one int64 array (a missing column: zeros); each list is converted once however
+    many readers it has (serving_mfu.cost.columns)."""
+    if len(lists) == 1 and lists[0] is not None:
+        return int_array(lists[0])
+    return np.concatenate([int_array(x) if x is not None else np.zeros(n, _I) for x, n in zip(lists, sizes)])
+
+
+def _prefill_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> _Rows:
+    """Prefill batches: prompt chunks [n0, n0 + q), a logit row where a chunk completes its prompt."""
+    bs = [rec.prefill for _, rec in steps]
+    sizes = [len(b.new_tokens) for b in bs]
+    q = _column([b.new_tokens for b in bs], sizes)
+    n0 = _column([b.computed_before for b in bs], sizes)
     end = n0 + q
-    logit = (end == int_array(b.prompt_len)).astype(_I)
+    logit = (end == _column([b.prompt_len for b in bs], sizes)).astype(_I)
     flops = span_flops_array(model, n0, end, logit)
+    n = len(q)
     zero_f, zero_i = np.zeros(n, _F), np.zeros(n, _I)
-    cached = int_array(b.cached_tokens) if (b.cached_tokens and cached_ok) else zero_i
-    return _Part(b.req_ids, flops, flops, zero_f, q, zero_i, q, _kv_bytes(model, end, q), zero_f, logit,
-                 zero_i, zero_i, cached)
+    cached = _column([b.cached_tokens if rec.kv is None else None for (_, rec), b in zip(steps, bs)], sizes)
+    return _Rows([b.req_ids for b in bs], np.repeat([s for s, _ in steps], sizes), flops, flops, zero_f,
+                 q, zero_i, q, _kv_bytes(model, end, q), zero_f, logit, zero_i, zero_i, cached)
 
 
-def _decode_part(b: DecodeBatch, model: CostModel) -> _Part:
-    """A decode batch: request i runs [n0, n0 + 1 + k), keeps [n0, n0 + 1 + a), of which the first
+def _decode_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> _Rows:
+    """Decode batches: request i runs [n0, n0 + 1 + k), keeps [n0, n0 + 1 + a), of which the first
     min(delivered, 1 + a) reached the user; every position has a logit row."""
-    n = len(b.computed_before)
-    n0 = int_array(b.computed_before)
-    k = int_array(b.draft_tokens) if b.draft_tokens is not None else np.zeros(n, _I)
-    a = int_array(b.accepted_tokens) if b.accepted_tokens is not None else np.zeros(n, _I)
+    bs = [rec.decode for _, rec in steps]
+    sizes = [len(b.computed_before) for b in bs]
+    n0 = _column([b.computed_before for b in bs], sizes)
+    plain = all(b.draft_tokens is None and b.delivered_tokens is None for b in bs)
+    n = len(n0)
+    if plain:
+        k = a = np.zeros(n, _I)
+    else:
+        k, a = _column([b.draft_tokens for b in bs], sizes), _column([b.accepted_tokens for b in bs], sizes)
     kept_end, end = n0 + 1 + a, n0 + 1 + k
     useful_end = kept_end
-    if b.delivered_tokens is not None:
-        useful_end = np.minimum(kept_end, n0 + int_array(b.delivered_tokens))
+    if any(b.delivered_tokens is not None for b in bs):
+        cut = np.concatenate([int_array(b.delivered_tokens) if b.delivered_tokens is not None else
+                              np.full(n_b, 1 << 40, _I) for b, n_b in zip(bs, sizes)])
+        useful_end = np.minimum(kept_end, n0 + cut)
     q = k + 1
     executed = span_flops_array(model, n0, end, q)
-    useful = executed if b.draft_tokens is None and b.delivered_tokens is None else \
-        span_flops_array(model, n0, useful_end, useful_end - n0)
+    useful = executed if plain else span_flops_array(model, n0, useful_end, useful_end - n0)
     zero_f, zero_i = np.zeros(n, _F), np.zeros(n, _I)
-    return _Part(b.req_ids, useful, zero_f, executed, zero_i, q, kept_end - n0, zero_f,
-                 _kv_bytes(model, end, q), useful_end - n0, k, a, zero_i)
+    return _Rows([b.req_ids for b in bs], np.repeat([s for s, _ in steps], sizes), useful, zero_f,
+                 executed, zero_i, q, kept_end - n0, zero_f, _kv_bytes(model, end, q), useful_end - n0, k, a, zero_i)
 
 
-def _slice_part(slices: Sequence[Slice], model: CostModel, cached_ok: bool) -> _Part:
+def _slice_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> _Rows:
     """General slices, position by position (`classify`); a slice's KV goes to prefill if it has any prefill
     or recompute position, else to decode (as the accounting does)."""
+    slices: list[tuple[int, Slice, bool]] = [(s, x, rec.kv is None) for s, rec in steps for x in rec.slices]
     n = len(slices)
     cols = np.zeros((10, n), _F)  # useful, exec_p, exec_d, pos_p, pos_d, kept, kv, delivered, drafts, accepted
     cached = np.zeros(n, _I)
     kv_phase_p = np.zeros(n, bool)
     bm = model.byte_model
-    for i, s in enumerate(slices):
+    for i, (_, s, cached_ok) in enumerate(slices):
         pos = classify(s)
         for cls, (phase, useful) in POSITION_CLASSES.items():
             a, b = pos.span(cls)
@@ -150,27 +175,26 @@ def _slice_part(slices: Sequence[Slice], model: CostModel, cached_ok: bool) -> _
         cols[8, i], cols[9, i] = s.draft_tokens, s.accepted_tokens
         cached[i] = s.cached_tokens if cached_ok else 0
     as_i = cols[3:6].astype(_I)
-    return _Part([s.req_id for s in slices], cols[0], cols[1], cols[2], as_i[0], as_i[1], as_i[2],
-                 np.where(kv_phase_p, cols[6], 0.0), np.where(kv_phase_p, 0.0, cols[6]),
-                 cols[7].astype(_I), cols[8].astype(_I), cols[9].astype(_I), cached)
+    return _Rows([[s.req_id for _, s, _ in slices]], np.array([st for st, _, _ in slices], _I), cols[0], cols[1],
+                 cols[2], as_i[0], as_i[1], as_i[2], np.where(kv_phase_p, cols[6], 0.0),
+                 np.where(kv_phase_p, 0.0, cols[6]), cols[7].astype(_I), cols[8].astype(_I), cols[9].astype(_I), cached)
 
 
-def _join(parts: list[_Part]) -> _Part:
+def _join(parts: list[_Rows]) -> _Rows:
     if len(parts) == 1:
         return parts[0]
-    ids = [r for p in parts for r in p.ids]
-    return _Part(ids, *(np.concatenate([getattr(p, f) for p in parts]) for f in _Part.__slots__[1:]))
+    ids = [x for p in parts for x in p.ids]
+    return _Rows(ids, *(np.concatenate([getattr(p, f) for p in parts]) for f in _Rows.__slots__[1:]))
 
 
-def _add_lora(record: IterationRecord, model: CostModel, parts: _Part, useful: np.ndarray, exec_p: np.ndarray,
+def _add_lora(record: IterationRecord, rows: dict[str, int], useful: np.ndarray, exec_p: np.ndarray,
               exec_d: np.ndarray) -> None:
-    """Each request's adapter work (serving_mfu.cost.accounting.lora_cost, per request): useful on its prefill
-    and kept positions, executed (the padded rank) on every position it ran."""
-    row = {rid: i for i, rid in enumerate(parts.ids)}
+    """One step's adapter work (serving_mfu.cost.accounting.lora_cost, per request): useful on its prefill and
+    kept positions, executed (the padded rank) on every position it ran; `rows` maps its ids to rows."""
     by_id = {s.req_id: s for s in record.all_slices()}
     for use in record.lora or ():
         for rid in use.req_ids:
-            i, s = row.get(rid), by_id.get(rid)
+            i, s = rows.get(rid), by_id.get(rid)
             if i is None or s is None:
                 continue
             pos = classify(s)
@@ -185,72 +209,108 @@ def _add_lora(record: IterationRecord, model: CostModel, parts: _Part, useful: n
                     useful[i] += use.flops_per_token * (b - a) + use.flops_per_logit * logits
 
 
-def _share(total: float, weights: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """`total` divided in proportion to `weights` (to `fallback` where the weights are all 0)."""
-    s = weights.sum()
-    if s > 0:
-        return weights * (total / s)
-    s = fallback.sum()
-    if s > 0:
-        return fallback * (total / s)
-    return np.full(len(weights), total / len(weights)) if len(weights) else weights
+def _shares(totals: np.ndarray, weights: np.ndarray, fallback: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Each step's total divided among its rows in proportion to `weights` (to `fallback` in a step whose
+    weights are all 0, then equally)."""
+    n = len(totals)
+    w_sum = np.bincount(step, weights, minlength=n)
+    unweighted = (w_sum <= 0) & (totals != 0)
+    if unweighted.any():  # rare: a step whose rows weigh nothing
+        f_sum = np.bincount(step, fallback, minlength=n)
+        instead = np.where(f_sum > 0, 0.0, 1.0)  # per step: the fallback, else equal parts
+        rows = unweighted[step]
+        weights = np.where(rows, np.where(instead[step] > 0, 1.0, fallback), weights)
+        w_sum = np.bincount(step, weights, minlength=n)
+    scale = np.divide(totals, w_sum, out=np.zeros(n), where=w_sum > 0)
+    return weights * scale[step]
 
 
-def _device_seconds(time_s: float, devices: int, exec_f: np.ndarray, own_bytes: np.ndarray, pos: np.ndarray,
-                    phase_bytes: float, peak: float | None, bandwidth: float | None,
-                    fallback: np.ndarray) -> np.ndarray:
-    """A phase's time × devices divided by each request's roofline cost there, max(F_i/peak, B_i/bandwidth),
+def _device_seconds(times: np.ndarray, devices: int, exec_f: np.ndarray, own_bytes: np.ndarray, pos: np.ndarray,
+                    phase_bytes: np.ndarray, peak: float | None, bandwidth: float | None, fallback: np.ndarray,
+                    step: np.ndarray) -> np.ndarray:
+    """Each step's phase time × devices divided by its rows' roofline cost there, max(F_i/peak, B_i/bandwidth),
     B_i = its own bytes + the phase's other bytes shared by positions."""
-    if time_s <= 0 or not len(exec_f):
+    if not times.any():
         return np.zeros(len(exec_f), _F)
     if peak and bandwidth:
-        rest = max(phase_bytes - float(own_bytes.sum()), 0.0)
-        total_pos = pos.sum()
-        b = own_bytes + (pos * (rest / total_pos) if total_pos else 0.0)
-        weights = np.maximum(exec_f / peak, b / bandwidth)
+        n = len(times)
+        pos_sum = np.bincount(step, pos, minlength=n)
+        rest = np.maximum(phase_bytes - np.bincount(step, own_bytes, minlength=n), 0.0)
+        per_pos = np.divide(rest, pos_sum, out=np.zeros(n), where=pos_sum > 0)
+        weights = np.maximum(exec_f / peak, (own_bytes + pos * per_pos[step]) / bandwidth)
     else:
         weights = exec_f
-    return _share(time_s * devices, weights, fallback)
+    return _shares(times * devices, weights, fallback, step)
+
+
+def _step_array(costs: Sequence[IterationCost], get) -> np.ndarray:  # noqa: ANN001 - a getter of one cost
+    return np.fromiter(map(get, costs), _F, len(costs))
+
+
+def attribute_steps(steps: Sequence[tuple[IterationRecord, IterationCost]], model: CostModel, devices: int,
+                    peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> StepShares | None:
+    """Each request's share of each costed step (peak and bandwidth: the engine's totals over its devices);
+    None when the steps ran no request."""
+    indexed = list(enumerate(rec for rec, _ in steps))
+    parts = []
+    with_slices = [(s, rec) for s, rec in indexed if rec.slices]
+    if with_slices:
+        parts.append(_slice_rows(with_slices, model))
+    with_prefill = [(s, rec) for s, rec in indexed if rec.prefill is not None]
+    if with_prefill:
+        parts.append(_prefill_rows(with_prefill, model))
+    with_decode = [(s, rec) for s, rec in indexed if rec.decode is not None]
+    if with_decode:
+        parts.append(_decode_rows(with_decode, model))
+    if not parts:
+        return None
+    p = _join(parts)
+    costs = [c for _, c in steps]
+    useful, exec_p, exec_d = p.useful.copy(), p.exec_p.copy(), p.exec_d.copy()
+    cached, received = p.cached.copy(), np.zeros(len(p.ids), _I)
+    _per_step_extras(steps, p, useful, exec_p, exec_d, cached, received)
+    drafter = _step_array(costs, lambda c: c.drafter_flops)
+    if drafter.any():
+        exec_d += _shares(drafter, p.kept.astype(_F), (p.pos_p + p.pos_d).astype(_F), p.step)
+    pad_p = _step_array(costs, lambda c: c.prefill.graph_padding_flops)
+    pad_d = _step_array(costs, lambda c: c.decode.graph_padding_flops)
+    if pad_p.any():
+        exec_p += _shares(pad_p, p.pos_p.astype(_F), p.pos_p.astype(_F), p.step)
+    if pad_d.any():
+        exec_d += _shares(pad_d, p.pos_d.astype(_F), p.pos_d.astype(_F), p.step)
+    everyone = exec_p + exec_d
+    pre_s = _device_seconds(_step_array(costs, lambda c: c.prefill.time_s), devices, exec_p, p.kv_p,
+                            p.pos_p.astype(_F), _step_array(costs, lambda c: c.prefill.bytes), peak_flops_per_s,
+                            bandwidth_bytes_per_s, everyone, p.step)
+    dec_s = _device_seconds(_step_array(costs, lambda c: c.decode.time_s), devices, exec_d, p.kv_d,
+                            p.pos_d.astype(_F), _step_array(costs, lambda c: c.decode.bytes), peak_flops_per_s,
+                            bandwidth_bytes_per_s, everyone, p.step)
+    return StepShares(p.ids, p.step, useful, exec_p + exec_d, pre_s, dec_s, p.delivered, p.drafts, p.accepted,
+                      cached, received)
+
+
+def _per_step_extras(steps: Sequence[tuple[IterationRecord, IterationCost]], p: _Rows, useful: np.ndarray,
+                     exec_p: np.ndarray, exec_d: np.ndarray, cached: np.ndarray, received: np.ndarray) -> None:
+    """LoRA work and KV-connector tokens, step by step (only the steps that have them)."""
+    need = [s for s, (rec, _) in enumerate(steps) if rec.lora or (rec.kv is not None and rec.kv.req_ids)]
+    if not need:
+        return
+    ids = [r for x in p.ids for r in x]
+    for s in need:
+        rec = steps[s][0]
+        rows = {ids[i]: i for i in np.flatnonzero(p.step == s).tolist()}
+        if rec.lora:
+            _add_lora(rec, rows, useful, exec_p, exec_d)
+        kv = rec.kv
+        if kv is not None:
+            for rid, local, got in zip(kv.req_ids, kv.local_cached, kv.received):
+                i = rows.get(rid)
+                if i is not None:
+                    cached[i] += local
+                    received[i] += got
 
 
 def attribute(record: IterationRecord, cost: IterationCost, model: CostModel, devices: int,
               peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> StepShares | None:
-    """Each request's share of a step whose cost the tracker computed (`cost`; peak and bandwidth are the
-    engine's totals over its devices).  None for a step that ran no request."""
-    kv = record.kv
-    cached_ok = kv is None  # with a connector, local hits come from vLLM's PrefillStats (record.kv)
-    parts = []
-    if record.slices:
-        parts.append(_slice_part(record.slices, model, cached_ok))
-    if record.prefill is not None:
-        parts.append(_prefill_part(record.prefill, model, cached_ok))
-    if record.decode is not None:
-        parts.append(_decode_part(record.decode, model))
-    if not parts:
-        return None
-    p = _join(parts)
-    useful, exec_p, exec_d = p.useful.copy(), p.exec_p.copy(), p.exec_d.copy()
-    if record.lora:
-        _add_lora(record, model, p, useful, exec_p, exec_d)
-    if cost.drafter_flops:
-        exec_d += _share(cost.drafter_flops, p.kept.astype(_F), (p.pos_p + p.pos_d).astype(_F))
-    if cost.prefill.graph_padding_flops:
-        exec_p += _share(cost.prefill.graph_padding_flops, p.pos_p.astype(_F), p.pos_p.astype(_F))
-    if cost.decode.graph_padding_flops:
-        exec_d += _share(cost.decode.graph_padding_flops, p.pos_d.astype(_F), p.pos_d.astype(_F))
-    everyone = (exec_p + exec_d)
-    pre_s = _device_seconds(cost.prefill.time_s, devices, exec_p, p.kv_p, p.pos_p.astype(_F), cost.prefill.bytes,
-                            peak_flops_per_s, bandwidth_bytes_per_s, everyone)
-    dec_s = _device_seconds(cost.decode.time_s, devices, exec_d, p.kv_d, p.pos_d.astype(_F), cost.decode.bytes,
-                            peak_flops_per_s, bandwidth_bytes_per_s, everyone)
-    cached, received = p.cached, np.zeros(len(p.ids), _I)
-    if kv is not None and kv.req_ids:
-        row = {rid: i for i, rid in enumerate(p.ids)}
-        cached = cached.copy()
-        for rid, local, got in zip(kv.req_ids, kv.local_cached, kv.received):
-            i = row.get(rid)
-            if i is not None:
-                cached[i] += local
-                received[i] += got
-    return StepShares(p.ids, useful, exec_p + exec_d, pre_s, dec_s, p.delivered, p.drafts, p.accepted, cached,
-                      received)
+    """`attribute_steps` of one step."""
+    return attribute_steps([(record, cost)], model, devices, peak_flops_per_s, bandwidth_bytes_per_s)

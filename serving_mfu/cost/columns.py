@@ -4,7 +4,7 @@ A step's lists (a batch's `new_tokens`, `computed_before`, ...) are read by the 
 per-request attribution and by the hook's ledger; `int_array` converts each list once (the conversion, not
 the arithmetic, is what costs at large batches) and hands the same read-only array to every later caller.
 It is a memo, not state: the answer is a function of the list, held (with the list, so its id stays valid)
-for the last few lists only.
+for the last few hundred lists only.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 _MEMO: dict[int, tuple[Sequence[int], np.ndarray]] = {}
-_MEMO_SIZE = 16
+_MEMO_SIZE = 512  # a few dozen steps' columns: the per-request accounts settle steps in groups
 
 
 def int_array(values: Sequence[int]) -> np.ndarray:

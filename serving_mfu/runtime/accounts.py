@@ -1,9 +1,10 @@
 """Per-request and per-tenant accounts of one engine (DESIGN §12): the state beside the tracker's totals.
 
-At admission a request gets its tenant label; after the tracker costs each step, `charge` adds each
-request's share of it (serving_mfu.cost.attribution) to the request's columns in the ledger and to its
-tenant's sums; when vLLM reports requests finished, `close` hands their columns (a `FinishedRequests` batch) to the
-request log and the trace.  Runs on the accounting thread; nothing here imports vLLM.
+At admission a request gets its tenant label; after the tracker costs each step, `charge` notes it, and
+`settle` adds each request's share of the noted steps (serving_mfu.cost.attribution, all at once: the
+array work's fixed cost is paid once per settle, not per step) to the request's columns in the ledger and
+to its tenant's sums; when vLLM reports requests finished, `finish` notes them and the next settle closes
+them: their columns (a `FinishedRequests` batch) go to the request log and the trace.  Runs on the accounting thread; nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from serving_mfu.cost.accounting import CostModel
-from serving_mfu.cost.attribution import attribute
+from serving_mfu.cost.attribution import attribute_steps
+from serving_mfu.cost.columns import int_array
 from serving_mfu.cost.counters import IterationCost
 from serving_mfu.cost.records import IterationRecord
 from serving_mfu.runtime.ledger import COST_COLUMNS, TOKEN_COLUMNS, RequestLedger
@@ -21,7 +23,20 @@ from serving_mfu.runtime.tenants import TenantTable
 from serving_mfu.schema.requests import FinishedRequests
 
 _USEFUL, _EXECUTED, _PREFILL_S, _DECODE_S = range(len(COST_COLUMNS))
+SETTLE_STEPS = 32  # steps charged together at most (the engine also settles before every publish)
 _OUT, _DRAFTS, _ACCEPTED, _CACHED, _RECEIVED = range(len(TOKEN_COLUMNS))
+
+
+def _columns(record: IterationRecord) -> list:
+    """The record's integer columns the attribution reads."""
+    out = []
+    if record.prefill is not None:
+        b = record.prefill
+        out += [b.new_tokens, b.computed_before, b.prompt_len, b.cached_tokens]
+    if record.decode is not None:
+        d = record.decode
+        out += [d.computed_before, d.draft_tokens, d.accepted_tokens, d.delivered_tokens]
+    return [c for c in out if c is not None]
 
 
 class RequestAccounts:
@@ -30,7 +45,7 @@ class RequestAccounts:
     def __init__(self, ledger: RequestLedger, tenants: TenantTable, model: CostModel, devices: int,
                  peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None, engine_id: str,
                  wall_offset_s: float, sinks: Sequence[Callable[[FinishedRequests], Any]] = (),
-                 adapter_names: dict[int, str] | None = None):
+                 adapter_names: dict[int, str] | None = None, settle_steps: int = SETTLE_STEPS):
         self.ledger = ledger
         self.tenants = tenants
         self.model = model
@@ -40,6 +55,9 @@ class RequestAccounts:
         self.wall_offset_s = wall_offset_s  # wall-clock seconds = the hook's clock + this
         self.sinks = list(sinks)  # where finished requests go (the request log, the trace)
         self.adapter_names = adapter_names if adapter_names is not None else {}
+        self.settle_steps = settle_steps  # steps charged together: the array work's fixed cost, shared
+        self._pending: list[tuple[IterationRecord, IterationCost, tuple]] = []
+        self._finishing: list[str] = []
 
     def open(self, ids: list[str], declared: Sequence[str] | str, slots: np.ndarray | None = None) -> None:
         """Requests just admitted (at `slots`, if known), with the tenant each declared (one for all, or one
@@ -56,32 +74,57 @@ class RequestAccounts:
         self.tenants.accrue(labels, (0.0, 0.0, 0.0, prompts, 0.0))
 
     def charge(self, record: IterationRecord, cost: IterationCost) -> None:
-        """Add each request's share of a costed step to its columns and to its tenant's sums."""
-        shares = attribute(record, cost, self.model, self.devices, self.peak, self.bandwidth)
+        """Note a costed step; its shares are added when the accounts settle (every SETTLE_STEPS steps, and
+        before every publish).  The step's slots are taken now (cheap: the ledger keeps the last batch's)."""
+        led = self.ledger
+        parts = (led.slots([s.req_id for s in record.slices]) if record.slices else None,
+                 led.slots(record.prefill.req_ids) if record.prefill is not None else None,
+                 led.slots(record.decode.req_ids) if record.decode is not None else None)
+        for column in _columns(record):  # converted now, while the costing's conversion is still at hand
+            int_array(column)
+        self._pending.append((record, cost, parts))
+        if len(self._pending) >= self.settle_steps:
+            self.settle()
+
+    def finish(self, ids: Any) -> None:
+        """Requests vLLM finished: closed (and their slots freed) when the accounts settle, after their last
+        steps are charged."""
+        self._finishing.extend(ids)
+        if len(self._pending) == 0:
+            self.settle()
+
+    def settle(self) -> None:
+        """Charge every noted step (serving_mfu.cost.attribution, all at once), then close the finished
+        requests.  On the accounting thread only."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._charge_all(pending)
+        if self._finishing:
+            finishing, self._finishing = self._finishing, []
+            self.close(*self.ledger.finish(finishing))
+
+    def _charge_all(self, pending: list) -> None:
+        shares = attribute_steps([(r, c) for r, c, _ in pending], self.model, self.devices, self.peak,
+                                 self.bandwidth)
         if shares is None:
             return
         led = self.ledger
-        slots = led.slots(shares.ids)
-        c, t = led.costs, led.tokens  # one row (a view) at a time: a 1-D scatter is the cheapest
-        c[_USEFUL][slots] += shares.useful_flops
-        c[_EXECUTED][slots] += shares.executed_flops
-        if cost.prefill.time_s:
-            c[_PREFILL_S][slots] += shares.prefill_device_s
-        if cost.decode.time_s:
-            c[_DECODE_S][slots] += shares.decode_device_s
+        slots = np.concatenate([parts[k] for k in range(3) for _, _, parts in pending if parts[k] is not None])
+        n = len(led.prompt_len)
+        c, t = led.costs, led.tokens
         device_s = shares.prefill_device_s + shares.decode_device_s
-        t[_OUT][slots] += shares.delivered_tokens
-        if cost.draft_tokens:
-            t[_DRAFTS][slots] += shares.draft_tokens
-            t[_ACCEPTED][slots] += shares.accepted_tokens
-        if cost.hit_tokens or record.kv is not None:
-            t[_CACHED][slots] += shares.cached_tokens
-            t[_RECEIVED][slots] += shares.received_tokens
-        at = record.t_end_s + self.wall_offset_s
-        first = led.first_at[slots]
-        if not first.all():
-            led.first_at[slots] = np.where(first == 0.0, at, first)
-        led.last_at[slots] = at
+        for row, values in ((c[_USEFUL], shares.useful_flops), (c[_EXECUTED], shares.executed_flops),
+                            (c[_PREFILL_S], shares.prefill_device_s), (c[_DECODE_S], shares.decode_device_s)):
+            row += np.bincount(slots, values, minlength=n)  # a request in several steps: one row each
+        for row, values in ((t[_OUT], shares.delivered_tokens), (t[_DRAFTS], shares.draft_tokens),
+                            (t[_ACCEPTED], shares.accepted_tokens), (t[_CACHED], shares.cached_tokens),
+                            (t[_RECEIVED], shares.received_tokens)):
+            if values.any():
+                row += np.bincount(slots, values, minlength=n).astype(np.int64)
+        at = np.fromiter((r.t_end_s for r, _, _ in pending), np.float64, len(pending))[shares.step] + \
+            self.wall_offset_s
+        np.minimum.at(led.first_at, slots, at)
+        np.maximum.at(led.last_at, slots, at)
         self.tenants.accrue(led.tenant[slots], (shares.useful_flops, shares.executed_flops, device_s, 0.0,
                                                 shares.delivered_tokens.astype(np.float64)))
 
@@ -103,8 +146,9 @@ class RequestAccounts:
         c, t = led.costs, led.tokens
         ints = np.stack([led.prompt_len[slots], t[_CACHED][slots], t[_RECEIVED][slots], t[_OUT][slots],
                          t[_DRAFTS][slots], t[_ACCEPTED][slots]])
+        first = led.first_at[slots]
         floats = np.stack([c[_USEFUL][slots], c[_EXECUTED][slots], c[_PREFILL_S][slots], c[_DECODE_S][slots],
-                           led.first_at[slots], led.last_at[slots]])
+                           np.where(np.isfinite(first), first, 0.0), led.last_at[slots]])
         batch = FinishedRequests.pack(self.engine_id, ids, list(self.tenants.labels), labels, adapters, keys, ints,
                                       floats)
         for sink in self.sinks:

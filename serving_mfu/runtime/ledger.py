@@ -115,8 +115,9 @@ class RequestLedger:
         self.last_n0[idx] = -1
         self.tenant[idx] = 0
         self.adapter[idx] = _NO_ADAPTER
-        for row in (*self.costs, *self.tokens, self.first_at, self.last_at):  # 1-D writes: the cheapest
+        for row in (*self.costs, *self.tokens, self.last_at):  # 1-D writes: the cheapest
             row[idx] = 0
+        self.first_at[idx] = np.inf  # not run yet (a minimum)
         self._cache_ids, self._cache_slots = list(ids), idx  # the step's prefill batch asks for them next
         return idx
 

@@ -151,9 +151,8 @@ class _RequestSoak:
             gone = [self.live.popleft() for _ in range(k)]
             for rid in gone:
                 self.n0.pop(rid)
-            ids, slots = self.ledger.finish(gone)
-            self.accounts.close(ids, slots)
-            self.done += len(ids)
+            self.accounts.finish(gone)  # closed at the next settle
+            self.done += len(gone)
         new = [f"cmpl-soak{self.made + i}-0-{self.made + i:08x}" for i in range(k)]
         slots = self.ledger.admit(new, [512] * k)
         self.accounts.open(new, [f"tenant-{(self.made + i) % self.tenants}" for i in range(k)], slots)
@@ -175,6 +174,7 @@ class _RequestSoak:
         self.log.flush()  # the engine publishes every 0.5 s: once a step here
 
     def point(self, folder: Path, reader: RequestLogReader, t0: float) -> RequestSoakPoint:
+        self.accounts.settle()  # as before a publish
         self.log.flush()
         newest = reader.newest(1)
         last = f"cmpl-soak{self.done - 1}-0-{self.done - 1:08x}"
