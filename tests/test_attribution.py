@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from serving_mfu.cost.accounting import cost_iteration
 from serving_mfu.cost.attribution import attribute
-from serving_mfu.cost.records import DrafterRecord, LoRAUse
+from serving_mfu.cost.records import DrafterRecord, KVTransferRecord, LoRAUse
 from serving_mfu.runtime.request_log import RequestLogReader, RequestLogWriter, log_paths
 from serving_mfu.runtime.tenants import TenantTable
 from serving_mfu.schema.requests import FinishedRequests, id_keys, sanitize_tenant
@@ -37,11 +37,44 @@ def costed_steps(draw):
         lora = [LoRAUse(adapter="a", req_ids=chosen, flops_per_token=1000, flops_per_logit=10,
                         executed_per_token=1600, executed_per_logit=16)]
     padded = draw(st.integers(0, 64)) if draw(st.booleans()) else 0
-    rec = msgspec.structs.replace(rec, drafter=drafter, lora=lora, padded_tokens=padded)
+    kv = None
+    if ids and draw(st.booleans()):  # a connector loaded KV for some requests (vLLM's PrefillStats)
+        chosen = draw(st.lists(st.sampled_from(ids), min_size=1, max_size=min(len(ids), 4), unique=True))
+        kv = KVTransferRecord(req_ids=chosen, local_cached=[draw(st.integers(0, 64)) for _ in chosen],
+                              received=[draw(st.integers(0, 64)) for _ in chosen])
+    rec = msgspec.structs.replace(rec, drafter=drafter, lora=lora, padded_tokens=padded, kv=kv)
     busy = draw(st.floats(1e-4, 1.0))
     peak = draw(st.sampled_from([None, 1e12, 1e15]))
     devices = draw(st.integers(1, 8))
     return name, rec, busy, peak, devices
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(costed_steps(), min_size=2, max_size=4))
+def test_steps_settled_together_give_what_each_step_gives(cases) -> None:
+    """attribute_steps over several steps (of one model) = each step attributed alone, row by row."""
+    from serving_mfu.cost.attribution import attribute_steps
+
+    name = cases[0][0]
+    model = MODELS[name]
+    steps = [(rec, cost_iteration(rec, model, busy, busy, 1e15, 1e13)) for _, rec, busy, _, _ in cases]
+    together = attribute_steps(steps, model, 1, 1e15, 1e13)
+    alone = {}
+    for s, (rec, cost) in enumerate(steps):
+        one = attribute(rec, cost, model, 1, 1e15, 1e13)
+        if one is not None:
+            for i, rid in enumerate(one.ids):
+                alone[(s, rid)] = (one.useful_flops[i], one.executed_flops[i], one.prefill_device_s[i],
+                                   one.decode_device_s[i], one.delivered_tokens[i], one.cached_tokens[i])
+    if together is None:
+        assert not alone
+        return
+    got = {(int(s), rid): (u, e, p, d, o, c) for s, rid, u, e, p, d, o, c in zip(
+        together.step, together.ids, together.useful_flops, together.executed_flops, together.prefill_device_s,
+        together.decode_device_s, together.delivered_tokens, together.cached_tokens)}
+    assert got.keys() == alone.keys()
+    for key, values in got.items():
+        assert values == pytest.approx(alone[key], rel=1e-12, abs=1e-12), key
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -72,6 +105,10 @@ def test_shares_add_up_to_the_step_and_follow_the_reference(case) -> None:
             flops, _ = reference_costs(model.spec, [by_id[rid]])
             assert u == flops["prefill"] + flops["kept"]
             assert e == sum(v for k, v in flops.items() if k != "saved")
+    if rec.kv is not None:  # with a connector, hits and loads are vLLM's, per request
+        by_row = dict(zip(shares.ids, zip(shares.cached_tokens.tolist(), shares.received_tokens.tolist())))
+        assert {r: by_row[r] for r in rec.kv.req_ids} == dict(zip(rec.kv.req_ids, zip(rec.kv.local_cached,
+                                                                                         rec.kv.received)))
     # tokens delivered: each kept decode position, and a prompt position with a logit row (the first token)
     for rid, out in zip(shares.ids, shares.delivered_tokens):
         positions = list(reference_classify(by_id[rid]))

@@ -97,6 +97,8 @@ def _run(tracker: MFUTracker, accounts: RequestAccounts, rec: IterationRecord) -
 def _snapshot(tracker: MFUTracker, engine_id: str, pid: int,
               accounts: RequestAccounts | None = None) -> EngineSnapshot:
     counters, recent = tracker.snapshot()
+    if accounts is not None:
+        accounts.settle()  # as the engine does before every publish
     return EngineSnapshot(engine_id=engine_id, pid=pid, ppid=1, started_at=1000.0, updated_at=1010.0 + pid,
                           model=tracker.model_report(), peak=tracker.peak_report(),
                           time_split=tracker.time_split, counters=counters, recent=recent,

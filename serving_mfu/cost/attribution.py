@@ -267,7 +267,7 @@ def attribute_steps(steps: Sequence[tuple[IterationRecord, IterationCost]], mode
     p = _join(parts)
     costs = [c for _, c in steps]
     useful, exec_p, exec_d = p.useful.copy(), p.exec_p.copy(), p.exec_d.copy()
-    cached, received = p.cached.copy(), np.zeros(len(p.ids), _I)
+    cached, received = p.cached.copy(), np.zeros(len(p.step), _I)
     _per_step_extras(steps, p, useful, exec_p, exec_d, cached, received)
     drafter = _step_array(costs, lambda c: c.drafter_flops)
     if drafter.any():
