@@ -124,8 +124,17 @@ def _decode_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> 
     n0 = _column([b.computed_before for b in bs], sizes)
     plain = all(b.draft_tokens is None and b.delivered_tokens is None for b in bs)
     n = len(n0)
-    if plain:
-        k = a = np.zeros(n, _I)
+    ids, step = [b.req_ids for b in bs], np.repeat([s for s, _ in steps], sizes)
+    if plain:  # one position each, at n0, with its logit row: lin + lm + Σ coef·keys; KV: Σ bytes·keys
+        flops = np.full(n, float(model.linear_flops_per_token + model.lm_head_flops_per_logit))
+        kv = np.full(n, float(model.byte_model.kv_bytes_per_token + model.state_bytes_per_slice))
+        for rule, coef, kv_bytes in model.batch_groups:
+            keys = rule.last_keys_array(n0).astype(_F)
+            flops += keys * coef
+            if kv_bytes:
+                kv += keys * kv_bytes
+        zero_f, zero_i, one = np.zeros(n, _F), np.zeros(n, _I), np.ones(n, _I)
+        return _Rows(ids, step, flops, zero_f, flops, zero_i, one, one, zero_f, kv, one, zero_i, zero_i, zero_i)
     else:
         k, a = _column([b.draft_tokens for b in bs], sizes), _column([b.accepted_tokens for b in bs], sizes)
     kept_end, end = n0 + 1 + a, n0 + 1 + k
@@ -138,8 +147,8 @@ def _decode_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> 
     executed = span_flops_array(model, n0, end, q)
     useful = executed if plain else span_flops_array(model, n0, useful_end, useful_end - n0)
     zero_f, zero_i = np.zeros(n, _F), np.zeros(n, _I)
-    return _Rows([b.req_ids for b in bs], np.repeat([s for s, _ in steps], sizes), useful, zero_f,
-                 executed, zero_i, q, kept_end - n0, zero_f, _kv_bytes(model, end, q), useful_end - n0, k, a, zero_i)
+    return _Rows(ids, step, useful, zero_f, executed, zero_i, q, kept_end - n0, zero_f, _kv_bytes(model, end, q),
+                 useful_end - n0, k, a, zero_i)
 
 
 def _slice_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> _Rows:
@@ -266,26 +275,35 @@ def attribute_steps(steps: Sequence[tuple[IterationRecord, IterationCost]], mode
         return None
     p = _join(parts)
     costs = [c for _, c in steps]
-    useful, exec_p, exec_d = p.useful.copy(), p.exec_p.copy(), p.exec_d.copy()
-    cached, received = p.cached.copy(), np.zeros(len(p.step), _I)
-    _per_step_extras(steps, p, useful, exec_p, exec_d, cached, received)
+    useful, exec_p, exec_d, cached = p.useful, p.exec_p, p.exec_d, p.cached
+    received = np.zeros(len(p.step), _I)
+    if any(rec.lora or rec.kv is not None for rec, _ in steps):  # changed in place: copies (parts share arrays)
+        useful, exec_p, exec_d, cached = useful.copy(), exec_p.copy(), exec_d.copy(), cached.copy()
+        _per_step_extras(steps, p, useful, exec_p, exec_d, cached, received)
     drafter = _step_array(costs, lambda c: c.drafter_flops)
     if drafter.any():
-        exec_d += _shares(drafter, p.kept.astype(_F), (p.pos_p + p.pos_d).astype(_F), p.step)
+        exec_d = exec_d + _shares(drafter, p.kept.astype(_F), (p.pos_p + p.pos_d).astype(_F), p.step)
     pad_p = _step_array(costs, lambda c: c.prefill.graph_padding_flops)
     pad_d = _step_array(costs, lambda c: c.decode.graph_padding_flops)
     if pad_p.any():
-        exec_p += _shares(pad_p, p.pos_p.astype(_F), p.pos_p.astype(_F), p.step)
+        exec_p = exec_p + _shares(pad_p, p.pos_p.astype(_F), p.pos_p.astype(_F), p.step)
     if pad_d.any():
-        exec_d += _shares(pad_d, p.pos_d.astype(_F), p.pos_d.astype(_F), p.step)
+        exec_d = exec_d + _shares(pad_d, p.pos_d.astype(_F), p.pos_d.astype(_F), p.step)
     everyone = exec_p + exec_d
-    pre_s = _device_seconds(_step_array(costs, lambda c: c.prefill.time_s), devices, exec_p, p.kv_p,
-                            p.pos_p.astype(_F), _step_array(costs, lambda c: c.prefill.bytes), peak_flops_per_s,
-                            bandwidth_bytes_per_s, everyone, p.step)
-    dec_s = _device_seconds(_step_array(costs, lambda c: c.decode.time_s), devices, exec_d, p.kv_d,
-                            p.pos_d.astype(_F), _step_array(costs, lambda c: c.decode.bytes), peak_flops_per_s,
-                            bandwidth_bytes_per_s, everyone, p.step)
-    return StepShares(p.ids, p.step, useful, exec_p + exec_d, pre_s, dec_s, p.delivered, p.drafts, p.accepted,
+    # each phase's time goes to the rows that ran in it: prefill to the slices and prefill batches (rows
+    # [0, n_s + n_p)), decode to the slices and decode batches, and to every row the drafter ran for
+    n_sp, n = sum(len(x) for x in p.ids[:len(p.ids) - len(with_decode)]) if with_decode else len(p.step), len(p.step)
+    pre_rows = slice(0, n_sp)
+    dec_rows = slice(n_sp, n) if not with_slices and not drafter.any() else slice(0, n)
+    pre_s, dec_s = np.zeros(n, _F), np.zeros(n, _F)
+    for out, rows, phase, exec_f, own, pos in ((pre_s, pre_rows, "prefill", exec_p, p.kv_p, p.pos_p),
+                                               (dec_s, dec_rows, "decode", exec_d, p.kv_d, p.pos_d)):
+        times = _step_array(costs, lambda c: getattr(c, phase).time_s)
+        if rows.stop > rows.start and times.any():
+            out[rows] = _device_seconds(times, devices, exec_f[rows], own[rows], pos[rows].astype(_F),
+                                        _step_array(costs, lambda c: getattr(c, phase).bytes), peak_flops_per_s,
+                                        bandwidth_bytes_per_s, everyone[rows], p.step[rows])
+    return StepShares(p.ids, p.step, useful, everyone, pre_s, dec_s, p.delivered, p.drafts, p.accepted,
                       cached, received)
 
 

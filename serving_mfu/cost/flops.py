@@ -87,6 +87,15 @@ class KeyRule:
             return ends - (ends - qs) // w * w
         return np.minimum(ends, qs * w)
 
+    def last_keys_array(self, n0: np.ndarray) -> np.ndarray:
+        """Keys of one query at position n0_i, for each i (a plain decode step): pairs(n0 + 1) − pairs(n0),
+        which is also the keys it reads, keys_read(n0 + 1, 1)."""
+        if self.kind == FULL:
+            return n0 + 1
+        if self.kind == CHUNK:
+            return n0 % self.size + 1
+        return np.minimum(n0 + 1, self.size)
+
     def keys_read_sum(self, ends: Any, qs: Any) -> int:
         """Σ_i keys_read(ends_i, qs_i) over int sequences or int64 arrays."""
         if isinstance(ends, np.ndarray):

@@ -113,9 +113,12 @@ class RequestAccounts:
         n = len(led.prompt_len)
         c, t = led.costs, led.tokens
         device_s = shares.prefill_device_s + shares.decode_device_s
+        done: dict[int, np.ndarray] = {}  # an array given twice (useful = executed on plain decodes): summed once
         for row, values in ((c[_USEFUL], shares.useful_flops), (c[_EXECUTED], shares.executed_flops),
                             (c[_PREFILL_S], shares.prefill_device_s), (c[_DECODE_S], shares.decode_device_s)):
-            row += np.bincount(slots, values, minlength=n)  # a request in several steps: one row each
+            if id(values) not in done:
+                done[id(values)] = np.bincount(slots, values, minlength=n)  # one row per request and step
+            row += done[id(values)]
         for row, values in ((t[_OUT], shares.delivered_tokens), (t[_DRAFTS], shares.draft_tokens),
                             (t[_ACCEPTED], shares.accepted_tokens), (t[_CACHED], shares.cached_tokens),
                             (t[_RECEIVED], shares.received_tokens)):
