@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import add, eq, mul
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -106,6 +106,14 @@ class SlicePositions(NamedTuple):
         """Logit rows among positions [a, b)."""
         lo = a if a > self.logits_start else self.logits_start
         return b - lo if b > lo else 0
+
+    def spans(self) -> Iterator[tuple[int, str, str, bool, int, int, int]]:
+        """Each class that has positions, in POSITION_CLASSES order: (its index there, class, phase, useful,
+        start, end, logit rows) — the one walk the costing, LoRA and the per-request attribution share."""
+        for i, (cls, (phase, useful)) in enumerate(POSITION_CLASSES.items()):
+            a, b = self.span(cls)
+            if b > a:
+                yield i, cls, phase, useful, a, b, self.logits_in(a, b)
 
 
 def classify(s: Slice) -> SlicePositions:
@@ -345,12 +353,7 @@ def lora_cost(record: IterationRecord, out: IterationCost) -> None:
             s = by_id.get(rid)
             if s is None:
                 continue
-            pos = classify(s)
-            for cls, (phase, useful) in POSITION_CLASSES.items():
-                a, b = pos.span(cls)
-                if b <= a:
-                    continue
-                logits = pos.logits_in(a, b)
+            for _, cls, phase, useful, a, b, logits in classify(s).spans():
                 side = out.prefill if phase == "prefill" else out.decode
                 executed = et * (b - a) + el * logits
                 side.executed_flops += executed
@@ -400,13 +403,10 @@ def _add_slices(record: IterationRecord, model: CostModel, out: IterationCost, t
         out.draft_tokens += s.draft_tokens
         out.accepted_tokens += s.accepted_tokens
         pos = classify(s)
-        for i, cls in enumerate(CLASS_ORDER):
-            a, b = pos.span(cls)
-            if b > a:
-                logits = pos.logits_in(a, b)
-                t.tokens[i] += b - a
-                t.logits[i] += logits
-                t.flops[i] += model.span_flops(a, b, logits)
+        for i, _, _, _, a, b, logits in pos.spans():
+            t.tokens[i] += b - a
+            t.logits[i] += logits
+            t.flops[i] += model.span_flops(a, b, logits)
         kv = bm.kv_read_bytes(pos.end, s.new_tokens)
         if pos.recompute_end > pos.start or pos.prefill_end > pos.prefill_start:
             t.kv_read_p += kv

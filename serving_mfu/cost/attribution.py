@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from serving_mfu.cost.accounting import POSITION_CLASSES, CostModel, classify
+from serving_mfu.cost.accounting import CostModel, classify
 from serving_mfu.cost.columns import int_array
 from serving_mfu.cost.counters import IterationCost
 from serving_mfu.cost.records import IterationRecord, Slice
@@ -162,11 +162,7 @@ def _slice_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> _
     bm = model.byte_model
     for i, (_, s, cached_ok) in enumerate(slices):
         pos = classify(s)
-        for cls, (phase, useful) in POSITION_CLASSES.items():
-            a, b = pos.span(cls)
-            if b <= a:
-                continue
-            logits = pos.logits_in(a, b)
+        for _, cls, phase, useful, a, b, logits in pos.spans():
             flops = model.span_flops(a, b, logits)
             cols[1 if phase == "prefill" else 2, i] += flops
             cols[3 if phase == "prefill" else 4, i] += b - a
@@ -206,12 +202,7 @@ def _add_lora(record: IterationRecord, rows: dict[str, int], useful: np.ndarray,
             i, s = rows.get(rid), by_id.get(rid)
             if i is None or s is None:
                 continue
-            pos = classify(s)
-            for cls, (phase, is_useful) in POSITION_CLASSES.items():
-                a, b = pos.span(cls)
-                if b <= a:
-                    continue
-                logits = pos.logits_in(a, b)
+            for _, _, phase, is_useful, a, b, logits in classify(s).spans():
                 (exec_p if phase == "prefill" else exec_d)[i] += use.executed_per_token * (b - a) + \
                     use.executed_per_logit * logits
                 if is_useful:

@@ -4,7 +4,8 @@ At admission a request gets its tenant label; after the tracker costs each step,
 `settle` adds each request's share of the noted steps (serving_mfu.cost.attribution, all at once: the
 array work's fixed cost is paid once per settle, not per step) to the request's columns in the ledger and
 to its tenant's sums; when vLLM reports requests finished, `finish` notes them and the next settle closes
-them: their columns (a `FinishedRequests` batch) go to the request log and the trace.  Runs on the accounting thread; nothing here imports vLLM.
+them: their columns (a `FinishedRequests` batch) go to the request log and the trace.  Runs on the
+accounting thread; nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -113,12 +114,9 @@ class RequestAccounts:
         n = len(led.prompt_len)
         c, t = led.costs, led.tokens
         device_s = shares.prefill_device_s + shares.decode_device_s
-        done: dict[int, np.ndarray] = {}  # an array given twice (useful = executed on plain decodes): summed once
         for row, values in ((c[_USEFUL], shares.useful_flops), (c[_EXECUTED], shares.executed_flops),
                             (c[_PREFILL_S], shares.prefill_device_s), (c[_DECODE_S], shares.decode_device_s)):
-            if id(values) not in done:
-                done[id(values)] = np.bincount(slots, values, minlength=n)  # one row per request and step
-            row += done[id(values)]
+            row += np.bincount(slots, values, minlength=n)  # a request in several steps: one row each
         for row, values in ((t[_OUT], shares.delivered_tokens), (t[_DRAFTS], shares.draft_tokens),
                             (t[_ACCEPTED], shares.accepted_tokens), (t[_CACHED], shares.cached_tokens),
                             (t[_RECEIVED], shares.received_tokens)):
