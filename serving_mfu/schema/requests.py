@@ -14,7 +14,7 @@ import re
 
 import msgspec
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 #: A tenant label: at most this many characters (Prometheus label values are free text; bounded for storage).
 TENANT_MAX_CHARS = 128
@@ -164,49 +164,62 @@ def id_keys(request_id: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ endpoint answers (pydantic)
-class RequestCostModel(BaseModel):
-    """One finished request (the endpoint's view of `RequestCost`)."""
+#: What each field of a finished request means (the endpoint's schema; RequestCost holds the fields).
+REQUEST_FIELD_DOCS = {
+    "request_id": "vLLM's internal request id",
+    "tenant": "vllm_xargs.tenant, else the LoRA adapter's name, else the served model (sanitised; `other` past "
+              "SERVING_MFU_MAX_TENANTS)",
+    "adapter": "its LoRA adapter's name, if any",
+    "engine": "the engine that ran it (pid-rank)",
+    "prompt_tokens": "the whole prompt, as vLLM's usage counts it",
+    "cached_tokens": "prompt tokens served by the local prefix cache",
+    "received_tokens": "prompt tokens whose KV came through a KV connector",
+    "output_tokens": "tokens delivered to the user",
+    "draft_tokens": "speculative draft tokens verified for it",
+    "accepted_tokens": "drafts accepted",
+    "useful_flops": "FLOPs of its useful positions (DESIGN §2)",
+    "executed_flops": "all FLOPs run for it: useful, recompute, rejected drafts, its drafter share by kept "
+                      "positions, LoRA, its graph-padding share",
+    "prefill_device_seconds": "its share of prefill time × devices (DESIGN §12)",
+    "decode_device_seconds": "its share of decode time × devices",
+    "device_seconds": "prefill + decode device-seconds",
+    "first_step_at": "Unix seconds: the end of its first step",
+    "last_step_at": "Unix seconds: the end of its last step",
+}
 
-    request_id: str = Field(description="vLLM's internal request id")
-    tenant: str = Field(description="vllm_xargs.tenant, else the LoRA adapter's name, else the served model "
-                        "(sanitised; `other` past SERVING_MFU_MAX_TENANTS)")
-    adapter: str | None = Field(description="its LoRA adapter's name, if any")
-    engine: str = Field(description="the engine that ran it (pid-rank)")
-    prompt_tokens: int = Field(description="the whole prompt, as vLLM's usage counts it")
-    cached_tokens: int = Field(description="prompt tokens served by the local prefix cache")
-    received_tokens: int = Field(description="prompt tokens whose KV came through a KV connector")
-    output_tokens: int = Field(description="tokens delivered to the user")
-    draft_tokens: int = Field(description="speculative draft tokens verified for it")
-    accepted_tokens: int = Field(description="drafts accepted")
-    useful_flops: float = Field(description="FLOPs of its useful positions (DESIGN §2)")
-    executed_flops: float = Field(description="all FLOPs run for it: useful, recompute, rejected drafts, its "
-                                  "drafter share by kept positions, LoRA, its graph-padding share")
-    prefill_device_seconds: float = Field(description="its share of prefill time × devices (DESIGN §12)")
-    decode_device_seconds: float = Field(description="its share of decode time × devices")
-    device_seconds: float = Field(description="prefill + decode device-seconds")
-    first_step_at: float = Field(description="Unix seconds: the end of its first step")
-    last_step_at: float = Field(description="Unix seconds: the end of its last step")
+#: What each per-tenant sum means: the endpoint's schema and the Prometheus counters' help.
+TENANT_FIELD_DOCS = {
+    "tenant": "the tenant label (sanitised; `other` past SERVING_MFU_MAX_TENANTS)",
+    "requests": "finished requests",
+    "useful_flops": "Useful FLOPs of the tenant's requests (DESIGN §12)",
+    "executed_flops": "Executed FLOPs of the tenant's requests: useful, recompute, rejected drafts, drafter share, "
+                      "LoRA, graph-padding share",
+    "device_seconds": "The tenant's share of busy time × devices: each step's phase time divided by its requests' "
+                      "roofline cost",
+    "prompt_tokens": "Prompt tokens of the tenant's requests (each whole prompt, at its first step)",
+    "output_tokens": "Tokens delivered to the tenant's requests",
+}
+
+
+def endpoint_model(struct: type[msgspec.Struct], name: str, doc: str, docs: dict[str, str]) -> type[BaseModel]:
+    """The pydantic model an endpoint serves for a msgspec struct: its fields (all required), each described."""
+    fields = {f.name: (f.type, Field(description=docs[f.name])) for f in msgspec.structs.fields(struct)}
+    return create_model(name, __doc__=doc, **fields)
+
+
+RequestCostModel = endpoint_model(RequestCost, "RequestCostModel",
+                                  "One finished request (the endpoint's view of `RequestCost`).", REQUEST_FIELD_DOCS)
+TenantModel = endpoint_model(TenantTotals, "TenantModel", "One tenant label's totals over every engine since it "
+                             "started.", TENANT_FIELD_DOCS)
 
 
 class RequestsResponse(BaseModel):
     """Finished requests, newest first."""
 
-    requests: list[RequestCostModel]
-
-
-class TenantModel(BaseModel):
-    """One tenant label's totals over every engine since it started."""
-
-    tenant: str
-    requests: int = Field(description="finished requests")
-    useful_flops: float
-    executed_flops: float
-    device_seconds: float = Field(description="its share of busy time × devices (DESIGN §12)")
-    prompt_tokens: int
-    output_tokens: int
+    requests: list[RequestCostModel]  # type: ignore[valid-type]
 
 
 class TenantsResponse(BaseModel):
     """Every tenant label, largest device-seconds first."""
 
-    tenants: list[TenantModel]
+    tenants: list[TenantModel]  # type: ignore[valid-type]

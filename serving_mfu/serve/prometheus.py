@@ -49,7 +49,7 @@ from prometheus_client.metrics_core import (
 )
 
 from serving_mfu.cost.counters import PHASES, TYPES, CounterTypes
-from serving_mfu.schema.requests import TENANT_COUNTERS
+from serving_mfu.schema.requests import TENANT_COUNTERS, TENANT_FIELD_DOCS
 from serving_mfu.schema.snapshot import EngineSnapshot
 from serving_mfu.schema.verdict import peak_verdict
 
@@ -58,17 +58,6 @@ log = logging.getLogger(__name__)
 BASE_LABELS = ("engine", "model", "kv_role")
 PEAK_LABELS = BASE_LABELS + ("device", "dtype", "source")
 SOURCE_MAX_CHARS = 64
-#: Help of each per-tenant counter (`serving_mfu_tenant_<name>_total{tenant=…}`).
-TENANT_HELP = {
-    "useful_flops": "Useful FLOPs of the tenant's requests (DESIGN §12)",
-    "executed_flops": "Executed FLOPs of the tenant's requests: useful, recompute, rejected drafts, drafter share, "
-                      "LoRA, graph-padding share",
-    "device_seconds": "The tenant's share of busy time × devices: each step's phase time divided by its requests' "
-                      "roofline cost",
-    "prompt_tokens": "Prompt tokens of the tenant's requests (each whole prompt, at its first step)",
-    "output_tokens": "Tokens delivered to the tenant's requests",
-}
-
 # Exposed at 0 until they happen, so that increase() sees the first one.
 KNOWN_ANOMALIES = ("accounting_error", "hook_errors", "missing_peak", "moe_routing_shape_mismatch")
 
@@ -150,7 +139,7 @@ class MFUCollector:
             "serving_mfu_engines", "Engines read at this scrape")
         for name in TENANT_COUNTERS:  # per tenant label (DESIGN §12), accrued at every step
             prom = f"serving_mfu_tenant_{name}"
-            fams[prom] = CounterMetricFamily(prom, TENANT_HELP[name], labels=BASE_LABELS + ("tenant",),
+            fams[prom] = CounterMetricFamily(prom, TENANT_FIELD_DOCS[name], labels=BASE_LABELS + ("tenant",),
                                              unit=_unit(prom))
         return fams
 
