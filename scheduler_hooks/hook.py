@@ -20,10 +20,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import add, attrgetter, ge, gt, lt
+from operator import add, attrgetter, lt
 from typing import Any, Callable
 
 import msgspec
+import numpy as np
 
 from scheduler_hooks.capture import StepCapture
 from scheduler_hooks.engine_info import EngineInfo, engine_info
@@ -116,14 +117,19 @@ class _Sorted:
     p_n0: list[int] = field(default_factory=list)
     p_prompt: list[int] = field(default_factory=list)
     p_cached: list[int] = field(default_factory=list)
-    p_end: list[int] = field(default_factory=list)
+    p_end: Any = None  # the prefill batch's chunk ends (an array), where _sort_new computed them
     n_chunks: int = 0  # prompt chunks of cached requests in the prefill batch
     p_done: int = 0  # prompts the prefill batch completes
     drafts: list[int] | None = None
     accepted: list[int] | None = None
     dec_delivered: list[int] | None = None
+    shared: bool = False  # the prefill lists are converted (int_array): append to copies
 
     def add_prompt(self, rid: str, q: int, n0: int, prompt: int, cached: int) -> None:
+        if self.shared:  # a converted list must not change: its array is memoized by identity
+            self.p_ids, self.p_q, self.p_n0, self.p_prompt = list(self.p_ids), list(self.p_q), list(self.p_n0), \
+                list(self.p_prompt)
+            self.p_cached, self.p_end, self.shared = list(self.p_cached), None, False
         self.p_ids.append(rid)
         self.p_q.append(q)
         self.p_n0.append(n0)
@@ -408,8 +414,9 @@ class MFUHook:
         index = runner_out.req_id_to_index if lengths is not None else None
         if st.dec_ids:
             self._acceptance(out, runner_out, lengths, index, st)
-        g_rows, expected = self._general_rows(out.scheduled_spec_decode_tokens, lengths, index, st)
-        delivered_by_id = self._delivered(result, expected, st)
+        g_rows, expected, decoding = self._general_rows(out.scheduled_spec_decode_tokens, lengths, index, st)
+        # what reached the users is read only for decodes (a prompt's first token is never cut short)
+        delivered_by_id = self._delivered(result, expected, st) if decoding or st.dec_ids else None
         slices = self._marks_and_slices(g_rows, delivered_by_id, st)
         kv = self._kv
         prefill = PrefillBatch(req_ids=st.p_ids, new_tokens=st.p_q, computed_before=st.p_n0, prompt_len=st.p_prompt,
@@ -450,18 +457,21 @@ class MFUHook:
             self.ledger
         ids = list(map(_REQ_ID, new))
         n0s = list(map(_COMPUTED, new))
-        qs = list(map(nst.__getitem__, ids))
+        # vLLM fills num_scheduled_tokens in schedule order: a step of new requests only lists them as they come
+        qs = list(nst.values()) if len(nst) == len(ids) and list(nst) == ids else list(map(nst.__getitem__, ids))
         try:
             lens = list(map(len, map(_PROMPT_IDS, new)))
         except TypeError:  # prompt embeddings instead of token ids
             lens = [len(ids_) if ids_ is not None else int(nr.prompt_embeds.shape[0])
                     for nr, ids_ in zip(new, map(_PROMPT_IDS, new))]
-        new_end = list(map(add, n0s, qs))
-        if not ledger.any_known(ids) and not any(map(gt, new_end, lens)) and \
+        # converted once: the costing, the ledger and the attribution read these same arrays
+        prompt, new_end = int_array(lens), int_array(n0s) + int_array(qs)
+        if not ledger.any_known(ids) and not (new_end > prompt).any() and \
                 not (spec and not spec.keys().isdisjoint(ids)):
             # first schedules: what each starts from was served by the prefix cache
-            st.p_ids, st.p_q, st.p_n0, st.p_prompt, st.p_cached, st.p_end = ids, qs, n0s, lens, list(n0s), new_end
-            slots = ledger.admit(ids, lens)
+            st.p_ids, st.p_q, st.p_n0, st.p_prompt, st.p_cached = ids, qs, n0s, lens, list(n0s)
+            st.p_end, st.shared = new_end, True
+            slots = ledger.admit(ids, prompt)
             fresh, fresh_ids = new, ids
         else:
             fresh = [nr for nr in new if nr.req_id not in ledger]
@@ -532,15 +542,15 @@ class MFUHook:
     def _close_prompts(self, st: "_Sorted") -> None:
         """Prompts still incomplete keep an explicit mark; complete ones leave `prefilling` (their mark is
         then their prompt's length).  Counts the prompts the prefill batch completes."""
-        if len(st.p_end) != len(st.p_ids):  # first schedules sorted one by one, or prompt chunks added
-            st.p_end = list(map(add, st.p_n0, st.p_q))
-        open_ = list(map(lt, st.p_end, st.p_prompt))
-        partial = sum(open_)
+        end = st.p_end if st.p_end is not None else np.add(st.p_n0, st.p_q)
+        open_ = end < (int_array(st.p_prompt) if st.shared else np.asarray(st.p_prompt))
+        partial = int(np.count_nonzero(open_))
         st.p_done = len(st.p_ids) - partial
         if partial:
-            self.ledger.hold(list(compress(st.p_ids, open_)), list(compress(st.p_end, open_)))
+            rows = np.flatnonzero(open_)
+            self.ledger.hold(list(map(st.p_ids.__getitem__, rows.tolist())), end[rows])
         if st.n_chunks:  # a continued prompt that is now complete leaves the set
-            self.ledger.prompts_done(compress(st.p_ids, map(ge, st.p_end, st.p_prompt)))
+            self.ledger.prompts_done(compress(st.p_ids, (~open_).tolist()))
 
     def _acceptance(self, out: Any, runner_out: Any, lengths: Any, index: Any, st: "_Sorted") -> None:
         """Decodes: each runs 1 + its drafts (vLLM schedules exactly the drafts it lists); one whose
@@ -570,10 +580,12 @@ class MFUHook:
             accepted = list(map(max, accepted, repeat(0)))
         st.drafts, st.accepted = drafts, accepted
 
-    def _general_rows(self, spec: Any, lengths: Any, index: Any, st: "_Sorted") -> tuple[list[tuple], int]:
-        """Each general row with its drafts, accepted, end, kept end and first decode position; and the
-        tokens the step should have delivered: one per finished prompt, 1 + accepted per decode."""
+    def _general_rows(self, spec: Any, lengths: Any, index: Any, st: "_Sorted") -> tuple[list[tuple], int, bool]:
+        """Each general row with its drafts, accepted, end, kept end and first decode position; the tokens
+        the step should have delivered (one per finished prompt, 1 + accepted per decode); and whether any
+        general row decodes."""
         expected = st.p_done + len(st.dec_ids) + (sum(st.accepted) if st.accepted else 0)
+        decoding = False
         rows = []
         for rid, q, n0, prompt, mark, cached in st.general:
             d = spec.get(rid) if spec else None
@@ -588,10 +600,11 @@ class MFUHook:
             first = max(n0, mark, prompt)
             if end > prompt and end > mark:
                 expected += kept_end - first
+                decoding = True
             elif end == prompt and end > mark:
                 expected += 1
             rows.append((rid, q, n0, prompt, mark, cached, k, a, end, kept_end, first))
-        return rows, expected
+        return rows, expected, decoding
 
     def _delivered(self, result: Any, expected: int, st: "_Sorted") -> dict[str, int] | None:
         """What reached each user, read only when a stop (or a dropped stale output) cut a request short —

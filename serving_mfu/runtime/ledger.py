@@ -20,7 +20,7 @@ Nothing here imports vLLM; the hook reads vLLM's objects and calls the named ope
 
 from __future__ import annotations
 
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Collection, Iterable, Sequence
 
 import numpy as np
@@ -35,12 +35,14 @@ TOKEN_COLUMNS = ("output_tokens", "draft_tokens", "accepted_tokens", "cached_tok
 class RequestLedger:
     """All per-request state of one engine, by slot: admit, advance, accept, hold, mark, finish, high-water mark."""
 
-    __slots__ = ("slot_of", "_free", "prompt_len", "mark", "last_n0", "adapter", "prefilling", "recomputing",
+    __slots__ = ("slot_of", "_free", "_n_free", "prompt_len", "mark", "last_n0", "adapter", "prefilling", "recomputing",
                  "adapters_in_flight", "_cache_ids", "_cache_slots", "tenant", "costs", "tokens", "first_at", "last_at")
 
     def __init__(self, capacity: int = 1024):
         self.slot_of: dict[str, int] = {}
-        self._free: list[int] = list(range(capacity - 1, -1, -1))  # popped from the end: low slots first
+        # the free slots, a stack: _free[:_n_free], taken from the top (low slots first in a fresh ledger)
+        self._free = np.arange(capacity - 1, -1, -1, dtype=np.intp)
+        self._n_free = capacity
         self.prompt_len = np.zeros(capacity, np.int64)
         self.mark = np.zeros(capacity, np.int64)  # explicit high-water mark
         self.last_n0 = np.full(capacity, -1, np.int64)  # n0 of the last plain decode (-1: none)
@@ -87,7 +89,10 @@ class RequestLedger:
     def _grow(self, need: int) -> None:
         old = len(self.prompt_len)
         new = max(2 * old, old + need)
-        self._free[:0] = range(new - 1, old - 1, -1)  # below the free slots left, so they go first
+        free = np.empty(new, np.intp)
+        free[:new - old] = np.arange(new - 1, old - 1, -1)  # below the free slots left, so they go first
+        free[new - old:new - old + self._n_free] = self._free[:self._n_free]
+        self._free, self._n_free = free, self._n_free + new - old
         self.prompt_len = np.concatenate([self.prompt_len, np.zeros(new - old, np.int64)])
         self.mark = np.concatenate([self.mark, np.zeros(new - old, np.int64)])
         self.last_n0 = np.concatenate([self.last_n0, np.full(new - old, -1, np.int64)])
@@ -99,17 +104,15 @@ class RequestLedger:
         self.last_at = np.concatenate([self.last_at, np.zeros(new - old)])
 
     # ------------------------------------------------------------------ named operations
-    def admit(self, ids: Sequence[str], prompt_lens: Sequence[int]) -> np.ndarray:
+    def admit(self, ids: Sequence[str], prompt_lens: Sequence[int] | np.ndarray) -> np.ndarray:
         """New requests (none known), with their prompts' lengths: each takes a free slot (returned)."""
         n = len(ids)
-        free = self._free
-        if n > len(free):
-            self._grow(n - len(free))
-        slots = free[-n:] if n else []
-        del free[len(free) - n:]
-        slots.reverse()
-        self.slot_of.update(zip(ids, slots))
-        idx = np.asarray(slots, np.intp)
+        if n > self._n_free:
+            self._grow(n - self._n_free)
+        top = self._n_free
+        idx = self._free[top - n:top][::-1].copy()
+        self._n_free = top - n
+        self.slot_of.update(zip(ids, idx.tolist()))
         self.prompt_len[idx] = prompt_lens
         self.mark[idx] = 0
         self.last_n0[idx] = -1
@@ -133,23 +136,25 @@ class RequestLedger:
     def finish(self, ids: Collection[str]) -> tuple[list[str], np.ndarray]:
         """Requests vLLM finished: their slots go back to the free list.  Returns those it held and their slots,
         whose columns stay readable until the next `admit` (it resets them)."""
-        slots = list(map(self.slot_of.pop, ids, repeat(None)))
-        if None in slots:
-            kept = [(r, s) for r, s in zip(ids, slots) if s is not None]
-            ids, slots = [r for r, _ in kept], [s for _, s in kept]
-        else:
-            ids = list(ids)
-        if not slots:
-            return [], np.zeros(0, np.intp)
+        ids = list(ids)
+        slots = np.fromiter(map(self.slot_of.pop, ids, repeat(-1)), np.intp, len(ids))
+        if not len(slots):
+            return [], slots
+        if slots.min() < 0:  # some were not held
+            held = slots >= 0
+            ids, slots = list(compress(ids, held.tolist())), slots[held]
+            if not len(slots):
+                return [], slots
         if self.adapters_in_flight:  # the column itself stays readable until the slot is admitted again
-            self.adapters_in_flight -= int((self.adapter[np.asarray(slots, np.intp)] != _NO_ADAPTER).sum())
-        self._free.extend(slots)
+            self.adapters_in_flight -= int((self.adapter[slots] != _NO_ADAPTER).sum())
+        self._free[self._n_free:self._n_free + len(slots)] = slots
+        self._n_free += len(slots)
         if self.prefilling:
             self.prefilling.difference_update(ids)
         if self.recomputing:
             self.recomputing.difference_update(ids)
         self._cache_ids = None
-        return ids, np.asarray(slots, np.intp)
+        return ids, slots
 
     def advance(self, ids: list[str], n0s: Sequence[int]) -> None:
         """A plain decode of each of `ids` from its n0 (one position computed and kept)."""

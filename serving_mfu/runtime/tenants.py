@@ -59,13 +59,14 @@ class TenantTable:
         return idx
 
     def accrue(self, labels: np.ndarray, values: Sequence[np.ndarray | float]) -> None:
-        """Add each request's values (one array per TENANT_COUNTERS entry, or a scalar 0) to its label."""
+        """Add each request's values (one array per TENANT_COUNTERS entry, or a scalar 0: nothing) to its label."""
         if not len(labels):
             return
         first = int(labels[0])
         if (labels == first).all():  # one tenant in the step (the usual case): plain sums
             for row, v in enumerate(values):
-                self.sums[row, first] += float(np.sum(v))
+                if isinstance(v, np.ndarray):  # the scalars are zeros
+                    self.sums[row, first] += float(v.sum())
             return
         n = self.sums.shape[1]
         for row, v in enumerate(values):
