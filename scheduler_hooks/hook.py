@@ -38,7 +38,7 @@ from scheduler_hooks.vllm_outputs import (
     uniform_decode,
 )
 from serving_mfu.cost.accounting import CostModel
-from serving_mfu.cost.columns import int_array
+from serving_mfu.cost.columns import int_array, remember
 from serving_mfu.cost.drafter import DraftRequest, drafter_work
 from serving_mfu.cost.graph_padding import padded_tokens, padding_from_stats
 from serving_mfu.cost.records import (
@@ -569,16 +569,16 @@ class MFUHook:
         if out.total_num_scheduled_tokens - other != n_dec + sum(drafts):
             st.dec_ids, st.dec_n0 = self._split_odd(st.dec_ids, st.dec_n0, nst, drafts, st.general)
             drafts = list(map(len, map(spec.get, st.dec_ids, repeat(()))))
-        if not lengths:
-            got = [0] * len(st.dec_ids)
-        elif len(lengths) == len(st.dec_ids) and getattr(runner_out, "req_ids", None) == st.dec_ids:
-            got = lengths  # the runner's batch is in the scheduler's order (req_ids[i] has index i)
+        n = len(st.dec_ids)
+        if lengths is None or not len(lengths):
+            got = np.zeros(n, np.int64)
+        elif len(lengths) == n and getattr(runner_out, "req_ids", None) == st.dec_ids:
+            got = np.asarray(lengths)  # the runner's batch is in the scheduler's order (req_ids[i] has index i)
         else:
-            got = list(map(lengths.__getitem__, map(index.__getitem__, st.dec_ids)))
-        accepted = list(map(min, map(add, got, repeat(-1)), drafts))
-        if accepted and min(accepted) < 0:  # a request that sampled nothing (its output was dropped)
-            accepted = list(map(max, accepted, repeat(0)))
-        st.drafts, st.accepted = drafts, accepted
+            got = np.asarray(lengths)[np.fromiter(map(index.__getitem__, st.dec_ids), np.intp, n)]
+        accepted = np.minimum(got - 1, int_array(drafts))
+        np.maximum(accepted, 0, out=accepted)  # a request that sampled nothing (its output was dropped)
+        st.drafts, st.accepted = drafts, remember(accepted.tolist(), accepted)  # its array: no conversion later
 
     def _general_rows(self, spec: Any, lengths: Any, index: Any, st: "_Sorted") -> tuple[list[tuple], int, bool]:
         """Each general row with its drafts, accepted, end, kept end and first decode position; the tokens
@@ -593,7 +593,7 @@ class MFUHook:
             a = 0
             if k:
                 i = index.get(rid) if index is not None else None
-                n = (lengths[i] if lengths and i is not None else 0) - 1
+                n = (int(lengths[i]) if lengths is not None and i is not None and i < len(lengths) else 0) - 1
                 a = k if n > k else (n if n > 0 else 0)
             end = n0 + q
             kept_end = end - (k - a)

@@ -9,8 +9,7 @@ with their source lines in vLLM 0.32 and 0.33, in tests/test_vllm_surface.py.
 from __future__ import annotations
 
 import functools
-from itertools import repeat
-from operator import add, attrgetter, le
+from operator import attrgetter, le
 from typing import Any
 
 import numpy as np
@@ -45,43 +44,38 @@ def uniform_decode(out: Any, graph: GraphConfig, prefill: PrefillBatch | None, s
 FROM_STATS: list = []  # `lengths` marker (compared by identity): read the sampled lengths on the accounting thread
 
 
-def sampled_lengths(out: Any, runner_out: Any, result: Any) -> list[int]:
-    """Tokens each request sampled in a draft-verifying step (1 + accepted drafts), read after
+def sampled_lengths(out: Any, runner_out: Any, result: Any) -> np.ndarray:
+    """Tokens each request sampled in a draft-verifying step (1 + accepted drafts), by runner row, read after
     update_from_output(): exact for every request that did not stop; a request that stopped had its
     list trimmed to what it delivered, and the accepted drafts the trim hid — vLLM's own
     SpecDecodingStats.num_accepted_tokens less what the lists show — go back to the stopped requests
     with drafts, each up to its drafts, in output order (only the rejected/discarded split among
     requests that stopped in the same step depends on that order; their delivered tokens do not)."""
     sampled = runner_out.sampled_token_ids
-    lengths = list(map(len, sampled)) if sampled else []
+    lengths = np.array(list(map(len, sampled)), np.int64) if sampled else np.zeros(0, np.int64)
     stats = _spec_stats(result)
-    if stats is None or not lengths:
+    if stats is None or not len(lengths):
         return lengths
     spec = out.scheduled_spec_decode_tokens
     index = runner_out.req_id_to_index
     # vLLM: accepted = max(len(sampled) − 1, 0), counted only for requests that sampled something
     if len(spec) == len(lengths) and list(spec) == getattr(runner_out, "req_ids", None):
-        seen = sum(lengths) - len(lengths) + lengths.count(0)  # every row verified drafts
+        seen = int(np.maximum(lengths - 1, 0).sum())  # every row verified drafts
     else:
-        rows = list(map(index.get, spec))
-        if None in rows:  # a request the runner did not run: not in the lists
-            rows = [i for i in rows if i is not None]
-        seen = sum(map(max, map(add, map(lengths.__getitem__, rows), repeat(-1)), repeat(0)))
+        rows = [i for i in map(index.get, spec) if i is not None]  # not in the lists: the runner did not run it
+        seen = int(np.maximum(lengths[rows] - 1, 0).sum()) if rows else 0
     hidden = stats.num_accepted_tokens - seen
     if hidden <= 0:
         return lengths
-    for outputs in result.values():
-        for o in filter(_FINISH_REASON, outputs.outputs):  # only requests that stopped
-            if hidden <= 0:
-                return lengths
-            i = index.get(o.request_id)
-            if o.request_id not in spec or i is None:
-                continue
-            room = len(spec[o.request_id]) + 1 - lengths[i]
-            if room > 0 and lengths[i]:
-                give = room if room < hidden else hidden
-                lengths[i] += give
-                hidden -= give
+    stopped = [o.request_id for outputs in result.values() for o in filter(_FINISH_REASON, outputs.outputs)
+               if o.request_id in spec and o.request_id in index]
+    if not stopped:
+        return lengths
+    rows = np.fromiter(map(index.__getitem__, stopped), np.intp, len(stopped))
+    have = lengths[rows]
+    room = np.where(have > 0, np.maximum(np.fromiter((len(spec[r]) for r in stopped), np.int64, len(stopped))
+                                         + 1 - have, 0), 0)
+    lengths[rows] += np.clip(hidden - (np.cumsum(room) - room), 0, room)  # in output order, until none is hidden
     return lengths
 
 

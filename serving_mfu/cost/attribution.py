@@ -34,12 +34,58 @@ _F = np.float64
 _I = np.int64
 
 
+@dataclass(slots=True, frozen=True)
+class Groups:
+    """Rows in runs of one step each (a step's prefill batch, its decode batch, its general slices), in row
+    order: each run's step (its index in the steps given), length and first row.  Sums over a step's rows
+    are one `reduceat` over the runs, and a per-step value reaches its rows by one `repeat` — a fraction of
+    what a `bincount` or a gather by each row's step costs."""
+
+    steps: np.ndarray  # intp, one per run
+    sizes: np.ndarray  # intp, > 0
+    offsets: np.ndarray  # intp, each run's first row
+
+    @classmethod
+    def of(cls, steps: Sequence[int], sizes: Sequence[int]) -> "Groups":
+        """Runs of `sizes` rows for `steps` (empty runs are dropped: they have no rows)."""
+        st, sz = np.asarray(steps, np.intp), np.asarray(sizes, np.intp)
+        if len(sz) and not sz.all():
+            st, sz = st[sz > 0], sz[sz > 0]
+        offsets = np.zeros(len(sz), np.intp)
+        np.cumsum(sz[:-1], out=offsets[1:])
+        return cls(st, sz, offsets)
+
+    @staticmethod
+    def join(parts: Sequence["Groups"]) -> "Groups":
+        """The runs of consecutive row blocks."""
+        return Groups.of(np.concatenate([g.steps for g in parts]), np.concatenate([g.sizes for g in parts]))
+
+    def per_step(self, values: np.ndarray, n_steps: int) -> np.ndarray:
+        """Σ `values` over each step's rows (float64, n_steps entries)."""
+        if not len(self.sizes):
+            return np.zeros(n_steps)
+        return np.bincount(self.steps, np.add.reduceat(values, self.offsets), minlength=n_steps)
+
+    def spread(self, per_step: np.ndarray) -> np.ndarray:
+        """Each row's step's entry of `per_step`."""
+        return np.repeat(per_step[self.steps], self.sizes)
+
+    def index(self) -> np.ndarray:
+        """Each row's step."""
+        return np.repeat(self.steps, self.sizes)
+
+    def rows(self, start: int, stop: int) -> "Groups":
+        """The runs of rows [start, stop) (a boundary between runs), renumbered from `start`."""
+        keep = (self.offsets >= start) & (self.offsets < stop)
+        return Groups(self.steps[keep], self.sizes[keep], self.offsets[keep] - start)
+
+
 @dataclass(slots=True)
 class StepShares:
     """Each request of each step (a request in several steps has one row per step), one array entry each."""
 
     id_lists: list[Sequence[str]]  # the rows' request ids, as the records' lists (`ids` joins them)
-    step: np.ndarray  # the row's step: its index in the steps given
+    groups: Groups  # the rows' steps, run by run
     useful_flops: np.ndarray
     executed_flops: np.ndarray
     prefill_device_s: np.ndarray
@@ -54,13 +100,18 @@ class StepShares:
     def ids(self) -> list[str]:
         return [r for ids in self.id_lists for r in ids]
 
+    @property
+    def step(self) -> np.ndarray:
+        """Each row's step: its index in the steps given."""
+        return self.groups.index()
+
 
 @dataclass(slots=True)
 class _Rows:
     """Rows of requests, before the steps' shared work is divided among them."""
 
     ids: list[Sequence[str]]  # lists of ids, in row order
-    step: np.ndarray
+    groups: Groups
     useful: np.ndarray  # useful FLOPs (prefill + kept positions)
     exec_p: np.ndarray  # executed FLOPs in the prefill phase
     exec_d: np.ndarray  # and in decode
@@ -112,7 +163,7 @@ def _prefill_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) ->
     n = len(q)
     zero_f, zero_i = np.zeros(n, _F), np.zeros(n, _I)
     cached = _column([b.cached_tokens if rec.kv is None else None for (_, rec), b in zip(steps, bs)], sizes)
-    return _Rows([b.req_ids for b in bs], np.repeat([s for s, _ in steps], sizes), flops, flops, zero_f,
+    return _Rows([b.req_ids for b in bs], Groups.of([s for s, _ in steps], sizes), flops, flops, zero_f,
                  q, zero_i, q, _kv_bytes(model, end, q), zero_f, logit, zero_i, zero_i, cached)
 
 
@@ -124,7 +175,7 @@ def _decode_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> 
     n0 = _column([b.computed_before for b in bs], sizes)
     plain = all(b.draft_tokens is None and b.delivered_tokens is None for b in bs)
     n = len(n0)
-    ids, step = [b.req_ids for b in bs], np.repeat([s for s, _ in steps], sizes)
+    ids, step = [b.req_ids for b in bs], Groups.of([s for s, _ in steps], sizes)
     if plain:  # one position each, at n0, with its logit row: lin + lm + Σ coef·keys; KV: Σ bytes·keys
         flops = np.full(n, float(model.linear_flops_per_token + model.lm_head_flops_per_logit))
         kv = np.full(n, float(model.byte_model.kv_bytes_per_token + model.state_bytes_per_slice))
@@ -180,7 +231,10 @@ def _slice_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> _
         cols[8, i], cols[9, i] = s.draft_tokens, s.accepted_tokens
         cached[i] = s.cached_tokens if cached_ok else 0
     as_i = cols[3:6].astype(_I)
-    return _Rows([[s.req_id for _, s, _ in slices]], np.array([st for st, _, _ in slices], _I), cols[0], cols[1],
+    counts: dict[int, int] = {}
+    for st, _, _ in slices:
+        counts[st] = counts.get(st, 0) + 1
+    return _Rows([[s.req_id for _, s, _ in slices]], Groups.of(list(counts), list(counts.values())), cols[0], cols[1],
                  cols[2], as_i[0], as_i[1], as_i[2], np.where(kv_phase_p, cols[6], 0.0),
                  np.where(kv_phase_p, 0.0, cols[6]), cols[7].astype(_I), cols[8].astype(_I), cols[9].astype(_I), cached)
 
@@ -189,7 +243,8 @@ def _join(parts: list[_Rows]) -> _Rows:
     if len(parts) == 1:
         return parts[0]
     ids = [x for p in parts for x in p.ids]
-    return _Rows(ids, *(np.concatenate([getattr(p, f) for p in parts]) for f in _Rows.__slots__[1:]))
+    return _Rows(ids, Groups.join([p.groups for p in parts]),
+                 *(np.concatenate([getattr(p, f) for p in parts]) for f in _Rows.__slots__[2:]))
 
 
 def _add_lora(record: IterationRecord, rows: dict[str, int], useful: np.ndarray, exec_p: np.ndarray,
@@ -209,38 +264,38 @@ def _add_lora(record: IterationRecord, rows: dict[str, int], useful: np.ndarray,
                     useful[i] += use.flops_per_token * (b - a) + use.flops_per_logit * logits
 
 
-def _shares(totals: np.ndarray, weights: np.ndarray, fallback: np.ndarray, step: np.ndarray) -> np.ndarray:
+def _shares(totals: np.ndarray, weights: np.ndarray, fallback: np.ndarray, groups: Groups) -> np.ndarray:
     """Each step's total divided among its rows in proportion to `weights` (to `fallback` in a step whose
     weights are all 0, then equally)."""
     n = len(totals)
-    w_sum = np.bincount(step, weights, minlength=n)
+    w_sum = groups.per_step(weights, n)
     unweighted = (w_sum <= 0) & (totals != 0)
     if unweighted.any():  # rare: a step whose rows weigh nothing
-        f_sum = np.bincount(step, fallback, minlength=n)
+        f_sum = groups.per_step(fallback, n)
         instead = np.where(f_sum > 0, 0.0, 1.0)  # per step: the fallback, else equal parts
-        rows = unweighted[step]
-        weights = np.where(rows, np.where(instead[step] > 0, 1.0, fallback), weights)
-        w_sum = np.bincount(step, weights, minlength=n)
+        rows = groups.spread(unweighted)
+        weights = np.where(rows, np.where(groups.spread(instead) > 0, 1.0, fallback), weights)
+        w_sum = groups.per_step(weights, n)
     scale = np.divide(totals, w_sum, out=np.zeros(n), where=w_sum > 0)
-    return weights * scale[step]
+    return weights * groups.spread(scale)
 
 
 def _device_seconds(times: np.ndarray, devices: int, exec_f: np.ndarray, own_bytes: np.ndarray, pos: np.ndarray,
                     phase_bytes: np.ndarray, peak: float | None, bandwidth: float | None, fallback: np.ndarray,
-                    step: np.ndarray) -> np.ndarray:
+                    groups: Groups) -> np.ndarray:
     """Each step's phase time × devices divided by its rows' roofline cost there, max(F_i/peak, B_i/bandwidth),
     B_i = its own bytes + the phase's other bytes shared by positions."""
     if not times.any():
         return np.zeros(len(exec_f), _F)
     if peak and bandwidth:
         n = len(times)
-        pos_sum = np.bincount(step, pos, minlength=n)
-        rest = np.maximum(phase_bytes - np.bincount(step, own_bytes, minlength=n), 0.0)
+        pos_sum = groups.per_step(pos, n)
+        rest = np.maximum(phase_bytes - groups.per_step(own_bytes, n), 0.0)
         per_pos = np.divide(rest, pos_sum, out=np.zeros(n), where=pos_sum > 0)
-        weights = np.maximum(exec_f / peak, (own_bytes + pos * per_pos[step]) / bandwidth)
+        weights = np.maximum(exec_f / peak, (own_bytes + pos * groups.spread(per_pos)) / bandwidth)
     else:
         weights = exec_f
-    return _shares(times * devices, weights, fallback, step)
+    return _shares(times * devices, weights, fallback, groups)
 
 
 def _step_array(costs: Sequence[IterationCost], get) -> np.ndarray:  # noqa: ANN001 - a getter of one cost
@@ -267,23 +322,24 @@ def attribute_steps(steps: Sequence[tuple[IterationRecord, IterationCost]], mode
     p = _join(parts)
     costs = [c for _, c in steps]
     useful, exec_p, exec_d, cached = p.useful, p.exec_p, p.exec_d, p.cached
-    received = np.zeros(len(p.step), _I)
+    n = len(p.useful)
+    received = np.zeros(n, _I)
     if any(rec.lora or rec.kv is not None for rec, _ in steps):  # changed in place: copies (parts share arrays)
         useful, exec_p, exec_d, cached = useful.copy(), exec_p.copy(), exec_d.copy(), cached.copy()
         _per_step_extras(steps, p, useful, exec_p, exec_d, cached, received)
     drafter = _step_array(costs, lambda c: c.drafter_flops)
     if drafter.any():
-        exec_d = exec_d + _shares(drafter, p.kept.astype(_F), (p.pos_p + p.pos_d).astype(_F), p.step)
+        exec_d = exec_d + _shares(drafter, p.kept.astype(_F), (p.pos_p + p.pos_d).astype(_F), p.groups)
     pad_p = _step_array(costs, lambda c: c.prefill.graph_padding_flops)
     pad_d = _step_array(costs, lambda c: c.decode.graph_padding_flops)
     if pad_p.any():
-        exec_p = exec_p + _shares(pad_p, p.pos_p.astype(_F), p.pos_p.astype(_F), p.step)
+        exec_p = exec_p + _shares(pad_p, p.pos_p.astype(_F), p.pos_p.astype(_F), p.groups)
     if pad_d.any():
-        exec_d = exec_d + _shares(pad_d, p.pos_d.astype(_F), p.pos_d.astype(_F), p.step)
+        exec_d = exec_d + _shares(pad_d, p.pos_d.astype(_F), p.pos_d.astype(_F), p.groups)
     everyone = exec_p + exec_d
     # each phase's time goes to the rows that ran in it: prefill to the slices and prefill batches (rows
     # [0, n_s + n_p)), decode to the slices and decode batches, and to every row the drafter ran for
-    n_sp, n = sum(len(x) for x in p.ids[:len(p.ids) - len(with_decode)]) if with_decode else len(p.step), len(p.step)
+    n_sp = sum(len(x) for x in p.ids[:len(p.ids) - len(with_decode)]) if with_decode else n
     pre_rows = slice(0, n_sp)
     dec_rows = slice(n_sp, n) if not with_slices and not drafter.any() else slice(0, n)
     pre_s, dec_s = np.zeros(n, _F), np.zeros(n, _F)
@@ -293,8 +349,8 @@ def attribute_steps(steps: Sequence[tuple[IterationRecord, IterationCost]], mode
         if rows.stop > rows.start and times.any():
             out[rows] = _device_seconds(times, devices, exec_f[rows], own[rows], pos[rows].astype(_F),
                                         _step_array(costs, lambda c: getattr(c, phase).bytes), peak_flops_per_s,
-                                        bandwidth_bytes_per_s, everyone[rows], p.step[rows])
-    return StepShares(p.ids, p.step, useful, everyone, pre_s, dec_s, p.delivered, p.drafts, p.accepted,
+                                        bandwidth_bytes_per_s, everyone[rows], p.groups.rows(rows.start, rows.stop))
+    return StepShares(p.ids, p.groups, useful, everyone, pre_s, dec_s, p.delivered, p.drafts, p.accepted,
                       cached, received)
 
 
@@ -305,9 +361,10 @@ def _per_step_extras(steps: Sequence[tuple[IterationRecord, IterationCost]], p: 
     if not need:
         return
     ids = [r for x in p.ids for r in x]
+    step = p.groups.index()
     for s in need:
         rec = steps[s][0]
-        rows = {ids[i]: i for i in np.flatnonzero(p.step == s).tolist()}
+        rows = {ids[i]: i for i in np.flatnonzero(step == s).tolist()}
         if rec.lora:
             _add_lora(rec, rows, useful, exec_p, exec_d)
         kv = rec.kv

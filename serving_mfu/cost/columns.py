@@ -4,7 +4,7 @@ A step's lists (a batch's `new_tokens`, `computed_before`, ...) are read by the 
 per-request attribution and by the hook's ledger; `int_array` converts each list once (the conversion, not
 the arithmetic, is what costs at large batches) and hands the same read-only array to every later caller.
 It is a memo, not state: the answer is a function of the list, held (with the list, so its id stays valid)
-for the last few hundred lists only.
+for the last few hundred lists only.  A list must not change once converted (its array would be stale).
 """
 
 from __future__ import annotations
@@ -28,3 +28,14 @@ def int_array(values: Sequence[int]) -> np.ndarray:
         _MEMO.clear()
     _MEMO[id(values)] = (values, arr)
     return arr
+
+
+def remember(values: list[int], arr: np.ndarray) -> list[int]:
+    """Note that `arr` is `values` as an array (computed as an array first, `values` is its `tolist()`): later
+    `int_array(values)` calls return it without converting.  Returns `values`."""
+    arr = arr.astype(np.int64, copy=False)
+    arr.flags.writeable = False
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.clear()
+    _MEMO[id(values)] = (values, arr)
+    return values

@@ -40,6 +40,36 @@ def _columns(record: IterationRecord) -> list:
     return [c for c in out if c is not None]
 
 
+_MIN_RUN_ROWS = 64  # rows per run at least, on average, for the runs' scatter (else one bincount per column)
+
+
+def _runs(pending: list) -> list[list]:
+    """The rows of the noted steps (in attribute_steps' order: every step's slices, then its prefill batch,
+    then its decode batch) as runs of consecutive steps with the same slots array — an unchanged batch, which
+    the ledger hands back as the same array: [slots, first row, steps, rows per step, first step, last step]."""
+    runs: list[list] = []
+    start = 0
+    for part in range(3):
+        run = None
+        for s, (_, _, parts) in enumerate(pending):
+            slots = parts[part]
+            if slots is None or not len(slots):
+                continue
+            if run is not None and slots is run[0]:
+                run[2] += 1
+                run[5] = s
+            else:
+                run = [slots, start, 1, len(slots), s, s]
+                runs.append(run)
+            start += len(slots)
+    return runs
+
+
+def _summed(values: np.ndarray, rows: slice, k: int, n: int) -> np.ndarray:
+    """A run's rows (k steps of the same n requests) summed over its steps: n values."""
+    return values[rows] if k == 1 else values[rows].reshape(k, n).sum(axis=0)
+
+
 class RequestAccounts:
     """What each request in flight has cost so far, and each tenant label in total."""
 
@@ -109,25 +139,50 @@ class RequestAccounts:
                                  self.bandwidth)
         if shares is None:
             return
+        device_s = shares.prefill_device_s + shares.decode_device_s
+        floats = ((_USEFUL, shares.useful_flops), (_EXECUTED, shares.executed_flops),
+                  (_PREFILL_S, shares.prefill_device_s), (_DECODE_S, shares.decode_device_s))
+        ints = [(row, values) for row, values in ((_OUT, shares.delivered_tokens), (_DRAFTS, shares.draft_tokens),
+                                                  (_ACCEPTED, shares.accepted_tokens), (_CACHED, shares.cached_tokens),
+                                                  (_RECEIVED, shares.received_tokens)) if values.any()]
+        tenant_values = (shares.useful_flops, shares.executed_flops, device_s, 0.0, shares.delivered_tokens)
+        t_end = [r.t_end_s + self.wall_offset_s for r, _, _ in pending]
+        runs = _runs(pending)
+        if len(runs) * _MIN_RUN_ROWS <= len(device_s):
+            self._add_runs(runs, t_end, floats, ints, tenant_values)
+        else:
+            self._add_rows(pending, shares, t_end, floats, ints, tenant_values)
+
+    def _add_runs(self, runs: list, t_end: list[float], floats: tuple, ints: list, tenant_values: tuple) -> None:
+        """Each run of steps with the same batch: its rows summed over the steps, added once to its slots."""
+        led = self.ledger
+        c, t = led.costs, led.tokens
+        for slots, start, k, n, first, last in runs:
+            rows = slice(start, start + k * n)
+            for row, values in floats:
+                c[row][slots] += _summed(values, rows, k, n)
+            for row, values in ints:
+                t[row][slots] += _summed(values, rows, k, n)
+            led.first_at[slots] = np.minimum(led.first_at[slots], t_end[first])
+            led.last_at[slots] = np.maximum(led.last_at[slots], t_end[last])
+            self.tenants.accrue(led.tenant[slots], [_summed(v, rows, k, n) if isinstance(v, np.ndarray) else v
+                                                    for v in tenant_values])
+
+    def _add_rows(self, pending: list, shares: Any, t_end: list[float], floats: tuple, ints: list,
+                  tenant_values: tuple) -> None:
+        """Row by row (steps whose batches keep changing): one `bincount` per column."""
         led = self.ledger
         slots = np.concatenate([parts[k] for k in range(3) for _, _, parts in pending if parts[k] is not None])
         n = len(led.prompt_len)
         c, t = led.costs, led.tokens
-        device_s = shares.prefill_device_s + shares.decode_device_s
-        for row, values in ((c[_USEFUL], shares.useful_flops), (c[_EXECUTED], shares.executed_flops),
-                            (c[_PREFILL_S], shares.prefill_device_s), (c[_DECODE_S], shares.decode_device_s)):
-            row += np.bincount(slots, values, minlength=n)  # a request in several steps: one row each
-        for row, values in ((t[_OUT], shares.delivered_tokens), (t[_DRAFTS], shares.draft_tokens),
-                            (t[_ACCEPTED], shares.accepted_tokens), (t[_CACHED], shares.cached_tokens),
-                            (t[_RECEIVED], shares.received_tokens)):
-            if values.any():
-                row += np.bincount(slots, values, minlength=n).astype(np.int64)
-        at = np.fromiter((r.t_end_s for r, _, _ in pending), np.float64, len(pending))[shares.step] + \
-            self.wall_offset_s
+        for row, values in floats:
+            c[row] += np.bincount(slots, values, minlength=n)  # a request in several steps: one row each
+        for row, values in ints:
+            t[row] += np.bincount(slots, values, minlength=n).astype(np.int64)
+        at = np.asarray(t_end)[shares.step]
         np.minimum.at(led.first_at, slots, at)
         np.maximum.at(led.last_at, slots, at)
-        self.tenants.accrue(led.tenant[slots], (shares.useful_flops, shares.executed_flops, device_s, 0.0,
-                                                shares.delivered_tokens.astype(np.float64)))
+        self.tenants.accrue(led.tenant[slots], tenant_values)
 
     def close(self, ids: list[str], slots: np.ndarray) -> FinishedRequests | None:
         """The columns of requests the ledger just finished (RequestLedger.finish: their ids and slots), handed

@@ -63,7 +63,7 @@ class TenantTable:
         if not len(labels):
             return
         first = int(labels[0])
-        if (labels == first).all():  # one tenant in the step (the usual case): plain sums
+        if len(self.labels) == 1 or (labels == first).all():  # one tenant in the step (the usual case): plain sums
             for row, v in enumerate(values):
                 if isinstance(v, np.ndarray):  # the scalars are zeros
                     self.sums[row, first] += float(v.sum())
