@@ -469,7 +469,8 @@ class MFUHook:
         if not ledger.any_known(ids) and not (new_end > prompt).any() and \
                 not (spec and not spec.keys().isdisjoint(ids)):
             # first schedules: what each starts from was served by the prefix cache
-            st.p_ids, st.p_q, st.p_n0, st.p_prompt, st.p_cached = ids, qs, n0s, lens, list(n0s)
+            st.p_ids, st.p_q, st.p_n0, st.p_prompt = ids, qs, n0s, lens
+            st.p_cached = remember(list(n0s), int_array(n0s))
             st.p_end, st.shared = new_end, True
             slots = ledger.admit(ids, prompt)
             fresh, fresh_ids = new, ids

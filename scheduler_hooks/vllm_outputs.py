@@ -9,6 +9,7 @@ with their source lines in vLLM 0.32 and 0.33, in tests/test_vllm_surface.py.
 from __future__ import annotations
 
 import functools
+from itertools import islice
 from operator import attrgetter, le
 from typing import Any
 
@@ -67,16 +68,25 @@ def sampled_lengths(out: Any, runner_out: Any, result: Any) -> np.ndarray:
     hidden = stats.num_accepted_tokens - seen
     if hidden <= 0:
         return lengths
-    stopped = [o.request_id for outputs in result.values() for o in filter(_FINISH_REASON, outputs.outputs)
-               if o.request_id in spec and o.request_id in index]
-    if not stopped:
-        return lengths
-    rows = np.fromiter(map(index.__getitem__, stopped), np.intp, len(stopped))
-    have = lengths[rows]
-    room = np.where(have > 0, np.maximum(np.fromiter((len(spec[r]) for r in stopped), np.int64, len(stopped))
-                                         + 1 - have, 0), 0)
-    lengths[rows] += np.clip(hidden - (np.cumsum(room) - room), 0, room)  # in output order, until none is hidden
+    stopped = (o.request_id for outputs in result.values() for o in filter(_FINISH_REASON, outputs.outputs))
+    while hidden > 0:  # in output order, a chunk at a time, until none is hidden
+        chunk = list(islice(stopped, _STOP_CHUNK))
+        if not chunk:
+            break
+        chunk = [r for r in chunk if r in spec and r in index]
+        if not chunk:
+            continue
+        rows = np.fromiter(map(index.__getitem__, chunk), np.intp, len(chunk))
+        have = lengths[rows]
+        drafts = np.fromiter(map(len, map(spec.__getitem__, chunk)), np.int64, len(chunk))
+        room = np.where(have > 0, np.maximum(drafts + 1 - have, 0), 0)
+        give = np.clip(hidden - (np.cumsum(room) - room), 0, room)
+        lengths[rows] += give
+        hidden -= int(give.sum())
     return lengths
+
+
+_STOP_CHUNK = 128  # stopped outputs read at a time by sampled_lengths (it stops once nothing is hidden)
 
 
 def _spec_stats(result: Any) -> Any:

@@ -302,10 +302,13 @@ def _step_array(costs: Sequence[IterationCost], get) -> np.ndarray:  # noqa: ANN
     return np.fromiter(map(get, costs), _F, len(costs))
 
 
-def attribute_steps(steps: Sequence[tuple[IterationRecord, IterationCost]], model: CostModel, devices: int,
-                    peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> StepShares | None:
-    """Each request's share of each costed step (peak and bandwidth: the engine's totals over its devices);
-    None when the steps ran no request."""
+def attribute_parts(steps: Sequence[tuple[IterationRecord, IterationCost]], model: CostModel, devices: int,
+                    peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> list[StepShares]:
+    """Each request's share of each costed step (peak and bandwidth: the engine's totals over its devices), as
+    consecutive blocks of rows: every step's general slices, then every step's prefill batch, then every
+    step's decode batch.  Where nothing spans both phases (no general slice, no drafter, each phase's
+    padding on that phase's batches) the prefill and decode batches are divided apart, without joining
+    their arrays; else as one block.  Empty when the steps ran no request."""
     indexed = list(enumerate(rec for rec, _ in steps))
     parts = []
     with_slices = [(s, rec) for s, rec in indexed if rec.slices]
@@ -318,38 +321,93 @@ def attribute_steps(steps: Sequence[tuple[IterationRecord, IterationCost]], mode
     if with_decode:
         parts.append(_decode_rows(with_decode, model))
     if not parts:
-        return None
-    p = _join(parts)
+        return []
     costs = [c for _, c in steps]
+    per_step = _StepTotals(costs)
+    if len(parts) == 1 or with_slices or per_step.drafter.any() or \
+            not per_step.padding_on(with_prefill, with_decode):
+        p = _join(parts)
+        n_sp = sum(len(x) for x in p.ids[:len(p.ids) - len(with_decode)]) if with_decode else len(p.useful)
+        return [_divide(p, steps, per_step, n_sp, bool(with_slices), ("prefill", "decode"), devices,
+                        peak_flops_per_s, bandwidth_bytes_per_s)]
+    return [_divide(parts[0], steps, per_step, len(parts[0].useful), False, ("prefill",), devices, peak_flops_per_s,
+                    bandwidth_bytes_per_s),
+            _divide(parts[1], steps, per_step, 0, False, ("decode",), devices, peak_flops_per_s,
+                    bandwidth_bytes_per_s)]
+
+
+def attribute_steps(steps: Sequence[tuple[IterationRecord, IterationCost]], model: CostModel, devices: int,
+                    peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> StepShares | None:
+    """`attribute_parts` as one block of rows; None when the steps ran no request."""
+    blocks = attribute_parts(steps, model, devices, peak_flops_per_s, bandwidth_bytes_per_s)
+    return join_blocks(blocks) if blocks else None
+
+
+def join_blocks(blocks: Sequence[StepShares]) -> StepShares:
+    """Consecutive blocks of rows as one."""
+    if len(blocks) == 1:
+        return blocks[0]
+    return StepShares([x for b in blocks for x in b.id_lists], Groups.join([b.groups for b in blocks]),
+                      *(np.concatenate([getattr(b, f) for b in blocks]) for f in StepShares.__slots__[2:]))
+
+
+class _StepTotals:
+    """The steps' costs the division reads, one array each (per step)."""
+
+    def __init__(self, costs: Sequence[IterationCost]):
+        self.drafter = _step_array(costs, lambda c: c.drafter_flops)
+        self.pad = {"prefill": _step_array(costs, lambda c: c.prefill.graph_padding_flops),
+                    "decode": _step_array(costs, lambda c: c.decode.graph_padding_flops)}
+        self.time_s = {ph: _step_array(costs, lambda c: getattr(c, ph).time_s) for ph in ("prefill", "decode")}
+        self.bytes = {ph: _step_array(costs, lambda c: getattr(c, ph).bytes) for ph in ("prefill", "decode")}
+
+    def padding_on(self, with_prefill: list, with_decode: list) -> bool:
+        """Whether each step's padding of a phase falls on its batch of that phase (so they divide apart)."""
+        for phase, having in (("prefill", with_prefill), ("decode", with_decode)):
+            pad = self.pad[phase]
+            if pad.any():
+                has = np.zeros(len(pad), bool)
+                has[[s for s, _ in having]] = True
+                if pad[~has].any():
+                    return False
+        return True
+
+
+def _divide(p: _Rows, steps: Sequence[tuple[IterationRecord, IterationCost]], per_step: _StepTotals, n_sp: int,
+            spans: bool, pads: tuple[str, ...], devices: int, peak_flops_per_s: float | None,
+            bandwidth_bytes_per_s: float | None) -> StepShares:
+    """The steps' shared work and time divided among rows `p`: rows [0, n_sp) ran in the prefill phase, the
+    rest in decode (all of them where `spans`: general slices, or a drafter that ran for every row); the
+    graph padding of the phases in `pads` goes to them."""
     useful, exec_p, exec_d, cached = p.useful, p.exec_p, p.exec_d, p.cached
     n = len(p.useful)
     received = np.zeros(n, _I)
     if any(rec.lora or rec.kv is not None for rec, _ in steps):  # changed in place: copies (parts share arrays)
         useful, exec_p, exec_d, cached = useful.copy(), exec_p.copy(), exec_d.copy(), cached.copy()
         _per_step_extras(steps, p, useful, exec_p, exec_d, cached, received)
-    drafter = _step_array(costs, lambda c: c.drafter_flops)
+    drafter = per_step.drafter
     if drafter.any():
         exec_d = exec_d + _shares(drafter, p.kept.astype(_F), (p.pos_p + p.pos_d).astype(_F), p.groups)
-    pad_p = _step_array(costs, lambda c: c.prefill.graph_padding_flops)
-    pad_d = _step_array(costs, lambda c: c.decode.graph_padding_flops)
-    if pad_p.any():
+        spans = True
+    pad_p, pad_d = per_step.pad["prefill"], per_step.pad["decode"]
+    if pad_p.any() and "prefill" in pads:
         exec_p = exec_p + _shares(pad_p, p.pos_p.astype(_F), p.pos_p.astype(_F), p.groups)
-    if pad_d.any():
+    if pad_d.any() and "decode" in pads:
         exec_d = exec_d + _shares(pad_d, p.pos_d.astype(_F), p.pos_d.astype(_F), p.groups)
     everyone = exec_p + exec_d
     # each phase's time goes to the rows that ran in it: prefill to the slices and prefill batches (rows
     # [0, n_s + n_p)), decode to the slices and decode batches, and to every row the drafter ran for
-    n_sp = sum(len(x) for x in p.ids[:len(p.ids) - len(with_decode)]) if with_decode else n
     pre_rows = slice(0, n_sp)
-    dec_rows = slice(n_sp, n) if not with_slices and not drafter.any() else slice(0, n)
+    dec_rows = slice(0, n) if spans else slice(n_sp, n)
     pre_s, dec_s = np.zeros(n, _F), np.zeros(n, _F)
     for out, rows, phase, exec_f, own, pos in ((pre_s, pre_rows, "prefill", exec_p, p.kv_p, p.pos_p),
                                                (dec_s, dec_rows, "decode", exec_d, p.kv_d, p.pos_d)):
-        times = _step_array(costs, lambda c: getattr(c, phase).time_s)
+        times = per_step.time_s[phase]
         if rows.stop > rows.start and times.any():
+            whole = rows.start == 0 and rows.stop == n
             out[rows] = _device_seconds(times, devices, exec_f[rows], own[rows], pos[rows].astype(_F),
-                                        _step_array(costs, lambda c: getattr(c, phase).bytes), peak_flops_per_s,
-                                        bandwidth_bytes_per_s, everyone[rows], p.groups.rows(rows.start, rows.stop))
+                                        per_step.bytes[phase], peak_flops_per_s, bandwidth_bytes_per_s,
+                                        everyone[rows], p.groups if whole else p.groups.rows(rows.start, rows.stop))
     return StepShares(p.ids, p.groups, useful, everyone, pre_s, dec_s, p.delivered, p.drafts, p.accepted,
                       cached, received)
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from serving_mfu.cost.accounting import CostModel
-from serving_mfu.cost.attribution import attribute_steps
+from serving_mfu.cost.attribution import StepShares, attribute_parts, join_blocks
 from serving_mfu.cost.columns import int_array
 from serving_mfu.cost.counters import IterationCost
 from serving_mfu.cost.records import IterationRecord
@@ -63,6 +63,22 @@ def _runs(pending: list) -> list[list]:
                 runs.append(run)
             start += len(slots)
     return runs
+
+
+class _Columns:
+    """A block of shares as the ledger's columns take them: (row, values) for the cost sums and for the token
+    counts that are not all zero, and the tenant sums' values."""
+
+    __slots__ = ("floats", "ints", "tenant")
+
+    def __init__(self, b: StepShares):
+        self.floats = ((_USEFUL, b.useful_flops), (_EXECUTED, b.executed_flops), (_PREFILL_S, b.prefill_device_s),
+                       (_DECODE_S, b.decode_device_s))
+        self.ints = [(row, values) for row, values in ((_OUT, b.delivered_tokens), (_DRAFTS, b.draft_tokens),
+                                                       (_ACCEPTED, b.accepted_tokens), (_CACHED, b.cached_tokens),
+                                                       (_RECEIVED, b.received_tokens)) if values.any()]
+        self.tenant = (b.useful_flops, b.executed_flops, b.prefill_device_s + b.decode_device_s, 0.0,
+                       b.delivered_tokens)
 
 
 def _summed(values: np.ndarray, rows: slice, k: int, n: int) -> np.ndarray:
@@ -135,54 +151,54 @@ class RequestAccounts:
             self.close(*self.ledger.finish(finishing))
 
     def _charge_all(self, pending: list) -> None:
-        shares = attribute_steps([(r, c) for r, c, _ in pending], self.model, self.devices, self.peak,
+        blocks = attribute_parts([(r, c) for r, c, _ in pending], self.model, self.devices, self.peak,
                                  self.bandwidth)
-        if shares is None:
+        if not blocks:
             return
-        device_s = shares.prefill_device_s + shares.decode_device_s
-        floats = ((_USEFUL, shares.useful_flops), (_EXECUTED, shares.executed_flops),
-                  (_PREFILL_S, shares.prefill_device_s), (_DECODE_S, shares.decode_device_s))
-        ints = [(row, values) for row, values in ((_OUT, shares.delivered_tokens), (_DRAFTS, shares.draft_tokens),
-                                                  (_ACCEPTED, shares.accepted_tokens), (_CACHED, shares.cached_tokens),
-                                                  (_RECEIVED, shares.received_tokens)) if values.any()]
-        tenant_values = (shares.useful_flops, shares.executed_flops, device_s, 0.0, shares.delivered_tokens)
         t_end = [r.t_end_s + self.wall_offset_s for r, _, _ in pending]
         runs = _runs(pending)
-        if len(runs) * _MIN_RUN_ROWS <= len(device_s):
-            self._add_runs(runs, t_end, floats, ints, tenant_values)
-        else:
-            self._add_rows(pending, shares, t_end, floats, ints, tenant_values)
+        if len(runs) * _MIN_RUN_ROWS > sum(len(b.useful_flops) for b in blocks):  # batches that keep changing
+            shares = join_blocks(blocks)
+            slots = np.concatenate([parts[k] for k in range(3) for _, _, parts in pending if parts[k] is not None])
+            self._add_rows(slots, shares.step, _Columns(shares), t_end)
+            return
+        start = 0
+        for b in blocks:  # runs never cross blocks: a block holds whole parts
+            end = start + len(b.useful_flops)
+            cols = _Columns(b)
+            for slots, first_row, k, n, first, last in runs:
+                if start <= first_row < end:
+                    self._add_run(slots, slice(first_row - start, first_row - start + k * n), k, n, cols,
+                                  t_end[first], t_end[last])
+            start = end
 
-    def _add_runs(self, runs: list, t_end: list[float], floats: tuple, ints: list, tenant_values: tuple) -> None:
-        """Each run of steps with the same batch: its rows summed over the steps, added once to its slots."""
+    def _add_run(self, slots: np.ndarray, rows: slice, k: int, n: int, cols: "_Columns", first_s: float,
+                 last_s: float) -> None:
+        """A run of k steps of the same n requests: its rows summed over the steps, added once to its slots."""
         led = self.ledger
         c, t = led.costs, led.tokens
-        for slots, start, k, n, first, last in runs:
-            rows = slice(start, start + k * n)
-            for row, values in floats:
-                c[row][slots] += _summed(values, rows, k, n)
-            for row, values in ints:
-                t[row][slots] += _summed(values, rows, k, n)
-            led.first_at[slots] = np.minimum(led.first_at[slots], t_end[first])
-            led.last_at[slots] = np.maximum(led.last_at[slots], t_end[last])
-            self.tenants.accrue(led.tenant[slots], [_summed(v, rows, k, n) if isinstance(v, np.ndarray) else v
-                                                    for v in tenant_values])
+        for row, values in cols.floats:
+            c[row][slots] += _summed(values, rows, k, n)
+        for row, values in cols.ints:
+            t[row][slots] += _summed(values, rows, k, n)
+        led.first_at[slots] = np.minimum(led.first_at[slots], first_s)
+        led.last_at[slots] = np.maximum(led.last_at[slots], last_s)
+        self.tenants.accrue(led.tenant[slots], [_summed(v, rows, k, n) if isinstance(v, np.ndarray) else v
+                                                for v in cols.tenant])
 
-    def _add_rows(self, pending: list, shares: Any, t_end: list[float], floats: tuple, ints: list,
-                  tenant_values: tuple) -> None:
+    def _add_rows(self, slots: np.ndarray, step: np.ndarray, cols: "_Columns", t_end: list[float]) -> None:
         """Row by row (steps whose batches keep changing): one `bincount` per column."""
         led = self.ledger
-        slots = np.concatenate([parts[k] for k in range(3) for _, _, parts in pending if parts[k] is not None])
         n = len(led.prompt_len)
         c, t = led.costs, led.tokens
-        for row, values in floats:
+        for row, values in cols.floats:
             c[row] += np.bincount(slots, values, minlength=n)  # a request in several steps: one row each
-        for row, values in ints:
+        for row, values in cols.ints:
             t[row] += np.bincount(slots, values, minlength=n).astype(np.int64)
-        at = np.asarray(t_end)[shares.step]
+        at = np.asarray(t_end)[step]
         np.minimum.at(led.first_at, slots, at)
         np.maximum.at(led.last_at, slots, at)
-        self.tenants.accrue(led.tenant[slots], tenant_values)
+        self.tenants.accrue(led.tenant[slots], cols.tenant)
 
     def close(self, ids: list[str], slots: np.ndarray) -> FinishedRequests | None:
         """The columns of requests the ledger just finished (RequestLedger.finish: their ids and slots), handed
