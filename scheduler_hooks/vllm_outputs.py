@@ -147,6 +147,25 @@ def kv_transfer(out: Any, result: Any) -> KVTransferRecord | None:
     return KVTransferRecord(req_ids=ids, local_cached=local, received=got, sent_tokens=sent)
 
 
+def _joined(chunks: list, tokens: int | None) -> np.ndarray:
+    """The routed-expert rows of a step as one [tokens, layers, top_k] array.  Rows of one dtype and shape
+    (vLLM's capture: contiguous int32) are joined as bytes — a quarter of what `np.concatenate` costs per
+    array; their total size must come out as `tokens` (when known) × the first row's layers × top_k."""
+    first = np.asarray(chunks[0])
+    if tokens is not None and first.ndim == 3:
+        try:
+            flat = np.frombuffer(b"".join(chunks), first.dtype)
+        except (TypeError, BufferError, ValueError):  # not all contiguous buffers of whole items
+            flat = None
+        if flat is not None and flat.size == tokens * first.shape[1] * first.shape[2]:
+            return flat.reshape(tokens, first.shape[1], first.shape[2])
+    try:
+        return np.asarray(np.concatenate(chunks, axis=0))  # [tokens, layers, top_k]
+    except ValueError:  # rows of differing layer counts: the layers all of them cover
+        layers = min(c.shape[1] for c in chunks)
+        return np.asarray(np.concatenate([c[:, :layers, :] for c in chunks], axis=0))
+
+
 def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], experts: int) -> list[list[int]] | None:
     """Tokens routed to each expert per MoE layer in this step, from vLLM's routed-experts capture.
 
@@ -170,7 +189,7 @@ def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], 
     else:
         q_by_id, n0_by_id = dict(zip(ids, qs)), dict(zip(ids, n0s))
         q_of, n0_of = list(map(q_by_id.get, rids)), list(map(n0_by_id.get, rids))
-    if list(map(_TOKEN_START, items)) == n0_of and None not in q_of and all(map(le, lens, q_of)):
+    if list(map(_TOKEN_START, items)) == n0_of and (lens == q_of or (None not in q_of and all(map(le, lens, q_of)))):
         chunks = rows
     else:
         q_by_id, n0_by_id = dict(zip(ids, qs)), dict(zip(ids, n0s))
@@ -181,15 +200,11 @@ def moe_routing(runner_out: Any, ids: list[str], qs: list[int], n0s: list[int], 
                 continue
             lo, hi = max(n0 - item.token_start, 0), max(n0 + q_by_id[rid] - item.token_start, 0)
             chunks.append(r[lo:hi])
+    whole = chunks is rows  # every row as it came: `lens` counts their tokens
     chunks = [c for c in chunks if c.size] if chunks is not rows or 0 in lens else chunks
     if not chunks:
         return None
-    try:
-        ids = np.concatenate(chunks, axis=0)  # [tokens, layers, top_k]
-    except ValueError:  # rows of differing layer counts: the layers all of them cover
-        layers = min(c.shape[1] for c in chunks)
-        ids = np.concatenate([c[:, :layers, :] for c in chunks], axis=0)
-    ids = np.asarray(ids)
+    ids = _joined(chunks, sum(lens) if whole else None)
     tokens, layers, top_k = ids.shape
     if ids.size and (ids.min() < 0 or ids.max() >= experts):  # padding or foreign ids: count only real experts
         ids = ids.astype(np.int64)

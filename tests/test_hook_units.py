@@ -54,6 +54,27 @@ def test_moe_routing_counts_the_step_positions_only() -> None:
     assert moe_routing(extra, ["a", "b"], [4, 1], [15, 30], EXPERTS) == counts
 
 
+def test_moe_routing_joins_rows_of_any_layout_alike() -> None:
+    """Rows joined as bytes (contiguous, one dtype) count as np.concatenate would; rows that are not (a
+    strided view, another dtype) take the general path with the same result."""
+    rng = np.random.default_rng(1)
+    rows = {f"r{i}": rng.integers(0, EXPERTS, size=(1 + i % 3, 2, 2)).astype(np.int32) for i in range(40)}
+    ids, qs, n0s = list(rows), [len(r) for r in rows.values()], [7] * len(rows)
+    expected = np.zeros((2, EXPERTS), int)
+    for r in rows.values():
+        for layer in range(2):
+            np.add.at(expected[layer], r[:, layer, :].reshape(-1), 1)
+
+    def counts(rows_by_id: dict) -> list:
+        aux = {rid: AuxRequestOutput(token_start=7, rows=r) for rid, r in rows_by_id.items()}
+        return moe_routing(SimpleNamespace(aux_output_connector_output=aux), ids, qs, n0s, EXPERTS)
+
+    assert counts(rows) == expected.tolist()
+    mixed = dict(rows, r0=rows["r0"].astype(np.int64), r5=np.repeat(rows["r5"], 2, axis=0)[::2])
+    assert not mixed["r5"].flags["C_CONTIGUOUS"]
+    assert counts(mixed) == expected.tolist()
+
+
 def test_moe_routing_absent_without_capture() -> None:
     assert moe_routing(SimpleNamespace(), ["a"], [1], [0], EXPERTS) is None
 
