@@ -12,8 +12,10 @@ from typing import Any
 import msgspec
 
 
-class StepCapture(msgspec.Struct, frozen=True, kw_only=True):
-    """One step as captured on the engine thread (scheduler_hooks.hook: `_before_output`)."""
+class StepCapture(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One step as captured on the engine thread (scheduler_hooks.hook: `_before_output`).  Not tracked by the
+    garbage collector (it refers to vLLM's objects, nothing refers back): building it cannot start a collection
+    on the engine thread."""
 
     t_sched_s: float  # when schedule() returned the step (the hook's clock)
     t_end_s: float  # when its output reached update_from_output()

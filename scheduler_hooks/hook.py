@@ -97,7 +97,8 @@ def _flag_weights_in_cache(tracker: MFUTracker, info: EngineInfo,
                              "against the DRAM bandwidth overstates the memory's load")
 
 
-_SETTLE = ("settle",)  # an accounting-queue item: settle the per-request accounts (see flush)
+_FLUSH = "flush"  # an accounting-queue item (_FLUSH, event): settle the per-request accounts, then set the event
+_QUEUE_LIMIT = 10_000  # steps waiting for the accounting thread at most (more are dropped and counted)
 
 
 class InjectedFault(RuntimeError):
@@ -184,7 +185,8 @@ class MFUHook:
         # the engine thread only captures what the step left behind.  sync_accounting does it inline
         # (benchmarks that time the whole path, debugging).
         self.sync = settings.sync_accounting
-        self._queue: queue.Queue | None = None if self.sync else queue.Queue(maxsize=10_000)
+        # a SimpleQueue (C): the engine thread's hand-over is one put, no Python-level locks or notify
+        self._queue: queue.SimpleQueue | None = None if self.sync else queue.SimpleQueue()
         self.gpu = sampler
         self.trace = trace
         self.observer: Observer | None = None  # see "engine callbacks"
@@ -355,13 +357,13 @@ class MFUHook:
     def hand_over(self, step: int, capture: StepCapture, result: Any) -> None:
         """The default sink: the step to the accounting thread (inline with sync_accounting)."""
         item = (step, capture, result)
-        if self._queue is None:
+        q = self._queue
+        if q is None:
             self._account(item)
+        elif q.qsize() < _QUEUE_LIMIT:
+            q.put(item)
         else:
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                self.tracker.note_anomaly("dropped_records", "the accounting thread fell 10000 steps behind")
+            self.tracker.note_anomaly("dropped_records", f"the accounting thread fell {_QUEUE_LIMIT} steps behind")
 
     # ------------------------------------------------------------------ building the record (accounting side)
     def high_water_mark(self, rid: str) -> int:
@@ -724,9 +726,6 @@ class MFUHook:
 
     # ------------------------------------------------------------------ accounting thread
     def _account(self, item: tuple) -> None:
-        if item is _SETTLE:
-            self._settle()
-            return
         if item[1] is None:  # finished requests of a step that ran nothing (see _on_schedule)
             self._forget(item[2])
             self.writer.mark_dirty()
@@ -757,22 +756,28 @@ class MFUHook:
         assert q is not None
         while True:
             rec = q.get()
-            try:
-                if rec is None:
-                    return
-                self._account(rec)
-            finally:
-                q.task_done()
+            if rec is None:
+                return
+            if rec[0] is _FLUSH:  # every step before it is accounted
+                self._settle()
+                rec[1].set()
+                continue
+            self._account(rec)
 
     def flush(self) -> None:
         """Wait until every submitted step is accounted and the per-request accounts settled (publisher
         thread, tests, shutdown)."""
         if self._queue is None:
             self._settle()
-        elif self._accountant is not None and self._accountant.is_alive():
-            if self.accounts is not None:
-                self._queue.put(_SETTLE)  # settled on the accounting thread, which owns the ledger
-            self._queue.join()
+            return
+        accountant = self._accountant
+        if accountant is None or not accountant.is_alive():
+            return
+        done = threading.Event()
+        self._queue.put((_FLUSH, done))  # settled on the accounting thread, which owns the ledger
+        while not done.wait(1.0):
+            if not accountant.is_alive():
+                return
 
     def _settle(self) -> None:
         if self.accounts is not None:

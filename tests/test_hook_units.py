@@ -302,3 +302,46 @@ def test_engine_thread_copies_no_lengths_when_stats_are_on(tmp_path) -> None:
         assert hook.before_output(SimpleNamespace(log_stats=False), out, runner).lengths == [2]
     finally:
         hook.close()
+
+
+def test_a_full_accounting_queue_drops_and_counts_never_waits(tmp_path) -> None:
+    """The engine thread never waits for the accounting thread: past _QUEUE_LIMIT steps waiting, a hand-over
+    is dropped and counted; flush still drains what was queued, and returns."""
+    import threading
+    import time
+
+    from scheduler_hooks import hook as hook_module
+    from serving_mfu.runtime.settings import Settings
+    from tests.engine_util import DEFAULT_PEAK, environ
+
+    config, _ = _hook_for(tmp_path)
+    with environ(DEFAULT_PEAK):
+        hook = hook_module.MFUHook.from_vllm_config(config, settings=Settings(dir=tmp_path), publish=False)
+    release = threading.Event()
+
+    class Blocking:  # holds the accounting thread on the first step it accounts
+        def enter(self, kind, *args):
+            if kind == "account":
+                release.wait(30)
+
+        def exit(self, kind, result):
+            pass
+
+    hook.observer = Blocking()
+    try:
+        hook.hand_over(1, StepCapture(t_sched_s=0.0, t_end_s=1.0, out=None, runner_out=None), None)
+        deadline = time.monotonic() + 10
+        while hook._queue.qsize() and time.monotonic() < deadline:  # the accounting thread took it, and waits
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        for _ in range(hook_module._QUEUE_LIMIT + 5):
+            hook.hand_over(0, None, ())  # a step that ran nothing: only its finished requests
+        assert time.perf_counter() - t0 < 5  # never waited for the blocked thread
+        assert hook.tracker.counters.anomalies.get("dropped_records") == 5
+        release.set()
+        hook.flush()
+        assert hook._queue.qsize() == 0
+        assert hook.tracker.counters.anomalies.get("hook_errors") == 1  # the first step's capture was empty
+    finally:
+        release.set()
+        hook.close()
