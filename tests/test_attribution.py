@@ -220,3 +220,59 @@ def test_request_log_refuses_a_link_and_a_shared_folder(tmp_path: Path) -> None:
     writer.add(_batch(["b"]))
     writer.flush()
     assert not live.exists() and writer.dropped == 2
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(MODELS)), n0s=st.lists(st.integers(0, 6000), min_size=1, max_size=48),
+       k=st.integers(2, 12), peak=st.sampled_from([None, (1e15, 1e13), (1e12, 1e14), (1e14, 1e12), (3e12, 3e10)]),
+       busy=st.lists(st.floats(1e-4, 0.2), min_size=12, max_size=12), devices=st.integers(1, 4))
+def test_a_decode_run_in_closed_form_equals_row_by_row(name, n0s, k, peak, busy, devices) -> None:
+    """k plain decode steps of the same requests (request i at n0_i + t in step t): decode_run's per-request sums
+    equal attribute_steps row by row, summed over the steps (1e-9); where it declines (a window that binds, the
+    roofline's corner inside a batch) it says so with None, never a different figure."""
+    from serving_mfu.cost.attribution import attribute_steps, decode_run
+    from serving_mfu.cost.records import DecodeBatch, IterationRecord
+
+    model = MODELS[name]
+    pf, bw = peak if peak else (None, None)
+    ids = [f"r{i}" for i in range(len(n0s))]
+    steps = []
+    for t in range(k):
+        rec = IterationRecord(step=t, t_sched_s=t, t_end_s=t + busy[t], slices=[],
+                              decode=DecodeBatch(req_ids=ids, computed_before=[n + t for n in n0s]))
+        steps.append((rec, cost_iteration(rec, model, busy[t], busy[t], pf and pf * devices, bw and bw * devices)))
+    run = decode_run(steps, model, devices, pf and pf * devices, bw and bw * devices)
+    rows = attribute_steps(steps, model, devices, pf and pf * devices, bw and bw * devices)
+    by_step = rows.useful_flops.reshape(k, len(ids)).sum(axis=0), rows.decode_device_s.reshape(k, len(ids)).sum(axis=0)
+    binds = any(rule.kind != "full" and max(n0s) + k > rule.size for rule, _, _ in model.batch_groups)
+    if run is None:
+        assert binds or peak is not None  # declined only for a binding window or a corner inside a batch
+        return
+    assert run.steps == k
+    assert run.useful_flops == pytest.approx(by_step[0], rel=1e-9)
+    assert run.decode_device_s == pytest.approx(by_step[1], rel=1e-9, abs=1e-18)
+    assert rows.executed_flops.sum() == pytest.approx(run.useful_flops.sum(), rel=1e-9)
+    assert (rows.delivered_tokens == 1).all()
+
+
+def test_a_decode_run_declines_what_is_not_one() -> None:
+    """Drafts, a request that did not advance one position a step, or a changed batch: no closed form."""
+    from serving_mfu.cost.attribution import decode_run
+    from serving_mfu.cost.records import DecodeBatch, IterationRecord
+
+    model = MODELS["llama"]
+
+    def steps(n0_by_step, **decode):
+        out = []
+        for t, n0 in enumerate(n0_by_step):
+            rec = IterationRecord(step=t, t_sched_s=t, t_end_s=t + 0.01, slices=[], decode=DecodeBatch(
+                req_ids=[f"r{i}" for i in range(len(n0))], computed_before=n0, **decode))
+            out.append((rec, cost_iteration(rec, model, 0.01, 0.01, 1e15, 1e13)))
+        return out
+
+    assert decode_run(steps([[5, 9], [6, 10], [7, 11]]), model, 1, 1e15, 1e13) is not None
+    assert decode_run(steps([[5, 9], [6, 10], [8, 11]]), model, 1, 1e15, 1e13) is None  # r0 skipped a position
+    assert decode_run(steps([[5, 9], [6, 10, 3]]), model, 1, 1e15, 1e13) is None  # the batch changed
+    assert decode_run(steps([[5, 9]]), model, 1, 1e15, 1e13) is None  # one step
+    assert decode_run(steps([[5, 9], [6, 10]], draft_tokens=[1, 1], accepted_tokens=[0, 1]), model, 1, 1e15,
+                      1e13) is None

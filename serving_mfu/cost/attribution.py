@@ -412,6 +412,75 @@ def _divide(p: _Rows, steps: Sequence[tuple[IterationRecord, IterationCost]], pe
                       cached, received)
 
 
+@dataclass(slots=True)
+class RunShares:
+    """Each request's sums over a run of plain decode steps of the same requests (one entry per request)."""
+
+    steps: int  # the run's steps: each request was delivered one token per step
+    useful_flops: np.ndarray  # = executed (plain decodes keep every position)
+    decode_device_s: np.ndarray
+
+
+def _plain_decode_only(rec: IterationRecord, cost: IterationCost) -> bool:
+    d = rec.decode
+    return d is not None and not rec.slices and rec.prefill is None and not rec.lora and rec.kv is None and \
+        d.draft_tokens is None and d.delivered_tokens is None and not cost.drafter_flops and \
+        not cost.decode.graph_padding_flops
+
+
+def decode_run(steps: Sequence[tuple[IterationRecord, IterationCost]], model: CostModel, devices: int,
+               peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> RunShares | None:
+    """Each request's sums over k ≥ 2 consecutive plain decode steps of the same requests, in closed form:
+    O(requests), not O(requests × steps).  vLLM keeps such a batch step after step, request i at position
+    n0_i + t in step t; with x_i = n0_i + 1 keys (every attention group reading all keys over the run), its
+    FLOPs and bytes in step t are affine, F = L + C·(x_i + t), B = K + D·(x_i + t), so where every request
+    is on one side of the roofline in step t its device-seconds share (`_device_seconds`) is
+    T_t·(a_t + s_t·x_i)/(n·a_t + s_t·Σx) and its sum over the run Σα_t + x_i·Σβ_t.  The same values as row
+    by row, up to rounding.  None where the steps do not qualify (the caller goes row by row)."""
+    k = len(steps)
+    if k < 2 or not all(_plain_decode_only(r, c) for r, c in steps):
+        return None
+    n0 = int_array(steps[0][0].decode.computed_before)
+    n = len(n0)
+    if not n or any(len(r.decode.computed_before) != n for r, _ in steps) or \
+            not (int_array(steps[-1][0].decode.computed_before) - n0 == k - 1).all():  # one position a step each
+        return None
+    lo, hi = int(n0.min()), int(n0.max())
+    ends = np.array([lo, hi + k - 1], _I)
+    if any(not np.array_equal(rule.last_keys_array(ends), ends + 1) for rule, _, _ in model.batch_groups):
+        return None  # a window or chunk binds: keys are not n0 + 1
+    lin = float(model.linear_flops_per_token + model.lm_head_flops_per_logit)
+    coef = float(sum(c for _, c, _ in model.batch_groups))
+    own = float(model.byte_model.kv_bytes_per_token + model.state_bytes_per_slice)
+    kv = float(sum(b for _, _, b in model.batch_groups))
+    x = (n0 + 1).astype(_F)
+    sx, lo, hi = float(x.sum()), lo + 1.0, hi + 1.0
+    peak, bw = peak_flops_per_s, bandwidth_bytes_per_s
+    alpha = beta = 0.0  # Σ_t of each step's share: alpha + beta·x_i (plain floats: a run has at most a few dozen steps)
+    for t, (_, cost) in enumerate(steps):
+        if peak and bw:
+            per_pos = max(cost.decode.bytes - (n * (own + kv * t) + kv * sx), 0.0) / n
+            a_f, s_f, a_b, s_b = (lin + coef * t) / peak, coef / peak, (own + kv * t + per_pos) / bw, kv / bw
+            d_lo, d_hi = a_f + s_f * lo - (a_b + s_b * lo), a_f + s_f * hi - (a_b + s_b * hi)
+            if d_lo >= 0 and d_hi >= 0:
+                a, slope = a_f, s_f
+            elif d_lo <= 0 and d_hi <= 0:
+                a, slope = a_b, s_b
+            else:  # the roofline's corner inside the step's batch
+                return None
+        else:
+            a, slope = lin + coef * t, coef
+        total = n * a + slope * sx
+        if total <= 0:
+            return None
+        time_s = cost.decode.time_s * devices
+        alpha += time_s * a / total
+        beta += time_s * slope / total
+    useful = k * lin + coef * (k * x + k * (k - 1) / 2)
+    device_s = alpha + beta * x
+    return RunShares(k, useful, device_s)
+
+
 def _per_step_extras(steps: Sequence[tuple[IterationRecord, IterationCost]], p: _Rows, useful: np.ndarray,
                      exec_p: np.ndarray, exec_d: np.ndarray, cached: np.ndarray, received: np.ndarray) -> None:
     """LoRA work and KV-connector tokens, step by step (only the steps that have them)."""

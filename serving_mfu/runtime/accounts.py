@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from serving_mfu.cost.accounting import CostModel
-from serving_mfu.cost.attribution import StepShares, attribute_parts, join_blocks
+from serving_mfu.cost.attribution import RunShares, StepShares, attribute_parts, decode_run, join_blocks
 from serving_mfu.cost.columns import int_array
 from serving_mfu.cost.counters import IterationCost
 from serving_mfu.cost.records import IterationRecord
@@ -151,6 +151,9 @@ class RequestAccounts:
             self.close(*self.ledger.finish(finishing))
 
     def _charge_all(self, pending: list) -> None:
+        pending = self._decode_runs(pending)
+        if not pending:
+            return
         blocks = attribute_parts([(r, c) for r, c, _ in pending], self.model, self.devices, self.peak,
                                  self.bandwidth)
         if not blocks:
@@ -171,6 +174,40 @@ class RequestAccounts:
                     self._add_run(slots, slice(first_row - start, first_row - start + k * n), k, n, cols,
                                   t_end[first], t_end[last])
             start = end
+
+    def _decode_runs(self, pending: list) -> list:
+        """Runs of ≥ 2 steps of only the same decode batch, charged in closed form (attribution.decode_run);
+        returns the steps left to attribute row by row."""
+        rest: list = []
+        i = 0
+        while i < len(pending):
+            slots = pending[i][2][2]
+            j = i + 1
+            if slots is not None and pending[i][2][0] is None and pending[i][2][1] is None:
+                while j < len(pending) and pending[j][2][2] is slots and pending[j][2][0] is None and \
+                        pending[j][2][1] is None:
+                    j += 1
+            run = decode_run([(r, c) for r, c, _ in pending[i:j]], self.model, self.devices, self.peak,
+                             self.bandwidth) if j - i >= 2 else None
+            if run is None:
+                rest.extend(pending[i:j])
+            else:
+                self._add_decode_run(slots, run, pending[i][0].t_end_s + self.wall_offset_s,
+                                     pending[j - 1][0].t_end_s + self.wall_offset_s)
+            i = j
+        return rest
+
+    def _add_decode_run(self, slots: np.ndarray, run: RunShares, first_s: float, last_s: float) -> None:
+        led = self.ledger
+        c, t = led.costs, led.tokens
+        c[_USEFUL][slots] += run.useful_flops
+        c[_EXECUTED][slots] += run.useful_flops
+        c[_DECODE_S][slots] += run.decode_device_s
+        t[_OUT][slots] += run.steps
+        led.first_at[slots] = np.minimum(led.first_at[slots], first_s)
+        led.last_at[slots] = np.maximum(led.last_at[slots], last_s)
+        self.tenants.accrue(led.tenant[slots], (run.useful_flops, run.useful_flops, run.decode_device_s, 0.0,
+                                                np.full(len(slots), float(run.steps))))
 
     def _add_run(self, slots: np.ndarray, rows: slice, k: int, n: int, cols: "_Columns", first_s: float,
                  last_s: float) -> None:
