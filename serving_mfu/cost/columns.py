@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 _MEMO: dict[int, tuple[Sequence[int], np.ndarray]] = {}
-_MEMO_SIZE = 512  # a few dozen steps' columns: the per-request accounts settle steps in groups
+_MEMO_SIZE = 2048  # a few hundred steps' columns: the per-request accounts settle up to 256 steps at once
 
 
 def int_array(values: Sequence[int]) -> np.ndarray:

@@ -24,7 +24,12 @@ from serving_mfu.runtime.tenants import TenantTable
 from serving_mfu.schema.requests import FinishedRequests
 
 _USEFUL, _EXECUTED, _PREFILL_S, _DECODE_S = range(len(COST_COLUMNS))
-SETTLE_STEPS = 32  # steps charged together at most (the engine also settles before every publish)
+# The accounts settle (charge the noted steps together, then close the finished requests) when any of these is
+# reached, and before every publish: the array work's fixed cost is shared by enough rows (request × step), and
+# finished requests, whose slots stay taken until they close, are few.
+SETTLE_ROWS = 32 * 1024  # rows noted
+SETTLE_STEPS = 256  # steps noted
+SETTLE_FINISHED = 512  # finished requests waiting to close
 _OUT, _DRAFTS, _ACCEPTED, _CACHED, _RECEIVED = range(len(TOKEN_COLUMNS))
 
 
@@ -92,7 +97,8 @@ class RequestAccounts:
     def __init__(self, ledger: RequestLedger, tenants: TenantTable, model: CostModel, devices: int,
                  peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None, engine_id: str,
                  wall_offset_s: float, sinks: Sequence[Callable[[FinishedRequests], Any]] = (),
-                 adapter_names: dict[int, str] | None = None, settle_steps: int = SETTLE_STEPS):
+                 adapter_names: dict[int, str] | None = None, settle_steps: int = SETTLE_STEPS,
+                 settle_rows: int = SETTLE_ROWS, settle_finished: int = SETTLE_FINISHED):
         self.ledger = ledger
         self.tenants = tenants
         self.model = model
@@ -102,8 +108,9 @@ class RequestAccounts:
         self.wall_offset_s = wall_offset_s  # wall-clock seconds = the hook's clock + this
         self.sinks = list(sinks)  # where finished requests go (the request log, the trace)
         self.adapter_names = adapter_names if adapter_names is not None else {}
-        self.settle_steps = settle_steps  # steps charged together: the array work's fixed cost, shared
+        self.settle_steps, self.settle_rows, self.settle_finished = settle_steps, settle_rows, settle_finished
         self._pending: list[tuple[IterationRecord, IterationCost, tuple]] = []
+        self._rows = 0  # rows noted since the last settle
         self._finishing: list[str] = []
 
     def open(self, ids: list[str], declared: Sequence[str] | str, slots: np.ndarray | None = None) -> None:
@@ -121,8 +128,9 @@ class RequestAccounts:
         self.tenants.accrue(labels, (0.0, 0.0, 0.0, prompts, 0.0))
 
     def charge(self, record: IterationRecord, cost: IterationCost) -> None:
-        """Note a costed step; its shares are added when the accounts settle (every SETTLE_STEPS steps, and
-        before every publish).  The step's slots are taken now (cheap: the ledger keeps the last batch's)."""
+        """Note a costed step; its shares are added when the accounts settle (SETTLE_ROWS rows or SETTLE_STEPS
+        steps noted, and before every publish).  The step's slots are taken now (cheap: the ledger keeps the
+        last batch's)."""
         led = self.ledger
         parts = (led.slots([s.req_id for s in record.slices]) if record.slices else None,
                  led.slots(record.prefill.req_ids) if record.prefill is not None else None,
@@ -130,21 +138,22 @@ class RequestAccounts:
         for column in _columns(record):  # converted now, while the costing's conversion is still at hand
             int_array(column)
         self._pending.append((record, cost, parts))
-        if len(self._pending) >= self.settle_steps:
+        self._rows += sum(len(p) for p in parts if p is not None)
+        if self._rows >= self.settle_rows or len(self._pending) >= self.settle_steps:
             self.settle()
 
     def finish(self, ids: Any) -> None:
         """Requests vLLM finished: closed (and their slots freed) when the accounts settle, after their last
         steps are charged."""
         self._finishing.extend(ids)
-        if len(self._pending) == 0:
+        if len(self._pending) == 0 or len(self._finishing) >= self.settle_finished:
             self.settle()
 
     def settle(self) -> None:
         """Charge every noted step (serving_mfu.cost.attribution, all at once), then close the finished
         requests.  On the accounting thread only."""
         if self._pending:
-            pending, self._pending = self._pending, []
+            pending, self._pending, self._rows = self._pending, [], 0
             self._charge_all(pending)
         if self._finishing:
             finishing, self._finishing = self._finishing, []
