@@ -446,9 +446,11 @@ def decode_run(steps: Sequence[tuple[IterationRecord, IterationCost]], model: Co
             not (int_array(steps[-1][0].decode.computed_before) - n0 == k - 1).all():  # one position a step each
         return None
     lo, hi = int(n0.min()), int(n0.max())
-    ends = np.array([lo, hi + k - 1], _I)
-    if any(not np.array_equal(rule.last_keys_array(ends), ends + 1) for rule, _, _ in model.batch_groups):
-        return None  # a window or chunk binds: keys are not n0 + 1
+    windowed = [rule for rule, _, _ in model.batch_groups if not rule.full]
+    if windowed:
+        ends = np.array([lo, hi + k - 1], _I)
+        if any(not np.array_equal(rule.last_keys_array(ends), ends + 1) for rule in windowed):
+            return None  # a window or chunk binds: keys are not n0 + 1
     lin = float(model.linear_flops_per_token + model.lm_head_flops_per_logit)
     coef = float(sum(c for _, c, _ in model.batch_groups))
     own = float(model.byte_model.kv_bytes_per_token + model.state_bytes_per_slice)

@@ -185,9 +185,10 @@ class RequestAccounts:
             start = end
 
     def _decode_runs(self, pending: list) -> list:
-        """Runs of ≥ 2 steps of only the same decode batch, charged in closed form (attribution.decode_run);
-        returns the steps left to attribute row by row."""
+        """Runs of ≥ 2 steps of only the same decode batch, charged in closed form (attribution.decode_run),
+        all of them with one scatter per column; returns the steps left to attribute row by row."""
         rest: list = []
+        done: list[tuple[np.ndarray, RunShares, float, float]] = []
         i = 0
         while i < len(pending):
             slots = pending[i][2][2]
@@ -201,22 +202,29 @@ class RequestAccounts:
             if run is None:
                 rest.extend(pending[i:j])
             else:
-                self._add_decode_run(slots, run, pending[i][0].t_end_s + self.wall_offset_s,
-                                     pending[j - 1][0].t_end_s + self.wall_offset_s)
+                done.append((slots, run, pending[i][0].t_end_s + self.wall_offset_s,
+                             pending[j - 1][0].t_end_s + self.wall_offset_s))
             i = j
+        if done:
+            self._add_decode_runs(done)
         return rest
 
-    def _add_decode_run(self, slots: np.ndarray, run: RunShares, first_s: float, last_s: float) -> None:
+    def _add_decode_runs(self, done: list[tuple[np.ndarray, RunShares, float, float]]) -> None:
+        """The runs' per-request sums into the ledger's columns and the tenants' (a request may be in several
+        runs: one `bincount` per column)."""
         led = self.ledger
-        c, t = led.costs, led.tokens
-        c[_USEFUL][slots] += run.useful_flops
-        c[_EXECUTED][slots] += run.useful_flops
-        c[_DECODE_S][slots] += run.decode_device_s
-        t[_OUT][slots] += run.steps
-        led.first_at[slots] = np.minimum(led.first_at[slots], first_s)
-        led.last_at[slots] = np.maximum(led.last_at[slots], last_s)
-        self.tenants.accrue(led.tenant[slots], (run.useful_flops, run.useful_flops, run.decode_device_s, 0.0,
-                                                np.full(len(slots), float(run.steps))))
+        c, t, n = led.costs, led.tokens, len(led.prompt_len)
+        sizes = [len(s) for s, _, _, _ in done]
+        slots = np.concatenate([s for s, _, _, _ in done])
+        useful = np.concatenate([r.useful_flops for _, r, _, _ in done])
+        device_s = np.concatenate([r.decode_device_s for _, r, _, _ in done])
+        delivered = np.repeat(np.array([r.steps for _, r, _, _ in done], np.float64), sizes)
+        for row, values in ((_USEFUL, useful), (_EXECUTED, useful), (_DECODE_S, device_s)):
+            c[row] += np.bincount(slots, values, minlength=n)
+        t[_OUT] += np.bincount(slots, delivered, minlength=n).astype(np.int64)
+        np.minimum.at(led.first_at, slots, np.repeat([f for _, _, f, _ in done], sizes))
+        np.maximum.at(led.last_at, slots, np.repeat([last for _, _, _, last in done], sizes))
+        self.tenants.accrue(led.tenant[slots], (useful, useful, device_s, 0.0, delivered))
 
     def _add_run(self, slots: np.ndarray, rows: slice, k: int, n: int, cols: "_Columns", first_s: float,
                  last_s: float) -> None:
