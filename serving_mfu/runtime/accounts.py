@@ -24,13 +24,13 @@ from serving_mfu.runtime.tenants import TenantTable
 from serving_mfu.schema.requests import FinishedRequests
 
 _USEFUL, _EXECUTED, _PREFILL_S, _DECODE_S = range(len(COST_COLUMNS))
+_OUT, _DRAFTS, _ACCEPTED, _CACHED, _RECEIVED = range(len(TOKEN_COLUMNS))
 # The accounts settle (charge the noted steps together, then close the finished requests) when any of these is
 # reached, and before every publish: the array work's fixed cost is shared by enough rows (request × step), and
 # finished requests, whose slots stay taken until they close, are few.
 SETTLE_ROWS = 32 * 1024  # rows noted
 SETTLE_STEPS = 256  # steps noted
 SETTLE_FINISHED = 512  # finished requests waiting to close
-_OUT, _DRAFTS, _ACCEPTED, _CACHED, _RECEIVED = range(len(TOKEN_COLUMNS))
 
 
 def _columns(record: IterationRecord) -> list:
