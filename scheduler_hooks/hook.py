@@ -545,8 +545,9 @@ class MFUHook:
     def _close_prompts(self, st: "_Sorted") -> None:
         """Prompts still incomplete keep an explicit mark; complete ones leave `prefilling` (their mark is
         then their prompt's length).  Counts the prompts the prefill batch completes."""
-        end = st.p_end if st.p_end is not None else np.add(st.p_n0, st.p_q)
-        open_ = end < (int_array(st.p_prompt) if st.shared else np.asarray(st.p_prompt))
+        # the lists are final here (sorting is done): their arrays are the ones the costing reads
+        end = st.p_end if st.p_end is not None else int_array(st.p_n0) + int_array(st.p_q)
+        open_ = end < int_array(st.p_prompt)
         partial = int(np.count_nonzero(open_))
         st.p_done = len(st.p_ids) - partial
         if partial:

@@ -167,6 +167,13 @@ def _prefill_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) ->
                  q, zero_i, q, _kv_bytes(model, end, q), zero_f, logit, zero_i, zero_i, cached)
 
 
+def _plain_decode_terms(model: CostModel) -> tuple[float, float]:
+    """A plain decode position's FLOPs and bytes before its keys: lin + lm (its logit row), and its KV write
+    plus its recurrent state; each attention group adds coef·keys and bytes·keys."""
+    return (float(model.linear_flops_per_token + model.lm_head_flops_per_logit),
+            float(model.byte_model.kv_bytes_per_token + model.state_bytes_per_slice))
+
+
 def _decode_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> _Rows:
     """Decode batches: request i runs [n0, n0 + 1 + k), keeps [n0, n0 + 1 + a), of which the first
     min(delivered, 1 + a) reached the user; every position has a logit row."""
@@ -177,8 +184,8 @@ def _decode_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> 
     n = len(n0)
     ids, step = [b.req_ids for b in bs], Groups.of([s for s, _ in steps], sizes)
     if plain:  # one position each, at n0, with its logit row: lin + lm + Σ coef·keys; KV: Σ bytes·keys
-        flops = np.full(n, float(model.linear_flops_per_token + model.lm_head_flops_per_logit))
-        kv = np.full(n, float(model.byte_model.kv_bytes_per_token + model.state_bytes_per_slice))
+        lin, own = _plain_decode_terms(model)
+        flops, kv = np.full(n, lin), np.full(n, own)
         for rule, coef, kv_bytes in model.batch_groups:
             keys = rule.last_keys_array(n0).astype(_F)
             flops += keys * coef
@@ -451,9 +458,8 @@ def decode_run(steps: Sequence[tuple[IterationRecord, IterationCost]], model: Co
         ends = np.array([lo, hi + k - 1], _I)
         if any(not np.array_equal(rule.last_keys_array(ends), ends + 1) for rule in windowed):
             return None  # a window or chunk binds: keys are not n0 + 1
-    lin = float(model.linear_flops_per_token + model.lm_head_flops_per_logit)
+    lin, own = _plain_decode_terms(model)
     coef = float(sum(c for _, c, _ in model.batch_groups))
-    own = float(model.byte_model.kv_bytes_per_token + model.state_bytes_per_slice)
     kv = float(sum(b for _, _, b in model.batch_groups))
     x = (n0 + 1).astype(_F)
     sx, lo, hi = float(x.sum()), lo + 1.0, hi + 1.0

@@ -22,20 +22,20 @@ def int_array(values: Sequence[int]) -> np.ndarray:
     hit = _MEMO.get(id(values))
     if hit is not None and hit[0] is values:
         return hit[1]
-    arr = np.fromiter(values, np.int64, len(values))
-    arr.flags.writeable = False
-    if len(_MEMO) >= _MEMO_SIZE:
-        _MEMO.clear()
-    _MEMO[id(values)] = (values, arr)
-    return arr
+    return _keep(values, np.fromiter(values, np.int64, len(values)))
 
 
 def remember(values: list[int], arr: np.ndarray) -> list[int]:
     """Note that `arr` is `values` as an array (computed as an array first, `values` is its `tolist()`): later
     `int_array(values)` calls return it without converting.  Returns `values`."""
-    arr = arr.astype(np.int64, copy=False)
+    _keep(values, arr.astype(np.int64, copy=False))
+    return values
+
+
+def _keep(values: Sequence[int], arr: np.ndarray) -> np.ndarray:
+    """Memoize `arr` (made read-only) as `values`' array."""
     arr.flags.writeable = False
     if len(_MEMO) >= _MEMO_SIZE:
         _MEMO.clear()
     _MEMO[id(values)] = (values, arr)
-    return values
+    return arr

@@ -71,19 +71,23 @@ def _runs(pending: list) -> list[list]:
 
 
 class _Columns:
-    """A block of shares as the ledger's columns take them: (row, values) for the cost sums and for the token
-    counts that are not all zero, and the tenant sums' values."""
+    """Shares as the ledger's columns take them: (row, values) for the cost sums and for the token counts that
+    are not all zero, and the tenant sums' values."""
 
     __slots__ = ("floats", "ints", "tenant")
 
-    def __init__(self, b: StepShares):
-        self.floats = ((_USEFUL, b.useful_flops), (_EXECUTED, b.executed_flops), (_PREFILL_S, b.prefill_device_s),
-                       (_DECODE_S, b.decode_device_s))
-        self.ints = [(row, values) for row, values in ((_OUT, b.delivered_tokens), (_DRAFTS, b.draft_tokens),
-                                                       (_ACCEPTED, b.accepted_tokens), (_CACHED, b.cached_tokens),
-                                                       (_RECEIVED, b.received_tokens)) if values.any()]
-        self.tenant = (b.useful_flops, b.executed_flops, b.prefill_device_s + b.decode_device_s, 0.0,
-                       b.delivered_tokens)
+    def __init__(self, floats: tuple, ints: list, tenant: tuple):
+        self.floats, self.ints, self.tenant = floats, ints, tenant
+
+    @classmethod
+    def of(cls, b: StepShares) -> "_Columns":
+        return cls(((_USEFUL, b.useful_flops), (_EXECUTED, b.executed_flops), (_PREFILL_S, b.prefill_device_s),
+                    (_DECODE_S, b.decode_device_s)),
+                   [(row, values) for row, values in ((_OUT, b.delivered_tokens), (_DRAFTS, b.draft_tokens),
+                                                      (_ACCEPTED, b.accepted_tokens), (_CACHED, b.cached_tokens),
+                                                      (_RECEIVED, b.received_tokens)) if values.any()],
+                   (b.useful_flops, b.executed_flops, b.prefill_device_s + b.decode_device_s, 0.0,
+                    b.delivered_tokens))
 
 
 def _summed(values: np.ndarray, rows: slice, k: int, n: int) -> np.ndarray:
@@ -172,12 +176,13 @@ class RequestAccounts:
         if len(runs) * _MIN_RUN_ROWS > sum(len(b.useful_flops) for b in blocks):  # batches that keep changing
             shares = join_blocks(blocks)
             slots = np.concatenate([parts[k] for k in range(3) for _, _, parts in pending if parts[k] is not None])
-            self._add_rows(slots, shares.step, _Columns(shares), t_end)
+            at = np.asarray(t_end)[shares.step]
+            self._add_rows(slots, _Columns.of(shares), at, at)
             return
         start = 0
         for b in blocks:  # runs never cross blocks: a block holds whole parts
             end = start + len(b.useful_flops)
-            cols = _Columns(b)
+            cols = _Columns.of(b)
             for slots, first_row, k, n, first, last in runs:
                 if start <= first_row < end:
                     self._add_run(slots, slice(first_row - start, first_row - start + k * n), k, n, cols,
@@ -211,20 +216,16 @@ class RequestAccounts:
 
     def _add_decode_runs(self, done: list[tuple[np.ndarray, RunShares, float, float]]) -> None:
         """The runs' per-request sums into the ledger's columns and the tenants' (a request may be in several
-        runs: one `bincount` per column)."""
-        led = self.ledger
-        c, t, n = led.costs, led.tokens, len(led.prompt_len)
+        runs: `_add_rows`)."""
         sizes = [len(s) for s, _, _, _ in done]
-        slots = np.concatenate([s for s, _, _, _ in done])
         useful = np.concatenate([r.useful_flops for _, r, _, _ in done])
         device_s = np.concatenate([r.decode_device_s for _, r, _, _ in done])
         delivered = np.repeat(np.array([r.steps for _, r, _, _ in done], np.float64), sizes)
-        for row, values in ((_USEFUL, useful), (_EXECUTED, useful), (_DECODE_S, device_s)):
-            c[row] += np.bincount(slots, values, minlength=n)
-        t[_OUT] += np.bincount(slots, delivered, minlength=n).astype(np.int64)
-        np.minimum.at(led.first_at, slots, np.repeat([f for _, _, f, _ in done], sizes))
-        np.maximum.at(led.last_at, slots, np.repeat([last for _, _, _, last in done], sizes))
-        self.tenants.accrue(led.tenant[slots], (useful, useful, device_s, 0.0, delivered))
+        cols = _Columns(((_USEFUL, useful), (_EXECUTED, useful), (_DECODE_S, device_s)), [(_OUT, delivered)],
+                        (useful, useful, device_s, 0.0, delivered))
+        self._add_rows(np.concatenate([s for s, _, _, _ in done]), cols,
+                       np.repeat([first for _, _, first, _ in done], sizes),
+                       np.repeat([last for _, _, _, last in done], sizes))
 
     def _add_run(self, slots: np.ndarray, rows: slice, k: int, n: int, cols: "_Columns", first_s: float,
                  last_s: float) -> None:
@@ -240,18 +241,18 @@ class RequestAccounts:
         self.tenants.accrue(led.tenant[slots], [_summed(v, rows, k, n) if isinstance(v, np.ndarray) else v
                                                 for v in cols.tenant])
 
-    def _add_rows(self, slots: np.ndarray, step: np.ndarray, cols: "_Columns", t_end: list[float]) -> None:
-        """Row by row (steps whose batches keep changing): one `bincount` per column."""
+    def _add_rows(self, slots: np.ndarray, cols: "_Columns", first_s: np.ndarray, last_s: np.ndarray) -> None:
+        """Row by row (a request may have several rows): one `bincount` per column; each row's first and last
+        step end."""
         led = self.ledger
         n = len(led.prompt_len)
         c, t = led.costs, led.tokens
         for row, values in cols.floats:
-            c[row] += np.bincount(slots, values, minlength=n)  # a request in several steps: one row each
+            c[row] += np.bincount(slots, values, minlength=n)
         for row, values in cols.ints:
             t[row] += np.bincount(slots, values, minlength=n).astype(np.int64)
-        at = np.asarray(t_end)[step]
-        np.minimum.at(led.first_at, slots, at)
-        np.maximum.at(led.last_at, slots, at)
+        np.minimum.at(led.first_at, slots, first_s)
+        np.maximum.at(led.last_at, slots, last_s)
         self.tenants.accrue(led.tenant[slots], cols.tenant)
 
     def close(self, ids: list[str], slots: np.ndarray) -> FinishedRequests | None:
