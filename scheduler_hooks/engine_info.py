@@ -46,6 +46,7 @@ class EngineInfo:
     # chunks included) under Model Runner V2 always, under V1 unless disable_padded_drafter_batch
     drafter_padded: bool = True
     max_model_len: int | None = None
+    max_num_seqs: int | None = None  # requests in flight at most (scheduler_config.max_num_seqs): the ledger's size
     graph: GraphConfig = field(default_factory=GraphConfig)  # CUDA-graph padding rules (pads nothing on CPU)
 
 
@@ -187,4 +188,6 @@ def engine_info(vllm_config: Any, settings: Settings) -> EngineInfo:
                       kv_cache_dtype_note=kv_note, max_lora_rank=_max_lora_rank(vllm_config),
                       graph=graph_config(vllm_config), drafter_padded=_drafter_padded(vllm_config),
                       max_model_len=_int_or(getattr(getattr(vllm_config, "model_config", None), "max_model_len",
-                                                    None), None))
+                                                    None), None),
+                      max_num_seqs=_int_or(getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs",
+                                                   None), None))

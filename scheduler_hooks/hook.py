@@ -51,9 +51,9 @@ from serving_mfu.cost.records import (
 )
 from serving_mfu.model.lora import load_adapter, lora_flops
 from serving_mfu.peaks.cpu import last_level_cache_bytes, weights_fit_in_cache
-from serving_mfu.runtime.accounts import RequestAccounts
+from serving_mfu.runtime.accounts import RequestAccounts, ledger_slots
 from serving_mfu.runtime.gpu_util import sampler_for_engine
-from serving_mfu.runtime.ledger import RequestLedger
+from serving_mfu.runtime.ledger import DEFAULT_CAPACITY, RequestLedger
 from serving_mfu.runtime.publish import SnapshotWriter
 from serving_mfu.runtime.request_log import RequestLogWriter
 from serving_mfu.runtime.seams import Clock, Observer, Publisher, Sampler
@@ -167,7 +167,10 @@ class MFUHook:
         self._adapters: dict[int, LoRAUse | None] = {}
         self.pending: dict[int, float] = {}  # id(SchedulerOutput) → t_sched, until its output comes
         # accounting-side state, in step order: every request's prompt length, high-water mark, adapter
-        self.ledger = RequestLedger()
+        # sized as vLLM's InputBatch, for the requests in flight (and, with attribution, those finished but not
+        # yet closed: SETTLE_FINISHED), so that it does not grow while the engine serves
+        in_flight = info.max_num_seqs or DEFAULT_CAPACITY
+        self.ledger = RequestLedger(ledger_slots(in_flight) if settings.attribution else in_flight)
         # per-request and per-tenant cost (DESIGN §12): a request's tenant is vllm_xargs.tenant, else its
         # adapter's name, else `default_tenant` (the served model's name, set by from_vllm_config)
         self.default_tenant = info.spec.name

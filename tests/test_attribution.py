@@ -248,11 +248,45 @@ def test_a_decode_run_in_closed_form_equals_row_by_row(name, n0s, k, peak, busy,
     if run is None:
         assert binds or peak is not None  # declined only for a binding window or a corner inside a batch
         return
-    assert run.steps == k
+    assert (run.steps == k).all() and run.taken == [True]
     assert run.useful_flops == pytest.approx(by_step[0], rel=1e-9)
     assert run.decode_device_s == pytest.approx(by_step[1], rel=1e-9, abs=1e-18)
     assert rows.executed_flops.sum() == pytest.approx(run.useful_flops.sum(), rel=1e-9)
     assert (rows.delivered_tokens == 1).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(MODELS)), runs=st.lists(st.tuples(
+    st.lists(st.integers(0, 6000), min_size=1, max_size=12), st.integers(1, 6), st.booleans()), min_size=1,
+    max_size=5), peak=st.sampled_from([None, (1e15, 1e13), (1e12, 1e14), (3e12, 3e10)]))
+def test_decode_runs_of_several_runs_equal_each_alone(name, runs, peak) -> None:
+    """Several runs at once (some declined: one step, a skipped position) give each taken run's entries as that
+    run alone does, in run order, and decline the same runs."""
+    from serving_mfu.cost.attribution import decode_run, decode_runs
+    from serving_mfu.cost.records import DecodeBatch, IterationRecord
+
+    model = MODELS[name]
+    pf, bw = peak if peak else (None, None)
+    given = []
+    for r, (n0s, k, skip) in enumerate(runs):
+        ids = [f"r{r}-{i}" for i in range(len(n0s))]
+        steps = []
+        for t in range(k):
+            n0 = [n + t + (1 if skip and t == k - 1 and i == 0 else 0) for i, n in enumerate(n0s)]
+            rec = IterationRecord(step=t, t_sched_s=t, t_end_s=t + 0.01 * (r + 1), slices=[],
+                                  decode=DecodeBatch(req_ids=ids, computed_before=n0))
+            steps.append((rec, cost_iteration(rec, model, 0.01 * (r + 1), 0.01 * (r + 1), pf, bw)))
+        given.append(steps)
+    together = decode_runs(given, model, 1, pf, bw)
+    alone = [decode_run(steps, model, 1, pf, bw) for steps in given]
+    assert together.taken == [a is not None for a in alone]
+    taken = [a for a in alone if a is not None]
+    if not taken:
+        assert len(together.useful_flops) == 0
+        return
+    assert together.useful_flops == pytest.approx(np.concatenate([a.useful_flops for a in taken]), rel=1e-12)
+    assert together.decode_device_s == pytest.approx(np.concatenate([a.decode_device_s for a in taken]), rel=1e-12)
+    assert (together.steps == np.concatenate([a.steps for a in taken])).all()
 
 
 def test_a_decode_run_declines_what_is_not_one() -> None:

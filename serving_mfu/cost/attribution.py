@@ -62,12 +62,19 @@ class Groups:
 
     def per_step(self, values: np.ndarray, n_steps: int) -> np.ndarray:
         """Σ `values` over each step's rows (float64, n_steps entries)."""
+        if len(self.sizes) == 1:  # one step's rows (a settle of one step, or a block of one batch)
+            out = np.zeros(n_steps)
+            out[self.steps[0]] = values.sum()
+            return out
         if not len(self.sizes):
             return np.zeros(n_steps)
         return np.bincount(self.steps, np.add.reduceat(values, self.offsets), minlength=n_steps)
 
-    def spread(self, per_step: np.ndarray) -> np.ndarray:
-        """Each row's step's entry of `per_step`."""
+    def spread(self, per_step: np.ndarray) -> np.ndarray | np.generic:
+        """Each row's step's entry of `per_step` (one value for all rows where they are one step's: numpy
+        broadcasts it)."""
+        if len(self.sizes) == 1:
+            return per_step[self.steps[0]]
         return np.repeat(per_step[self.steps], self.sizes)
 
     def index(self) -> np.ndarray:
@@ -421,9 +428,11 @@ def _divide(p: _Rows, steps: Sequence[tuple[IterationRecord, IterationCost]], pe
 
 @dataclass(slots=True)
 class RunShares:
-    """Each request's sums over a run of plain decode steps of the same requests (one entry per request)."""
+    """Each request's sums over runs of plain decode steps of the same requests: one entry per request of
+    each run taken, in run order."""
 
-    steps: int  # the run's steps: each request was delivered one token per step
+    taken: list[bool]  # per run given: charged in closed form (False: declined, to go row by row)
+    steps: np.ndarray  # each entry's run length: the tokens it was delivered (one a step)
     useful_flops: np.ndarray  # = executed (plain decodes keep every position)
     decode_device_s: np.ndarray
 
@@ -437,56 +446,88 @@ def _plain_decode_only(rec: IterationRecord, cost: IterationCost) -> bool:
 
 def decode_run(steps: Sequence[tuple[IterationRecord, IterationCost]], model: CostModel, devices: int,
                peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> RunShares | None:
-    """Each request's sums over k ≥ 2 consecutive plain decode steps of the same requests, in closed form:
-    O(requests), not O(requests × steps).  vLLM keeps such a batch step after step, request i at position
-    n0_i + t in step t; with x_i = n0_i + 1 keys (every attention group reading all keys over the run), its
-    FLOPs and bytes in step t are affine, F = L + C·(x_i + t), B = K + D·(x_i + t), so where every request
-    is on one side of the roofline in step t its device-seconds share (`_device_seconds`) is
-    T_t·(a_t + s_t·x_i)/(n·a_t + s_t·Σx) and its sum over the run Σα_t + x_i·Σβ_t.  The same values as row
-    by row, up to rounding.  None where the steps do not qualify (the caller goes row by row)."""
-    k = len(steps)
-    if k < 2 or not all(_plain_decode_only(r, c) for r, c in steps):
-        return None
-    n0 = int_array(steps[0][0].decode.computed_before)
-    n = len(n0)
-    if not n or any(len(r.decode.computed_before) != n for r, _ in steps) or \
-            not (int_array(steps[-1][0].decode.computed_before) - n0 == k - 1).all():  # one position a step each
-        return None
-    lo, hi = int(n0.min()), int(n0.max())
-    windowed = [rule for rule, _, _ in model.batch_groups if not rule.full]
-    if windowed:
-        ends = np.array([lo, hi + k - 1], _I)
-        if any(not np.array_equal(rule.last_keys_array(ends), ends + 1) for rule in windowed):
-            return None  # a window or chunk binds: keys are not n0 + 1
+    """`decode_runs` of one run; None where it declines."""
+    run = decode_runs([steps], model, devices, peak_flops_per_s, bandwidth_bytes_per_s)
+    return run if run.taken[0] else None
+
+
+def _offsets(sizes: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(sizes), np.intp)
+    np.cumsum(sizes[:-1], out=out[1:])
+    return out
+
+
+def decode_runs(runs: Sequence[Sequence[tuple[IterationRecord, IterationCost]]], model: CostModel, devices: int,
+                peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> RunShares:
+    """Each request's sums over each run of k ≥ 2 consecutive plain decode steps of the same requests, in
+    closed form: O(requests), not O(requests × steps), and all runs at once.  vLLM keeps such a batch step
+    after step, request i at position n0_i + t in step t; with x_i = n0_i + 1 keys (every attention group
+    reading all keys over the run), its FLOPs and bytes in step t are affine, F = L + C·(x_i + t),
+    B = K + D·(x_i + t), so where every request is on one side of the roofline in step t its device-seconds
+    share (`_device_seconds`) is T_t·(a_t + s_t·x_i)/(n·a_t + s_t·Σx) and its sum over the run
+    Σα_t + x_i·Σβ_t.  The same values as row by row, up to rounding.  A run that does not qualify (drafts,
+    a skipped position, a changed batch, a binding window, the roofline's corner inside its batch) is
+    declined: `taken` False, and its steps go row by row."""
+    taken = [False] * len(runs)
+    cand = []  # (run, its steps, its requests)
+    for r, steps in enumerate(runs):
+        if len(steps) < 2 or not all(_plain_decode_only(rec, c) for rec, c in steps):
+            continue
+        n = len(steps[0][0].decode.computed_before)
+        if n and all(len(rec.decode.computed_before) == n for rec, _ in steps):
+            cand.append((r, steps, n))
+    empty = np.zeros(0, _F)
+    if not cand:
+        return RunShares(taken, empty, empty, empty)
+    sizes = np.array([n for _, _, n in cand], np.intp)
+    ks = np.array([len(steps) for _, steps, _ in cand], np.intp)
+    first = _column([steps[0][0].decode.computed_before for _, steps, _ in cand], sizes)
+    last = _column([steps[-1][0].decode.computed_before for _, steps, _ in cand], sizes)
+    offs = _offsets(sizes)
+    ok = np.logical_and.reduceat(last - first == np.repeat(ks - 1, sizes), offs)  # one position a step each
+    lo, hi = np.minimum.reduceat(first, offs), np.maximum.reduceat(first, offs)
+    for rule in (rule for rule, _, _ in model.batch_groups if not rule.full):  # a window or chunk that binds
+        ends = np.concatenate([lo, hi + ks - 1])
+        fits = rule.last_keys_array(ends) == ends + 1
+        ok &= fits[:len(lo)] & fits[len(lo):]
     lin, own = _plain_decode_terms(model)
     coef = float(sum(c for _, c, _ in model.batch_groups))
     kv = float(sum(b for _, _, b in model.batch_groups))
-    x = (n0 + 1).astype(_F)
-    sx, lo, hi = float(x.sum()), lo + 1.0, hi + 1.0
+    x = (first + 1).astype(_F)
+    sx = np.add.reduceat(x, offs)
+    # per step of every run: t (its index in its run), and its run's n, Σx, lowest and highest x
+    step_offs = _offsets(ks)
+    run_of = np.repeat(np.arange(len(cand)), ks)
+    t = (np.arange(int(ks.sum())) - step_offs[run_of]).astype(_F)
+    n_t, sx_t = sizes[run_of].astype(_F), sx[run_of]
+    costs = [c.decode for _, steps, _ in cand for _, c in steps]
+    time_s = np.fromiter((c.time_s for c in costs), _F, len(costs)) * devices
     peak, bw = peak_flops_per_s, bandwidth_bytes_per_s
-    alpha = beta = 0.0  # Σ_t of each step's share: alpha + beta·x_i (plain floats: a run has at most a few dozen steps)
-    for t, (_, cost) in enumerate(steps):
-        if peak and bw:
-            per_pos = max(cost.decode.bytes - (n * (own + kv * t) + kv * sx), 0.0) / n
-            a_f, s_f, a_b, s_b = (lin + coef * t) / peak, coef / peak, (own + kv * t + per_pos) / bw, kv / bw
-            d_lo, d_hi = a_f + s_f * lo - (a_b + s_b * lo), a_f + s_f * hi - (a_b + s_b * hi)
-            if d_lo >= 0 and d_hi >= 0:
-                a, slope = a_f, s_f
-            elif d_lo <= 0 and d_hi <= 0:
-                a, slope = a_b, s_b
-            else:  # the roofline's corner inside the step's batch
-                return None
-        else:
-            a, slope = lin + coef * t, coef
-        total = n * a + slope * sx
-        if total <= 0:
-            return None
-        time_s = cost.decode.time_s * devices
-        alpha += time_s * a / total
-        beta += time_s * slope / total
-    useful = k * lin + coef * (k * x + k * (k - 1) / 2)
-    device_s = alpha + beta * x
-    return RunShares(k, useful, device_s)
+    if peak and bw:
+        byte_t = np.fromiter((c.bytes for c in costs), _F, len(costs))
+        per_pos = np.maximum(byte_t - (n_t * (own + kv * t) + kv * sx_t), 0.0) / n_t
+        a_f, s_f, a_b, s_b = (lin + coef * t) / peak, coef / peak, (own + kv * t + per_pos) / bw, kv / bw
+        lo_t, hi_t = (lo + 1.0)[run_of], (hi + 1.0)[run_of]
+        d_lo, d_hi = a_f + s_f * lo_t - (a_b + s_b * lo_t), a_f + s_f * hi_t - (a_b + s_b * hi_t)
+        flop = (d_lo >= 0) & (d_hi >= 0)
+        corner = ~flop & ~((d_lo <= 0) & (d_hi <= 0))  # the roofline's corner inside the step's batch
+        a, slope = np.where(flop, a_f, a_b), np.where(flop, s_f, s_b)
+    else:
+        a, slope, corner = lin + coef * t, np.full(len(t), coef), np.zeros(len(t), bool)
+    total = n_t * a + slope * sx_t
+    bad = corner | (total <= 0)
+    ok &= ~np.logical_or.reduceat(bad, step_offs)
+    share = np.divide(time_s, total, out=np.zeros(len(t)), where=~bad)
+    alpha, beta = np.add.reduceat(share * a, step_offs), np.add.reduceat(share * slope, step_offs)
+    k_x = np.repeat(ks, sizes).astype(_F)
+    useful = k_x * lin + coef * (k_x * x + k_x * (k_x - 1) / 2)
+    device_s = np.repeat(alpha, sizes) + np.repeat(beta, sizes) * x
+    if not ok.all():
+        rows = np.repeat(ok, sizes)
+        k_x, useful, device_s = k_x[rows], useful[rows], device_s[rows]
+    for (r, _, _), good in zip(cand, ok.tolist()):
+        taken[r] = good
+    return RunShares(taken, k_x, useful, device_s)
 
 
 def _per_step_extras(steps: Sequence[tuple[IterationRecord, IterationCost]], p: _Rows, useful: np.ndarray,

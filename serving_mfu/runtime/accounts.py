@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from serving_mfu.cost.accounting import CostModel
-from serving_mfu.cost.attribution import RunShares, StepShares, attribute_parts, decode_run, join_blocks
+from serving_mfu.cost.attribution import StepShares, attribute_parts, decode_runs
 from serving_mfu.cost.columns import int_array
 from serving_mfu.cost.counters import IterationCost
 from serving_mfu.cost.records import IterationRecord
@@ -30,7 +30,13 @@ _OUT, _DRAFTS, _ACCEPTED, _CACHED, _RECEIVED = range(len(TOKEN_COLUMNS))
 # finished requests, whose slots stay taken until they close, are few.
 SETTLE_ROWS = 32 * 1024  # rows noted
 SETTLE_STEPS = 256  # steps noted
-SETTLE_FINISHED = 512  # finished requests waiting to close
+SETTLE_FINISHED = 4096  # finished requests waiting to close
+
+
+def ledger_slots(in_flight: int) -> int:
+    """The ledger slots an engine of `in_flight` requests at most needs with attribution on: those in flight and
+    those finished but not yet closed (their slots are freed when they close), so that it never grows."""
+    return in_flight + SETTLE_FINISHED
 
 
 def _columns(record: IterationRecord) -> list:
@@ -43,9 +49,6 @@ def _columns(record: IterationRecord) -> list:
         d = record.decode
         out += [d.computed_before, d.draft_tokens, d.accepted_tokens, d.delivered_tokens]
     return [c for c in out if c is not None]
-
-
-_MIN_RUN_ROWS = 64  # rows per run at least, on average, for the runs' scatter (else one bincount per column)
 
 
 def _runs(pending: list) -> list[list]:
@@ -70,29 +73,31 @@ def _runs(pending: list) -> list[list]:
     return runs
 
 
-class _Columns:
-    """Shares as the ledger's columns take them: (row, values) for the cost sums and for the token counts that
-    are not all zero, and the tenant sums' values."""
+class _Piece:
+    """Rows a settle adds to the ledger: their slots, their values by column (COST_COLUMNS floats, then
+    TOKEN_COLUMNS counts; None: zeros), and each row's first and last step end (arrays, or one for all)."""
 
-    __slots__ = ("floats", "ints", "tenant")
+    __slots__ = ("slots", "columns", "first_s", "last_s")
 
-    def __init__(self, floats: tuple, ints: list, tenant: tuple):
-        self.floats, self.ints, self.tenant = floats, ints, tenant
+    def __init__(self, slots: np.ndarray, columns: list, first_s: Any, last_s: Any):
+        self.slots, self.columns, self.first_s, self.last_s = slots, columns, first_s, last_s
 
     @classmethod
-    def of(cls, b: StepShares) -> "_Columns":
-        return cls(((_USEFUL, b.useful_flops), (_EXECUTED, b.executed_flops), (_PREFILL_S, b.prefill_device_s),
-                    (_DECODE_S, b.decode_device_s)),
-                   [(row, values) for row, values in ((_OUT, b.delivered_tokens), (_DRAFTS, b.draft_tokens),
-                                                      (_ACCEPTED, b.accepted_tokens), (_CACHED, b.cached_tokens),
-                                                      (_RECEIVED, b.received_tokens)) if values.any()],
-                   (b.useful_flops, b.executed_flops, b.prefill_device_s + b.decode_device_s, 0.0,
-                    b.delivered_tokens))
+    def of(cls, slots: np.ndarray, b: StepShares, pick: slice | None, first_s: Any, last_s: Any, k: int = 1,
+           n: int = 0) -> "_Piece":
+        """Shares `b` (its rows `pick`, summed over k steps of n rows; None: all rows) as the ledger's columns;
+        token counts that are all zero are left out."""
+        columns: list = [b.useful_flops, b.executed_flops, b.prefill_device_s, b.decode_device_s,
+                         b.delivered_tokens, b.draft_tokens, b.accepted_tokens, b.cached_tokens, b.received_tokens]
+        if pick is not None:
+            columns = [v[pick] if k == 1 else v[pick].reshape(k, n).sum(axis=0) for v in columns]
+        for i in range(_N_FLOATS, len(columns)):
+            if not columns[i].any():
+                columns[i] = None
+        return cls(slots, columns, first_s, last_s)
 
 
-def _summed(values: np.ndarray, rows: slice, k: int, n: int) -> np.ndarray:
-    """A run's rows (k steps of the same n requests) summed over its steps: n values."""
-    return values[rows] if k == 1 else values[rows].reshape(k, n).sum(axis=0)
+_N_FLOATS = len(COST_COLUMNS)
 
 
 class RequestAccounts:
@@ -115,7 +120,8 @@ class RequestAccounts:
         self.settle_steps, self.settle_rows, self.settle_finished = settle_steps, settle_rows, settle_finished
         self._pending: list[tuple[IterationRecord, IterationCost, tuple]] = []
         self._rows = 0  # rows noted since the last settle
-        self._finishing: list[str] = []
+        self._finishing: list[tuple[list[str], np.ndarray]] = []  # finished: their ids and kept slots
+        self._n_finishing = 0
 
     def open(self, ids: list[str], declared: Sequence[str] | str, slots: np.ndarray | None = None) -> None:
         """Requests just admitted (at `slots`, if known), with the tenant each declared (one for all, or one
@@ -142,15 +148,20 @@ class RequestAccounts:
         for column in _columns(record):  # converted now, while the costing's conversion is still at hand
             int_array(column)
         self._pending.append((record, cost, parts))
-        self._rows += sum(len(p) for p in parts if p is not None)
+        for p in parts:
+            if p is not None:
+                self._rows += len(p)
         if self._rows >= self.settle_rows or len(self._pending) >= self.settle_steps:
             self.settle()
 
     def finish(self, ids: Any) -> None:
-        """Requests vLLM finished: closed (and their slots freed) when the accounts settle, after their last
-        steps are charged."""
-        self._finishing.extend(ids)
-        if len(self._pending) == 0 or len(self._finishing) >= self.settle_finished:
+        """Requests vLLM finished: they leave the ledger's ids now, and are closed (their slots freed) when the
+        accounts settle, after their last steps are charged."""
+        ids, slots = self.ledger.finish(ids, keep=True)
+        if ids:
+            self._finishing.append((ids, slots))
+            self._n_finishing += len(ids)
+        if len(self._pending) == 0 or self._n_finishing >= self.settle_finished:
             self.settle()
 
     def settle(self) -> None:
@@ -160,40 +171,41 @@ class RequestAccounts:
             pending, self._pending, self._rows = self._pending, [], 0
             self._charge_all(pending)
         if self._finishing:
-            finishing, self._finishing = self._finishing, []
-            self.close(*self.ledger.finish(finishing))
+            finishing, self._finishing, self._n_finishing = self._finishing, [], 0
+            ids = finishing[0][0] if len(finishing) == 1 else [r for x, _ in finishing for r in x]
+            slots = finishing[0][1] if len(finishing) == 1 else np.concatenate([x for _, x in finishing])
+            self.close(ids, slots)
+            self.ledger.release(slots)
 
     def _charge_all(self, pending: list) -> None:
-        pending = self._decode_runs(pending)
-        if not pending:
-            return
+        """The noted steps' shares, as pieces added to the ledger together (`_add`)."""
+        pieces: list[_Piece] = []
+        pending = self._decode_runs(pending, pieces)
         blocks = attribute_parts([(r, c) for r, c, _ in pending], self.model, self.devices, self.peak,
-                                 self.bandwidth)
-        if not blocks:
-            return
-        t_end = [r.t_end_s + self.wall_offset_s for r, _, _ in pending]
-        runs = _runs(pending)
-        if len(runs) * _MIN_RUN_ROWS > sum(len(b.useful_flops) for b in blocks):  # batches that keep changing
-            shares = join_blocks(blocks)
-            slots = np.concatenate([parts[k] for k in range(3) for _, _, parts in pending if parts[k] is not None])
-            at = np.asarray(t_end)[shares.step]
-            self._add_rows(slots, _Columns.of(shares), at, at)
-            return
-        start = 0
-        for b in blocks:  # runs never cross blocks: a block holds whole parts
-            end = start + len(b.useful_flops)
-            cols = _Columns.of(b)
-            for slots, first_row, k, n, first, last in runs:
-                if start <= first_row < end:
-                    self._add_run(slots, slice(first_row - start, first_row - start + k * n), k, n, cols,
-                                  t_end[first], t_end[last])
-            start = end
+                                 self.bandwidth) if pending else []
+        if blocks:
+            t_end = np.fromiter((r.t_end_s for r, _, _ in pending), np.float64, len(pending)) + self.wall_offset_s
+            runs = _runs(pending)
+            start = 0
+            for b in blocks:  # runs never cross blocks: a block holds whole parts
+                end = start + len(b.useful_flops)
+                mine = [r for r in runs if start <= r[1] < end]
+                if all(k == 1 for _, _, k, _, _, _ in mine):  # no unchanged batch: the block's rows as they are
+                    at = b.groups.spread(t_end)
+                    pieces.append(_Piece.of(mine[0][0] if len(mine) == 1 else
+                                            np.concatenate([r[0] for r in mine]), b, None, at, at))
+                else:  # an unchanged batch's rows summed over its steps first
+                    for slots, first_row, k, n, first, last in mine:
+                        rows = slice(first_row - start, first_row - start + k * n)
+                        pieces.append(_Piece.of(slots, b, rows, float(t_end[first]), float(t_end[last]), k, n))
+                start = end
+        if pieces:
+            self._add(pieces)
 
-    def _decode_runs(self, pending: list) -> list:
-        """Runs of ≥ 2 steps of only the same decode batch, charged in closed form (attribution.decode_run),
-        all of them with one scatter per column; returns the steps left to attribute row by row."""
-        rest: list = []
-        done: list[tuple[np.ndarray, RunShares, float, float]] = []
+    def _decode_runs(self, pending: list, pieces: list[_Piece]) -> list:
+        """Runs of ≥ 2 steps of only the same decode batch, charged in closed form (attribution.decode_runs, all
+        at once) as one piece; returns the steps left to attribute row by row, in order."""
+        segments: list[tuple[int, int]] = []  # [i, j): steps of one decode batch alone, or one other step
         i = 0
         while i < len(pending):
             slots = pending[i][2][2]
@@ -202,58 +214,43 @@ class RequestAccounts:
                 while j < len(pending) and pending[j][2][2] is slots and pending[j][2][0] is None and \
                         pending[j][2][1] is None:
                     j += 1
-            run = decode_run([(r, c) for r, c, _ in pending[i:j]], self.model, self.devices, self.peak,
-                             self.bandwidth) if j - i >= 2 else None
-            if run is None:
-                rest.extend(pending[i:j])
-            else:
-                done.append((slots, run, pending[i][0].t_end_s + self.wall_offset_s,
-                             pending[j - 1][0].t_end_s + self.wall_offset_s))
+            segments.append((i, j))
             i = j
-        if done:
-            self._add_decode_runs(done)
-        return rest
+        runs = [(i, j) for i, j in segments if j - i >= 2]
+        if not runs:
+            return pending
+        shares = decode_runs([[(r, c) for r, c, _ in pending[i:j]] for i, j in runs], self.model, self.devices,
+                             self.peak, self.bandwidth)
+        taken = {i: j for (i, j), good in zip(runs, shares.taken) if good}
+        if not taken:
+            return pending
+        slots = [pending[i][2][2] for i in taken]
+        off = self.wall_offset_s
+        sizes = [len(x) for x in slots]
+        first = np.repeat([pending[i][0].t_end_s + off for i in taken], sizes)
+        last = np.repeat([pending[j - 1][0].t_end_s + off for j in taken.values()], sizes)
+        pieces.append(_Piece(slots[0] if len(slots) == 1 else np.concatenate(slots),
+                             [shares.useful_flops, shares.useful_flops, None, shares.decode_device_s,
+                              shares.steps.astype(np.int64), None, None, None, None], first, last))
+        return [step for i, j in segments if i not in taken for step in pending[i:j]]
 
-    def _add_decode_runs(self, done: list[tuple[np.ndarray, RunShares, float, float]]) -> None:
-        """The runs' per-request sums into the ledger's columns and the tenants' (a request may be in several
-        runs: `_add_rows`)."""
-        sizes = [len(s) for s, _, _, _ in done]
-        useful = np.concatenate([r.useful_flops for _, r, _, _ in done])
-        device_s = np.concatenate([r.decode_device_s for _, r, _, _ in done])
-        delivered = np.repeat(np.array([r.steps for _, r, _, _ in done], np.float64), sizes)
-        cols = _Columns(((_USEFUL, useful), (_EXECUTED, useful), (_DECODE_S, device_s)), [(_OUT, delivered)],
-                        (useful, useful, device_s, 0.0, delivered))
-        self._add_rows(np.concatenate([s for s, _, _, _ in done]), cols,
-                       np.repeat([first for _, _, first, _ in done], sizes),
-                       np.repeat([last for _, _, _, last in done], sizes))
-
-    def _add_run(self, slots: np.ndarray, rows: slice, k: int, n: int, cols: "_Columns", first_s: float,
-                 last_s: float) -> None:
-        """A run of k steps of the same n requests: its rows summed over the steps, added once to its slots."""
+    def _add(self, pieces: list[_Piece]) -> None:
+        """The pieces' rows into the ledger's columns, each row's first and last step end, and the tenants'
+        sums.  Piece by piece with unbuffered `ufunc.at` (a request may have several rows), which allocates
+        nothing: joining the pieces first costs more in fresh memory than the calls it saves."""
         led = self.ledger
-        c, t = led.costs, led.tokens
-        for row, values in cols.floats:
-            c[row][slots] += _summed(values, rows, k, n)
-        for row, values in cols.ints:
-            t[row][slots] += _summed(values, rows, k, n)
-        led.first_at[slots] = np.minimum(led.first_at[slots], first_s)
-        led.last_at[slots] = np.maximum(led.last_at[slots], last_s)
-        self.tenants.accrue(led.tenant[slots], [_summed(v, rows, k, n) if isinstance(v, np.ndarray) else v
-                                                for v in cols.tenant])
-
-    def _add_rows(self, slots: np.ndarray, cols: "_Columns", first_s: np.ndarray, last_s: np.ndarray) -> None:
-        """Row by row (a request may have several rows): one `bincount` per column; each row's first and last
-        step end."""
-        led = self.ledger
-        n = len(led.prompt_len)
-        c, t = led.costs, led.tokens
-        for row, values in cols.floats:
-            c[row] += np.bincount(slots, values, minlength=n)
-        for row, values in cols.ints:
-            t[row] += np.bincount(slots, values, minlength=n).astype(np.int64)
-        np.minimum.at(led.first_at, slots, first_s)
-        np.maximum.at(led.last_at, slots, last_s)
-        self.tenants.accrue(led.tenant[slots], cols.tenant)
+        for p in pieces:
+            slots, columns = p.slots, p.columns
+            for row in range(_N_FLOATS):
+                if columns[row] is not None:
+                    np.add.at(led.costs[row], slots, columns[row])
+            for row in range(len(led.tokens)):
+                if columns[_N_FLOATS + row] is not None:
+                    np.add.at(led.tokens[row], slots, columns[_N_FLOATS + row])
+            np.minimum.at(led.first_at, slots, p.first_s)
+            np.maximum.at(led.last_at, slots, p.last_s)
+            useful, executed, pre_s, dec_s, delivered = (v if v is not None else 0.0 for v in columns[:_N_FLOATS + 1])
+            self.tenants.accrue(led.tenant[slots], (useful, executed, pre_s + dec_s, 0.0, delivered))
 
     def close(self, ids: list[str], slots: np.ndarray) -> FinishedRequests | None:
         """The columns of requests the ledger just finished (RequestLedger.finish: their ids and slots), handed

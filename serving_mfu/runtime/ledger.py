@@ -26,6 +26,7 @@ from typing import Collection, Iterable, Sequence
 import numpy as np
 
 _NO_ADAPTER = -1
+DEFAULT_CAPACITY = 1024  # slots when the engine's max_num_seqs is unknown (the ledger grows past it if needed)
 
 #: The cost columns (DESIGN §12): float sums, then token counts; each request's totals since it was admitted.
 COST_COLUMNS = ("useful_flops", "executed_flops", "prefill_device_s", "decode_device_s")
@@ -38,7 +39,7 @@ class RequestLedger:
     __slots__ = ("slot_of", "_free", "_n_free", "prompt_len", "mark", "last_n0", "adapter", "prefilling", "recomputing",
                  "adapters_in_flight", "_cache_ids", "_cache_slots", "tenant", "costs", "tokens", "first_at", "last_at")
 
-    def __init__(self, capacity: int = 1024):
+    def __init__(self, capacity: int = DEFAULT_CAPACITY):
         self.slot_of: dict[str, int] = {}
         # the free slots, a stack: _free[:_n_free], taken from the top (low slots first in a fresh ledger)
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.intp)
@@ -133,8 +134,9 @@ class RequestLedger:
         else:
             self.prompt_len[slot] = prompt_len
 
-    def finish(self, ids: Collection[str]) -> tuple[list[str], np.ndarray]:
-        """Requests vLLM finished: their slots go back to the free list.  Returns those it held and their slots,
+    def finish(self, ids: Collection[str], keep: bool = False) -> tuple[list[str], np.ndarray]:
+        """Requests vLLM finished: their slots go back to the free list (with `keep`, only at `release`: their
+        columns stay theirs meanwhile, while the ids are already gone).  Returns those it held and their slots,
         whose columns stay readable until the next `admit` (it resets them)."""
         ids = list(ids)
         slots = np.fromiter(map(self.slot_of.pop, ids, repeat(-1)), np.intp, len(ids))
@@ -147,14 +149,19 @@ class RequestLedger:
                 return [], slots
         if self.adapters_in_flight:  # the column itself stays readable until the slot is admitted again
             self.adapters_in_flight -= int((self.adapter[slots] != _NO_ADAPTER).sum())
-        self._free[self._n_free:self._n_free + len(slots)] = slots
-        self._n_free += len(slots)
+        if not keep:
+            self.release(slots)
         if self.prefilling:
             self.prefilling.difference_update(ids)
         if self.recomputing:
             self.recomputing.difference_update(ids)
         self._cache_ids = None
         return ids, slots
+
+    def release(self, slots: np.ndarray) -> None:
+        """Slots that `finish` kept, back to the free list."""
+        self._free[self._n_free:self._n_free + len(slots)] = slots
+        self._n_free += len(slots)
 
     def advance(self, ids: list[str], n0s: Sequence[int]) -> None:
         """A plain decode of each of `ids` from its n0 (one position computed and kept)."""

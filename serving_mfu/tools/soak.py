@@ -29,7 +29,7 @@ from rich.progress import Progress
 from serving_mfu.cost.records import DecodeBatch, IterationRecord, PrefillBatch
 from serving_mfu.model.spec import ModelSpec
 from serving_mfu.peaks.table import lookup_peak
-from serving_mfu.runtime.accounts import RequestAccounts
+from serving_mfu.runtime.accounts import RequestAccounts, ledger_slots
 from serving_mfu.runtime.aggregate import SnapshotReader
 from serving_mfu.runtime.ledger import RequestLedger
 from serving_mfu.runtime.publish import SnapshotWriter
@@ -135,7 +135,7 @@ class _RequestSoak:
         # the tracker's window (a Counters per second for max_window_s, bounded: the iteration soak's subject) is
         # full within the first 600 steps here, so what grows after the first checkpoint is the accounts'
         self.tracker = MFUTracker(spec, lookup_peak("h100-sxm", "bf16"), devices=1, clock=None, max_window_s=300.0)
-        self.ledger = RequestLedger()
+        self.ledger = RequestLedger(ledger_slots(batch + per_step))  # sized as the hook sizes it
         self.accounts = RequestAccounts(self.ledger, TenantTable(20), self.tracker.cost_model, 1,
                                         *self.tracker.engine_peak, "soak-0", 0.0)
         self.log = RequestLogWriter(folder, "soak-0", segment_records=segment_records)
