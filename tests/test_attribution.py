@@ -262,7 +262,7 @@ def test_a_decode_run_in_closed_form_equals_row_by_row(name, n0s, k, peak, busy,
 def test_decode_runs_of_several_runs_equal_each_alone(name, runs, peak) -> None:
     """Several runs at once (some declined: one step, a skipped position) give each taken run's entries as that
     run alone does, in run order, and decline the same runs."""
-    from serving_mfu.cost.attribution import decode_run, decode_runs
+    from serving_mfu.cost.attribution import decode_run, decode_runs, plain_decode
     from serving_mfu.cost.records import DecodeBatch, IterationRecord
 
     model = MODELS[name]
@@ -277,7 +277,7 @@ def test_decode_runs_of_several_runs_equal_each_alone(name, runs, peak) -> None:
                                   decode=DecodeBatch(req_ids=ids, computed_before=n0))
             steps.append((rec, cost_iteration(rec, model, 0.01 * (r + 1), 0.01 * (r + 1), pf, bw)))
         given.append(steps)
-    together = decode_runs(given, model, 1, pf, bw)
+    together = decode_runs([[plain_decode(rec, cost) for rec, cost in steps] for steps in given], model, 1, pf, bw)
     alone = [decode_run(steps, model, 1, pf, bw) for steps in given]
     assert together.taken == [a is not None for a in alone]
     taken = [a for a in alone if a is not None]

@@ -444,10 +444,20 @@ def _plain_decode_only(rec: IterationRecord, cost: IterationCost) -> bool:
         not cost.decode.graph_padding_flops
 
 
+def plain_decode(rec: IterationRecord, cost: IterationCost) -> tuple[Sequence[int], float, float] | None:
+    """A step as `decode_runs` reads it where it is only a plain decode batch: the batch's n0 column, its decode
+    time and bytes; else None.  Taken when the step is costed (its objects are at hand then)."""
+    return (rec.decode.computed_before, cost.decode.time_s, cost.decode.bytes) if _plain_decode_only(rec, cost) \
+        else None
+
+
 def decode_run(steps: Sequence[tuple[IterationRecord, IterationCost]], model: CostModel, devices: int,
                peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> RunShares | None:
-    """`decode_runs` of one run; None where it declines."""
-    run = decode_runs([steps], model, devices, peak_flops_per_s, bandwidth_bytes_per_s)
+    """`decode_runs` of one run of costed steps; None where it declines."""
+    plain = [plain_decode(rec, cost) for rec, cost in steps]
+    if any(p is None for p in plain):
+        return None
+    run = decode_runs([plain], model, devices, peak_flops_per_s, bandwidth_bytes_per_s)
     return run if run.taken[0] else None
 
 
@@ -457,7 +467,7 @@ def _offsets(sizes: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode_runs(runs: Sequence[Sequence[tuple[IterationRecord, IterationCost]]], model: CostModel, devices: int,
+def decode_runs(runs: Sequence[Sequence[tuple[Sequence[int], float, float]]], model: CostModel, devices: int,
                 peak_flops_per_s: float | None, bandwidth_bytes_per_s: float | None) -> RunShares:
     """Each request's sums over each run of k ≥ 2 consecutive plain decode steps of the same requests, in
     closed form: O(requests), not O(requests × steps), and all runs at once.  vLLM keeps such a batch step
@@ -465,26 +475,30 @@ def decode_runs(runs: Sequence[Sequence[tuple[IterationRecord, IterationCost]]],
     reading all keys over the run), its FLOPs and bytes in step t are affine, F = L + C·(x_i + t),
     B = K + D·(x_i + t), so where every request is on one side of the roofline in step t its device-seconds
     share (`_device_seconds`) is T_t·(a_t + s_t·x_i)/(n·a_t + s_t·Σx) and its sum over the run
-    Σα_t + x_i·Σβ_t.  The same values as row by row, up to rounding.  A run that does not qualify (drafts,
-    a skipped position, a changed batch, a binding window, the roofline's corner inside its batch) is
-    declined: `taken` False, and its steps go row by row."""
+    Σα_t + x_i·Σβ_t.  The same values as row by row, up to rounding.  Each run is its steps as
+    `plain_decode` gives them; one that does not qualify (one step, a skipped position, a changed batch, a
+    binding window, the roofline's corner inside its batch) is declined: `taken` False, and its steps go row
+    by row."""
     taken = [False] * len(runs)
     cand = []  # (run, its steps, its requests)
     for r, steps in enumerate(runs):
-        if len(steps) < 2 or not all(_plain_decode_only(rec, c) for rec, c in steps):
+        if len(steps) < 2:
             continue
-        n = len(steps[0][0].decode.computed_before)
-        if n and all(len(rec.decode.computed_before) == n for rec, _ in steps):
+        n = len(steps[0][0])
+        if n and all(len(n0) == n for n0, _, _ in steps):
             cand.append((r, steps, n))
     empty = np.zeros(0, _F)
     if not cand:
         return RunShares(taken, empty, empty, empty)
     sizes = np.array([n for _, _, n in cand], np.intp)
     ks = np.array([len(steps) for _, steps, _ in cand], np.intp)
-    first = _column([steps[0][0].decode.computed_before for _, steps, _ in cand], sizes)
-    last = _column([steps[-1][0].decode.computed_before for _, steps, _ in cand], sizes)
+    first = _column([steps[0][0] for _, steps, _ in cand], sizes)
+    last = _column([steps[-1][0] for _, steps, _ in cand], sizes)
     offs = _offsets(sizes)
-    ok = np.logical_and.reduceat(last - first == np.repeat(ks - 1, sizes), offs)  # one position a step each
+    if len(cand) == 1:  # one position a step each
+        ok = np.array([bool((last - first == ks[0] - 1).all())])
+    else:
+        ok = np.logical_and.reduceat(last - first == np.repeat(ks - 1, sizes), offs)
     lo, hi = np.minimum.reduceat(first, offs), np.maximum.reduceat(first, offs)
     for rule in (rule for rule, _, _ in model.batch_groups if not rule.full):  # a window or chunk that binds
         ends = np.concatenate([lo, hi + ks - 1])
@@ -493,18 +507,19 @@ def decode_runs(runs: Sequence[Sequence[tuple[IterationRecord, IterationCost]]],
     lin, own = _plain_decode_terms(model)
     coef = float(sum(c for _, c, _ in model.batch_groups))
     kv = float(sum(b for _, _, b in model.batch_groups))
-    x = (first + 1).astype(_F)
+    x = first.astype(_F)
+    x += 1.0
     sx = np.add.reduceat(x, offs)
     # per step of every run: t (its index in its run), and its run's n, Σx, lowest and highest x
     step_offs = _offsets(ks)
     run_of = np.repeat(np.arange(len(cand)), ks)
     t = (np.arange(int(ks.sum())) - step_offs[run_of]).astype(_F)
     n_t, sx_t = sizes[run_of].astype(_F), sx[run_of]
-    costs = [c.decode for _, steps, _ in cand for _, c in steps]
-    time_s = np.fromiter((c.time_s for c in costs), _F, len(costs)) * devices
+    per_step = np.array([(time_s, b) for _, steps, _ in cand for _, time_s, b in steps], _F)
+    time_s = per_step[:, 0] * devices
     peak, bw = peak_flops_per_s, bandwidth_bytes_per_s
     if peak and bw:
-        byte_t = np.fromiter((c.bytes for c in costs), _F, len(costs))
+        byte_t = per_step[:, 1]
         per_pos = np.maximum(byte_t - (n_t * (own + kv * t) + kv * sx_t), 0.0) / n_t
         a_f, s_f, a_b, s_b = (lin + coef * t) / peak, coef / peak, (own + kv * t + per_pos) / bw, kv / bw
         lo_t, hi_t = (lo + 1.0)[run_of], (hi + 1.0)[run_of]
@@ -519,15 +534,29 @@ def decode_runs(runs: Sequence[Sequence[tuple[IterationRecord, IterationCost]]],
     ok &= ~np.logical_or.reduceat(bad, step_offs)
     share = np.divide(time_s, total, out=np.zeros(len(t)), where=~bad)
     alpha, beta = np.add.reduceat(share * a, step_offs), np.add.reduceat(share * slope, step_offs)
-    k_x = np.repeat(ks, sizes).astype(_F)
-    useful = k_x * lin + coef * (k_x * x + k_x * (k_x - 1) / 2)
-    device_s = np.repeat(alpha, sizes) + np.repeat(beta, sizes) * x
+    k_f = ks.astype(_F)  # per run: useful k·lin + coef·k(k − 1)/2 + coef·k·x_i, device-seconds Σα + Σβ·x_i
+    useful = _affine(k_f * lin + coef * k_f * (k_f - 1) / 2, coef * k_f, x, sizes)
+    device_s = _affine(alpha, beta, x, sizes)
+    steps = np.repeat(ks, sizes)
     if not ok.all():
         rows = np.repeat(ok, sizes)
-        k_x, useful, device_s = k_x[rows], useful[rows], device_s[rows]
+        steps, useful, device_s = steps[rows], useful[rows], device_s[rows]
     for (r, _, _), good in zip(cand, ok.tolist()):
         taken[r] = good
-    return RunShares(taken, k_x, useful, device_s)
+    return RunShares(taken, steps, useful, device_s)
+
+
+def _affine(a: np.ndarray, b: np.ndarray, x: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """a_r + b_r·x_i for each entry i of run r (one product, added in place: a settle's arrays are cold, and
+    each fresh temporary costs more than its arithmetic)."""
+    if len(sizes) == 1:
+        out = x * b[0]
+        out += a[0]
+        return out
+    out = np.repeat(b, sizes)
+    out *= x
+    out += np.repeat(a, sizes)
+    return out
 
 
 def _per_step_extras(steps: Sequence[tuple[IterationRecord, IterationCost]], p: _Rows, useful: np.ndarray,

@@ -15,16 +15,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from serving_mfu.cost.accounting import CostModel
-from serving_mfu.cost.attribution import StepShares, attribute_parts, decode_runs
+from serving_mfu.cost.attribution import StepShares, attribute_parts, decode_runs, plain_decode
 from serving_mfu.cost.columns import int_array
 from serving_mfu.cost.counters import IterationCost
 from serving_mfu.cost.records import IterationRecord
 from serving_mfu.runtime.ledger import COST_COLUMNS, TOKEN_COLUMNS, RequestLedger
 from serving_mfu.runtime.tenants import TenantTable
-from serving_mfu.schema.requests import FinishedRequests
+from serving_mfu.schema.requests import TENANT_COUNTERS, FinishedRequests
 
 _USEFUL, _EXECUTED, _PREFILL_S, _DECODE_S = range(len(COST_COLUMNS))
 _OUT, _DRAFTS, _ACCEPTED, _CACHED, _RECEIVED = range(len(TOKEN_COLUMNS))
+_PROMPT = TENANT_COUNTERS.index("prompt_tokens")  # the tenants' sums' row
 # The accounts settle (charge the noted steps together, then close the finished requests) when any of these is
 # reached, and before every publish: the array work's fixed cost is shared by enough rows (request × step), and
 # finished requests, whose slots stay taken until they close, are few.
@@ -59,7 +60,7 @@ def _runs(pending: list) -> list[list]:
     start = 0
     for part in range(3):
         run = None
-        for s, (_, _, parts) in enumerate(pending):
+        for s, (_, _, parts, _, _) in enumerate(pending):
             slots = parts[part]
             if slots is None or not len(slots):
                 continue
@@ -118,7 +119,7 @@ class RequestAccounts:
         self.sinks = list(sinks)  # where finished requests go (the request log, the trace)
         self.adapter_names = adapter_names if adapter_names is not None else {}
         self.settle_steps, self.settle_rows, self.settle_finished = settle_steps, settle_rows, settle_finished
-        self._pending: list[tuple[IterationRecord, IterationCost, tuple]] = []
+        self._pending: list[tuple[IterationRecord, IterationCost, tuple, Any, float]] = []
         self._rows = 0  # rows noted since the last settle
         self._finishing: list[tuple[list[str], np.ndarray]] = []  # finished: their ids and kept slots
         self._n_finishing = 0
@@ -129,10 +130,12 @@ class RequestAccounts:
         led = self.ledger
         if slots is None:
             slots = led.slots(ids)
-        if isinstance(declared, str):
-            labels = np.full(len(ids), self.tenants.label_of(declared), np.int32)
-        else:
-            labels = np.fromiter(map(self.tenants.label_of, declared), np.int32, len(ids))
+        if isinstance(declared, str):  # one label for all: one write, one sum
+            label = self.tenants.label_of(declared)
+            led.tenant[slots] = label
+            self.tenants.sums[_PROMPT, label] += float(led.prompt_len[slots].sum())
+            return
+        labels = np.fromiter(map(self.tenants.label_of, declared), np.int32, len(ids))
         led.tenant[slots] = labels
         prompts = led.prompt_len[slots].astype(np.float64)
         self.tenants.accrue(labels, (0.0, 0.0, 0.0, prompts, 0.0))
@@ -147,7 +150,10 @@ class RequestAccounts:
                  led.slots(record.decode.req_ids) if record.decode is not None else None)
         for column in _columns(record):  # converted now, while the costing's conversion is still at hand
             int_array(column)
-        self._pending.append((record, cost, parts))
+        # what a settle reads of the step, taken while its objects are at hand: as a step of a decode run (or
+        # None), and its end on the wall clock
+        plain = plain_decode(record, cost) if parts[0] is None and parts[1] is None else None
+        self._pending.append((record, cost, parts, plain, record.t_end_s + self.wall_offset_s))
         for p in parts:
             if p is not None:
                 self._rows += len(p)
@@ -181,10 +187,10 @@ class RequestAccounts:
         """The noted steps' shares, as pieces added to the ledger together (`_add`)."""
         pieces: list[_Piece] = []
         pending = self._decode_runs(pending, pieces)
-        blocks = attribute_parts([(r, c) for r, c, _ in pending], self.model, self.devices, self.peak,
+        blocks = attribute_parts([(r, c) for r, c, _, _, _ in pending], self.model, self.devices, self.peak,
                                  self.bandwidth) if pending else []
         if blocks:
-            t_end = np.fromiter((r.t_end_s for r, _, _ in pending), np.float64, len(pending)) + self.wall_offset_s
+            t_end = np.fromiter((t for _, _, _, _, t in pending), np.float64, len(pending))
             runs = _runs(pending)
             start = 0
             for b in blocks:  # runs never cross blocks: a block holds whole parts
@@ -205,30 +211,28 @@ class RequestAccounts:
     def _decode_runs(self, pending: list, pieces: list[_Piece]) -> list:
         """Runs of ≥ 2 steps of only the same decode batch, charged in closed form (attribution.decode_runs, all
         at once) as one piece; returns the steps left to attribute row by row, in order."""
-        segments: list[tuple[int, int]] = []  # [i, j): steps of one decode batch alone, or one other step
+        segments: list[tuple[int, int]] = []  # [i, j): plain decode steps of one batch, or one other step
         i = 0
         while i < len(pending):
             slots = pending[i][2][2]
             j = i + 1
-            if slots is not None and pending[i][2][0] is None and pending[i][2][1] is None:
-                while j < len(pending) and pending[j][2][2] is slots and pending[j][2][0] is None and \
-                        pending[j][2][1] is None:
+            if pending[i][3] is not None:
+                while j < len(pending) and pending[j][2][2] is slots and pending[j][3] is not None:
                     j += 1
             segments.append((i, j))
             i = j
         runs = [(i, j) for i, j in segments if j - i >= 2]
         if not runs:
             return pending
-        shares = decode_runs([[(r, c) for r, c, _ in pending[i:j]] for i, j in runs], self.model, self.devices,
+        shares = decode_runs([[p[3] for p in pending[i:j]] for i, j in runs], self.model, self.devices,
                              self.peak, self.bandwidth)
         taken = {i: j for (i, j), good in zip(runs, shares.taken) if good}
         if not taken:
             return pending
         slots = [pending[i][2][2] for i in taken]
-        off = self.wall_offset_s
         sizes = [len(x) for x in slots]
-        first = np.repeat([pending[i][0].t_end_s + off for i in taken], sizes)
-        last = np.repeat([pending[j - 1][0].t_end_s + off for j in taken.values()], sizes)
+        first = np.repeat([pending[i][4] for i in taken], sizes)
+        last = np.repeat([pending[j - 1][4] for j in taken.values()], sizes)
         pieces.append(_Piece(slots[0] if len(slots) == 1 else np.concatenate(slots),
                              [shares.useful_flops, shares.useful_flops, None, shares.decode_device_s,
                               shares.steps.astype(np.int64), None, None, None, None], first, last))
@@ -267,12 +271,15 @@ class RequestAccounts:
             adapters = [self.adapter_names.get(k, str(k)) for k in known]
             keys = np.searchsorted(np.array(known), keys).astype(np.int32)
             keys[led.adapter[slots] < 0] = -1
-        c, t = led.costs, led.tokens
-        ints = np.stack([led.prompt_len[slots], t[_CACHED][slots], t[_RECEIVED][slots], t[_OUT][slots],
-                         t[_DRAFTS][slots], t[_ACCEPTED][slots]])
-        first = led.first_at[slots]
-        floats = np.stack([c[_USEFUL][slots], c[_EXECUTED][slots], c[_PREFILL_S][slots], c[_DECODE_S][slots],
-                           np.where(np.isfinite(first), first, 0.0), led.last_at[slots]])
+        c, t, n = led.costs, led.tokens, len(slots)
+        ints, floats = np.empty((6, n), np.int64), np.empty((6, n), np.float64)  # INT_ and FLOAT_COLUMNS
+        for out, column in zip(ints, (led.prompt_len, t[_CACHED], t[_RECEIVED], t[_OUT], t[_DRAFTS],
+                                      t[_ACCEPTED])):
+            np.take(column, slots, out=out)
+        for out, column in zip(floats, (c[_USEFUL], c[_EXECUTED], c[_PREFILL_S], c[_DECODE_S], led.first_at,
+                                        led.last_at)):
+            np.take(column, slots, out=out)
+        np.copyto(floats[4], 0.0, where=np.isinf(floats[4]))  # never run: no first step
         batch = FinishedRequests.pack(self.engine_id, ids, list(self.tenants.labels), labels, adapters, keys, ints,
                                       floats)
         for sink in self.sinks:
