@@ -10,6 +10,7 @@ accounting thread; nothing here imports vLLM.
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -84,21 +85,29 @@ class _Piece:
         self.slots, self.columns, self.first_s, self.last_s = slots, columns, first_s, last_s
 
     @classmethod
-    def of(cls, slots: np.ndarray, b: StepShares, pick: slice | None, first_s: Any, last_s: Any, k: int = 1,
-           n: int = 0) -> "_Piece":
-        """Shares `b` (its rows `pick`, summed over k steps of n rows; None: all rows) as the ledger's columns;
-        token counts that are all zero are left out."""
-        columns: list = [b.useful_flops, b.executed_flops, b.prefill_device_s, b.decode_device_s,
-                         b.delivered_tokens, b.draft_tokens, b.accepted_tokens, b.cached_tokens, b.received_tokens]
-        if pick is not None:
-            columns = [v[pick] if k == 1 else v[pick].reshape(k, n).sum(axis=0) for v in columns]
-        for i in range(_N_FLOATS, len(columns)):
-            if not columns[i].any():
-                columns[i] = None
-        return cls(slots, columns, first_s, last_s)
+    def pieces(cls, b: StepShares, runs: list[list], start: int, t_end: np.ndarray) -> list["_Piece"]:
+        """Shares `b` (rows from `start` on, in `runs`: _runs) as the ledger's columns; columns all zero in the
+        block are left out.  Rows as they are where no batch stayed unchanged, else each unchanged batch's
+        rows summed over its steps first."""
+        columns = [v if v.any() else None for v in (
+            b.useful_flops, b.executed_flops, b.prefill_device_s, b.decode_device_s, b.delivered_tokens,
+            b.draft_tokens, b.accepted_tokens, b.cached_tokens, b.received_tokens)]
+        if all(k == 1 for _, _, k, _, _, _ in runs):
+            at = b.groups.spread(t_end)
+            return [cls(runs[0][0] if len(runs) == 1 else np.concatenate([r[0] for r in runs]), columns, at, at)]
+        out = []
+        for slots, first_row, k, n, first, last in runs:
+            rows = slice(first_row - start, first_row - start + k * n)
+            out.append(cls(slots, [None if v is None else v[rows] if k == 1 else v[rows].reshape(k, n).sum(axis=0)
+                                   for v in columns], float(t_end[first]), float(t_end[last])))
+        return out
 
 
 _N_FLOATS = len(COST_COLUMNS)
+
+
+def _total(values: np.ndarray | float) -> float:
+    return float(values.sum()) if isinstance(values, np.ndarray) else values
 
 
 class RequestAccounts:
@@ -178,7 +187,7 @@ class RequestAccounts:
             self._charge_all(pending)
         if self._finishing:
             finishing, self._finishing, self._n_finishing = self._finishing, [], 0
-            ids = finishing[0][0] if len(finishing) == 1 else [r for x, _ in finishing for r in x]
+            ids = finishing[0][0] if len(finishing) == 1 else list(chain.from_iterable(x for x, _ in finishing))
             slots = finishing[0][1] if len(finishing) == 1 else np.concatenate([x for _, x in finishing])
             self.close(ids, slots)
             self.ledger.release(slots)
@@ -195,15 +204,7 @@ class RequestAccounts:
             start = 0
             for b in blocks:  # runs never cross blocks: a block holds whole parts
                 end = start + len(b.useful_flops)
-                mine = [r for r in runs if start <= r[1] < end]
-                if all(k == 1 for _, _, k, _, _, _ in mine):  # no unchanged batch: the block's rows as they are
-                    at = b.groups.spread(t_end)
-                    pieces.append(_Piece.of(mine[0][0] if len(mine) == 1 else
-                                            np.concatenate([r[0] for r in mine]), b, None, at, at))
-                else:  # an unchanged batch's rows summed over its steps first
-                    for slots, first_row, k, n, first, last in mine:
-                        rows = slice(first_row - start, first_row - start + k * n)
-                        pieces.append(_Piece.of(slots, b, rows, float(t_end[first]), float(t_end[last]), k, n))
+                pieces += _Piece.pieces(b, [r for r in runs if start <= r[1] < end], start, t_end)
                 start = end
         if pieces:
             self._add(pieces)
@@ -242,7 +243,7 @@ class RequestAccounts:
         """The pieces' rows into the ledger's columns, each row's first and last step end, and the tenants'
         sums.  Piece by piece with unbuffered `ufunc.at` (a request may have several rows), which allocates
         nothing: joining the pieces first costs more in fresh memory than the calls it saves."""
-        led = self.ledger
+        led, tenants = self.ledger, self.tenants
         for p in pieces:
             slots, columns = p.slots, p.columns
             for row in range(_N_FLOATS):
@@ -254,7 +255,11 @@ class RequestAccounts:
             np.minimum.at(led.first_at, slots, p.first_s)
             np.maximum.at(led.last_at, slots, p.last_s)
             useful, executed, pre_s, dec_s, delivered = (v if v is not None else 0.0 for v in columns[:_N_FLOATS + 1])
-            self.tenants.accrue(led.tenant[slots], (useful, executed, pre_s + dec_s, 0.0, delivered))
+            if len(tenants.labels) == 1:  # one tenant: its sums (TENANT_COUNTERS), no labels to read
+                tenants.sums[:, 0] += [_total(useful), _total(executed), _total(pre_s) + _total(dec_s), 0.0,
+                                       _total(delivered)]
+            else:
+                tenants.accrue(led.tenant[slots], (useful, executed, pre_s + dec_s, 0.0, delivered))
 
     def close(self, ids: list[str], slots: np.ndarray) -> FinishedRequests | None:
         """The columns of requests the ledger just finished (RequestLedger.finish: their ids and slots), handed
