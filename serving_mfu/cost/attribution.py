@@ -200,20 +200,33 @@ def _decode_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> 
                 kv += keys * kv_bytes
         zero_f, zero_i, one = np.zeros(n, _F), np.zeros(n, _I), np.ones(n, _I)
         return _Rows(ids, step, flops, zero_f, flops, zero_i, one, one, zero_f, kv, one, zero_i, zero_i, zero_i)
-    else:
-        k, a = _column([b.draft_tokens for b in bs], sizes), _column([b.accepted_tokens for b in bs], sizes)
-    kept_end, end = n0 + 1 + a, n0 + 1 + k
-    useful_end = kept_end
+    k, a = _column([b.draft_tokens for b in bs], sizes), _column([b.accepted_tokens for b in bs], sizes)
+    q, kept = k + 1, a + 1
+    end = n0 + q
+    useful_q = kept  # [n0, n0 + kept) kept, of which the first `delivered` reached the user
     if any(b.delivered_tokens is not None for b in bs):
         cut = np.concatenate([int_array(b.delivered_tokens) if b.delivered_tokens is not None else
                               np.full(n_b, 1 << 40, _I) for b, n_b in zip(bs, sizes)])
-        useful_end = np.minimum(kept_end, n0 + cut)
-    q = k + 1
-    executed = span_flops_array(model, n0, end, q)
-    useful = executed if plain else span_flops_array(model, n0, useful_end, useful_end - n0)
+        useful_q = np.minimum(kept, cut)
+    pairs_n0 = [rule.pairs(n0) for rule, _ in model.attention_groups]
+    executed = _sampled_spans(model, q, end, pairs_n0)
+    useful = _sampled_spans(model, useful_q, n0 + useful_q, pairs_n0)
     zero_f, zero_i = np.zeros(n, _F), np.zeros(n, _I)
-    return _Rows(ids, step, useful, zero_f, executed, zero_i, q, kept_end - n0, zero_f, _kv_bytes(model, end, q),
-                 useful_end - n0, k, a, zero_i)
+    return _Rows(ids, step, useful, zero_f, executed, zero_i, q, kept, zero_f, _kv_bytes(model, end, q), useful_q, k,
+                 a, zero_i)
+
+
+def _sampled_spans(model: CostModel, q: np.ndarray, end: np.ndarray, pairs_start: list[np.ndarray]) -> np.ndarray:
+    """`span_flops_array` of positions [end_i − q_i, end_i) that each have a logit row (a decode's positions
+    are all sampled or verified): (lin + lm)·q + Σ_groups coef·(pairs(end) − pairs(start)), the starts'
+    pairs given (a decode's executed and useful spans share their start)."""
+    out = q.astype(_F)
+    out *= model.linear_flops_per_token + model.lm_head_flops_per_logit
+    for (rule, coef), before in zip(model.attention_groups, pairs_start):
+        d = rule.pairs(end)
+        d -= before
+        out += d.astype(_F) * coef
+    return out
 
 
 def _slice_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> _Rows:
