@@ -51,9 +51,7 @@ class Groups:
         st, sz = np.asarray(steps, np.intp), np.asarray(sizes, np.intp)
         if len(sz) and not sz.all():
             st, sz = st[sz > 0], sz[sz > 0]
-        offsets = np.zeros(len(sz), np.intp)
-        np.cumsum(sz[:-1], out=offsets[1:])
-        return cls(st, sz, offsets)
+        return cls(st, sz, _offsets(sz))
 
     @staticmethod
     def join(parts: Sequence["Groups"]) -> "Groups":
@@ -475,6 +473,7 @@ def decode_run(steps: Sequence[tuple[IterationRecord, IterationCost]], model: Co
 
 
 def _offsets(sizes: np.ndarray) -> np.ndarray:
+    """Each run's first entry, for runs of `sizes` entries."""
     out = np.zeros(len(sizes), np.intp)
     np.cumsum(sizes[:-1], out=out[1:])
     return out

@@ -28,8 +28,9 @@ _USEFUL, _EXECUTED, _PREFILL_S, _DECODE_S = range(len(COST_COLUMNS))
 _OUT, _DRAFTS, _ACCEPTED, _CACHED, _RECEIVED = range(len(TOKEN_COLUMNS))
 _PROMPT = TENANT_COUNTERS.index("prompt_tokens")  # the tenants' sums' row
 # The accounts settle (charge the noted steps together, then close the finished requests) when any of these is
-# reached, and before every publish: the array work's fixed cost is shared by enough rows (request × step), and
-# finished requests, whose slots stay taken until they close, are few.
+# reached, and before every publish (about every 0.5 s): a settle's cost is mostly fixed — its code and data are
+# cold by then — so fewer, larger settles cost less; the finished requests waiting keep their ledger slots, which
+# `ledger_slots` provides for.
 SETTLE_ROWS = 32 * 1024  # rows noted
 SETTLE_STEPS = 256  # steps noted
 SETTLE_FINISHED = 4096  # finished requests waiting to close
