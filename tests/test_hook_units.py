@@ -345,3 +345,17 @@ def test_a_full_accounting_queue_drops_and_counts_never_waits(tmp_path) -> None:
     finally:
         release.set()
         hook.close()
+
+
+def test_the_ledger_is_sized_for_the_engines_requests(tmp_path) -> None:
+    """As vLLM's InputBatch: slots for max_num_seqs in flight, and with attribution on for the finished requests
+    waiting for their settle, so that the ledger never grows while the engine serves."""
+    from serving_mfu.runtime.accounts import SETTLE_FINISHED, ledger_slots
+
+    config, build = _hook_for(tmp_path, max_num_seqs=96)
+    hook = build()
+    try:
+        assert hook.info.max_num_seqs == 96
+        assert len(hook.ledger.prompt_len) == ledger_slots(96) == 96 + SETTLE_FINISHED
+    finally:
+        hook.close()

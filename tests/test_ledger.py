@@ -43,6 +43,22 @@ def test_finished_slots_are_reused_and_reset():
     assert led.slots(["c", "b"]).tolist() == [led.slot_of["c"], led.slot_of["b"]]
 
 
+def test_a_kept_slot_is_not_reused_until_released():
+    """finish(keep=True) (the accounts' way: a finished request closes at the next settle) drops the id at once
+    but keeps the slot and its columns until release; then the slot is reused."""
+    led = RequestLedger(capacity=2)
+    led.admit(["a", "b"], [3, 5])
+    led.costs[0, led.slot_of["a"]] = 42.0
+    ids, slots = led.finish(["a", "never-seen"], keep=True)
+    assert ids == ["a"] and "a" not in led and len(led) == 1
+    kept = int(slots[0])
+    led.admit(["c"], [2])  # a fresh slot (the ledger grows), not a's
+    assert led.slot_of["c"] != kept and led.costs[0, kept] == 42.0
+    led.release(slots)
+    led.admit(["d"], [4])
+    assert led.slot_of["d"] == kept and led.costs[0, kept] == 0.0 and led.prompt_of("d") == 4
+
+
 def test_growing_keeps_every_request_in_its_slot():
     led = RequestLedger(capacity=4)
     ids = [f"r{i}" for i in range(4)]
