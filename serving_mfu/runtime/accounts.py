@@ -90,6 +90,8 @@ class _Piece:
         """Shares `b` (rows from `start` on, in `runs`: _runs) as the ledger's columns; columns all zero in the
         block are left out.  Rows as they are where no batch stayed unchanged, else each unchanged batch's
         rows summed over its steps first."""
+        if not runs:  # no request rows (every batch empty)
+            return []
         columns = [v if v.any() else None for v in (
             b.useful_flops, b.executed_flops, b.prefill_device_s, b.decode_device_s, b.delivered_tokens,
             b.draft_tokens, b.accepted_tokens, b.cached_tokens, b.received_tokens)]
