@@ -4,16 +4,18 @@ A step's lists (a batch's `new_tokens`, `computed_before`, ...) are read by the 
 per-request attribution and by the hook's ledger; `int_array` converts each list once (the conversion, not
 the arithmetic, is what costs at large batches) and hands the same read-only array to every later caller.
 It is a memo, not state: the answer is a function of the list, held (with the list, so its id stays valid)
-for the last few hundred lists only.  A list must not change once converted (its array would be stale).
+for the newest lists only: the older half goes when `_MEMO_SIZE` are held, so the steps a settle has yet to
+read stay.  A list must not change once converted (its array would be stale).
 """
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Sequence
 
 import numpy as np
 
-_MEMO: dict[int, tuple[Sequence[int], np.ndarray]] = {}
+_MEMO: dict[int, tuple[Sequence[int], np.ndarray]] = {}  # oldest first (dicts keep insertion order)
 _MEMO_SIZE = 2048  # a few hundred steps' columns: the per-request accounts settle up to 256 steps at once
 
 
@@ -35,7 +37,8 @@ def remember(values: list[int], arr: np.ndarray) -> list[int]:
 def _keep(values: Sequence[int], arr: np.ndarray) -> np.ndarray:
     """Memoize `arr` (made read-only) as `values`' array."""
     arr.flags.writeable = False
-    if len(_MEMO) >= _MEMO_SIZE:
-        _MEMO.clear()
+    if len(_MEMO) >= _MEMO_SIZE:  # the older half goes (in one go: cheaper per list than one at a time)
+        for key in list(islice(_MEMO, _MEMO_SIZE // 2)):
+            del _MEMO[key]
     _MEMO[id(values)] = (values, arr)
     return arr
