@@ -131,11 +131,13 @@ class _Rows:
     cached: np.ndarray
 
 
-def span_flops_array(model: CostModel, a: np.ndarray, b: np.ndarray, logits: np.ndarray | int) -> np.ndarray:
-    """`CostModel.span_flops` of positions [a_i, b_i) with logits_i logit rows, for each i (float64)."""
+def span_flops_array(model: CostModel, a: np.ndarray, b: np.ndarray, logits: np.ndarray | int,
+                     pairs_a: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """`CostModel.span_flops` of positions [a_i, b_i) with logits_i logit rows, for each i (float64); `pairs_a`:
+    each attention group's `pairs(a)`, where spans sharing their start have them already."""
     out = (b - a).astype(_F) * model.linear_flops_per_token + np.asarray(logits, _F) * model.lm_head_flops_per_logit
-    for rule, coef in model.attention_groups:
-        out += (rule.pairs(b) - rule.pairs(a)).astype(_F) * coef
+    for g, (rule, coef) in enumerate(model.attention_groups):
+        out += (rule.pairs(b) - (rule.pairs(a) if pairs_a is None else pairs_a[g])).astype(_F) * coef
     return out
 
 
@@ -206,25 +208,12 @@ def _decode_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> 
         cut = np.concatenate([int_array(b.delivered_tokens) if b.delivered_tokens is not None else
                               np.full(n_b, 1 << 40, _I) for b, n_b in zip(bs, sizes)])
         useful_q = np.minimum(kept, cut)
-    pairs_n0 = [rule.pairs(n0) for rule, _ in model.attention_groups]
-    executed = _sampled_spans(model, q, end, pairs_n0)
-    useful = _sampled_spans(model, useful_q, n0 + useful_q, pairs_n0)
+    pairs_n0 = [rule.pairs(n0) for rule, _ in model.attention_groups]  # the executed and useful spans' start
+    executed = span_flops_array(model, n0, end, q, pairs_n0)  # every decode position has its logit row
+    useful = span_flops_array(model, n0, n0 + useful_q, useful_q, pairs_n0)
     zero_f, zero_i = np.zeros(n, _F), np.zeros(n, _I)
     return _Rows(ids, step, useful, zero_f, executed, zero_i, q, kept, zero_f, _kv_bytes(model, end, q), useful_q, k,
                  a, zero_i)
-
-
-def _sampled_spans(model: CostModel, q: np.ndarray, end: np.ndarray, pairs_start: list[np.ndarray]) -> np.ndarray:
-    """`span_flops_array` of positions [end_i − q_i, end_i) that each have a logit row (a decode's positions
-    are all sampled or verified): (lin + lm)·q + Σ_groups coef·(pairs(end) − pairs(start)), the starts'
-    pairs given (a decode's executed and useful spans share their start)."""
-    out = q.astype(_F)
-    out *= model.linear_flops_per_token + model.lm_head_flops_per_logit
-    for (rule, coef), before in zip(model.attention_groups, pairs_start):
-        d = rule.pairs(end)
-        d -= before
-        out += d.astype(_F) * coef
-    return out
 
 
 def _slice_rows(steps: list[tuple[int, IterationRecord]], model: CostModel) -> _Rows:
