@@ -22,11 +22,10 @@ from serving_mfu.cost.counters import IterationCost
 from serving_mfu.cost.records import IterationRecord
 from serving_mfu.runtime.ledger import COST_COLUMNS, TOKEN_COLUMNS, RequestLedger
 from serving_mfu.runtime.tenants import TenantTable
-from serving_mfu.schema.requests import TENANT_COUNTERS, FinishedRequests
+from serving_mfu.schema.requests import FinishedRequests
 
 _USEFUL, _EXECUTED, _PREFILL_S, _DECODE_S = range(len(COST_COLUMNS))
 _OUT, _DRAFTS, _ACCEPTED, _CACHED, _RECEIVED = range(len(TOKEN_COLUMNS))
-_PROMPT = TENANT_COUNTERS.index("prompt_tokens")  # the tenants' sums' row
 # The accounts settle (charge the noted steps together, then close the finished requests) when any of these is
 # reached, and before every publish (about every 0.5 s): a settle's cost is mostly fixed — its code and data are
 # cold by then — so fewer, larger settles cost less; the finished requests waiting keep their ledger slots, which
@@ -109,10 +108,6 @@ class _Piece:
 _N_FLOATS = len(COST_COLUMNS)
 
 
-def _total(values: np.ndarray | float) -> float:
-    return float(values.sum()) if isinstance(values, np.ndarray) else values
-
-
 class RequestAccounts:
     """What each request in flight has cost so far, and each tenant label in total."""
 
@@ -145,7 +140,7 @@ class RequestAccounts:
         if isinstance(declared, str):  # one label for all: one write, one sum
             label = self.tenants.label_of(declared)
             led.tenant[slots] = label
-            self.tenants.sums[_PROMPT, label] += float(led.prompt_len[slots].sum())
+            self.tenants.add(label, (0.0, 0.0, 0.0, led.prompt_len[slots], 0.0))
             return
         labels = np.fromiter(map(self.tenants.label_of, declared), np.int32, len(ids))
         led.tenant[slots] = labels
@@ -258,11 +253,7 @@ class RequestAccounts:
             np.minimum.at(led.first_at, slots, p.first_s)
             np.maximum.at(led.last_at, slots, p.last_s)
             useful, executed, pre_s, dec_s, delivered = (v if v is not None else 0.0 for v in columns[:_N_FLOATS + 1])
-            if len(tenants.labels) == 1:  # one tenant: its sums (TENANT_COUNTERS), no labels to read
-                tenants.sums[:, 0] += [_total(useful), _total(executed), _total(pre_s) + _total(dec_s), 0.0,
-                                       _total(delivered)]
-            else:
-                tenants.accrue(led.tenant[slots], (useful, executed, pre_s + dec_s, 0.0, delivered))
+            tenants.accrue_at(led.tenant, slots, (useful, executed, pre_s + dec_s, 0.0, delivered))
 
     def close(self, ids: list[str], slots: np.ndarray) -> FinishedRequests | None:
         """The columns of requests the ledger just finished (RequestLedger.finish: their ids and slots), handed

@@ -58,20 +58,33 @@ class TenantTable:
             self.requests = np.concatenate([self.requests, np.zeros(len(self.requests), np.int64)])
         return idx
 
+    def add(self, label: int, values: Sequence[np.ndarray | float]) -> None:
+        """Add requests' values (one array per TENANT_COUNTERS entry, or a scalar 0: nothing), all of one label."""
+        for row, v in enumerate(values):
+            if isinstance(v, np.ndarray):  # the scalars are zeros
+                self.sums[row, label] += float(v.sum())
+
     def accrue(self, labels: np.ndarray, values: Sequence[np.ndarray | float]) -> None:
         """Add each request's values (one array per TENANT_COUNTERS entry, or a scalar 0: nothing) to its label."""
         if not len(labels):
             return
         first = int(labels[0])
         if len(self.labels) == 1 or (labels == first).all():  # one tenant in the step (the usual case): plain sums
-            for row, v in enumerate(values):
-                if isinstance(v, np.ndarray):  # the scalars are zeros
-                    self.sums[row, first] += float(v.sum())
+            self.add(first, values)
             return
         n = self.sums.shape[1]
         for row, v in enumerate(values):
             if np.ndim(v):
                 self.sums[row] += np.bincount(labels, weights=v, minlength=n)[:n]
+
+    def accrue_at(self, column: np.ndarray, slots: np.ndarray, values: Sequence[np.ndarray | float]) -> None:
+        """`accrue` for the requests at `slots` of a label column (the ledger's), read only where there is more
+        than one label."""
+        if len(self.labels) == 1:
+            if len(slots):
+                self.add(0, values)
+            return
+        self.accrue(column[slots], values)
 
     def finished(self, labels: np.ndarray) -> None:
         """Requests that finished, by label."""
